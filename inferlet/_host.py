@@ -1,0 +1,150 @@
+"""The host interface: everything the SDK asks of the runtime.
+
+The SDK (`inferlet.*`) is a thin, typed layer over this protocol. Two
+implementations exist:
+
+- trusted mode: `pie.runtime.host.InstanceHost`, a per-instance object in the
+  server process, installed for the inferlet's task through `use_host`;
+- isolated mode: `pie.runtime.sandbox.client.RemoteHost`, in a sandbox
+  subprocess, forwarding each call over IPC to an `InstanceHost`.
+
+So every argument and result is plain data (str, int, float, bool, bytes,
+list, dict, None) that msgpack carries unchanged. Resources (contexts,
+subscriptions, adapters) are integer handles owned by the instance; the
+runtime frees them all when the instance ends. Failures raise `HostError`
+with a message meant for the inferlet author.
+
+Calls that wait are `async`; the rest return at once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, TypedDict
+
+
+class HostError(Exception):
+    """A host call failed (bad argument, missing snapshot, out of pages, limit reached, ...)."""
+
+
+class SamplerDict(TypedDict, total=False):
+    # kind: argmax | multinomial | top_k | top_p | min_p | top_k_top_p
+    kind: str
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    draws: int
+
+
+class ProbeDict(TypedDict, total=False):
+    # kind: distribution | logprob | logprobs | entropy | logits | embedding
+    kind: str
+    temperature: float
+    k: int
+    tokens: list[int]
+
+
+class SlotDict(TypedDict, total=False):
+    """One output slot. A sampler slot yields one token per index; a probe slot reads one row."""
+
+    indices: list[int]  # rows of this pass's inputs (sampler slots)
+    sampler: SamplerDict
+    index: int  # row (probe slots)
+    probe: ProbeDict
+
+
+class PassDict(TypedDict, total=False):
+    """A forward pass on one context. Inputs are appended after the context's kv_len.
+
+    tokens/positions: equal length, at least one token. attention_mask: one
+    BRLE per token covering kv_len + len(tokens) (true = attend); omitted =
+    causal. logit_mask: BRLE over the vocabulary (true = allowed) for every
+    sampler slot. seed: makes sampling reproducible.
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    attention_mask: list[list[int]] | None
+    logit_mask: list[int] | None
+    slots: list[SlotDict]
+    adapter: int | None
+    seed: int | None
+
+
+class Host(Protocol):
+    # -- runtime --
+    def version(self) -> str: ...
+    def instance_id(self) -> str: ...
+    def username(self) -> str: ...
+    def models(self) -> list[str]: ...
+
+    # -- model and tokenizer (model = a name from `models()`; "" = the default model) --
+    def model_info(self, model: str) -> dict[str, Any]: ...  # name, page_size, vocab_size, stop_tokens, ...
+    def tokenize(self, model: str, text: str) -> list[int]: ...
+    def detokenize(self, model: str, tokens: list[int]) -> str: ...
+    def vocabs(self, model: str) -> tuple[list[int], list[bytes]]: ...
+    def special_tokens(self, model: str) -> tuple[list[int], list[bytes]]: ...
+    def chat_tokens(self, model: str, role: str, text: str) -> list[int]: ...  # role: system|user|assistant|cue|seal
+    def stop_tokens(self, model: str) -> list[int]: ...
+
+    # -- contexts: a chain of KV pages, committed (full, shared) + working (mutable tail) --
+    def ctx_create(self, model: str) -> int: ...
+    def ctx_open(self, model: str, name: str) -> int: ...  # fork of a snapshot; snapshot stays
+    def ctx_take(self, model: str, name: str) -> int: ...  # snapshot's pages move; snapshot deleted
+    def ctx_delete(self, model: str, name: str) -> None: ...
+    def ctx_fork(self, ctx: int) -> int: ...
+    def ctx_save(self, ctx: int, name: str) -> None: ...  # fails if the name exists
+    def ctx_snapshot(self, ctx: int) -> str: ...
+    def ctx_destroy(self, ctx: int) -> None: ...
+    def ctx_state(self, ctx: int) -> tuple[int, int, int]: ...  # committed pages, working pages, working tokens
+    def ctx_page_size(self, ctx: int) -> int: ...
+    def ctx_reserve(self, ctx: int, num_pages: int) -> None: ...
+    def ctx_release(self, ctx: int, num_pages: int) -> None: ...
+    def ctx_commit(self, ctx: int, num_pages: int) -> None: ...
+    def ctx_truncate(self, ctx: int, num_tokens: int) -> None: ...
+    def ctx_set_priority(self, ctx: int, priority: float) -> None: ...
+    async def ctx_forward(self, ctx: int, spec: PassDict) -> list[Any]: ...  # one value per slot
+
+    # -- session: this instance's client --
+    def send(self, message: str) -> None: ...
+    def send_file(self, data: bytes) -> None: ...
+    async def receive(self) -> str: ...
+    async def receive_file(self) -> bytes: ...
+
+    # -- messaging between instances (topics scoped per user) --
+    def push(self, topic: str, message: str) -> None: ...
+    async def pull(self, topic: str) -> str: ...
+    def broadcast(self, topic: str, message: str) -> None: ...
+    def subscribe(self, topic: str) -> int: ...
+    async def sub_next(self, sub: int) -> str | None: ...
+    def unsubscribe(self, sub: int) -> None: ...
+
+    # -- adapters (LoRA; names scoped per user) --
+    def adapter_create(self, model: str, name: str) -> int: ...
+    def adapter_open(self, model: str, name: str) -> int | None: ...
+    def adapter_fork(self, adapter: int, new_name: str) -> int: ...
+    def adapter_load(self, adapter: int, path: str) -> None: ...
+    def adapter_save(self, adapter: int, path: str) -> None: ...
+
+
+_current: contextvars.ContextVar[Host] = contextvars.ContextVar("inferlet_host")
+
+
+def get_host() -> Host:
+    try:
+        return _current.get()
+    except LookupError:
+        raise HostError("no pie runtime: inferlet code must run inside `pie run` / `pie serve`") from None
+
+
+@contextmanager
+def use_host(host: Host) -> Iterator[None]:
+    """Install `host` for the current task (and tasks it spawns); always restored."""
+    token = _current.set(host)
+    try:
+        yield
+    finally:
+        _current.reset(token)

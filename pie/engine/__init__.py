@@ -1,0 +1,1 @@
+"""The engine: owns the device, executes forward batches. Knows nothing of inferlets."""

@@ -1,0 +1,127 @@
+"""Pure-PyTorch paged attention: gathers each request's pages and attends densely.
+
+Runs anywhere torch does (CPU, MPS, CUDA) and is the reference the fast
+backends are tested against. Decode rows (one query, causal) are batched into
+one padded gather + one attention call per layer; prefill rows and rows with
+custom masks are attended per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pie.engine.attention.base import AttentionBackend, AttentionLayerSpec, BatchLayout
+
+
+@dataclass
+class _Group:
+    """Query rows attending over a padded [n, kv_len] gather of kv slots."""
+
+    rows: torch.Tensor | slice  # query rows of this group in the batch
+    page_idx: torch.Tensor  # [n, kv_len] page of each kv slot
+    offset: torch.Tensor  # [n, kv_len] offset of each kv slot in its page
+    q_slot: np.ndarray  # [n, q_len] kv slot of each query row (for windows)
+    kv_valid: np.ndarray  # [n, q_len, kv_len] bool: causal / custom mask and padding
+    masks: dict[int, torch.Tensor]  # window_left -> [n, 1, q_len, kv_len] bool on device
+
+
+class TorchRefBackend(AttentionBackend):
+    name = "torch_ref"
+
+    def plan(self, layout: BatchLayout) -> None:
+        self._groups: list[_Group] = []
+        qo_lens = np.diff(layout.qo_indptr)
+        decode = [r for r in range(layout.num_requests) if qo_lens[r] == 1 and layout.custom_masks[r] is None]
+        if decode:
+            self._groups.append(self._decode_group(layout, decode))
+        decode_set = set(decode)
+        for r in range(layout.num_requests):
+            if r not in decode_set:
+                self._groups.append(self._request_group(layout, r))
+
+    def _slots(self, layout: BatchLayout, r: int) -> tuple[np.ndarray, np.ndarray]:
+        ps = self.shape.page_size
+        pages = layout.kv_page_indices[layout.kv_page_indptr[r]: layout.kv_page_indptr[r + 1]]
+        j = np.arange(int(layout.kv_lens[r]))
+        return pages[j // ps], j % ps
+
+    def _decode_group(self, layout: BatchLayout, reqs: list[int]) -> _Group:
+        kv_lens = layout.kv_lens[reqs]
+        max_kv = int(kv_lens.max())
+        page_idx = np.zeros((len(reqs), max_kv), np.int64)
+        offset = np.zeros((len(reqs), max_kv), np.int64)
+        for i, r in enumerate(reqs):
+            p, o = self._slots(layout, r)
+            page_idx[i, : len(p)], offset[i, : len(o)] = p, o
+        valid = np.arange(max_kv)[None, None, :] < kv_lens[:, None, None]  # [n, 1, max_kv]
+        rows = torch.as_tensor(layout.qo_indptr[reqs], dtype=torch.long, device=self.shape.device)
+        return self._group(rows, page_idx, offset, (kv_lens - 1)[:, None], valid)
+
+    def _request_group(self, layout: BatchLayout, r: int) -> _Group:
+        start, end = int(layout.qo_indptr[r]), int(layout.qo_indptr[r + 1])
+        kv_len, q_len = int(layout.kv_lens[r]), end - start
+        p, o = self._slots(layout, r)
+        q_slot = np.arange(kv_len - q_len, kv_len)
+        custom = layout.custom_masks[r]
+        valid = custom if custom is not None else np.arange(kv_len)[None, :] <= q_slot[:, None]
+        return self._group(slice(start, end), p[None], o[None], q_slot[None], valid[None])
+
+    def _group(self, rows: torch.Tensor | slice, page_idx: np.ndarray, offset: np.ndarray,
+               q_slot: np.ndarray, valid: np.ndarray) -> _Group:
+        dev = self.shape.device
+        group = _Group(rows, torch.from_numpy(page_idx).to(dev), torch.from_numpy(offset).to(dev),
+                       q_slot, valid, {})
+        for spec in self.layer_specs:
+            if spec.window_left not in group.masks:
+                group.masks[spec.window_left] = self._mask(group, spec.window_left)
+        return group
+
+    @staticmethod
+    def _window(group: _Group, window_left: int) -> np.ndarray:
+        if window_left < 0:
+            return group.kv_valid
+        kv = np.arange(group.kv_valid.shape[-1])
+        return group.kv_valid & (kv[None, None, :] >= group.q_slot[:, :, None] - window_left)
+
+    def _mask(self, group: _Group, window_left: int) -> torch.Tensor:
+        mask = np.ascontiguousarray(self._window(group, window_left))
+        return torch.from_numpy(mask).to(self.shape.device)[:, None]  # [n, 1, q_len, kv_len]
+
+    def run(self, layer_idx: int, q: torch.Tensor, kv_layer: torch.Tensor,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
+        spec = self.layer_specs[layer_idx]
+        out = torch.empty_like(q)
+        for g in self._groups:
+            k = kv_layer[g.page_idx, 0, g.offset].transpose(1, 2)  # [n, kv_heads, kv_len, head_dim]
+            v = kv_layer[g.page_idx, 1, g.offset].transpose(1, 2)
+            if isinstance(g.rows, slice):
+                qg = q[g.rows].transpose(0, 1)[None]  # [1, heads, q_len, head_dim]
+                out[g.rows] = attend(qg, k, v, g.masks[spec.window_left], spec, sinks)[0].transpose(0, 1)
+            else:
+                qg = q[g.rows][:, :, None]  # [n, heads, 1, head_dim]
+                out[g.rows] = attend(qg, k, v, g.masks[spec.window_left], spec, sinks)[:, :, 0]
+        return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           spec: AttentionLayerSpec, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Dense attention. q: [n, heads, q_len, d]; k, v: [n, kv_heads, kv_len, d]; mask: [n, 1, q_len, kv_len]."""
+    if spec.softcap == 0.0 and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * spec.scale  # [n, heads, q_len, kv_len]
+    if spec.softcap > 0.0:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)

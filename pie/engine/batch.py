@@ -1,0 +1,124 @@
+"""The engine's one call: a forward batch in, per-output results back.
+
+This is the contract between the runtime (which owns pages, positions and
+policies) and the engine (which owns tensors). Everything here is plain
+Python data so it can cross a process boundary as msgpack (see
+`pie.engine.wire`). The engine never learns what an inferlet is: a request is
+just "these tokens, at these positions, appended to the KV of these pages".
+
+KV layout contract: a request's pages hold its KV sequence in order. After the
+pass the sequence length is `kv_len = (len(page_ids) - 1) * page_size +
+last_page_len`, and the request's new tokens occupy the last `len(tokens)`
+slots of it. Everything before them must already have been written by earlier
+passes (or copied in with `page_copies`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+SamplerKind: TypeAlias = Literal["argmax", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p"]
+ProbeKind: TypeAlias = Literal["distribution", "logprob", "logprobs", "entropy", "logits", "embedding"]
+
+SAMPLER_KINDS: frozenset[str] = frozenset(SamplerKind.__args__)  # type: ignore[attr-defined]
+PROBE_KINDS: frozenset[str] = frozenset(ProbeKind.__args__)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampler:
+    """How to pick a token at one output row.
+
+    `temperature == 0` (or kind "argmax") is exact argmax. `draws > 1` only
+    applies to "multinomial": that many independent draws from one row.
+    """
+
+    kind: SamplerKind = "argmax"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    draws: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What to read off one output row instead of (or beside) sampling.
+
+    - distribution: top-`k` (token, prob) of softmax(logits / temperature);
+      k == 0 means "as many as allowed" (`max_dist_size`).
+    - logprob / logprobs: log-softmax (no temperature) at `tokens`.
+    - entropy: of softmax(logits) in nats (no temperature).
+    - logits: the raw float32 logits row, little-endian bytes.
+    - embedding: the final hidden state (after the last norm), float32 bytes.
+    """
+
+    kind: ProbeKind
+    temperature: float = 1.0
+    k: int = 0
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """One output slot: row `index` of the request's input tokens, with a sampler or a probe."""
+
+    index: int
+    sampler: Sampler | None = None
+    probe: Probe | None = None
+
+
+@dataclass(slots=True)
+class Request:
+    """One sequence's part of a batch.
+
+    attention_mask: one BRLE per input token, each covering the whole `kv_len`
+      (true = attend; runs alternate starting with a *false* run). None means
+      causal: new token i attends to every slot up to and including its own.
+    logit_mask: one BRLE over the vocabulary (true = allowed), applied to every
+      sampler output of this request. None or [] means no restriction.
+    seed: makes this request's random draws a function of (seed, position,
+      draw) only, so its tokens do not depend on what else is in the batch.
+    adapter: a resident LoRA slot, or None for the base model.
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    page_ids: list[int]
+    last_page_len: int
+    outputs: list[OutputSpec] = field(default_factory=list)
+    attention_mask: list[list[int]] | None = None
+    logit_mask: list[int] | None = None
+    adapter: int | None = None
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """A step: any mix of prefill and decode requests, plus page copies to do first.
+
+    page_copies: (src_page, dst_page) pairs copied whole before the forward
+    pass, e.g. the working page of a forked context.
+    """
+
+    requests: list[Request]
+    page_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.requests)
+
+
+# One value per OutputSpec, in order:
+#   sampler -> int (draws == 1) or list[int] (draws > 1)
+#   distribution -> (list[int], list[float]); logprob -> float; logprobs -> list[float]
+#   entropy -> float; logits / embedding -> bytes (float32, little-endian)
+OutputValue: TypeAlias = int | list[int] | float | list[float] | tuple[list[int], list[float]] | bytes
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """outputs[i][j] is the value of requests[i].outputs[j]."""
+
+    outputs: list[list[OutputValue]]
+    timings_ms: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,62 @@
+"""Engine configuration: what one engine instance (one model, one device group) needs.
+
+The server's `pie.config` maps the user's TOML onto this; the engine takes
+nothing else. Frozen; derived values are computed by `resolve_*` helpers, never
+filled in later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pie.errors import ConfigError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHT_DTYPES = (*DTYPES, "int8", "int4", "float8")
+ATTENTION_BACKENDS = ("auto", "torch_ref", "flashinfer")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "Qwen/Qwen3-0.6B"  # HF repo id, local directory, or a built-in id (pie/tiny-random)
+    device: str = "auto"  # "auto" -> cuda:0, then mps, then cpu
+    activation_dtype: str = "auto"
+    weight_dtype: str = "auto"
+    kv_page_size: int = 16
+    max_batch_tokens: int = 10240
+    max_batch_size: int = 512
+    max_dist_size: int = 32
+    max_num_embeds: int = 128
+    max_num_kv_pages: int = 0  # 0 = as many as memory allows
+    gpu_mem_utilization: float = 0.8
+    cpu_kv_budget_gb: float = 2.0  # KV pool size on CPU/MPS, where free memory is not measurable
+    attention_backend: str = "auto"
+    use_cuda_graphs: bool = False
+    max_num_adapters: int = 32
+    max_adapter_rank: int = 8
+    runtime_quant: str = ""
+    swap_pool_size: int = 0  # pinned host pages for KV swap; 0 disables
+    dummy_weights: bool = False  # random weights of the right shapes (benchmarks)
+    seed: int = 0  # engine RNG for requests that carry no seed
+    revision: str | None = None  # HF revision for repo ids
+
+    def __post_init__(self) -> None:
+        _check_choice("activation_dtype", self.activation_dtype, DTYPES)
+        _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.kv_page_size < 1:
+            raise ConfigError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
+        for name in ("max_batch_tokens", "max_batch_size", "max_dist_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_mem_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_mem_utilization must be in (0, 1], got {self.gpu_mem_utilization}"
+            )
+        if self.runtime_quant not in ("", "fp8"):
+            raise ConfigError(f"runtime_quant must be '' or 'fp8', got {self.runtime_quant!r}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,165 @@
+"""The engine: loads one model onto one device and executes forward batches.
+
+    engine = Engine(EngineConfig(model="pie/tiny-random", device="cpu"))
+    result = engine.forward_batch(ForwardBatch([...]))
+
+A bad batch raises `BatchError` before any device work, and the engine keeps
+serving. The runtime decides every page; the engine only reads and writes the
+slots it is told.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pie.engine import memory
+from pie.engine.attention.base import AttentionShape, create_backend, resolve_backend_name
+from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, Sampler
+from pie.engine.batch_prep import Limits, PreparedBatch, prepare
+from pie.engine.config import EngineConfig
+from pie.engine.device import resolve_activation_dtype, resolve_device
+from pie.engine.forward_context import ForwardContext
+from pie.engine.kv_cache import KVCache, KVShape
+from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
+from pie.engine.models.decoder import CausalLM
+from pie.engine.models.registry import get_architecture
+from pie.engine.outputs import compute_outputs
+from pie.model_source import resolve_model_dir
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the runtime needs to know about a loaded engine."""
+
+    model_name: str
+    model_dir: str
+    model_type: str
+    device: str
+    dtype: str
+    attention_backend: str
+    num_pages: int
+    page_size: int
+    vocab_size: int
+    num_layers: int
+    max_batch_tokens: int
+    max_batch_size: int
+    max_dist_size: int
+    max_num_embeds: int
+    kv_bytes_per_page: int
+
+
+def load_hf_config(model_dir: Path) -> object:
+    """The checkpoint's config through transformers' own config class (its defaults included)."""
+    import json
+
+    from transformers import AutoConfig
+
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+    get_architecture(model_type)  # unsupported types fail here with the list of supported ones
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model_dir = resolve_model_dir(config.model, revision=config.revision)
+        hf_config = load_hf_config(self.model_dir)
+        self.dtype = resolve_activation_dtype(config.activation_dtype, hf_config, self.device)
+        self.model = self._load_model(hf_config, progress)
+        spec = self.model.spec
+        self.kv_shape = KVShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.kv_page_size, self.dtype)
+        backend_name = resolve_backend_name(config.attention_backend, self.device)
+        attn_shape = AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, config.kv_page_size,
+                                    self.dtype, self.device)
+        self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
+        self._rng = random.Random(config.seed)
+        num_pages = self._size_kv_pool()
+        self.kv = KVCache(self.kv_shape, num_pages, self.device)
+        self.limits = Limits(num_pages, config.kv_page_size, spec.vocab_size, config.max_batch_tokens,
+                             config.max_batch_size, config.max_dist_size, config.max_num_embeds)
+        self.info = EngineInfo(
+            model_name=config.model, model_dir=str(self.model_dir),
+            model_type=str(getattr(hf_config, "model_type", "")), device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name, num_pages=num_pages,
+            page_size=config.kv_page_size, vocab_size=spec.vocab_size, num_layers=spec.num_layers,
+            max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
+            max_dist_size=config.max_dist_size, max_num_embeds=config.max_num_embeds,
+            kv_bytes_per_page=self.kv_shape.bytes_per_page,
+        )
+
+    def _load_model(self, hf_config: object, progress: Callable[[int, int], None] | None) -> CausalLM:
+        cls = get_architecture(str(getattr(hf_config, "model_type", "")))
+        model = build_model(cls, hf_config, self.dtype, self.device)
+        if self.config.dummy_weights:
+            init_dummy_weights(model, self.config.seed)
+        else:
+            load_weights(model, checkpoint_files(self.model_dir), progress)
+        model.prepare(self.device)
+        return model
+
+    def _size_kv_pool(self) -> int:
+        cfg = self.config
+        if self.device.type != "cuda":
+            budget = int(cfg.cpu_kv_budget_gb * memory.GiB)
+            return memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+        scratch_pages = math.ceil(cfg.max_batch_tokens / cfg.kv_page_size) + 1
+        scratch = KVCache(self.kv_shape, scratch_pages, self.device)
+        budget, _ = memory.measure_cuda_budget(self.device, cfg.gpu_mem_utilization,
+                                               lambda: self._dry_run(scratch),
+                                               scratch_pages * self.kv_shape.bytes_per_page)
+        del scratch
+        torch.cuda.empty_cache()
+        return memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+
+    def _dry_run(self, kv: KVCache) -> None:
+        """The two largest batches the limits allow: one long prefill, one wide decode."""
+        cfg, ps = self.config, self.config.kv_page_size
+        n = cfg.max_batch_tokens
+        prefill = Request(tokens=[0] * n, positions=list(range(n)), page_ids=list(range(math.ceil(n / ps))),
+                          last_page_len=(n - 1) % ps + 1, outputs=[OutputSpec(n - 1, Sampler())])
+        width = min(cfg.max_batch_size, cfg.max_batch_tokens)
+        decode = [Request(tokens=[0], positions=[0], page_ids=[i % kv.num_pages], last_page_len=1,
+                          outputs=[OutputSpec(0, Sampler("top_p", 1.0, top_p=0.9))]) for i in range(width)]
+        limits = Limits(kv.num_pages, ps, self.model.spec.vocab_size, n, cfg.max_batch_size,
+                        cfg.max_dist_size, cfg.max_num_embeds)
+        for batch in (ForwardBatch([prefill]), ForwardBatch(decode)):
+            self._execute(prepare(batch, limits, self._rng), kv, len(batch.requests))
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: ForwardBatch) -> BatchResult:
+        t0 = time.perf_counter()
+        prep = prepare(batch, self.limits, self._rng)  # raises BatchError before touching the device
+        if batch.page_copies:
+            src, dst = zip(*batch.page_copies, strict=True)
+            self.kv.copy_pages(list(src), list(dst))
+        t1 = time.perf_counter()
+        outputs = self._execute(prep, self.kv, len(batch.requests))
+        t2 = time.perf_counter()
+        return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3})
+
+    @torch.inference_mode()
+    def _execute(self, prep: PreparedBatch, kv: KVCache, num_requests: int) -> list[list[OutputValue]]:
+        # One host->device copy for the per-token index arrays.
+        host = np.stack([prep.tokens, prep.positions, prep.write_page, prep.write_offset])
+        packed = torch.from_numpy(host).to(self.device, non_blocking=True)
+        tokens, positions, w_page, w_off = packed.unbind(0)
+        self.backend.plan(prep.layout)
+        fwd = ForwardContext(self.backend, kv, positions, w_page, w_off)
+        hidden = self.model(tokens, fwd)
+        return compute_outputs(self.model, hidden, prep, num_requests, self.config.max_dist_size)
+
+    # -- page operations used by the runtime outside of forward passes --
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        self.kv.copy_pages(src, dst)
+
+

@@ -1,0 +1,50 @@
+"""Linear layers that load from one or several checkpoint tensors.
+
+A fused layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj) is one matmul at
+run time but is loaded shard by shard from the source tensors, so the mapping
+from checkpoint names stays data on the model class (`packed_modules_mapping`).
+Tensor-parallel and quantized variants override `load_shard` / `finalize`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pie.errors import CheckpointError
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). `shard_sizes` lists the output rows each source tensor fills, in order."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 shard_sizes: list[int] | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.shard_sizes = shard_sizes or [out_features]
+        assert sum(self.shard_sizes) == out_features, (self.shard_sizes, out_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def shard_rows(self, shard: int) -> slice:
+        start = sum(self.shard_sizes[:shard])
+        return slice(start, start + self.shard_sizes[shard])
+
+    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int, source: str) -> None:
+        """Copy checkpoint tensor `source` into shard `shard` of `weight` or `bias`."""
+        target = getattr(self, param_name)
+        rows = self.shard_rows(shard)
+        expected = (rows.stop - rows.start, *target.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"tensor {source!r} has shape {tuple(tensor.shape)}, expected {expected} for this architecture"
+            )
+        target.data[rows].copy_(tensor)
+
+    def finalize(self) -> None:
+        """Called once every shard is loaded (quantized variants convert their weights here)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,35 @@
+"""Exceptions a user, a config or the environment can cause.
+
+Each message says what was wrong, with the numbers, and what to do about it.
+Internal invariants use `assert` instead.
+"""
+
+from __future__ import annotations
+
+
+class PieError(Exception):
+    """Base of every user-facing error."""
+
+
+class ConfigError(PieError):
+    """A configuration value is missing, mistyped or impossible."""
+
+
+class ModelNotFoundError(PieError):
+    """A model id or path could not be resolved to a local checkpoint."""
+
+
+class CheckpointError(PieError):
+    """A checkpoint's files do not match the architecture (missing/unexpected/mis-shaped tensors)."""
+
+
+class UnsupportedModelError(PieError):
+    """The checkpoint's `model_type` has no implementation in this engine."""
+
+
+class BatchError(PieError):
+    """A forward batch is malformed or over a configured limit; the engine stays usable."""
+
+
+class OutOfPagesError(PieError):
+    """The KV page pool cannot satisfy a request."""
