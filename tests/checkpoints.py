@@ -56,7 +56,7 @@ def tiny_checkpoint(directory: Path, model_type: str = "qwen3", *, seed: int = 0
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init leaves norms at 1 and some biases at 0; perturb so the test sees them.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(directory, safe_serialization=True)

@@ -29,4 +29,4 @@ def encode(mask: np.ndarray | list[bool]) -> list[int]:
     change = np.flatnonzero(m[1:] != m[:-1]) + 1
     bounds = np.concatenate(([0], change, [m.size]))
     runs = np.diff(bounds).tolist()
-    return ([0] + runs) if m[0] else runs
+    return ([0, *runs]) if m[0] else runs

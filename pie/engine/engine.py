@@ -112,12 +112,12 @@ class Engine:
             budget = int(cfg.cpu_kv_budget_gb * memory.GiB)
             return memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
         scratch_pages = math.ceil(cfg.max_batch_tokens / cfg.kv_page_size) + 1
-        scratch = KVCache(self.kv_shape, scratch_pages, self.device)
-        budget, _ = memory.measure_cuda_budget(self.device, cfg.gpu_mem_utilization,
-                                               lambda: self._dry_run(scratch),
+
+        def dry_run() -> None:  # the scratch pool lives only inside the measured region
+            self._dry_run(KVCache(self.kv_shape, scratch_pages, self.device))
+
+        budget, _ = memory.measure_cuda_budget(self.device, cfg.gpu_mem_utilization, dry_run,
                                                scratch_pages * self.kv_shape.bytes_per_page)
-        del scratch
-        torch.cuda.empty_cache()
         return memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
 
     def _dry_run(self, kv: KVCache) -> None:
