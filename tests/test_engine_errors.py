@@ -135,5 +135,5 @@ def test_uncached_repo_offline_says_how_to_fetch(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match=re.escape("pie model download nobody/no-such-model")):
         make_engine("nobody/no-such-model")
-    with pytest.raises(ModelNotFoundError, match="holds no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"holds no config\.json"):
         make_engine(tmp_path)
