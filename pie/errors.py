@@ -33,3 +33,15 @@ class BatchError(PieError):
 
 class OutOfPagesError(PieError):
     """The KV page pool cannot satisfy a request."""
+
+
+class ProtocolError(PieError):
+    """A client/server frame is malformed, oversized or of an unknown type."""
+
+
+class AuthError(PieError):
+    """Authentication was refused (unknown user or key, bad signature, bad token)."""
+
+
+class RequestError(PieError):
+    """The server refused a client request (unknown inferlet, bad arguments, not permitted, ...)."""
