@@ -1,0 +1,231 @@
+"""`pie serve`: the server's lifecycle around the runtime and the HTTP/WebSocket front.
+
+Phases, as in uvicorn: `startup` (runtime, auth, bind, accept), `main_loop`
+(serve until asked to stop), `shutdown`:
+
+1. stop accepting connections and launches;
+2. graceful: running inferlets may finish within `shutdown_timeout_s`
+   (clients keep receiving their events);
+3. forced: the runtime cancels what is left and frees its pages;
+4. close client connections (1001) and cancel the server's own tasks.
+
+The first SIGINT/SIGTERM starts the shutdown; a second one skips the
+graceful phase. Exit codes: 0 after a shutdown, `EXIT_STARTUP_FAILED` (3)
+when startup fails (bad model, port in use, ...), 130 when a second signal
+forced the shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+
+from pie import telemetry
+from pie.errors import PieError
+from pie.runtime.api import RuntimeAPI
+from pie.server.auth import Authenticator, new_internal_token
+from pie.server.http import build_app, close_sockets
+from pie.server.options import ServerOptions
+from pie.server.protocol import WS_PATH
+from pie.server.state import ServerState
+
+log = logging.getLogger("pie.server")
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 3
+EXIT_INTERRUPTED = 130
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SETTLE_S = 2.0  # after the runtime stops: time for final events to reach clients
+
+RuntimeFactory = Callable[[Any], Awaitable[RuntimeAPI]]
+
+
+class StartupError(PieError):
+    """The server could not start (the message says why and what to change)."""
+
+
+class Server:
+    def __init__(self, config: Any, options: ServerOptions, *, runtime_factory: RuntimeFactory | None = None,
+                 authenticator: Authenticator | None = None) -> None:
+        self.config = config
+        self.options = options
+        self._runtime_factory = runtime_factory or _start_runtime
+        self._authenticator = authenticator
+        self.token = options.internal_token or new_internal_token()
+        self.state: ServerState | None = None
+        self.port: int | None = None
+        self.started = asyncio.Event()
+        self._should_exit = asyncio.Event()
+        self._force_exit = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to."""
+        return f"ws://{_url_host(self.options.host)}:{self.port}{WS_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_url_host(self.options.host)}:{self.port}"
+
+    def request_exit(self, *, force: bool = False) -> None:
+        """Start the shutdown (as the first signal would); `force` skips the graceful phase."""
+        if force or self._should_exit.is_set():
+            self._force_exit.set()
+        self._should_exit.set()
+
+    async def serve(self, *, handle_signals: bool = True) -> int:
+        with telemetry.configured(enabled=self.options.telemetry_enabled,
+                                  service_name=self.options.telemetry_service_name,
+                                  endpoint=self.options.telemetry_endpoint):
+            signals = capture_signals(self._on_signal) if handle_signals else contextlib.nullcontext()
+            with signals:
+                try:
+                    await self.startup()
+                except (PieError, OSError) as error:
+                    log.error("startup failed: %s", error)
+                    await self.shutdown()
+                    return EXIT_STARTUP_FAILED
+                await self.main_loop()
+                await self.shutdown()
+        return EXIT_INTERRUPTED if self._force_exit.is_set() else EXIT_OK
+
+    async def startup(self) -> None:
+        runtime = await self._runtime_factory(self.config)
+        self.state = ServerState(runtime, self.options, self._authenticator or self._make_authenticator())
+        self._runner = web.AppRunner(build_app(self.state), handle_signals=False, access_log=None)
+        await self._runner.setup()
+        sock = _bind(self.options.host, self.options.port)
+        self.port = sock.getsockname()[1]
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+        auth = "on" if self.options.enable_auth else "off"
+        log.info("pie serving on %s (HTTP %s), auth %s", self.url, self.http_url, auth)
+        self.started.set()
+
+    async def main_loop(self) -> None:
+        await self._should_exit.wait()
+
+    async def shutdown(self) -> None:
+        state = self.state
+        if state is not None:
+            state.shutting_down = True
+        if self._site is not None:
+            await self._site.stop()  # no new connections
+        if state is not None:
+            await self._drain(state)
+            await state.runtime.shutdown(grace_s=0.0)  # cancels the rest; their pages are freed
+            await state.tasks.settle(SETTLE_S)
+            if self._runner is not None:
+                await close_sockets(self._runner.app, "server shutting down")
+            await state.tasks.cancel_all()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        log.info("pie stopped")
+
+    async def _drain(self, state: ServerState) -> None:
+        """Let running inferlets finish, for up to `shutdown_timeout_s` or until a second signal."""
+        running = [p for p in state.runtime.processes() if p.status == "running"]
+        if not running or self._force_exit.is_set():
+            return
+        log.info("waiting up to %g s for %d running inferlet(s); signal again to stop now",
+                 self.options.shutdown_timeout_s, len(running))
+        finished = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in running)))
+        forced = asyncio.ensure_future(self._force_exit.wait())
+        await asyncio.wait([finished, forced], timeout=self.options.shutdown_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for future in (finished, forced):
+            future.cancel()
+        await asyncio.gather(finished, forced, return_exceptions=True)
+
+    def _on_signal(self, signum: int) -> None:
+        if self._should_exit.is_set():
+            log.warning("second %s: cancelling running inferlets now", signal.Signals(signum).name)
+        else:
+            log.info("%s: shutting down (signal again to force)", signal.Signals(signum).name)
+        self.request_exit()
+
+    def _make_authenticator(self) -> Authenticator:
+        if not self.options.enable_auth:
+            return Authenticator(enabled=False, keys=None, challenger=None, token=self.token)
+        from pie.server.keys import load_keys  # the keystore `pie auth` writes
+
+        keys, challenger = load_keys(self.config)
+        return Authenticator(enabled=True, keys=keys, challenger=challenger, token=self.token)
+
+
+@contextlib.contextmanager
+def capture_signals(handler: Callable[[int], None]) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to `handler` on the running loop; restore the previous handlers on exit.
+    Outside the main thread (embedded servers, tests) signals are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, handler, sig)
+    try:
+        yield
+    finally:
+        for sig in HANDLED_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, previous[sig])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}; pick another port with "
+                           "`pie serve --port N` (or `port` in the config), or stop what holds it") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def _start_runtime(config: Any) -> RuntimeAPI:
+    from pie.runtime.runtime import Runtime
+
+    return await Runtime.start(config)
+
+
+def run_server(config: Any, *, debug: bool = False, monitor: bool = False) -> int:
+    """Entry point of `pie serve`: serve until SIGINT/SIGTERM; returns the process exit code."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ServerOptions.from_config(config)
+    server = Server(config, options)
+
+    async def main() -> int:
+        if not monitor:
+            return await server.serve()
+        from pie.server.monitor import watch
+
+        watcher = asyncio.create_task(watch(server))
+        try:
+            return await server.serve()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    return asyncio.run(main())

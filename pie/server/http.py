@@ -1,0 +1,105 @@
+"""The HTTP side of the server: one aiohttp application on one port.
+
+- `GET /v1/ws`: the WebSocket protocol (`session.py`);
+- `GET /health`: 200 with a JSON summary while serving, 503 while shutting down;
+- `GET /metrics`: Prometheus text exposition;
+- `/v1/models`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible API (`openai.py`).
+
+aiohttp serves WebSockets, plain and streamed (SSE) HTTP on one port with
+one event loop and leaves signal handling to us, which is why it was chosen
+over `websockets` alone (no streamed HTTP responses) and uvicorn (its own
+signal handling and lifecycle to fit around ours).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from pie.server import openai
+from pie.server.metrics import CONTENT_TYPE
+from pie.server.protocol import WS_PATH
+from pie.server.session import Session
+from pie.server.state import STATE, ServerState
+
+log = logging.getLogger(__name__)
+
+SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
+STARTED_AT = web.AppKey("started_at", float)
+
+
+def build_app(state: ServerState) -> web.Application:
+    app = web.Application(middlewares=[_count_requests])
+    app[STATE] = state
+    app[SOCKETS] = set()
+    app[STARTED_AT] = time.time()
+    app.router.add_get(WS_PATH, websocket)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    openai.add_routes(app.router)
+    return app
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if state.shutting_down:
+        raise web.HTTPServiceUnavailable(text="the server is shutting down\n")
+    ws = web.WebSocketResponse(max_msg_size=state.options.max_frame_bytes)
+    await ws.prepare(request)
+    sockets = request.app[SOCKETS]
+    sockets.add(ws)
+    state.metrics.inc("pie_connections_total")
+    state.metrics.connections_active += 1
+    try:
+        await Session(ws, state, peer=request.remote or "?").run()
+    finally:
+        state.metrics.connections_active -= 1
+        sockets.discard(ws)
+    return ws
+
+
+async def close_sockets(app: web.Application, reason: str) -> None:
+    """Close every client connection with 1001 (going away)."""
+    for ws in list(app[SOCKETS]):
+        await ws.close(code=1001, message=reason.encode())
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = {
+        "status": "shutting_down" if state.shutting_down else "ok",
+        "uptime_s": round(time.time() - request.app[STARTED_AT], 3),
+        "models": [m.name for m in state.runtime.models()],
+        "processes_running": sum(p.status == "running" for p in state.runtime.processes()),
+        "connections": state.metrics.connections_active,
+    }
+    return web.json_response(body, status=503 if state.shutting_down else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    text = state.metrics.render(state.runtime)
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        if request.path != WS_PATH:
+            request.app[STATE].metrics.inc("pie_http_requests_total", path=_route(request), status=str(status))
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's path (bounded label values), or `other`."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "other"

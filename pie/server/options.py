@@ -1,0 +1,55 @@
+"""What the network front needs from the configuration, in one frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pie.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0 = any free port (`pie run` uses this)
+    enable_auth: bool = False
+    max_frame_bytes: int = 4 * MIB  # one WebSocket message; pie-client chunks are 256 KiB
+    max_upload_bytes: int = 256 * MIB  # one reassembled program or file
+    shutdown_timeout_s: float = 30.0  # graceful phase: running inferlets may finish within this
+    detach_timeout_s: float = 600.0  # a process nobody is attached to is terminated after this
+    telemetry_enabled: bool = False
+    telemetry_endpoint: str = "http://localhost:4317"
+    telemetry_service_name: str = "pie"
+    internal_token: str | None = None  # None = a fresh random token per start
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port is {self.port}; use 0 (any free port) to 65535")
+        if self.max_frame_bytes < 64 * 1024:
+            raise ConfigError(f"max_frame_bytes is {self.max_frame_bytes}; use at least 65536 (pie-client "
+                              "sends 256 KiB chunks, so 1 MiB or more is practical)")
+        for name in ("shutdown_timeout_s", "detach_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} is {getattr(self, name)}; use a number of seconds >= 0")
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> ServerOptions:
+        """Read the server's keys from a `pie.config.Config` (flat keys, `[telemetry]`, optional `[server]`)."""
+        server = getattr(config, "server", None)
+        telemetry = getattr(config, "telemetry", None)
+        values: dict[str, Any] = {}
+        for name in ("host", "port", "enable_auth"):
+            if hasattr(config, name):
+                values[name] = getattr(config, name)
+        for name in ("max_frame_bytes", "max_upload_bytes", "shutdown_timeout_s", "detach_timeout_s"):
+            source = server if server is not None and hasattr(server, name) else config
+            if hasattr(source, name):
+                values[name] = getattr(source, name)
+        if telemetry is not None:
+            values["telemetry_enabled"] = bool(getattr(telemetry, "enabled", False))
+            values["telemetry_endpoint"] = getattr(telemetry, "endpoint", cls.telemetry_endpoint)
+            values["telemetry_service_name"] = getattr(telemetry, "service_name", cls.telemetry_service_name)
+        values.update(overrides)
+        return cls(**values)
