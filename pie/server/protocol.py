@@ -33,9 +33,10 @@ WS_PATH = "/v1/ws"
 class FrameError(ProtocolError):
     """A frame that is not a valid message. `corr_id` is set when the frame named one."""
 
-    def __init__(self, message: str, corr_id: int | None = None) -> None:
+    def __init__(self, message: str, corr_id: int | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.corr_id = corr_id
+        self.kind = kind  # the frame's `type`, when it had a string one
 
 
 # -- client -> server ---------------------------------------------------------------------------
@@ -168,6 +169,7 @@ ClientMessage = (
     | LaunchDaemon | AttachProcess | ListProcesses | SignalProcess | TerminateProcess | TransferFile | Ping
 )
 AUTH_MESSAGES = (AuthIdentify, AuthProve, AuthByToken)
+AUTH_TYPES = frozenset(cls.TYPE for cls in AUTH_MESSAGES)
 
 # -- server -> client ---------------------------------------------------------------------------
 
@@ -238,21 +240,22 @@ def _decode(frame: bytes, registry: dict[str, type]) -> Any:
     try:
         raw = msgpack.unpackb(frame, raw=False)
     except (ValueError, msgpack.UnpackException) as error:  # ExtraData/FormatError are ValueErrors
-        raise FrameError(f"frame is not a msgpack message ({type(error).__name__}: {error}); send one msgpack "
+        raise FrameError(f"frame is not a msgpack message ({error or type(error).__name__}); send one msgpack "
                          "map per frame") from None
     if not isinstance(raw, dict):
         raise FrameError(f"frame holds a msgpack {type(raw).__name__}, expected a map with a `type` key")
     corr_id = raw.get("corr_id")
     corr_id = corr_id if isinstance(corr_id, int) and not isinstance(corr_id, bool) else None
     kind = raw.get("type")
-    cls = registry.get(kind) if isinstance(kind, str) else None
+    kind = kind if isinstance(kind, str) else None
+    cls = registry.get(kind) if kind is not None else None
     if cls is None:
         known = ", ".join(sorted(registry))
-        raise FrameError(f"unknown message type {kind!r}; known types: {known}", corr_id)
+        raise FrameError(f"unknown message type {kind!r}; known types: {known}", corr_id, kind)
     try:
         return cls(**_fields(cls, raw))
     except (TypeError, ValueError) as error:
-        raise FrameError(f"bad `{kind}` message: {error}", corr_id) from None
+        raise FrameError(f"bad `{kind}` message: {error}", corr_id, kind) from None
 
 
 def _fields(cls: type, raw: dict[Any, Any]) -> dict[str, Any]:

@@ -77,18 +77,23 @@ class Session:
 
     async def run(self) -> None:
         try:
-            async for frame in self.ws:
-                if frame.type is WSMsgType.BINARY:
-                    await self._on_frame(frame.data)
-                elif frame.type is WSMsgType.TEXT:
-                    await self._refuse(None, "text frames are not accepted; send one msgpack map per binary frame")
-                elif frame.type is WSMsgType.ERROR:
-                    self.state.metrics.inc("pie_protocol_errors_total")
-                    log.info("connection %s closed: %s", self.peer, frame.data)
-                if self.handshake.exhausted:
-                    await self.ws.close(code=4401, message=b"too many failed authentication attempts")
+            await self._read()
+        except ConnectionError as error:
+            log.info("connection %s lost: %s", self.peer, error)
         finally:
             self._close()
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            if frame.type is WSMsgType.BINARY:
+                await self._on_frame(frame.data)
+            elif frame.type is WSMsgType.TEXT and self.handshake.authenticated:
+                await self._refuse(None, "text frames are not accepted; send one msgpack map per binary frame")
+            elif frame.type is WSMsgType.ERROR:  # e.g. a frame over max_frame_bytes: aiohttp closed with 1009
+                self.state.metrics.inc("pie_protocol_errors_total")
+                log.info("connection %s closed: %s", self.peer, frame.data)
+            if self.handshake.exhausted:
+                await self.ws.close(code=4401, message=b"too many failed authentication attempts")
 
     def _close(self) -> None:
         """Stop streaming; the processes run on, detached (the server reaps them if nobody attaches)."""
@@ -115,7 +120,8 @@ class Session:
         try:
             message = protocol.decode_client(data)
         except FrameError as error:
-            await self._refuse(error.corr_id, str(error))
+            if self.handshake.authenticated or error.kind in protocol.AUTH_TYPES:
+                await self._refuse(error.corr_id, str(error))
             return
         if not self.handshake.authenticated and not isinstance(message, protocol.AUTH_MESSAGES):
             log.debug("dropping %s from unauthenticated %s", message.TYPE, self.peer)
@@ -132,10 +138,8 @@ class Session:
             await self._refuse(getattr(message, "corr_id", None), f"internal server error: {error!r}")
 
     async def _refuse(self, corr_id: int | None, why: str) -> None:
-        """Answer a refused request; before authentication, say nothing (the spec's rule)."""
+        """Answer a refused request with its corr_id, or with a `protocol_error` frame when it had none."""
         self.state.metrics.inc("pie_protocol_errors_total")
-        if not self.handshake.authenticated and corr_id is None:
-            return
         if corr_id is not None:
             await self.send(Response(corr_id, False, why))
         else:
