@@ -19,14 +19,15 @@ from pie.engine.attention.base import AttentionBackend, AttentionLayerSpec, Batc
 
 @dataclass
 class _Group:
-    """Query rows attending over a padded [n, kv_len] gather of kv slots."""
+    """Query rows attending over whole gathered pages (padded to the group's longest page list)."""
 
     rows: torch.Tensor | slice  # query rows of this group in the batch
-    page_idx: torch.Tensor  # [n, kv_len] page of each kv slot
-    offset: torch.Tensor  # [n, kv_len] offset of each kv slot in its page
+    pages: torch.Tensor  # [n * max_pages] page ids, row-major; padding repeats a valid page
+    num_seqs: int
+    kv_slots: int  # max_pages * page_size: gathered kv length per sequence (incl. padding)
     q_slot: np.ndarray  # [n, q_len] kv slot of each query row (for windows)
-    kv_valid: np.ndarray  # [n, q_len, kv_len] bool: causal / custom mask and padding
-    masks: dict[int, torch.Tensor]  # window_left -> [n, 1, q_len, kv_len] bool on device
+    kv_valid: np.ndarray  # [n, q_len, kv_slots] bool: causal / custom mask, and padding masked out
+    masks: dict[int, torch.Tensor]  # window_left -> [n, 1, q_len, kv_slots] bool on device
 
 
 class TorchRefBackend(AttentionBackend):
@@ -43,38 +44,36 @@ class TorchRefBackend(AttentionBackend):
             if r not in decode_set:
                 self._groups.append(self._request_group(layout, r))
 
-    def _slots(self, layout: BatchLayout, r: int) -> tuple[np.ndarray, np.ndarray]:
-        ps = self.shape.page_size
-        pages = layout.kv_page_indices[layout.kv_page_indptr[r]: layout.kv_page_indptr[r + 1]]
-        j = np.arange(int(layout.kv_lens[r]))
-        return pages[j // ps], j % ps
+    def _pages(self, layout: BatchLayout, r: int) -> np.ndarray:
+        return layout.kv_page_indices[layout.kv_page_indptr[r]: layout.kv_page_indptr[r + 1]]
 
     def _decode_group(self, layout: BatchLayout, reqs: list[int]) -> _Group:
+        page_lists = [self._pages(layout, r) for r in reqs]
+        max_pages = max(len(p) for p in page_lists)
+        # Pad each page list by repeating its first page: gathered, then masked out.
+        pages = np.stack([np.pad(p, (0, max_pages - len(p)), mode="edge") for p in page_lists])
         kv_lens = layout.kv_lens[reqs]
-        max_kv = int(kv_lens.max())
-        page_idx = np.zeros((len(reqs), max_kv), np.int64)
-        offset = np.zeros((len(reqs), max_kv), np.int64)
-        for i, r in enumerate(reqs):
-            p, o = self._slots(layout, r)
-            page_idx[i, : len(p)], offset[i, : len(o)] = p, o
-        valid = np.arange(max_kv)[None, None, :] < kv_lens[:, None, None]  # [n, 1, max_kv]
+        kv_slots = max_pages * self.shape.page_size
+        valid = np.arange(kv_slots)[None, None, :] < kv_lens[:, None, None]  # [n, 1, kv_slots]
         rows = torch.as_tensor(layout.qo_indptr[reqs], dtype=torch.long, device=self.shape.device)
-        return self._group(rows, page_idx, offset, (kv_lens - 1)[:, None], valid)
+        return self._group(rows, pages, (kv_lens - 1)[:, None], valid)
 
     def _request_group(self, layout: BatchLayout, r: int) -> _Group:
         start, end = int(layout.qo_indptr[r]), int(layout.qo_indptr[r + 1])
         kv_len, q_len = int(layout.kv_lens[r]), end - start
-        p, o = self._slots(layout, r)
+        pages = self._pages(layout, r)
+        kv_slots = len(pages) * self.shape.page_size
         q_slot = np.arange(kv_len - q_len, kv_len)
         custom = layout.custom_masks[r]
-        valid = custom if custom is not None else np.arange(kv_len)[None, :] <= q_slot[:, None]
-        return self._group(slice(start, end), p[None], o[None], q_slot[None], valid[None])
+        valid = np.zeros((q_len, kv_slots), bool)
+        valid[:, :kv_len] = custom if custom is not None else np.arange(kv_len)[None, :] <= q_slot[:, None]
+        return self._group(slice(start, end), pages[None], q_slot[None], valid[None])
 
-    def _group(self, rows: torch.Tensor | slice, page_idx: np.ndarray, offset: np.ndarray,
-               q_slot: np.ndarray, valid: np.ndarray) -> _Group:
+    def _group(self, rows: torch.Tensor | slice, pages: np.ndarray, q_slot: np.ndarray,
+               valid: np.ndarray) -> _Group:
         dev = self.shape.device
-        group = _Group(rows, torch.from_numpy(page_idx).to(dev), torch.from_numpy(offset).to(dev),
-                       q_slot, valid, {})
+        group = _Group(rows, torch.from_numpy(pages.reshape(-1).astype(np.int64)).to(dev), pages.shape[0],
+                       pages.shape[1] * self.shape.page_size, q_slot, valid, {})
         for spec in self.layer_specs:
             if spec.window_left not in group.masks:
                 group.masks[spec.window_left] = self._mask(group, spec.window_left)
@@ -95,9 +94,12 @@ class TorchRefBackend(AttentionBackend):
             sinks: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.layer_specs[layer_idx]
         out = torch.empty_like(q)
+        heads, dim = self.shape.num_kv_heads, self.shape.head_dim
         for g in self._groups:
-            k = kv_layer[g.page_idx, 0, g.offset].transpose(1, 2)  # [n, kv_heads, kv_len, head_dim]
-            v = kv_layer[g.page_idx, 1, g.offset].transpose(1, 2)
+            # Whole-page gathers: index_select of contiguous [page_size, kv_heads, head_dim] blocks
+            # yields a contiguous [n, kv_slots, kv_heads, head_dim] without per-slot indexing.
+            k = kv_layer[:, 0].index_select(0, g.pages).view(g.num_seqs, g.kv_slots, heads, dim).transpose(1, 2)
+            v = kv_layer[:, 1].index_select(0, g.pages).view(g.num_seqs, g.kv_slots, heads, dim).transpose(1, 2)
             if isinstance(g.rows, slice):
                 qg = q[g.rows].transpose(0, 1)[None]  # [1, heads, q_len, head_dim]
                 out[g.rows] = attend(qg, k, v, g.masks[spec.window_left], spec, sinks)[0].transpose(0, 1)

@@ -1,0 +1,138 @@
+"""FlashInfer paged attention (CUDA).
+
+Planned once per batch and per layer variant (window, soft-cap, scale): a
+pure-decode batch (one causal query per request) uses the decode wrapper;
+anything else uses the prefill wrapper, causal requests in one planned group
+and custom-mask requests in another. Layers with attention sinks, which these
+wrappers do not take, run on the torch reference path.
+
+Workspace: one float workspace buffer is shared by every wrapper. That is
+safe because all runs are issued in order on the current stream and a run
+never overlaps another; each wrapper keeps its own int workspace and plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pie.engine.attention.base import AttentionBackend, AttentionLayerSpec, AttentionShape, BatchLayout
+from pie.engine.attention.torch_ref import TorchRefBackend
+
+_WORKSPACE_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class _Variant:
+    window_left: int
+    softcap: float
+    scale: float
+
+
+@dataclass
+class _PrefillGroup:
+    """Requests planned together on one prefill wrapper per variant."""
+
+    wrappers: dict[_Variant, object]
+    rows: torch.Tensor | None  # query rows of the group in the batch; None = every row, in order
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, shape: AttentionShape, layer_specs: list[AttentionLayerSpec]) -> None:
+        super().__init__(shape, layer_specs)
+        import flashinfer
+
+        self._fi = flashinfer
+        self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=shape.device)
+        self._layer_variant = [_Variant(s.window_left, s.softcap, s.scale) for s in layer_specs]
+        self._variants = sorted({v for v, s in zip(self._layer_variant, layer_specs, strict=True) if not s.sinks},
+                                key=lambda v: (v.window_left, v.softcap, v.scale))
+        # GQA groups of 4+ query heads per kv head run faster on the tensor-core decode kernel.
+        tensor_cores = shape.num_heads // shape.num_kv_heads >= 4
+        self._decode = {v: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=tensor_cores) for v in self._variants}
+        self._causal = {v: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+                        for v in self._variants}
+        self._masked = {v: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+                        for v in self._variants}
+        self._fallback = TorchRefBackend(shape, layer_specs) if any(s.sinks for s in layer_specs) else None
+        self._mode = "decode"
+        self._groups: list[_PrefillGroup] = []
+
+    def _common(self, v: _Variant) -> dict[str, object]:
+        s = self.shape
+        return {"num_qo_heads": s.num_heads, "num_kv_heads": s.num_kv_heads, "page_size": s.page_size,
+                "window_left": v.window_left, "logits_soft_cap": v.softcap or None, "sm_scale": v.scale,
+                "q_data_type": s.dtype, "kv_data_type": s.dtype}
+
+    def plan(self, layout: BatchLayout) -> None:
+        if self._fallback is not None:
+            self._fallback.plan(layout)
+        if layout.is_pure_decode:
+            self._mode = "decode"
+            indptr, indices, last = (torch.from_numpy(a) for a in
+                                     (layout.kv_page_indptr, layout.kv_page_indices, layout.kv_last_page_len))
+            for v in self._variants:
+                self._decode[v].plan(indptr, indices, last, head_dim=self.shape.head_dim,
+                                     pos_encoding_mode="NONE", **self._common(v))
+            return
+        self._mode = "prefill"
+        masked = [r for r in range(layout.num_requests) if layout.custom_masks[r] is not None]
+        causal = [r for r in range(layout.num_requests) if layout.custom_masks[r] is None]
+        self._groups = []
+        if causal:
+            self._groups.append(self._plan_group(layout, causal, self._causal, masked=False))
+        if masked:
+            self._groups.append(self._plan_group(layout, masked, self._masked, masked=True))
+
+    def _plan_group(self, layout: BatchLayout, reqs: list[int], wrappers: dict[_Variant, object],
+                    masked: bool) -> _PrefillGroup:
+        qo_lens = np.diff(layout.qo_indptr)[reqs]
+        qo_indptr = np.concatenate(([0], np.cumsum(qo_lens))).astype(np.int32)
+        page_counts = np.diff(layout.kv_page_indptr)[reqs]
+        kv_indptr = np.concatenate(([0], np.cumsum(page_counts))).astype(np.int32)
+        kv_indices = np.concatenate([layout.kv_page_indices[layout.kv_page_indptr[r]:layout.kv_page_indptr[r + 1]]
+                                     for r in reqs]).astype(np.int32)
+        last = layout.kv_last_page_len[reqs].astype(np.int32)
+        host = [torch.from_numpy(a) for a in (qo_indptr, kv_indptr, kv_indices, last)]
+        for v in self._variants:
+            mask = self._flat_mask(layout, reqs, v.window_left) if masked else None
+            wrappers[v].plan(*host, head_dim_qk=self.shape.head_dim, causal=not masked,  # type: ignore[attr-defined]
+                             custom_mask=mask, **self._common(v))
+        every_row = len(reqs) == layout.num_requests
+        rows = None if every_row else torch.from_numpy(np.concatenate(
+            [np.arange(layout.qo_indptr[r], layout.qo_indptr[r + 1]) for r in reqs])).to(self.shape.device)
+        return _PrefillGroup(wrappers, rows)
+
+    def _flat_mask(self, layout: BatchLayout, reqs: list[int], window_left: int) -> torch.Tensor:
+        """Row-major [q_len, kv_len] masks of `reqs`, flattened and concatenated; windows ANDed in."""
+        parts = []
+        for r in reqs:
+            m = layout.custom_masks[r]
+            assert m is not None
+            if window_left >= 0:
+                kv_len, q_len = m.shape[1], m.shape[0]
+                q_slot = np.arange(kv_len - q_len, kv_len)[:, None]
+                m = m & (np.arange(kv_len)[None, :] >= q_slot - window_left)
+            parts.append(m.reshape(-1))
+        return torch.from_numpy(np.concatenate(parts)).to(self.shape.device)
+
+    def run(self, layer_idx: int, q: torch.Tensor, kv_layer: torch.Tensor,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layer_specs[layer_idx].sinks:
+            assert self._fallback is not None
+            return self._fallback.run(layer_idx, q, kv_layer, sinks)
+        v = self._layer_variant[layer_idx]
+        if self._mode == "decode":
+            return self._decode[v].run(q, kv_layer)  # type: ignore[no-any-return]
+        if len(self._groups) == 1 and self._groups[0].rows is None:
+            return self._groups[0].wrappers[v].run(q, kv_layer)  # type: ignore[attr-defined,no-any-return]
+        out = torch.empty_like(q)
+        for g in self._groups:
+            assert g.rows is not None
+            out[g.rows] = g.wrappers[v].run(q[g.rows], kv_layer)  # type: ignore[attr-defined]
+        return out
