@@ -45,3 +45,11 @@ class AuthError(PieError):
 
 class RequestError(PieError):
     """The server refused a client request (unknown inferlet, bad arguments, not permitted, ...)."""
+
+
+class ChatTemplateError(PieError):
+    """A model's chat template does not compile or refuses a conversation."""
+
+
+class ProgramError(PieError):
+    """An inferlet package is missing, malformed, or names an entry point that does not exist."""
