@@ -53,3 +53,7 @@ class ChatTemplateError(PieError):
 
 class ProgramError(PieError):
     """An inferlet package is missing, malformed, or names an entry point that does not exist."""
+
+
+class AdapterError(PieError):
+    """A LoRA adapter cannot be loaded (bad files, unsupported options, over a slot or rank limit)."""

@@ -114,6 +114,10 @@ def load_weights(model: CausalLM, files: list[Path], progress: ProgressFn | None
     for i, (name, tensor) in enumerate(iter_checkpoint(files)):
         if progress:
             progress(i + 1, total)
+        mapped = model.map_checkpoint_name(name)  # multimodal wrappers rename the text part, skip the rest
+        if mapped is None:
+            continue
+        name = mapped
         if any(p.search(name) for p in ignored) or (tied and name == "lm_head.weight"):
             continue
         custom = model.load_custom_weight(name, tensor)

@@ -8,11 +8,16 @@ Tensor-parallel and quantized variants override `load_shard` / `finalize`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pie.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from pie.engine.layers.lora import LoRABatch
 
 
 class Linear(nn.Module):
@@ -46,5 +51,6 @@ class Linear(nn.Module):
     def finalize(self) -> None:
         """Called once every shard is loaded (quantized variants convert their weights here)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y if lora is None else lora.apply(self, x, y)  # the rows' LoRA adapters, if any

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pie.engine.layers.linear import Linear
+
+if TYPE_CHECKING:
+    from pie.engine.layers.lora import LoRABatch
 
 
 def act_fn(name: str):  # type: ignore[no-untyped-def]
@@ -21,13 +26,15 @@ def act_fn(name: str):  # type: ignore[no-untyped-def]
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, bias: bool = False,
+                 fused_in_checkpoint: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias,
-                                   shard_sizes=[intermediate_size, intermediate_size])
+        # Phi-3 stores gate_up_proj as one tensor; the others as gate_proj + up_proj shards.
+        shards = None if fused_in_checkpoint else [intermediate_size, intermediate_size]
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias, shard_sizes=shards)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = act_fn(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up, lora)

@@ -1,16 +1,27 @@
-"""The dense decoder-only transformer shared by the Llama, Qwen 2 and Qwen 3 families.
+"""The decoder-only transformer every family is built from.
 
 Module names mirror Hugging Face's (`model.layers.N.self_attn...`) so the
 checkpoint maps onto parameters by name; fused projections (qkv, gate_up) are
 declared in `packed_modules_mapping`. Families subclass `CausalLM` and
 override `decoder_spec` (config -> shapes and switches) and, where their math
-differs, the small hook methods.
+differs, the small hooks: `DecoderLayer.make_mlp`, `rope_tables`,
+`map_checkpoint_name`, `load_custom_weight`.
+
+What the spec switches cover (one flag each, no per-family copies):
+- norms: (1 + w) Gemma RMSNorm, cast before/after the weight multiply;
+- layer layout: pre-norm (Llama), sandwich (Gemma: norms before *and* after
+  each block), post-norm (OLMo 3: norms after each block only);
+- attention: q/k RMSNorm per head or over the whole projection, biases, the
+  softmax scale, logit soft-capping, sinks, a sliding window per layer, RoPE
+  tables per layer type;
+- embeddings scaled by sqrt(hidden), final-logit soft-capping.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -18,9 +29,15 @@ from torch import nn
 from pie.engine.attention.base import AttentionLayerSpec
 from pie.engine.forward_context import ForwardContext
 from pie.engine.layers.linear import Linear
+from pie.engine.layers.lora import lora_of
 from pie.engine.layers.mlp import GatedMLP
 from pie.engine.layers.norm import RMSNorm
 from pie.engine.layers.rotary import Rotary, apply_rotary, rope_inv_freq
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, rotary_dim]
+NormLayout = Literal["pre", "sandwich", "post"]
+QKNorm = Literal["none", "head", "full"]
+DEFAULT_ROPE = "default"
 
 
 @dataclass(frozen=True)
@@ -37,8 +54,19 @@ class DecoderSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: QKNorm = "none"  # per head (Qwen 3, Gemma 3) or over the whole projection (OLMo 3)
     tie_word_embeddings: bool = False
+    norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
+    norm_cast_before_weight: bool = True  # Llama casts to the input dtype before `* w`; Gemma/OLMo after
+    norm_layout: NormLayout = "pre"
+    attn_scale: float | None = None  # None = head_dim ** -0.5
+    attn_softcap: float = 0.0  # Gemma 2 attention-logit soft-capping
+    attn_sinks: bool = False  # GPT-OSS per-head sink logits
+    layer_windows: tuple[int, ...] = ()  # window_left per layer (-1 = full attention); () = all full
+    layer_rope: tuple[str, ...] = ()  # RoPE table key per layer; () = one table for all layers
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    final_logit_softcap: float = 0.0
+    fused_in_checkpoint: bool = False  # Phi-3 stores qkv_proj / gate_up_proj as single tensors
 
     @classmethod
     def from_hf(cls, c: Any, **overrides: Any) -> DecoderSpec:
@@ -51,54 +79,124 @@ class DecoderSpec:
             "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             "intermediate_size": c.intermediate_size,
             "rms_norm_eps": c.rms_norm_eps,
-            "hidden_act": getattr(c, "hidden_act", "silu"),
+            "hidden_act": getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu"),
             "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+            "layer_windows": layer_windows(c),
         }
         values.update(overrides)
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
+    def norm(self, dim: int) -> RMSNorm:
+        return RMSNorm(dim, self.rms_norm_eps, offset=self.norm_offset,
+                       cast_before_weight=self.norm_cast_before_weight)
+
+    def window(self, layer_idx: int) -> int:
+        return self.layer_windows[layer_idx] if self.layer_windows else -1
+
+    def rope_key(self, layer_idx: int) -> str:
+        return self.layer_rope[layer_idx] if self.layer_rope else DEFAULT_ROPE
+
+
+def layer_windows(c: Any) -> tuple[int, ...]:
+    """window_left per layer from HF `layer_types` + `sliding_window`.
+
+    HF's sliding mask keeps kv j for query i when i - sliding_window < j <= i,
+    i.e. the last `sliding_window` slots including the query's own: window_left
+    = sliding_window - 1. Configs without `layer_types` have no windows here;
+    families that window every layer (Mistral, Phi-3) use `uniform_windows`.
+    """
+    types = getattr(c, "layer_types", None)
+    window = getattr(c, "sliding_window", None)
+    if not types or not window:
+        return ()
+    return tuple(window - 1 if t == "sliding_attention" else -1 for t in types)
+
+
+def uniform_windows(c: Any) -> tuple[int, ...]:
+    """Every layer windowed by `sliding_window` when it is set (Mistral 7B v0.1, Phi-3 mini)."""
+    window = getattr(c, "sliding_window", None)
+    return (window - 1,) * c.num_hidden_layers if window else ()
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
 
 class Attention(nn.Module):
-    """QKV projection (+ optional per-head q/k RMSNorm) -> RoPE -> paged attention -> O projection."""
+    """QKV projection (+ optional q/k RMSNorm) -> RoPE -> paged attention (+ sinks) -> O projection."""
 
     def __init__(self, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias,
-                               shard_sizes=[q_size, kv_size, kv_size])
+        shards = None if spec.fused_in_checkpoint else [q_size, kv_size, kv_size]
+        self.qkv_proj = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias, shard_sizes=shards)
         self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
+        if spec.qk_norm != "none":
+            per_head = spec.qk_norm == "head"
+            self.q_norm = spec.norm(spec.head_dim if per_head else q_size)
+            self.k_norm = spec.norm(spec.head_dim if per_head else kv_size)
+        self.sinks = nn.Parameter(torch.empty(spec.num_heads), requires_grad=False) if spec.attn_sinks else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fwd: ForwardContext) -> torch.Tensor:
-        t = x.shape[0]
+    def forward(self, x: torch.Tensor, rope: Rope, fwd: ForwardContext) -> torch.Tensor:
+        t, lora = x.shape[0], lora_of(fwd)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x, lora).split([q_size, kv_size, kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        o = fwd.attention(self.layer_idx, q, k, v)  # [t, heads, head_dim]
-        return self.o_proj(o.reshape(t, q_size))
+        o = fwd.attention(self.layer_idx, q, k, v, self.sinks)  # [t, heads, head_dim]
+        return self.o_proj(o.reshape(t, q_size), lora)
 
 
 class DecoderLayer(nn.Module):
+    """attention + MLP, each wrapped by the norms of `spec.norm_layout`.
+
+    pre:      x += attn(input_layernorm(x));  x += mlp(post_attention_layernorm(x))
+    sandwich: x += post_attention_layernorm(attn(input_layernorm(x)));
+              x += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))
+    post:     x += post_attention_layernorm(attn(x));  x += post_feedforward_layernorm(mlp(x))
+    """
+
+    # layout -> (norm before attn, after attn, before mlp, after mlp); HF's module names
+    _NORMS: ClassVar[dict[str, tuple[str | None, ...]]] = {
+        "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+        "sandwich": ("input_layernorm", "post_attention_layernorm",
+                     "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    }
+
     def __init__(self, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer_idx)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, bias=spec.mlp_bias)
+        self.norm_names = self._NORMS[spec.norm_layout]
+        for name in self.norm_names:
+            if name is not None:
+                self.add_module(name, spec.norm(spec.hidden_size))
+        self.self_attn = self.make_attention(spec, layer_idx)
+        self.mlp = self.make_mlp(spec, layer_idx)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fwd: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, fwd)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def make_attention(self, spec: DecoderSpec, layer_idx: int) -> nn.Module:
+        return Attention(spec, layer_idx)
+
+    def make_mlp(self, spec: DecoderSpec, layer_idx: int) -> nn.Module:
+        """The feed-forward block; MoE families return their expert block here."""
+        return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, bias=spec.mlp_bias,
+                        fused_in_checkpoint=spec.fused_in_checkpoint)
+
+    def _norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        name = self.norm_names[i]
+        return x if name is None else getattr(self, name)(x)
+
+    def forward(self, x: torch.Tensor, rope: Rope, fwd: ForwardContext) -> torch.Tensor:
+        x = x + self._norm(1, self.self_attn(self._norm(0, x), rope, fwd))
+        return x + self._norm(3, self.mlp(self._norm(2, x), lora_of(fwd)))
 
 
 class DecoderModel(nn.Module):
@@ -107,7 +205,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList([layer_cls(spec, i) for i in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = spec.norm(spec.hidden_size)
 
 
 class CausalLM(nn.Module):
@@ -127,16 +225,25 @@ class CausalLM(nn.Module):
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()
-        self.hf_config = hf_config
+        self.hf_config = self.text_config(hf_config)
         self.spec = self.decoder_spec(hf_config)
         self.model = DecoderModel(self.spec, self.layer_cls)
         if not self.spec.tie_word_embeddings:
             self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
-        self.rotary: Rotary | None = None
+        self.rotaries: dict[str, Rotary] = {}
+
+    @classmethod
+    def text_config(cls, hf_config: Any) -> Any:
+        """The config of the language model (multimodal wrappers return their `text_config`)."""
+        return hf_config
 
     @classmethod
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
         return DecoderSpec.from_hf(hf_config)
+
+    def map_checkpoint_name(self, name: str) -> str | None:
+        """Checkpoint tensor name -> this model's naming, or None to skip the tensor (e.g. a vision tower)."""
+        return name
 
     def load_custom_weight(self, name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]] | None:
         """Hook for checkpoint tensors that need more than a name mapping (e.g. packed MoE experts).
@@ -146,26 +253,42 @@ class CausalLM(nn.Module):
         return None
 
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:
-        scale = self.spec.head_dim ** -0.5
-        return [AttentionLayerSpec(scale=scale) for _ in range(self.spec.num_layers)]
+        s = self.spec
+        scale = s.attn_scale if s.attn_scale is not None else s.head_dim ** -0.5
+        return [AttentionLayerSpec(scale=scale, window_left=s.window(i), softcap=s.attn_softcap, sinks=s.attn_sinks)
+                for i in range(s.num_layers)]
+
+    def rope_tables(self, device: torch.device) -> dict[str, Rotary]:
+        """RoPE tables by key (`spec.layer_rope`); one table unless the family varies it by layer type."""
+        keys = set(self.spec.layer_rope) or {DEFAULT_ROPE}
+        return {k: Rotary(*rope_inv_freq(self.hf_config, device, None if k == DEFAULT_ROPE else k)) for k in keys}
 
     def prepare(self, device: torch.device) -> None:
         """Build the non-checkpoint state (RoPE tables) once the weights are on `device`."""
-        self.rotary = Rotary(*rope_inv_freq(self.hf_config, device))
+        self.rotaries = self.rope_tables(device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)
+        if self.spec.embed_scale:
+            # HF rounds sqrt(hidden) to the weight dtype first (55.4256 -> 55.5 in bf16); do the same.
+            x = x * torch.tensor(math.sqrt(self.spec.hidden_size), dtype=x.dtype)
+        return x
+
+    def ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
+        assert self.rotaries, "prepare() must run before forward"
+        return {k: r.cos_sin(positions, dtype) for k, r in self.rotaries.items()}
 
     def forward(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
         """input_ids: [num_tokens] -> final hidden states [num_tokens, hidden] (after the last norm)."""
-        assert self.rotary is not None, "prepare() must run before forward"
         x = self.embed(input_ids)
-        rope = self.rotary.cos_sin(fwd.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, fwd)
+        ropes = self.ropes(fwd.positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, ropes[self.spec.rope_key(i)], fwd)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, hidden] -> float32 logits [n, vocab]."""
+        """hidden: [n, hidden] -> float32 logits [n, vocab] (soft-capped where the family does)."""
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        logits = torch.matmul(hidden, weight.t()).float()
+        cap = self.spec.final_logit_softcap
+        return softcap(logits, cap) if cap > 0.0 else logits

@@ -1,4 +1,4 @@
-"""Llama 2/3.x (incl. scaled RoPE) and Mistral-compatible checkpoints."""
+"""Llama 2/3.x (incl. llama3-scaled RoPE)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pie.engine.models.decoder import CausalLM, DecoderSpec
 from pie.engine.models.registry import register
 
 
-@register("llama", "mistral")
+@register("llama")
 class LlamaForCausalLM(CausalLM):
     @classmethod
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:

@@ -13,4 +13,4 @@ class Qwen3ForCausalLM(CausalLM):
     @classmethod
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
         bias = bool(getattr(hf_config, "attention_bias", False))
-        return DecoderSpec.from_hf(hf_config, qk_norm=True, qkv_bias=bias, o_bias=bias)
+        return DecoderSpec.from_hf(hf_config, qk_norm="head", qkv_bias=bias, o_bias=bias)

@@ -2,6 +2,10 @@
 
 Adding a family is one new file in `pie/engine/models/` that decorates its
 class with `@register("<hf model_type>", ...)`; nothing else changes.
+
+Families that are known but cannot run on this engine are listed in
+`_UNSUPPORTED` with the reason, so `pie model list` / `info` can say why
+instead of only "unsupported".
 """
 
 from __future__ import annotations
@@ -20,11 +24,28 @@ _C = TypeVar("_C", bound="type[CausalLM]")
 _ARCHITECTURES: dict[str, type[CausalLM]] = {}
 _NOT_MODEL_MODULES = {"registry", "decoder"}
 
+_GATED_DELTANET = (
+    "its hybrid layers are mostly Gated DeltaNet linear attention, which carries a per-sequence recurrent "
+    "state (a causal-conv window plus a [heads, key_dim, value_dim] delta-rule state) from token to token; "
+    "pie's engine keeps only a paged KV cache addressed by the runtime's pages, which can hold neither that "
+    "state nor its forks, so these checkpoints cannot be served"
+)
+
+# Known Hugging Face model types this engine cannot run, and why.
+_UNSUPPORTED: dict[str, str] = {
+    "qwen3_5": _GATED_DELTANET,
+    "qwen3_5_text": _GATED_DELTANET,
+    "qwen3_5_moe": _GATED_DELTANET,
+    "qwen3_5_moe_text": _GATED_DELTANET,
+    "qwen3_next": _GATED_DELTANET,
+}
+
 
 def register(*model_types: str) -> Callable[[_C], _C]:
     def deco(cls: _C) -> _C:
         for mt in model_types:
             assert mt not in _ARCHITECTURES, f"model_type {mt} registered twice"
+            assert mt not in _UNSUPPORTED, f"model_type {mt} is listed as unsupported"
             _ARCHITECTURES[mt] = cls
         return cls
 
@@ -44,11 +65,24 @@ def supported_model_types() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def get_architecture(model_type: str) -> type[CausalLM]:
+def known_unsupported_model_types() -> dict[str, str]:
+    """model_type -> why this engine cannot run it (families users ask for that are not implementable here)."""
+    return dict(_UNSUPPORTED)
+
+
+def unsupported_reason(model_type: str) -> str | None:
+    """None when `model_type` runs on this engine, else a sentence saying why not."""
     _import_all()
-    if model_type not in _ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported by this engine; supported: "
-            f"{', '.join(sorted(_ARCHITECTURES))}"
-        )
+    if model_type in _ARCHITECTURES:
+        return None
+    if model_type in _UNSUPPORTED:
+        return f"model_type {model_type!r} is not supported: {_UNSUPPORTED[model_type]}"
+    return (f"model_type {model_type!r} is not supported by this engine (no implementation); supported: "
+            f"{', '.join(sorted(_ARCHITECTURES))}")
+
+
+def get_architecture(model_type: str) -> type[CausalLM]:
+    reason = unsupported_reason(model_type)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
     return _ARCHITECTURES[model_type]
