@@ -99,6 +99,8 @@ class FlashInferBackend(AttentionBackend):
                                      for r in reqs]).astype(np.int32)
         last = layout.kv_last_page_len[reqs].astype(np.int32)
         host = [torch.from_numpy(a) for a in (qo_indptr, kv_indptr, kv_indices, last)]
+        if masked:  # FlashInfer packs custom masks on the device and wants the indptrs there too
+            host = [t.to(self.shape.device) for t in host]
         for v in self._variants:
             mask = self._flat_mask(layout, reqs, v.window_left) if masked else None
             wrappers[v].plan(*host, head_dim_qk=self.shape.head_dim, causal=not masked,  # type: ignore[attr-defined]
