@@ -57,3 +57,7 @@ class ProgramError(PieError):
 
 class AdapterError(PieError):
     """A LoRA adapter cannot be loaded (bad files, unsupported options, over a slot or rank limit)."""
+
+
+class FlavorError(PieError):
+    """A flavor file (flavors/*.toml) or an installation's recorded flavor is missing or inconsistent."""
