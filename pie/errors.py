@@ -59,5 +59,13 @@ class AdapterError(PieError):
     """A LoRA adapter cannot be loaded (bad files, unsupported options, over a slot or rank limit)."""
 
 
+class MessagingError(PieError):
+    """A messaging call was refused (queue full, unknown subscription)."""
+
+
 class FlavorError(PieError):
     """A flavor file (flavors/*.toml) or an installation's recorded flavor is missing or inconsistent."""
+
+
+class InferletError(PieError):
+    """An inferlet's own code raised; the message carries its traceback (the program's frames only)."""

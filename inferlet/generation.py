@@ -1,0 +1,282 @@
+"""Generator: the multi-step decoding loop over a context (spec 1.7).
+
+    g = ctx.generate(Sampler.top_p(0.6, 0.95), max_tokens=256, constrain=JsonSchema(schema))
+    async for step in g:
+        out = await step.execute()      # out.tokens: what this step kept
+
+or one of the collectors: `collect_text()`, `collect_tokens()`, `collect_json()`.
+
+Each step runs the context's buffer (the prompt on the first step, then the
+last sampled token) plus any drafts through one pass, samples at the last
+buffered row and at every draft row, keeps the drafts the model agrees with
+plus one more token, and rolls the rest of the KV back. Stop tokens are
+excluded from the output and end generation; `max_tokens` caps it. The last
+kept token stays in the context's buffer: it enters the KV cache on the next
+pass (so `seal()` or a new turn appends after it).
+
+Manual sampling: `step.clear_sampler()`, read a probe from the output, then
+`g.accept([token])`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from inferlet import brle, chat
+from inferlet.forward import Output, ProbeHandle
+from inferlet.grammar import AnyJson, Constraint, JsonSchema, Schema, StaticMask
+from inferlet.sample import probe_kind
+from inferlet.spec import NgramSpeculator, Speculator
+
+if TYPE_CHECKING:
+    from inferlet.adapter import Adapter
+    from inferlet.context import Context
+    from inferlet.sample import Sampler
+
+
+class Generator:
+    def __init__(self, ctx: Context, sampler: Sampler, *, max_tokens: int | None = None,
+                 stop: Iterable[int] | None = None, constrain: Any = None, logit_mask: list[int] | None = None,
+                 speculator: Speculator | None = None, system_speculation: bool | None = None,
+                 adapter: Adapter | None = None, seed: int | None = None, horizon: int | None = None,
+                 rebid_each_step: bool = True) -> None:
+        if speculator is not None and system_speculation:
+            raise ValueError("speculator and system_speculation=True are mutually exclusive; pick one")
+        self._ctx = ctx
+        self._sampler = sampler
+        self._stop = set(stop or ())
+        self._max_tokens = max_tokens
+        self._constraints: list[Constraint] = []
+        self._constraint_pending: list[int] = []  # accepted since the constraints last stepped
+        for c in constrain if isinstance(constrain, list) else [constrain] if constrain is not None else []:
+            self.constrain(c)
+        if logit_mask is not None:
+            self._constraints.append(StaticMask(logit_mask))
+        self._speculator = speculator
+        if system_speculation is None:
+            system_speculation = speculator is None and sampler.is_argmax and ctx.model.default_system_speculation()
+        self._system_drafter = NgramSpeculator() if system_speculation else None
+        self._last_buffered = False  # the buffer starts with the token the last step kept
+        self._adapter = adapter
+        self._seed = seed
+        self._horizon = horizon
+        self._step_probes: list[tuple[int, Any]] = []
+        self.tokens_generated = 0
+        self._done = False
+
+    # -- chain configuration --
+    def max_tokens(self, n: int) -> Generator:
+        self._max_tokens = n
+        return self
+
+    def stop(self, tokens: Iterable[int]) -> Generator:
+        self._stop = set(tokens)
+        return self
+
+    def add_stop(self, tokens: Iterable[int]) -> Generator:
+        self._stop |= set(tokens)
+        return self
+
+    def constrain(self, c: Schema | Constraint) -> Generator:
+        """Add a constraint (or a schema that builds one); several are AND-ed."""
+        if isinstance(c, Schema):
+            self._constraints.append(c.build_constraint(self._ctx.model))
+        elif isinstance(c, Constraint):
+            self._constraints.append(c)
+        else:
+            raise TypeError(f"constrain takes a Schema (build_constraint) or a Constraint (step), "
+                            f"got {type(c).__name__}")
+        return self
+
+    def disable_system_speculation(self) -> Generator:
+        self._system_drafter = None
+        return self
+
+    def adapter(self, a: Adapter) -> Generator:
+        self._adapter = a
+        return self
+
+    def horizon(self, n: int) -> Generator:
+        self._horizon = n
+        return self
+
+    def rebid_each_step(self, enabled: bool) -> Generator:
+        return self
+
+    def probe_each_step(self, index: int, probe: Any) -> ProbeHandle:
+        """A probe on every step at row `index` of the step's inputs (-1: the row the sampler reads).
+        Per-generator probes take the first output slots, so the handle is valid on every step."""
+        self._step_probes.append((index, probe))
+        return ProbeHandle(len(self._step_probes) - 1, probe_kind(probe))
+
+    @property
+    def is_done(self) -> bool:
+        return self._done or (self._max_tokens is not None and self.tokens_generated >= self._max_tokens)
+
+    # -- iteration --
+    def __aiter__(self) -> AsyncIterator[GenStep]:
+        return self
+
+    async def __anext__(self) -> GenStep:
+        if self.is_done:
+            raise StopAsyncIteration
+        pending, self._ctx._pending = self._ctx._pending, []
+        drafts, positions = self._drafts(pending)
+        mask: list[int] | None = None
+        if self._constraints:
+            advance, self._constraint_pending = self._constraint_pending, []
+            mask = brle.and_(*(c.step(advance) for c in self._constraints)) or None
+            drafts, positions = [], []  # a mask only holds for the first sampled row
+        return GenStep(self, pending, drafts, positions, mask)
+
+    def _drafts(self, pending: list[int]) -> tuple[list[int], list[int]]:
+        seen, self._last_buffered = self._last_buffered, False
+        if self._system_drafter is not None:
+            self._system_drafter.observe(pending[1:] if seen else pending)
+            drafts, positions = self._system_drafter.draft()
+        elif self._speculator is not None:
+            drafts, positions = self._speculator.draft()
+        else:
+            return [], []
+        remaining = None if self._max_tokens is None else self._max_tokens - self.tokens_generated - 1
+        if remaining is not None:
+            drafts = drafts[:max(remaining, 0)]
+        return list(drafts), list(positions)[:len(drafts)]
+
+    # -- manual sampling --
+    def accept(self, tokens: list[int]) -> list[int]:
+        """Register tokens sampled by hand (after `clear_sampler`): stop/max rules apply, the kept tokens
+        go to the buffer for the next step and to the constraints."""
+        kept = self._truncate(list(tokens))
+        self._ctx._pending.extend(kept)
+        self._constraint_pending.extend(kept)
+        self.tokens_generated += len(kept)
+        if self._speculator is not None:
+            self._speculator.accept(kept)
+        return kept
+
+    def _truncate(self, tokens: list[int]) -> list[int]:
+        """Cut at the first stop token (excluded) and at max_tokens; either ends generation."""
+        for i, t in enumerate(tokens):
+            if t in self._stop:
+                tokens = tokens[:i]
+                self._done = True
+                break
+        if self._max_tokens is not None:
+            room = self._max_tokens - self.tokens_generated
+            if len(tokens) >= room:
+                tokens = tokens[:max(room, 0)]
+                self._done = True
+        return tokens
+
+    # -- collectors --
+    async def collect_tokens(self) -> list[int]:
+        out: list[int] = []
+        async for step in self:
+            out += (await step.execute()).tokens
+        return out
+
+    async def collect_text(self) -> str:
+        decoder = chat.Decoder(self._ctx.model)
+        parts: list[str] = []
+        async for step in self:
+            event = decoder.feed((await step.execute()).tokens)
+            if isinstance(event, chat.Done):
+                return event.text
+            if isinstance(event, chat.Delta):
+                parts.append(event.text)
+        parts.append(decoder.finish())
+        return "".join(parts)
+
+    async def collect_json(self, *, schema: str | dict[str, Any] | None = None,
+                           parse: Callable[[str], Any] | None = None) -> Any:
+        """Generate under `JsonSchema(schema)` (or any JSON), then `json.loads` (or `parse`) the text."""
+        self.constrain(JsonSchema(schema) if schema is not None else AnyJson())
+        text = await self.collect_text()
+        return parse(text) if parse is not None else json.loads(text)
+
+
+class GenStep:
+    """The next pass of a Generator, adjustable before `execute()`."""
+
+    def __init__(self, gen: Generator, pending: list[int], drafts: list[int], draft_positions: list[int],
+                 mask: list[int] | None) -> None:
+        self._gen = gen
+        self.pending = pending
+        self.drafts = drafts
+        self._draft_positions = draft_positions
+        self.mask = mask
+        self._probes: list[tuple[int, Any]] = []
+        self._sampler_cleared = False
+
+    def clear_sampler(self) -> GenStep:
+        """Sample by hand: no token is drawn this step; read a probe and call `Generator.accept`."""
+        self._sampler_cleared = True
+        return self
+
+    def probe(self, index: int, probe: Any) -> ProbeHandle:
+        """A probe at row `index` of this step's inputs (-1: the row the sampler reads)."""
+        self._probes.append((index, probe))
+        return ProbeHandle(len(self._gen._step_probes) + len(self._probes) - 1, probe_kind(probe))
+
+    async def execute(self) -> Output:
+        gen, ctx = self._gen, self._gen._ctx
+        if not self.pending:
+            raise ValueError("nothing to generate from: the context's buffer is empty. Fill it (user(), "
+                             "append()) or keep the last token buffered instead of calling flush()")
+        drafts = [] if self._sampler_cleared else self.drafts
+        if self._sampler_cleared and self.drafts and gen._speculator is not None:
+            gen._speculator.rollback(len(self.drafts))
+        fwd = ctx.forward().input(self.pending)
+        if drafts:
+            start = ctx.seq_len + len(self.pending)
+            positions = self._draft_positions or list(range(start, start + len(drafts)))
+            fwd.input_at(drafts, positions)
+        last = len(self.pending) - 1
+        for index, probe in [*gen._step_probes, *self._probes]:
+            fwd.probe(last if index < 0 else index, probe)
+        handle = None
+        if not self._sampler_cleared:
+            handle = fwd.sample(list(range(last, last + len(drafts) + 1)), gen._sampler)
+        if self.mask is not None:
+            fwd.mask(self.mask)
+        if gen._adapter is not None:
+            fwd.adapter(gen._adapter)
+        if gen._seed is not None:
+            fwd.seed(gen._seed)  # draws hash (seed, position): each step still differs
+        try:
+            out = await fwd._run()
+        except BaseException:
+            ctx._pending = self.pending + ctx._pending  # a failed step loses no buffered tokens
+            raise
+        kept = self._settle(out.tokens_at(handle) if handle is not None else [], drafts)
+        ctx._commit_full_pages()
+        return Output(out.raw, tokens=kept, auto_sampler=handle)
+
+    def _settle(self, sampled: list[int], drafts: list[int]) -> list[int]:
+        """Verify drafts, apply stop/max, roll back KV the context must not keep, buffer the last token."""
+        gen, ctx = self._gen, self._gen._ctx
+        if not sampled:
+            return []
+        accepted = [sampled[0]]
+        for i, d in enumerate(drafts):
+            if d != sampled[i]:
+                break
+            accepted.append(sampled[i + 1])
+        if gen._speculator is not None:
+            gen._speculator.accept(accepted)
+            if len(drafts) > len(accepted) - 1:
+                gen._speculator.rollback(len(drafts) - (len(accepted) - 1))
+        gen._constraint_pending.extend(accepted)
+        kept = gen._truncate(accepted)
+        gen.tokens_generated += len(kept)
+        if gen._system_drafter is not None:
+            gen._system_drafter.observe(kept)
+        # The KV holds pending + all drafts; keep pending + kept[:-1] (kept[-1] goes to the buffer).
+        ctx.truncate(len(drafts) - max(len(kept) - 1, 0))
+        if kept:
+            ctx._pending.append(kept[-1])
+            gen._last_buffered = True
+        return kept
