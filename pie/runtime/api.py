@@ -54,6 +54,7 @@ class ProcessAPI(Protocol):
     program: str  # name@version
     username: str
     status: ProcessStatus
+    started_at: float  # time.time() at launch (list_processes reports elapsed_secs)
 
     def events(self) -> AsyncIterator[Event]:
         """Events not yet delivered to any subscriber (buffered while detached), then live ones, ending after
