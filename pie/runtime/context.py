@@ -1,0 +1,335 @@
+"""A context: one KV sequence, as a logical record plus a chain of physical pages.
+
+Logical state (what the inferlet sees, `Host.ctx_state`): `kv_len` slots, each
+with its token and position (the record below), of which the first
+`num_committed` pages are committed (full, immutable, content-keyed), within a
+capacity of `num_pages` pages (committed + reserved working pages).
+
+Physical state (what the engine holds): `pages`, the page ids covering slots
+`[0, len(pages) * page_size)`, and `computed_len`, how many leading slots have
+valid KV in them. `computed_len < kv_len` while a pass is pending and after a
+suspension; the scheduler computes the missing slots (re-prefill) from the
+record before anything else, so suspension never loses a context.
+
+Sharing: fork takes a reference on every page (O(pages) ints, no KV copy).
+A page shared with another context or registered in the prefix trie is never
+written in place: the write that touches it first gets a fresh page, plus a
+page copy in the same batch when the page holds slots before the write
+(copy-on-write). Pages written under a custom attention mask, an adapter or
+positions that are not the slot indices are *dirty*: their KV is not a
+function of (tokens, positions) alone, so they get no content key and are never
+shared, and a context holding masked/adapter KV cannot be recomputed (it is
+never suspended).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from inferlet._host import HostError
+from pie.errors import OutOfPagesError
+from pie.runtime.pages import PagePool
+from pie.runtime.prefix_trie import ROOT_KEY, PageKey, PrefixTrie, page_key
+
+
+class ContextSpace:
+    """One model's contexts: the shared pool and trie, and the registry of live contexts."""
+
+    def __init__(self, pool: PagePool, trie: PrefixTrie, page_size: int) -> None:
+        self.pool = pool
+        self.trie = trie
+        self.page_size = page_size
+        self.live: dict[int, Context] = {}
+        self._ids = itertools.count(1)
+        self._clock = itertools.count(1)
+
+    def create(self, owner: str) -> Context:
+        ctx = Context(self, owner)
+        self.live[ctx.id] = ctx
+        return ctx
+
+    def tick(self) -> int:
+        return next(self._clock)
+
+    def check_integrity(self) -> None:
+        """Pool, trie and every live context agree: each page's refcount is its number of holders."""
+        self.pool.check_integrity()
+        self.trie.check_integrity()
+        holders = [0] * self.pool.num_pages
+        for ctx in self.live.values():
+            ctx.check_integrity()
+            for p in ctx.pages:
+                holders[p] += 1
+        for p, n in enumerate(holders):
+            assert self.pool.refcount(p) == n, f"page {p}: refcount {self.pool.refcount(p)}, held by {n} contexts"
+
+
+class Context:
+    def __init__(self, space: ContextSpace, owner: str) -> None:
+        self.space = space
+        self.id = next(space._ids)
+        self.owner = owner  # an instance id, or "snapshot"
+        self.tokens: list[int] = []  # [kv_len] the record: token of each slot
+        self.positions: list[int] = []  # [kv_len] and its position id
+        self.num_committed = 0
+        self.keys: list[PageKey | None] = []  # [num_committed] content keys; None = dirty, never shared
+        self.num_pages = 0  # capacity: committed + working pages
+        self.dirty: set[int] = set()  # working page indices that must not be shared
+        self.recomputable = True  # False once masked/adapter KV was written
+        self.pages: list[int] = []  # physical pages, covering slots [0, len(pages) * page_size)
+        self.computed_len = 0  # leading slots with valid KV in `pages`
+        self.priority = 0.0
+        self.last_used = space.tick()
+        self.pending = False  # a pass was submitted and has not resolved
+        self.in_batch = False  # part of the batch being built or in flight: pages pinned
+        self.closed = False
+
+    # -- the logical view -----------------------------------------------------------------------
+
+    @property
+    def kv_len(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def working_tokens(self) -> int:
+        return len(self.tokens) - self.num_committed * self.space.page_size
+
+    @property
+    def resident(self) -> bool:
+        return self.computed_len == len(self.tokens)
+
+    def state(self) -> tuple[int, int, int]:
+        """(committed pages, working pages, tokens in working pages): `Host.ctx_state`."""
+        return self.num_committed, self.num_pages - self.num_committed, self.working_tokens
+
+    def _check_idle(self, what: str) -> None:
+        if self.closed:
+            raise HostError(f"cannot {what}: the context was destroyed")
+        if self.pending:
+            raise HostError(f"cannot {what} while a forward pass on this context is pending; await it first")
+
+    # -- page-level operations of the inferlet API ----------------------------------------------
+
+    def reserve(self, n: int) -> None:
+        self._check_idle("reserve pages")
+        total = self.space.pool.num_pages
+        if self.num_pages + n > total:
+            raise OutOfPagesError(f"reserving {n} more pages would give this context {self.num_pages + n} pages, "
+                                  f"more than the {total} the KV pool has; use a shorter sequence")
+        self.num_pages += n
+
+    def release(self, n: int) -> None:
+        """Drop the last `n` working pages (and any tokens written in them)."""
+        self._check_idle("release pages")
+        working = self.num_pages - self.num_committed
+        if n > working:
+            raise HostError(f"cannot release {n} working pages: the context has {working}")
+        self.num_pages -= n
+        capacity = self.num_pages * self.space.page_size
+        if self.kv_len > capacity:
+            self._cut(capacity)
+        if len(self.pages) > self.num_pages:
+            extra = self.pages[self.num_pages:]
+            del self.pages[self.num_pages:]
+            self.space.pool.decref(reversed(extra))
+
+    def truncate(self, n: int) -> None:
+        """Forget the last `n` tokens of the working pages (their pages stay reserved)."""
+        self._check_idle("truncate")
+        if n > self.working_tokens:
+            raise HostError(f"cannot truncate {n} tokens: the working pages hold {self.working_tokens} "
+                            "(committed pages are immutable)")
+        self._cut(self.kv_len - n)
+
+    def commit(self, n: int) -> None:
+        """Make the first `n` working pages committed: keyed by content and shared through the trie."""
+        self._check_idle("commit pages")
+        ps = self.space.page_size
+        full = self.working_tokens // ps
+        if n > full:
+            raise HostError(f"cannot commit {n} pages: only {full} working pages are full "
+                            f"({self.working_tokens} tokens, page size {ps})")
+        for j in range(self.num_committed, self.num_committed + n):
+            parent = self.keys[j - 1] if j else ROOT_KEY
+            key = None if parent is None or j in self.dirty else self._content_key(parent, j)
+            self.keys.append(key)
+            self.dirty.discard(j)
+        self.num_committed += n
+        self._register(self.num_committed - n, self.num_committed)
+
+    def fork(self, owner: str) -> Context:
+        """A new context with the same content, sharing every page (copy-on-write)."""
+        self._check_idle("fork")
+        child = self.space.create(owner)
+        child.tokens, child.positions = self.tokens.copy(), self.positions.copy()
+        child.num_committed, child.keys = self.num_committed, self.keys.copy()
+        child.num_pages, child.dirty, child.recomputable = self.num_pages, set(self.dirty), self.recomputable
+        child.pages, child.computed_len = self.pages.copy(), self.computed_len
+        child.priority = self.priority
+        self.space.pool.incref(child.pages)
+        return child
+
+    def destroy(self) -> None:
+        if self.closed:
+            return
+        self._drop_pages()
+        self.closed = True
+        del self.space.live[self.id]
+
+    # -- the record: what a pass appends, and undoing it ----------------------------------------
+
+    def append(self, tokens: Sequence[int], positions: Sequence[int], *, custom_kv: bool) -> None:
+        """Record a pass's inputs at slots [kv_len, kv_len + n). custom_kv: a mask or an adapter applies."""
+        start, ps = self.kv_len, self.space.page_size
+        self.tokens.extend(tokens)
+        self.positions.extend(positions)
+        sequential = positions[0] == start and positions[-1] == start + len(positions) - 1 and (
+            len(positions) < 3 or list(positions) == list(range(start, start + len(positions))))
+        if custom_kv or not sequential:
+            self.dirty.update(range(start // ps, (self.kv_len - 1) // ps + 1))
+        if custom_kv:
+            self.recomputable = False
+
+    def rollback(self, kv_len: int) -> None:
+        """Undo a pass that did not complete (cancelled or failed)."""
+        assert kv_len >= self.num_committed * self.space.page_size, "a pending pass never precedes a commit"
+        self._cut(kv_len)
+
+    def _cut(self, kv_len: int) -> None:
+        del self.tokens[kv_len:]
+        del self.positions[kv_len:]
+        self.computed_len = min(self.computed_len, kv_len)
+        ps = self.space.page_size
+        self.dirty = {j for j in self.dirty if j * ps < kv_len}
+
+    # -- physical pages: what the scheduler calls while building a batch ------------------------
+
+    def attach_cached(self, limit: int) -> int:
+        """Skip computing leading full pages of the pending slots whose content is in the trie.
+
+        Only pages entirely below slot `limit` (the first row something must be
+        read from) are attached. Returns how many slots were skipped."""
+        ps, pool, trie = self.space.page_size, self.space.pool, self.space.trie
+        start = self.computed_len
+        if start % ps:
+            return 0
+        j = start // ps
+        parent = self._key_before(j)
+        end = min(limit, self.kv_len)
+        while parent is not None and (j + 1) * ps <= end:
+            key = self.keys[j] if j < self.num_committed else (
+                None if j in self.dirty else self._content_key(parent, j))
+            page = trie.lookup(key) if key is not None else None
+            if page is None:
+                break
+            if j < len(self.pages):
+                if self.pages[j] != page:
+                    pool.incref((page,))
+                    pool.decref((self.pages[j],))
+                    self.pages[j] = page
+            else:
+                pool.incref((page,))
+                self.pages.append(page)
+            parent, j = key, j + 1
+        self.computed_len = j * ps
+        return self.computed_len - start
+
+    def pages_needed(self, start: int, end: int) -> int:
+        """Fresh pages a write of slots [start, end) takes: new tail pages plus copy-on-write copies."""
+        ps, pages = self.space.page_size, self.pages
+        first, last = start // ps, (end - 1) // ps
+        n = max(0, last + 1 - len(pages))
+        for j in range(first, min(last + 1, len(pages))):
+            n += self._shared(pages[j])
+        return n
+
+    def prepare_write(self, start: int, end: int, fresh: list[int]) -> list[tuple[int, int]]:
+        """Give slots [start, end) private pages from `fresh` (exactly `pages_needed` of them).
+
+        Returns the (src, dst) page copies the batch must do first."""
+        assert start == self.computed_len, f"writes start at computed_len {self.computed_len}, not {start}"
+        ps, pages, pool = self.space.page_size, self.pages, self.space.pool
+        first, last = start // ps, (end - 1) // ps
+        copies = []
+        for j in range(first, min(last + 1, len(pages))):
+            if self._shared(pages[j]):
+                page = fresh.pop()
+                if j == first and start % ps:  # slots before `start` in this page must be kept
+                    copies.append((pages[j], page))
+                pool.decref((pages[j],))
+                pages[j] = page
+        while len(pages) <= last:
+            pages.append(fresh.pop())
+        assert not fresh, "pages_needed and prepare_write disagree"
+        return copies
+
+    def mark_computed(self, end: int) -> None:
+        """KV of slots up to `end` is now valid; recomputed committed pages rejoin the trie."""
+        old = self.computed_len
+        self.computed_len = end
+        ps = self.space.page_size
+        self._register(old // ps, min(end // ps, self.num_committed))
+
+    def suspend(self) -> int:
+        """Drop every page (their content stays cached when the trie holds it); returns pages released."""
+        assert not self.in_batch and self.recomputable, "only idle, recomputable contexts are suspended"
+        n = len(self.pages)
+        self._drop_pages()
+        return n
+
+    def freeable_pages(self) -> int:
+        """Pages that suspending this context would make allocatable (held by no one else)."""
+        rc = self.space.pool.refcount
+        return sum(1 for p in self.pages if rc(p) == 1)
+
+    def request_pages(self, end: int) -> tuple[list[int], int]:
+        """The page list and last-page fill of a request whose KV ends at slot `end`."""
+        ps = self.space.page_size
+        return self.pages[: (end - 1) // ps + 1], (end - 1) % ps + 1
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _shared(self, page: int) -> bool:
+        return self.space.pool.refcount(page) > 1 or self.space.trie.holds(page)
+
+    def _content_key(self, parent: PageKey, j: int) -> PageKey:
+        ps = self.space.page_size
+        return page_key(parent, self.tokens[j * ps:(j + 1) * ps], self.positions[j * ps:(j + 1) * ps])
+
+    def _key_before(self, j: int) -> PageKey | None:
+        """Key of page j - 1 (ROOT for j == 0); working pages are keyed on the fly."""
+        if j <= self.num_committed:
+            return self.keys[j - 1] if j else ROOT_KEY
+        parent = self.keys[-1] if self.num_committed else ROOT_KEY
+        for i in range(self.num_committed, j):
+            if parent is None or i in self.dirty:
+                return None
+            parent = self._content_key(parent, i)
+        return parent
+
+    def _register(self, first: int, last: int) -> None:
+        """Put committed pages [first, last) that hold valid KV into the trie (dedup against it)."""
+        ps, pool, trie = self.space.page_size, self.space.pool, self.space.trie
+        for j in range(first, min(last, len(self.pages), self.computed_len // ps)):
+            key = self.keys[j]
+            if key is None or trie.holds(self.pages[j]):
+                continue
+            canonical = trie.insert(key, self.pages[j]).page
+            if canonical != self.pages[j]:
+                pool.incref((canonical,))
+                pool.decref((self.pages[j],))
+                self.pages[j] = canonical
+
+    def _drop_pages(self) -> None:
+        pages, self.pages = self.pages, []
+        self.computed_len = 0
+        self.space.pool.decref(reversed(pages))
+
+    def check_integrity(self) -> None:
+        ps = self.space.page_size
+        assert len(set(self.pages)) == len(self.pages), f"context {self.id} holds a page twice"
+        assert self.computed_len <= len(self.pages) * ps, f"context {self.id}: computed slots outside its pages"
+        assert self.computed_len <= self.kv_len <= self.num_pages * ps, f"context {self.id}: lengths out of order"
+        assert len(self.keys) == self.num_committed <= self.num_pages
+        assert len(self.positions) == len(self.tokens)

@@ -1,0 +1,167 @@
+"""An instance: one launched inferlet, as the server sees it (`pie.runtime.api.ProcessAPI`).
+
+It runs a *body* (a coroutine function given the instance; normally the
+runner executing the program's `main`) as one asyncio task. Whatever way the
+body ends (return, exception, wall-time limit, termination) is turned into
+exactly one final event, and in the same `finally` the instance's host frees
+every context, page and subscription it held.
+
+Events are buffered until a subscriber reads them (`events()`); a new
+subscriber (attach) takes over from the previous one. A subscriber that
+arrives after the end still gets the final event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from inferlet._host import HostError
+from pie.errors import PieError
+from pie.runtime.api import FINAL_EVENTS, Event, EventKind, ProcessStatus
+
+if TYPE_CHECKING:
+    from pie.runtime.host import InstanceHost
+
+log = logging.getLogger(__name__)
+
+Body = Callable[["Instance"], Awaitable[str]]
+MAX_TRACEBACK_CHARS = 8000
+
+
+@dataclass(frozen=True)
+class InstanceLimits:
+    """Per-instance limits; 0 means none (beyond the KV pool itself)."""
+
+    max_pages: int = 0  # KV pages held across the instance's contexts (reserved capacity)
+    max_tokens: int = 0  # tokens sampled over the instance's life
+    max_wall_time_s: float = 0.0
+    max_buffered_events: int = 10_000  # oldest non-final events are dropped beyond this while detached
+
+
+class Instance:
+    def __init__(self, instance_id: str, program: str, username: str, limits: InstanceLimits) -> None:
+        self.id = instance_id
+        self.program = program
+        self.username = username
+        self.limits = limits
+        self.status: ProcessStatus = "running"
+        self.started_at = time.time()
+        self.host: InstanceHost | None = None  # set by the runtime before start()
+        self.messages: asyncio.Queue[str] = asyncio.Queue()  # client -> session.receive()
+        self.files: asyncio.Queue[bytes] = asyncio.Queue()  # client -> session.receive_file()
+        self.dropped_events = 0
+        self._events: collections.deque[Event] = collections.deque()
+        self._ready = asyncio.Event()
+        self._reader = 0  # generation of the current subscriber
+        self._final: Event | None = None
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stop_reason = ""
+        self._on_exit: Callable[[Instance], None] | None = None
+
+    def start(self, body: Body, on_exit: Callable[[Instance], None] | None = None) -> None:
+        """Run `body`; `on_exit(self)` is called once everything is released and the final event is out."""
+        assert self._task is None and self.host is not None, "start once, after the host is set"
+        self._on_exit = on_exit
+        self._task = asyncio.get_running_loop().create_task(self._run(body), name=f"inferlet-{self.id}")
+
+    # -- ProcessAPI -----------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        self._reader += 1
+        me = self._reader
+        self._ready.set()  # wake the previous subscriber so it sees it was replaced
+        delivered_final = False
+        while me == self._reader:
+            if self._events:
+                event = self._events.popleft()
+                yield event
+                if event.kind in FINAL_EVENTS:
+                    return
+                continue
+            if self._final is not None and self._done.is_set():
+                if not delivered_final:  # a late subscriber: the outcome, once
+                    delivered_final = True
+                    yield self._final
+                return
+            self._ready.clear()
+            await self._ready.wait()
+
+    def send_message(self, message: str) -> None:
+        self.messages.put_nowait(message)
+
+    def send_file(self, data: bytes) -> None:
+        self.files.put_nowait(data)
+
+    async def terminate(self, reason: str = "terminated by client") -> None:
+        if self._task is not None and not self._task.done():
+            self._stop_reason = reason
+            self._task.cancel()
+        await self._done.wait()
+
+    async def wait(self) -> Event:
+        await self._done.wait()
+        assert self._final is not None
+        return self._final
+
+    # -- the inferlet's side --------------------------------------------------------------------
+
+    def emit(self, kind: EventKind, value: str | bytes) -> None:
+        """An output event (stdout, stderr, message, file); ignored once the instance has ended."""
+        if self._final is not None:
+            return
+        if len(self._events) >= self.limits.max_buffered_events:
+            self._events.popleft()
+            self.dropped_events += 1
+        self._events.append(Event(kind, value))
+        self._ready.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def _run(self, body: Body) -> None:
+        final = Event("error", "the instance ended without a result")
+        try:
+            limit = self.limits.max_wall_time_s or None
+            async with asyncio.timeout(limit):
+                result = await body(self)
+            final, self.status = Event("return", result), "finished"
+        except TimeoutError:
+            final, self.status = Event("error", f"stopped: the inferlet ran past its wall-time limit of "
+                                                f"{self.limits.max_wall_time_s:g} s (raise [runtime] "
+                                                "max_wall_time_s, or make it finish sooner)"), "failed"
+        except asyncio.CancelledError:
+            final, self.status = Event("error", self._stop_reason or "terminated"), "terminated"
+        except Exception as error:
+            final, self.status = Event("error", describe_error(error)), "failed"
+        finally:
+            self._release()
+            self._final = final
+            self._events.append(final)
+            self._ready.set()
+            self._done.set()
+            if self._on_exit is not None:
+                self._on_exit(self)
+
+    def _release(self) -> None:
+        assert self.host is not None
+        try:
+            self.host.close()
+        except Exception:  # a bug in cleanup must not leave the instance unfinished
+            log.exception("releasing the resources of instance %s failed", self.id)
+
+
+def describe_error(error: BaseException) -> str:
+    """The message a client sees: a host/runtime error's own words, else the inferlet's traceback."""
+    if isinstance(error, HostError | PieError):
+        return f"{type(error).__name__}: {error}"
+    text = "".join(traceback.format_exception(error))
+    return text if len(text) <= MAX_TRACEBACK_CHARS else "...\n" + text[-MAX_TRACEBACK_CHARS:]

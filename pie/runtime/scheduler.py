@@ -1,0 +1,376 @@
+"""One model's batcher: the pending passes of every instance -> one engine batch per step.
+
+Each step takes the pending passes in order of (priority, ticket) and admits
+each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
+
+- rows a context must (re)compute come first: after a suspension, the slots
+  before the pass are re-prefilled from the context's record;
+- leading full pages whose content is already in the prefix trie are attached
+  instead of computed (`Context.attach_cached`), unless an output reads them;
+- long prefills are chunked, leaving at least one token of budget for every
+  pass behind them so decodes are never starved by a prefill; a served pass
+  takes a new ticket and goes to the back (round robin);
+- a pass resolves when its last chunk is back; outputs ride with the chunk
+  that holds their rows.
+
+Pages: a chunk's pages are allocated when it is admitted. When the pool is
+short, idle or lower-priority contexts are suspended (their pages dropped,
+their record kept) until the chunk fits; otherwise the pass waits. A pass that
+waits while nothing at all can run for `page_wait_timeout_s` fails with an
+error saying why.
+
+One batch is in flight per engine; nothing changes page contents between
+batches, so freeing, copying-on-write and suspending at build time is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from inferlet._host import HostError
+from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request
+from pie.errors import BatchError, OutOfPagesError
+from pie.runtime.api import EngineClient
+from pie.runtime.context import Context, ContextSpace
+
+log = logging.getLogger(__name__)
+
+GATHER_ROUNDS = 8  # event-loop turns to let woken instances submit before a batch is built
+
+
+@dataclass(eq=False)
+class Job:
+    """One forward pass on one context: rows are the context's slots [start, end)."""
+
+    ctx: Context
+    start: int
+    end: int
+    outputs: list[OutputSpec]  # index = row within the pass
+    attention_mask: list[list[int]] | None = None  # one row per pass row, each covering `end` slots
+    logit_mask: list[int] | None = None
+    adapter: int | None = None
+    seed: int | None = None
+    future: asyncio.Future[list[OutputValue]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ticket: int = 0
+    results: list[OutputValue | None] = field(default_factory=list)
+    _order: list[int] = field(default_factory=list)  # output ids by row
+    _next: int = 0  # outputs in _order before this were scheduled
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.outputs)
+        self._order = sorted(range(len(self.outputs)), key=lambda i: self.outputs[i].index)
+
+    def next_output_slot(self) -> int:
+        """The slot of the first output not yet scheduled (the pass's end if none)."""
+        return self.start + self.outputs[self._order[self._next]].index if self._next < len(self._order) else self.end
+
+
+class Chunk(NamedTuple):
+    job: Job
+    start: int
+    end: int
+    output_ids: list[int]
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0
+    tokens_processed: int = 0
+    last_batch_ms: float = 0.0
+    suspensions: int = 0
+    cached_tokens: int = 0  # prompt tokens attached from the prefix trie instead of computed
+
+
+class Scheduler:
+    def __init__(self, engine: EngineClient, space: ContextSpace, *, max_batch_tokens: int, max_batch_size: int,
+                 page_wait_timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.space = space
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.page_wait_timeout_s = page_wait_timeout_s
+        self.stats = SchedulerStats()
+        self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
+        self._jobs: dict[int, Job] = {}
+        self._tickets = itertools.count()
+        self._submissions = 0
+        self._wake = asyncio.Event()
+        self._stalled_since: float | None = None
+        self._previous_build = self._this_build = 0  # context-clock ticks at the start of the last two builds
+        space.pool.set_hooks(on_free=self._wake.set)
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="pie-scheduler")
+
+    # -- the instances' side --------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        assert job.ctx.id not in self._jobs, "one pending pass per context"
+        job.ticket = next(self._tickets)
+        job.ctx.pending = True
+        job.ctx.last_used = self.space.tick()
+        self._jobs[job.ctx.id] = job
+        self._submissions += 1
+        self._wake.set()
+
+    def withdraw(self, ctx: Context, error: BaseException | None) -> None:
+        """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`.
+
+        A pass in the batch in flight is dropped when that batch lands."""
+        job = self._jobs.get(ctx.id)
+        if job is None:
+            return
+        if not job.future.done():
+            if error is None:
+                job.future.cancel()
+            else:
+                job.future.set_exception(error)
+        if not ctx.in_batch:
+            self._drop(job)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._jobs)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for job in list(self._jobs.values()):
+            self._fail(job, HostError("the runtime is shutting down"))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._jobs:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._gather()
+            self._wake.clear()
+            try:
+                built = self._build()
+            except Exception:  # a runtime bug: fail what is queued rather than hang every instance
+                log.exception("building a batch failed")
+                for job in list(self._jobs.values()):
+                    self._fail(job, HostError("internal runtime error while scheduling; see the server log"))
+                continue
+            if built is None:
+                await self._wait_for_pages()
+            else:
+                await self._fire(*built)
+
+    async def _gather(self) -> None:
+        """Let instances woken by the last batch submit their next passes, so they share the next batch."""
+        for _ in range(GATHER_ROUNDS):
+            before = self._submissions
+            await asyncio.sleep(0)
+            if self._submissions == before:
+                return
+
+    async def _wait_for_pages(self) -> None:
+        """Nothing could run: wait for freed pages or new passes; fail the blocked passes on a long stall."""
+        if not self._jobs:  # the last passes were served from the prefix cache or cancelled
+            return
+        self._wake.clear()  # anything that set it happened inside the build that just failed
+        now = time.monotonic()
+        self._stalled_since = self._stalled_since or now
+        left = self._stalled_since + self.page_wait_timeout_s - now
+        if left <= 0:
+            self._stalled_since = None
+            for job in list(self._jobs.values()):
+                need = job.ctx.pages_needed(job.ctx.computed_len, job.end)
+                self._fail(job, OutOfPagesError(
+                    f"a forward pass waited {self.page_wait_timeout_s:.0f} s for {need} KV pages while nothing "
+                    f"else could run ({self.space.pool.num_allocatable} of {self.space.pool.num_pages} are "
+                    "allocatable; the rest are held by contexts that cannot be suspended, e.g. written with "
+                    "custom attention masks); release contexts, or raise the KV budget"))
+            return
+        with contextlib.suppress(TimeoutError):  # the stall timer is checked on the next round
+            await asyncio.wait_for(self._wake.wait(), timeout=left)
+
+    # -- building a batch -----------------------------------------------------------------------
+
+    def _build(self) -> tuple[ForwardBatch, list[Chunk]] | None:
+        self._previous_build, self._this_build = self._this_build, self.space.tick()
+        order = sorted(self._jobs.values(), key=lambda j: (-j.ctx.priority, j.ticket))
+        tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
+        requests: list[Request] = []
+        copies: list[tuple[int, int]] = []
+        chunks: list[Chunk] = []
+        for i, job in enumerate(order):
+            if tokens_left <= 0 or reqs_left <= 0:
+                break
+            if job.future.done() or job.ctx.closed:  # cancelled while queued
+                self._drop(job)
+                continue
+            reserve = min(len(order) - i - 1, reqs_left - 1)  # a token for each pass behind this one
+            chunk = self._admit(job, max(1, tokens_left - reserve), tokens_left, copies)
+            if chunk is None:
+                continue
+            requests.append(self._request(chunk))
+            chunks.append(chunk)
+            tokens_left -= chunk.end - chunk.start
+            reqs_left -= 1
+        if not requests:
+            return None
+        self._stalled_since = None
+        return ForwardBatch(requests, copies), chunks
+
+    def _admit(self, job: Job, budget: int, tokens_left: int, copies: list[tuple[int, int]]) -> Chunk | None:
+        """The job's next chunk of at most `budget` rows, with its pages in place; None if it must wait.
+
+        A masked pass is not chunked: it needs all its rows in `tokens_left` (it
+        keeps its early ticket, so it is first in line next step)."""
+        ctx = job.ctx
+        skipped = ctx.attach_cached(job.next_output_slot())
+        self.stats.cached_tokens += skipped
+        start = ctx.computed_len
+        if start == job.end:  # every row was in the prefix cache (a pass without outputs)
+            self._complete(job)
+            return None
+        if job.attention_mask is not None and start >= job.start:
+            if job.end - start > tokens_left:
+                return None
+            end = job.end
+        else:  # restore rows before a masked pass are computed on their own
+            limit = job.start if job.attention_mask is not None else job.end
+            end = min(limit, start + budget)
+        need = self._make_room(job, start, end)
+        if need is None:
+            return None
+        copies += ctx.prepare_write(start, end, self.space.pool.allocate(need))
+        ctx.in_batch = True
+        ids = []
+        while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
+            ids.append(job._order[job._next])
+            job._next += 1
+        job.ticket = next(self._tickets)
+        return Chunk(job, start, end, ids)
+
+    def _make_room(self, job: Job, start: int, end: int) -> int | None:
+        """Pages the chunk needs, after suspending victims if the pool is short; None if it cannot fit now."""
+        ctx, pool = job.ctx, self.space.pool
+        victims: list[Context] | None = None
+        while True:
+            need = ctx.pages_needed(start, end)
+            if pool.can_allocate(need):
+                return need
+            if victims is None:
+                victims = self._victims(ctx)
+            if not victims:
+                return None
+            victims.pop().suspend()
+            self.stats.suspensions += 1
+
+    def _victims(self, ctx: Context) -> list[Context]:
+        """Contexts that may lose their pages for `ctx`, the best victim last.
+
+        Any lower-priority context qualifies. Of equal priority: contexts idle
+        since before the previous batch (least recently used first), then
+        contexts with a pending pass that are younger than `ctx` (youngest
+        first). The oldest context of the top priority can therefore always
+        make room (no deadlock), and a younger one never pushes it back out
+        (no ping-pong), as in vLLM's preempt-the-newest policy."""
+        prio, cutoff = ctx.priority, self._previous_build
+        found = [c for c in self.space.live.values()
+                 if c is not ctx and c.pages and not c.in_batch and c.recomputable
+                 and (c.priority < prio or (c.priority == prio and (
+                     c.id > ctx.id if c.pending else c.last_used < cutoff)))
+                 and c.freeable_pages()]
+        found.sort(key=lambda c: (c.priority, c.pending, -c.id if c.pending else c.last_used), reverse=True)
+        return found
+
+    def _request(self, chunk: Chunk) -> Request:
+        job, ctx = chunk.job, chunk.job.ctx
+        a, b = chunk.start, chunk.end
+        page_ids, last_len = ctx.request_pages(b)
+        outputs = [job.outputs[i] for i in chunk.output_ids]
+        if a != job.start:  # rows are counted from the chunk's first slot
+            outputs = [OutputSpec(o.index + job.start - a, o.sampler, o.probe) for o in outputs]
+        masked = job.attention_mask is not None and a >= job.start
+        return Request(tokens=ctx.tokens[a:b], positions=ctx.positions[a:b], page_ids=page_ids,
+                       last_page_len=last_len, outputs=outputs,
+                       attention_mask=job.attention_mask if masked else None,
+                       logit_mask=job.logit_mask if outputs else None, adapter=job.adapter, seed=job.seed)
+
+    # -- running it and handing results back ----------------------------------------------------
+
+    async def _fire(self, batch: ForwardBatch, chunks: list[Chunk]) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = await self.engine.forward(batch)
+            outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
+        except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
+            log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
+            outputs = await self._fire_singly(batch)
+            result = BatchResult([])
+        except Exception as error:
+            log.exception("engine failed on a batch of %d requests", len(chunks))
+            outputs = [HostError(f"the engine failed: {error!r}")] * len(chunks)
+            result = BatchResult([])
+        finally:
+            for chunk in chunks:
+                chunk.job.ctx.in_batch = False
+        elapsed = time.perf_counter() - t0
+        self.stats.batches += 1
+        self.stats.tokens_processed += batch.num_tokens
+        self.stats.last_batch_ms = elapsed * 1e3
+        if self.on_batch is not None:
+            self.on_batch(batch, result, elapsed)
+        for chunk, out in zip(chunks, outputs, strict=True):
+            if isinstance(out, BaseException):
+                self._fail(chunk.job, out)
+            else:
+                self._finish_chunk(chunk, out)
+
+    async def _fire_singly(self, batch: ForwardBatch) -> list[list[OutputValue] | BaseException]:
+        if batch.page_copies:
+            src, dst = zip(*batch.page_copies, strict=True)
+            await self.engine.copy_pages(list(src), list(dst))
+        outs: list[list[OutputValue] | BaseException] = []
+        for req in batch.requests:
+            try:
+                outs.append((await self.engine.forward(ForwardBatch([req]))).outputs[0])
+            except BatchError as error:
+                outs.append(HostError(f"the engine rejected this forward pass: {error}"))
+        return outs
+
+    def _finish_chunk(self, chunk: Chunk, values: list[OutputValue]) -> None:
+        job = chunk.job
+        if job.future.done() or job.ctx.closed:  # withdrawn while in flight
+            self._drop(job)
+            return
+        job.ctx.mark_computed(chunk.end)
+        for i, v in zip(chunk.output_ids, values, strict=True):
+            job.results[i] = v
+        if chunk.end == job.end:
+            self._complete(job)
+
+    def _complete(self, job: Job) -> None:
+        if job.future.done():  # cancelled meanwhile: the pass never happened
+            self._drop(job)
+            return
+        del self._jobs[job.ctx.id]
+        job.ctx.pending = False
+        job.ctx.last_used = self.space.tick()
+        job.future.set_result(job.results)  # type: ignore[arg-type]
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)
+        self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        """Forget a job that will not complete; its context goes back to before the pass."""
+        ctx = job.ctx
+        if self._jobs.get(ctx.id) is job:
+            del self._jobs[ctx.id]
+        ctx.pending = False
+        if not ctx.closed and ctx.kv_len >= job.end:
+            ctx.rollback(job.start)
