@@ -21,17 +21,22 @@ import numpy as np
 import torch
 
 from pie.engine import memory
+from pie.engine.adapters import AdapterInfo, AdapterTable
 from pie.engine.attention.base import AttentionShape, create_backend, resolve_backend_name
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, Sampler
 from pie.engine.batch_prep import Limits, PreparedBatch, prepare
 from pie.engine.config import EngineConfig
 from pie.engine.device import resolve_activation_dtype, resolve_device
 from pie.engine.forward_context import ForwardContext
+from pie.engine.graphs import GraphRunner
 from pie.engine.kv_cache import KVCache, KVShape
+from pie.engine.layers.lora import EXTRAS_KEY as LORA_EXTRAS
+from pie.engine.layers.lora import LoRABatch
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
 from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
 from pie.engine.outputs import compute_outputs
+from pie.errors import ConfigError
 from pie.model_source import resolve_model_dir
 
 
@@ -75,6 +80,8 @@ class Engine:
         hf_config = load_hf_config(self.model_dir)
         self.dtype = resolve_activation_dtype(config.activation_dtype, hf_config, self.device)
         self.model = self._load_model(hf_config, progress)
+        self.adapters = AdapterTable(self.model, config.max_num_adapters, config.max_adapter_rank, self.device,
+                                     self.dtype)
         spec = self.model.spec
         self.kv_shape = KVShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.kv_page_size, self.dtype)
         backend_name = resolve_backend_name(config.attention_backend, self.device)
@@ -83,7 +90,9 @@ class Engine:
         self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
         self._rng = random.Random(config.seed)
         num_pages = self._size_kv_pool()
-        self.kv = KVCache(self.kv_shape, num_pages, self.device)
+        # One page more than the runtime sees: the scratch page that CUDA-graph padding rows write to.
+        self.kv = KVCache(self.kv_shape, num_pages + 1, self.device)
+        self.graphs = self._capture_graphs(num_pages) if config.use_cuda_graphs else None
         self.limits = Limits(num_pages, config.kv_page_size, spec.vocab_size, config.max_batch_tokens,
                              config.max_batch_size, config.max_dist_size, config.max_num_embeds)
         self.info = EngineInfo(
@@ -105,6 +114,13 @@ class Engine:
             load_weights(model, checkpoint_files(self.model_dir), progress)
         model.prepare(self.device)
         return model
+
+    def _capture_graphs(self, num_pages: int) -> GraphRunner | None:
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
+            raise ConfigError(f"use_cuda_graphs needs a CUDA device and the flashinfer attention backend; "
+                              f"this engine runs {self.backend.name} on {self.device}. Set use_cuda_graphs = false.")
+        return GraphRunner(self.model, self.backend, self.kv, scratch_page=num_pages,
+                           max_batch_size=min(self.config.max_batch_size, 256), max_pages_per_batch=num_pages)
 
     def _size_kv_pool(self) -> int:
         cfg = self.config
@@ -138,24 +154,57 @@ class Engine:
     def forward_batch(self, batch: ForwardBatch) -> BatchResult:
         t0 = time.perf_counter()
         prep = prepare(batch, self.limits, self._rng)  # raises BatchError before touching the device
+        lora = self.adapters.batch([r.adapter for r in batch.requests], prep.layout.qo_indptr)  # empty slot: BatchError
         if batch.page_copies:
             src, dst = zip(*batch.page_copies, strict=True)
             self.kv.copy_pages(list(src), list(dst))
         t1 = time.perf_counter()
-        outputs = self._execute(prep, self.kv, len(batch.requests))
+        outputs = self._execute(prep, self.kv, len(batch.requests), lora)
         t2 = time.perf_counter()
         return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3})
 
     @torch.inference_mode()
-    def _execute(self, prep: PreparedBatch, kv: KVCache, num_requests: int) -> list[list[OutputValue]]:
+    def _execute(self, prep: PreparedBatch, kv: KVCache, num_requests: int,
+                 lora: LoRABatch | None = None) -> list[list[OutputValue]]:
         # One host->device copy for the per-token index arrays.
         host = np.stack([prep.tokens, prep.positions, prep.write_page, prep.write_offset])
         packed = torch.from_numpy(host).to(self.device, non_blocking=True)
-        tokens, positions, w_page, w_off = packed.unbind(0)
-        self.backend.plan(prep.layout)
-        fwd = ForwardContext(self.backend, kv, positions, w_page, w_off)
-        hidden = self.model(tokens, fwd)
+        bucket = self.graphs.bucket_for(prep, lora is not None) if self.graphs and kv is self.kv else None
+        if bucket is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.run(prep, bucket, packed)
+        else:
+            tokens, positions, w_page, w_off = packed.unbind(0)
+            self.backend.plan(prep.layout)
+            fwd = ForwardContext(self.backend, kv, positions, w_page, w_off,
+                                 self.model.batch_extras(prep.positions, prep.layout, self.device))
+            if lora is not None:
+                fwd.extras[LORA_EXTRAS] = lora
+            hidden = self.model(tokens, fwd)
         return compute_outputs(self.model, hidden, prep, num_requests, self.config.max_dist_size)
+
+    # -- LoRA adapters (PEFT directories), selected per request by `Request.adapter` --
+
+    def load_adapter(self, path: str | Path, slot: int | None = None) -> int:
+        """Load a PEFT LoRA adapter into `slot` (replacing it) or the lowest free slot; returns the slot.
+
+        Raises AdapterError (bad files, rank over max_adapter_rank, no free slot); the engine keeps serving.
+        """
+        return self.adapters.load(path, slot)
+
+    def unload_adapter(self, slot: int) -> None:
+        self.adapters.unload(slot)
+
+    def fork_adapter(self, slot: int, new_slot: int | None = None) -> int:
+        """Copy an adapter into another slot; returns that slot."""
+        return self.adapters.fork(slot, new_slot)
+
+    def save_adapter(self, slot: int, path: str | Path) -> None:
+        """Write the adapter in `slot` as a PEFT directory."""
+        self.adapters.save(slot, path)
+
+    def adapter_info(self, slot: int) -> AdapterInfo:
+        return self.adapters.info(slot)
 
     # -- page operations used by the runtime outside of forward passes --
 

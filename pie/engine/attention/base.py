@@ -78,6 +78,8 @@ class BatchLayout:
 
 class AttentionBackend(ABC):
     name: str = ""
+    # Backends that can run inside a captured CUDA graph implement the two graph hooks below.
+    supports_cuda_graphs: bool = False
 
     def __init__(self, shape: AttentionShape, layer_specs: list[AttentionLayerSpec]) -> None:
         self.shape = shape
@@ -94,6 +96,15 @@ class AttentionBackend(ABC):
 
         Returns [num_tokens, num_heads, head_dim] in q's dtype.
         """
+
+    def init_graph_buckets(self, batch_sizes: list[int], max_pages: int) -> None:
+        """Create fixed-size decode state for each captured batch size (before any capture)."""
+        raise NotImplementedError(f"{self.name} attention cannot run in CUDA graphs")
+
+    def plan_graph(self, batch_size: int, layout: BatchLayout) -> None:
+        """Plan a pure-decode `layout` of exactly `batch_size` requests into that bucket's fixed
+        buffers; `run` then uses them, inside capture and before every replay."""
+        raise NotImplementedError(f"{self.name} attention cannot run in CUDA graphs")
 
 
 # name -> "module:Class", imported lazily so optional dependencies load only when chosen.

@@ -41,6 +41,7 @@ class _PrefillGroup:
 
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
+    supports_cuda_graphs = True
 
     def __init__(self, shape: AttentionShape, layer_specs: list[AttentionLayerSpec]) -> None:
         super().__init__(shape, layer_specs)
@@ -60,6 +61,9 @@ class FlashInferBackend(AttentionBackend):
         self._masked = {v: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
                         for v in self._variants}
         self._fallback = TorchRefBackend(shape, layer_specs) if any(s.sinks for s in layer_specs) else None
+        self._tensor_cores = tensor_cores
+        self._graph_decode: dict[int, dict[_Variant, object]] = {}
+        self._graph_bs = 0
         self._mode = "decode"
         self._groups: list[_PrefillGroup] = []
 
@@ -88,6 +92,29 @@ class FlashInferBackend(AttentionBackend):
             self._groups.append(self._plan_group(layout, causal, self._causal, masked=False))
         if masked:
             self._groups.append(self._plan_group(layout, masked, self._masked, masked=True))
+
+    def init_graph_buckets(self, batch_sizes: list[int], max_pages: int) -> None:
+        if self._fallback is not None:
+            raise NotImplementedError("CUDA graphs with attention-sink layers are not supported; "
+                                      "set use_cuda_graphs = false for this model")
+        dev = self.shape.device
+        for bs in batch_sizes:
+            # Fixed buffers per bucket: FlashInfer's graph mode reads the plan from them at replay.
+            self._graph_decode[bs] = {v: self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self._tensor_cores,
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev))
+                for v in self._variants}
+
+    def plan_graph(self, batch_size: int, layout: BatchLayout) -> None:
+        assert layout.is_pure_decode and layout.num_requests == batch_size
+        indptr, indices, last = (torch.from_numpy(a) for a in
+                                 (layout.kv_page_indptr, layout.kv_page_indices, layout.kv_last_page_len))
+        for v, wrapper in self._graph_decode[batch_size].items():
+            wrapper.plan(indptr, indices, last, head_dim=self.shape.head_dim,  # type: ignore[attr-defined]
+                         pos_encoding_mode="NONE", **self._common(v))
+        self._mode, self._graph_bs = "graph", batch_size
 
     def _plan_group(self, layout: BatchLayout, reqs: list[int], wrappers: dict[_Variant, object],
                     masked: bool) -> _PrefillGroup:
@@ -129,6 +156,8 @@ class FlashInferBackend(AttentionBackend):
             assert self._fallback is not None
             return self._fallback.run(layer_idx, q, kv_layer, sinks)
         v = self._layer_variant[layer_idx]
+        if self._mode == "graph":
+            return self._graph_decode[self._graph_bs][v].run(q, kv_layer)  # type: ignore[attr-defined,no-any-return]
         if self._mode == "decode":
             return self._decode[v].run(q, kv_layer)  # type: ignore[no-any-return]
         if len(self._groups) == 1 and self._groups[0].rows is None:
