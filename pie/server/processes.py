@@ -7,6 +7,7 @@ refuse bad input with the same messages and both count and trace launches.
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from typing import Any
 
@@ -86,6 +87,7 @@ def describe(process: ProcessAPI) -> dict[str, Any]:
         "program": process.program,
         "status": process.status,
         "arguments": [],
+        "elapsed_secs": round(time.time() - process.started_at, 3),
     }
 
 

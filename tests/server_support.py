@@ -1,0 +1,53 @@
+"""Helpers for the server tests: the real runtime on the built-in tiny model, a real server on a free
+loopback port, and polling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pie.engine.config import EngineConfig
+from pie.runtime.runtime import ModelSpec, RuntimeConfig, RuntimeLimits
+from pie.server.app import Server
+from pie.server.options import ServerOptions
+from pie.tiny_model import TINY_MODEL_ID
+
+MODEL = TINY_MODEL_ID
+
+
+def tiny_runtime_config(num_pages: int = 256) -> RuntimeConfig:
+    engine = EngineConfig(model=TINY_MODEL_ID, device="cpu", max_num_kv_pages=num_pages)
+    return RuntimeConfig((ModelSpec(MODEL, engine),), RuntimeLimits())
+
+
+@asynccontextmanager
+async def running_server(config: Any = None, **options: Any) -> AsyncIterator[Server]:
+    """`Server.serve` on a free port (auth off unless asked) until the block ends."""
+    server = Server(config or tiny_runtime_config(), ServerOptions(**{"port": 0, **options}))
+    task = asyncio.create_task(server.serve(handle_signals=False))
+    started = asyncio.ensure_future(server.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if not server.started.is_set():
+        started.cancel()
+        raise RuntimeError(f"the server did not start (exit code {await task})")
+    try:
+        yield server
+    finally:
+        server.request_exit()
+        await task
+
+
+def pages_used(server: Server) -> int:
+    assert server.state is not None
+    return sum(m.pages_used for m in server.state.runtime.models())
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
