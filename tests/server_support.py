@@ -4,6 +4,7 @@ loopback port, and polling."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -51,3 +52,34 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread, for tests of synchronous entry points
+    (`pie run --server`)."""
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        self._config, self._options = config, options
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.server: Server | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> Server:
+        self._thread.start()
+        if not self._ready.wait(120) or self.server is None:
+            raise RuntimeError("the server thread did not start")
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with running_server(self._config, **self._options) as server:
+            self.server = server
+            self._ready.set()
+            await self._stop.wait()
