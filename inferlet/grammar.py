@@ -47,9 +47,9 @@ class Grammar:
     """A grammar in llguidance's serialized form (compiled lazily, against a tokenizer, by `Matcher`)."""
 
     def __init__(self, source: str) -> None:
-        ok, message = llguidance.LLMatcher.validate_grammar(source)
-        if not ok:
-            raise GrammarError(f"grammar does not compile: {message}")
+        message = llguidance.LLMatcher.validate_grammar(source)  # "" when valid
+        if message:
+            raise GrammarError(f"grammar does not compile: {message.strip()}")
         self._source = source
 
     @staticmethod
