@@ -30,8 +30,10 @@ from pie.engine.device import resolve_activation_dtype, resolve_device
 from pie.engine.forward_context import ForwardContext
 from pie.engine.graphs import GraphRunner
 from pie.engine.kv_cache import KVCache, KVShape
+from pie.engine.layers.linear import Linear
 from pie.engine.layers.lora import EXTRAS_KEY as LORA_EXTRAS
 from pie.engine.layers.lora import LoRABatch
+from pie.engine.layers.quant import QUANT_MODES
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
 from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
@@ -108,12 +110,29 @@ class Engine:
     def _load_model(self, hf_config: object, progress: Callable[[int, int], None] | None) -> CausalLM:
         cls = get_architecture(str(getattr(hf_config, "model_type", "")))
         model = build_model(cls, hf_config, self.dtype, self.device)
+        self._mark_quantized(model)
         if self.config.dummy_weights:
             init_dummy_weights(model, self.config.seed)
         else:
             load_weights(model, checkpoint_files(self.model_dir), progress)
         model.prepare(self.device)
         return model
+
+    def _mark_quantized(self, model: CausalLM) -> None:
+        """Ask every projection (not the LM head) to quantise itself once loaded, per weight_dtype."""
+        cfg = self.config
+        mode = cfg.weight_dtype if cfg.weight_dtype in QUANT_MODES else ""
+        if cfg.runtime_quant == "fp8":
+            if mode and mode != "float8":
+                raise ConfigError(f"runtime_quant = 'fp8' quantises weights to float8 itself; it cannot be "
+                                  f"combined with weight_dtype = {mode!r}. Set one of them.")
+            mode = "float8"
+        if not mode:
+            return
+        for name, module in model.named_modules():
+            if isinstance(module, Linear) and not name.endswith("lm_head"):
+                module.quant_mode = mode
+                module.fp8_activations = cfg.runtime_quant == "fp8"
 
     def _capture_graphs(self, num_pages: int) -> GraphRunner | None:
         if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:

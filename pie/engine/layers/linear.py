@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pie.engine.layers.quant import QuantizedWeight, quantize
 from pie.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -21,7 +22,14 @@ if TYPE_CHECKING:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). `shard_sizes` lists the output rows each source tensor fills, in order."""
+    """y = x W^T (+ b). `shard_sizes` lists the output rows each source tensor fills, in order.
+
+    `quant_mode` ("" or one of layers.quant.QUANT_MODES) is set by the engine before loading;
+    `finalize` then replaces the float weight by its quantised form.
+    """
+
+    quant_mode: str = ""
+    fp8_activations: bool = False
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
                  shard_sizes: list[int] | None = None) -> None:
@@ -32,6 +40,7 @@ class Linear(nn.Module):
         assert sum(self.shard_sizes) == out_features, (self.shard_sizes, out_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.qweight: QuantizedWeight | None = None
 
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.shard_sizes[:shard])
@@ -49,8 +58,18 @@ class Linear(nn.Module):
         target.data[rows].copy_(tensor)
 
     def finalize(self) -> None:
-        """Called once every shard is loaded (quantized variants convert their weights here)."""
+        """Called once every shard is loaded: quantise now, as one matrix, if asked to."""
+        if not self.quant_mode:
+            return
+        self.qweight = quantize(self.weight.data, self.quant_mode, fp8_activations=self.fp8_activations)
+        # Free the float copy; an empty parameter keeps the module's parameter names intact.
+        self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.qweight is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.qweight.matmul(x)
+            if self.bias is not None:
+                y = y + self.bias
         return y if lora is None else lora.apply(self, x, y)  # the rows' LoRA adapters, if any
