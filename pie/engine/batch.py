@@ -95,14 +95,19 @@ class Request:
 
 @dataclass(slots=True)
 class ForwardBatch:
-    """A step: any mix of prefill and decode requests, plus page copies to do first.
+    """A step: any mix of prefill and decode requests, plus page operations done first, in this order:
 
-    page_copies: (src_page, dst_page) pairs copied whole before the forward
-    pass, e.g. the working page of a forked context.
+    swap_out: (device_page, host_slot) pairs copied to the host swap pool (a suspended context);
+    swap_in: (host_slot, device_page) pairs copied back (a resumed context);
+    page_copies: (src_page, dst_page) pairs copied whole, e.g. the working page of a forked context.
+
+    A batch may carry page operations and no requests.
     """
 
     requests: list[Request]
     page_copies: list[tuple[int, int]] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

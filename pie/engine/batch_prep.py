@@ -28,6 +28,7 @@ class Limits:
     max_batch_size: int
     max_dist_size: int
     max_num_embeds: int
+    num_swap_slots: int = 0
 
 
 @dataclass
@@ -51,8 +52,28 @@ class PreparedBatch:
     logit_masks: dict[int, np.ndarray]  # request -> bool [vocab]
 
 
+def check_page_ops(batch: ForwardBatch, limits: Limits) -> None:
+    """Validate swaps and copies (a batch may be nothing but these)."""
+    for src, dst in batch.page_copies:
+        _check_page(src, limits, "page copy source")
+        _check_page(dst, limits, "page copy destination")
+    for page, slot in batch.swap_out:
+        _check_page(page, limits, "swap-out source")
+        _check_slot(slot, limits)
+    for slot, page in batch.swap_in:
+        _check_slot(slot, limits)
+        _check_page(page, limits, "swap-in destination")
+
+
+def _check_slot(slot: int, limits: Limits) -> None:
+    if not 0 <= slot < limits.num_swap_slots:
+        raise BatchError(f"swap slot {slot} is out of range: the host swap pool has {limits.num_swap_slots} slots "
+                         "(set swap_pool_size or cpu_mem_budget_in_gb to enable or enlarge it)")
+
+
 def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> PreparedBatch:
     reqs = batch.requests
+    check_page_ops(batch, limits)
     if not reqs:
         raise BatchError("empty batch: at least one request is needed")
     if len(reqs) > limits.max_batch_size:
@@ -62,9 +83,6 @@ def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> Prepared
     if num_tokens > limits.max_batch_tokens:
         raise BatchError(f"batch has {num_tokens} tokens, over max_batch_tokens = {limits.max_batch_tokens}; "
                          "chunk the prefill or raise max_batch_tokens")
-    for src, dst in batch.page_copies:
-        _check_page(src, limits, "page copy source")
-        _check_page(dst, limits, "page copy destination")
     qo_indptr = np.zeros(len(reqs) + 1, np.int32)
     kv_page_indptr = np.zeros(len(reqs) + 1, np.int32)
     kv_lens = np.zeros(len(reqs), np.int32)

@@ -36,6 +36,7 @@ class EngineConfig:
     max_adapter_rank: int = 8
     runtime_quant: str = ""
     swap_pool_size: int = 0  # pinned host pages for KV swap; 0 disables
+    cpu_mem_budget_in_gb: float = 0.0  # alternative to swap_pool_size: host swap pool size in GiB
     dummy_weights: bool = False  # random weights of the right shapes (benchmarks)
     seed: int = 0  # engine RNG for requests that carry no seed
     revision: str | None = None  # HF revision for repo ids
@@ -53,6 +54,8 @@ class EngineConfig:
             raise ConfigError(
                 f"gpu_mem_utilization must be in (0, 1], got {self.gpu_mem_utilization}"
             )
+        if self.swap_pool_size < 0 or self.cpu_mem_budget_in_gb < 0:
+            raise ConfigError("swap_pool_size and cpu_mem_budget_in_gb must be >= 0 (0 disables KV swap)")
         if self.runtime_quant not in ("", "fp8"):
             raise ConfigError(f"runtime_quant must be '' or 'fp8', got {self.runtime_quant!r}")
 

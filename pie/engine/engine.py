@@ -24,12 +24,12 @@ from pie.engine import memory
 from pie.engine.adapters import AdapterInfo, AdapterTable
 from pie.engine.attention.base import AttentionShape, create_backend, resolve_backend_name
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, Sampler
-from pie.engine.batch_prep import Limits, PreparedBatch, prepare
+from pie.engine.batch_prep import Limits, PreparedBatch, check_page_ops, prepare
 from pie.engine.config import EngineConfig
 from pie.engine.device import resolve_activation_dtype, resolve_device
 from pie.engine.forward_context import ForwardContext
 from pie.engine.graphs import GraphRunner
-from pie.engine.kv_cache import KVCache, KVShape
+from pie.engine.kv_cache import KVCache, KVShape, SwapPool
 from pie.engine.layers.linear import Linear
 from pie.engine.layers.lora import EXTRAS_KEY as LORA_EXTRAS
 from pie.engine.layers.lora import LoRABatch
@@ -38,7 +38,7 @@ from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights,
 from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
 from pie.engine.outputs import compute_outputs
-from pie.errors import ConfigError
+from pie.errors import BatchError, ConfigError
 from pie.model_source import resolve_model_dir
 
 
@@ -61,6 +61,7 @@ class EngineInfo:
     max_dist_size: int
     max_num_embeds: int
     kv_bytes_per_page: int
+    num_swap_slots: int = 0
 
 
 def load_hf_config(model_dir: Path) -> object:
@@ -95,8 +96,10 @@ class Engine:
         # One page more than the runtime sees: the scratch page that CUDA-graph padding rows write to.
         self.kv = KVCache(self.kv_shape, num_pages + 1, self.device)
         self.graphs = self._capture_graphs(num_pages) if config.use_cuda_graphs else None
+        self.swap = self._swap_pool()
         self.limits = Limits(num_pages, config.kv_page_size, spec.vocab_size, config.max_batch_tokens,
-                             config.max_batch_size, config.max_dist_size, config.max_num_embeds)
+                             config.max_batch_size, config.max_dist_size, config.max_num_embeds,
+                             self.swap.num_slots if self.swap else 0)
         self.info = EngineInfo(
             model_name=config.model, model_dir=str(self.model_dir),
             model_type=str(getattr(hf_config, "model_type", "")), device=str(self.device),
@@ -105,6 +108,7 @@ class Engine:
             max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
             max_dist_size=config.max_dist_size, max_num_embeds=config.max_num_embeds,
             kv_bytes_per_page=self.kv_shape.bytes_per_page,
+            num_swap_slots=self.swap.num_slots if self.swap else 0,
         )
 
     def _load_model(self, hf_config: object, progress: Callable[[int, int], None] | None) -> CausalLM:
@@ -117,6 +121,12 @@ class Engine:
             load_weights(model, checkpoint_files(self.model_dir), progress)
         model.prepare(self.device)
         return model
+
+    def _swap_pool(self) -> SwapPool | None:
+        """The host pool for suspended contexts: swap_pool_size pages, or cpu_mem_budget_in_gb of them."""
+        cfg = self.config
+        slots = cfg.swap_pool_size or int(cfg.cpu_mem_budget_in_gb * memory.GiB) // self.kv_shape.bytes_per_page
+        return SwapPool(self.kv_shape, slots, self.device) if slots > 0 else None
 
     def _mark_quantized(self, model: CausalLM) -> None:
         """Ask every projection (not the LM head) to quantise itself once loaded, per weight_dtype."""
@@ -172,15 +182,28 @@ class Engine:
     @torch.inference_mode()
     def forward_batch(self, batch: ForwardBatch) -> BatchResult:
         t0 = time.perf_counter()
+        if not batch.requests:  # page operations only (swaps, copies)
+            if not (batch.swap_out or batch.swap_in or batch.page_copies):
+                raise BatchError("empty batch: it has no requests and no page operations")
+            check_page_ops(batch, self.limits)
+            self._page_ops(batch)
+            return BatchResult([], {"prepare_ms": (time.perf_counter() - t0) * 1e3, "execute_ms": 0.0})
         prep = prepare(batch, self.limits, self._rng)  # raises BatchError before touching the device
         lora = self.adapters.batch([r.adapter for r in batch.requests], prep.layout.qo_indptr)  # empty slot: BatchError
-        if batch.page_copies:
-            src, dst = zip(*batch.page_copies, strict=True)
-            self.kv.copy_pages(list(src), list(dst))
+        self._page_ops(batch)
         t1 = time.perf_counter()
         outputs = self._execute(prep, self.kv, len(batch.requests), lora)
         t2 = time.perf_counter()
         return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3})
+
+    def _page_ops(self, batch: ForwardBatch) -> None:
+        """Swap-outs, then swap-ins, then copies: the order the batch contract documents."""
+        if self.swap is not None:
+            self.swap.swap_out(self.kv, batch.swap_out)
+            self.swap.swap_in(self.kv, batch.swap_in)
+        if batch.page_copies:
+            src, dst = zip(*batch.page_copies, strict=True)
+            self.kv.copy_pages(list(src), list(dst))
 
     @torch.inference_mode()
     def _execute(self, prep: PreparedBatch, kv: KVCache, num_requests: int,

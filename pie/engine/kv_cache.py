@@ -59,12 +59,34 @@ class KVCache:
         d = torch.tensor(dst, dtype=torch.long, device=dev)
         self._storage[:, d] = self._storage[:, s]
 
-    def read_pages(self, pages: list[int]) -> torch.Tensor:
-        """[num_layers, len(pages), 2, page_size, kv_heads, head_dim] copy (for swap-out)."""
-        idx = torch.tensor(pages, dtype=torch.long, device=self._storage.device)
-        return self._storage[:, idx]
 
-    def write_pages(self, pages: list[int], data: torch.Tensor) -> None:
-        """Inverse of `read_pages` (for swap-in)."""
-        idx = torch.tensor(pages, dtype=torch.long, device=self._storage.device)
-        self._storage[:, idx] = data.to(self._storage.device, non_blocking=True)
+
+class SwapPool:
+    """Host-memory page slots (pinned on CUDA) that suspended contexts' pages are copied to.
+
+    Same per-page layout as the device pool, so a swap is one indexed copy per direction.
+    """
+
+    def __init__(self, shape: KVShape, num_slots: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        pin = device.type == "cuda"
+        self._storage = torch.zeros(
+            (shape.num_layers, num_slots, 2, shape.page_size, shape.num_kv_heads, shape.head_dim),
+            dtype=shape.dtype, pin_memory=pin,
+        )
+
+    def swap_out(self, kv: KVCache, pairs: list[tuple[int, int]]) -> None:
+        """(device_page, host_slot): device -> host."""
+        if not pairs:
+            return
+        pages, slots = (list(x) for x in zip(*pairs, strict=True))
+        idx = torch.tensor(pages, dtype=torch.long, device=kv._storage.device)
+        self._storage[:, slots] = kv._storage[:, idx].to("cpu")
+
+    def swap_in(self, kv: KVCache, pairs: list[tuple[int, int]]) -> None:
+        """(host_slot, device_page): host -> device."""
+        if not pairs:
+            return
+        slots, pages = (list(x) for x in zip(*pairs, strict=True))
+        idx = torch.tensor(pages, dtype=torch.long, device=kv._storage.device)
+        kv._storage[:, idx] = self._storage[:, slots].to(kv._storage.device, non_blocking=True)
