@@ -65,6 +65,7 @@ class Server:
         self.started = asyncio.Event()
         self._should_exit = asyncio.Event()
         self._force_exit = asyncio.Event()
+        self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
 
@@ -100,13 +101,17 @@ class Server:
         return EXIT_INTERRUPTED if self._force_exit.is_set() else EXIT_OK
 
     async def startup(self) -> None:
+        # Bind first: a taken port fails in a moment, not after the model has loaded. Connections that
+        # arrive while the runtime starts wait in the listen backlog.
+        self._sock = _bind(self.options.host, self.options.port)
+        self.port = self._sock.getsockname()[1]
+        authenticator = self._authenticator or self._make_authenticator()
         runtime = await self._runtime_factory(self.config)
-        self.state = ServerState(runtime, self.options, self._authenticator or self._make_authenticator())
-        self._runner = web.AppRunner(build_app(self.state), handle_signals=False, access_log=None)
+        self.state = ServerState(runtime, self.options, authenticator)
+        self._runner = web.AppRunner(build_app(self.state), handle_signals=False, access_log=None,
+                                     shutdown_timeout=SETTLE_S)
         await self._runner.setup()
-        sock = _bind(self.options.host, self.options.port)
-        self.port = sock.getsockname()[1]
-        self._site = web.SockSite(self._runner, sock)
+        self._site = web.SockSite(self._runner, self._sock)
         await self._site.start()
         auth = "on" if self.options.enable_auth else "off"
         log.info("pie serving on %s (HTTP %s), auth %s", self.url, self.http_url, auth)
@@ -124,12 +129,16 @@ class Server:
         if state is not None:
             await self._drain(state)
             await state.runtime.shutdown(grace_s=0.0)  # cancels the rest; their pages are freed
+            in_use = sum(m.pages_used for m in state.runtime.models())
+            log.info("inferlets stopped; KV pages still in use: %d", in_use)
             await state.tasks.settle(SETTLE_S)
             if self._runner is not None:
                 await close_sockets(self._runner.app, "server shutting down")
             await state.tasks.cancel_all()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._sock is not None:
+            self._sock.close()  # idempotent; the site closed it unless startup failed before serving
         log.info("pie stopped")
 
     async def _drain(self, state: ServerState) -> None:
