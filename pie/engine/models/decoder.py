@@ -20,13 +20,15 @@ What the spec switches cover (one flag each, no per-family copies):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
+import numpy as np
 import torch
 from torch import nn
 
-from pie.engine.attention.base import AttentionLayerSpec
+from pie.engine.attention.base import AttentionLayerSpec, BatchLayout
 from pie.engine.forward_context import ForwardContext
 from pie.engine.layers.linear import Linear
 from pie.engine.layers.lora import lora_of
@@ -67,22 +69,27 @@ class DecoderSpec:
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     final_logit_softcap: float = 0.0
     fused_in_checkpoint: bool = False  # Phi-3 stores qkv_proj / gate_up_proj as single tensors
+    # Llama-4-style query temperature (Ministral 3): q *= 1 + beta * log(1 + floor(pos / period)); 0 = off
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 0
 
     @classmethod
-    def from_hf(cls, c: Any, **overrides: Any) -> DecoderSpec:
-        values = {
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "num_layers": c.num_hidden_layers,
-            "num_heads": c.num_attention_heads,
-            "num_kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            "intermediate_size": c.intermediate_size,
-            "rms_norm_eps": c.rms_norm_eps,
-            "hidden_act": getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu"),
-            "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
-            "layer_windows": layer_windows(c),
+    def from_hf(cls, c: Any, **overrides: Any) -> Self:
+        # Read lazily: heterogeneous configs (Gemma 4) raise on per-layer attributes the overrides replace.
+        readers: dict[str, Callable[[], Any]] = {
+            "vocab_size": lambda: c.vocab_size,
+            "hidden_size": lambda: c.hidden_size,
+            "num_layers": lambda: c.num_hidden_layers,
+            "num_heads": lambda: c.num_attention_heads,
+            "num_kv_heads": lambda: getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            "head_dim": lambda: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "intermediate_size": lambda: c.intermediate_size,
+            "rms_norm_eps": lambda: c.rms_norm_eps,
+            "hidden_act": lambda: getattr(c, "hidden_act", None) or getattr(c, "hidden_activation", "silu"),
+            "tie_word_embeddings": lambda: bool(getattr(c, "tie_word_embeddings", False)),
+            "layer_windows": lambda: layer_windows(c),
         }
+        values = {name: overrides[name] if name in overrides else read() for name, read in readers.items()}
         values.update(overrides)
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
@@ -139,6 +146,7 @@ class Attention(nn.Module):
             self.q_norm = spec.norm(spec.head_dim if per_head else q_size)
             self.k_norm = spec.norm(spec.head_dim if per_head else kv_size)
         self.sinks = nn.Parameter(torch.empty(spec.num_heads), requires_grad=False) if spec.attn_sinks else None
+        self.query_scale = (spec.query_scale_beta, spec.query_scale_period)
 
     def forward(self, x: torch.Tensor, rope: Rope, fwd: ForwardContext) -> torch.Tensor:
         t, lora = x.shape[0], lora_of(fwd)
@@ -152,6 +160,10 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        beta, period = self.query_scale
+        if beta:
+            scale = 1 + beta * torch.log1p(torch.floor(fwd.positions.float() / period))  # [t]
+            q = q * scale[:, None, None].to(q.dtype)
         o = fwd.attention(self.layer_idx, q, k, v, self.sinks)  # [t, heads, head_dim]
         return self.o_proj(o.reshape(t, q_size), lora)
 
@@ -222,12 +234,13 @@ class CausalLM(nn.Module):
     # regexes of checkpoint tensors that are legitimately present but unused
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = (r"\.rotary_emb\.inv_freq$",)
     layer_cls: ClassVar[type[nn.Module]] = DecoderLayer
+    model_cls: ClassVar[type[DecoderModel]] = DecoderModel
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()
         self.hf_config = self.text_config(hf_config)
         self.spec = self.decoder_spec(hf_config)
-        self.model = DecoderModel(self.spec, self.layer_cls)
+        self.model = self.model_cls(self.spec, self.layer_cls)
         if not self.spec.tie_word_embeddings:
             self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
         self.rotaries: dict[str, Rotary] = {}
@@ -263,6 +276,10 @@ class CausalLM(nn.Module):
         keys = set(self.spec.layer_rope) or {DEFAULT_ROPE}
         return {k: Rotary(*rope_inv_freq(self.hf_config, device, None if k == DEFAULT_ROPE else k)) for k in keys}
 
+    def batch_extras(self, positions: np.ndarray, layout: BatchLayout, device: torch.device) -> dict[str, Any]:
+        """Per-batch inputs the family derives from the host-side layout (ForwardContext.extras); none by default."""
+        return {}
+
     def prepare(self, device: torch.device) -> None:
         """Build the non-checkpoint state (RoPE tables) once the weights are on `device`."""
         self.rotaries = self.rope_tables(device)
@@ -274,14 +291,15 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(math.sqrt(self.spec.hidden_size), dtype=x.dtype)
         return x
 
-    def ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
+    def ropes(self, fwd: ForwardContext, dtype: torch.dtype) -> dict[str, Rope]:
+        """(cos, sin) of this batch's positions for every RoPE table."""
         assert self.rotaries, "prepare() must run before forward"
-        return {k: r.cos_sin(positions, dtype) for k, r in self.rotaries.items()}
+        return {k: r.cos_sin(fwd.positions, dtype) for k, r in self.rotaries.items()}
 
     def forward(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
         """input_ids: [num_tokens] -> final hidden states [num_tokens, hidden] (after the last norm)."""
         x = self.embed(input_ids)
-        ropes = self.ropes(fwd.positions, x.dtype)
+        ropes = self.ropes(fwd, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ropes[self.spec.rope_key(i)], fwd)
         return self.model.norm(x)

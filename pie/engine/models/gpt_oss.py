@@ -1,0 +1,99 @@
+"""GPT-OSS (20B, 120B): attention sinks, alternating sliding/full layers, YaRN RoPE, top-k-then-softmax MoE.
+
+The experts use a clamped SwiGLU ((up + 1) * gate * sigmoid(1.702 * gate),
+gate <= 7, |up| <= 7) with biases. Checkpoints pack each layer's experts in
+one tensor per parameter, gate and up interleaved column by column
+(`gate_up_proj` [E, H, 2I]); they are de-interleaved and transposed into
+`Experts`' [E, 2I, H] gate-then-up layout on load. OpenAI's releases store
+the expert matrices in MXFP4 (`*_blocks` + `*_scales`), dequantized on load
+with transformers' own routine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pie.engine.layers.linear import Linear
+from pie.engine.layers.moe import Experts, clamped_swiglu, topk_softmax
+from pie.engine.models.decoder import CausalLM, DecoderLayer, DecoderSpec
+from pie.engine.models.mixtral import MoESpec
+from pie.engine.models.registry import register
+
+_EXPERT_PARAM = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<param>(gate_up|down)_proj)(?P<kind>_bias|_blocks|_scales)?$")
+
+
+@dataclass(frozen=True)
+class GptOssSpec(MoESpec):
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+
+class GptOssMoE(nn.Module):
+    def __init__(self, spec: GptOssSpec, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.top_k = spec.num_experts_per_tok
+        self.router = Linear(spec.hidden_size, spec.num_experts, bias=True)
+        self.experts = Experts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size,
+                               clamped_swiglu(alpha, limit), bias=True)
+
+    def forward(self, x: torch.Tensor, lora: object = None) -> torch.Tensor:
+        weights, idx = topk_softmax(self.router(x), self.top_k)
+        return self.experts(x, idx, weights)
+
+
+class GptOssLayer(DecoderLayer):
+    def make_mlp(self, spec: DecoderSpec, layer_idx: int) -> nn.Module:
+        assert isinstance(spec, GptOssSpec)
+        return GptOssMoE(spec, spec.swiglu_alpha, spec.swiglu_limit)
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Rows g0 u0 g1 u1 ... of dim 1 -> g0 g1 ... u0 u1 ... (gate block, then up block)."""
+    return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1)
+
+
+@register("gpt_oss", "gptoss")
+class GptOssForCausalLM(CausalLM):
+    layer_cls = GptOssLayer
+
+    def __init__(self, hf_config: Any) -> None:
+        super().__init__(hf_config)
+        self._mxfp4_parts: dict[str, dict[str, torch.Tensor]] = {}  # blocks/scales waiting for their pair
+
+    @classmethod
+    def decoder_spec(cls, c: Any) -> DecoderSpec:
+        bias = bool(getattr(c, "attention_bias", True))
+        return GptOssSpec.from_hf(c, qkv_bias=bias, o_bias=bias, attn_sinks=True, norm_cast_before_weight=False,
+                                  num_experts=c.num_local_experts, num_experts_per_tok=c.num_experts_per_tok,
+                                  moe_intermediate_size=c.intermediate_size, swiglu_alpha=c.swiglu_alpha,
+                                  swiglu_limit=c.swiglu_limit)
+
+    def load_custom_weight(self, name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]] | None:
+        m = _EXPERT_PARAM.match(name)
+        if m is None:
+            return None
+        prefix, param, kind = m["prefix"], m["param"], m["kind"] or ""
+        if kind in ("_blocks", "_scales"):
+            parts = self._mxfp4_parts.setdefault(f"{prefix}.{param}", {})
+            parts[kind] = tensor
+            if len(parts) < 2:
+                return []
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            del self._mxfp4_parts[f"{prefix}.{param}"]
+            tensor, kind = convert_moe_packed_tensors(parts["_blocks"], parts["_scales"], dtype=torch.float32), ""
+        experts = self.get_submodule(prefix)
+        assert isinstance(experts, Experts), name
+        return experts.load_packed(prefix, param + kind, self._to_stacked_layout(param, kind, tensor), name)
+
+    @staticmethod
+    def _to_stacked_layout(param: str, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """GPT-OSS's [E, H, 2I] interleaved gate_up / [E, I, H] down -> Experts' [E, 2I, H] / [E, H, I]."""
+        if param == "gate_up_proj":
+            return _deinterleave(t) if kind == "_bias" else _deinterleave(t.transpose(1, 2))
+        return t if kind == "_bias" else t.transpose(1, 2)
