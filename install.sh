@@ -444,6 +444,7 @@ install_with_pip() {
 	fi
 	pip_install "$torch_req ($F_TORCH_BUILD build)" ${index_args[@]+"${index_args[@]}"} "$torch_req"
 	pip_install "pie and its dependencies" "$wheel${F_EXTRAS:+[$F_EXTRAS]}"
+	check_torch_build
 	if [ -n "$F_FI_PACKAGES" ]; then
 		# shellcheck disable=SC2086 # a space-separated list of package names
 		pip_install "FlashInfer kernels ($F_FI_BUILD)" $F_FI_PACKAGES
@@ -454,6 +455,19 @@ install_with_pip() {
 		pip_install "FlashInfer's jit cache ($F_FI_BUILD)" --index-url "$F_JIT_INDEX" "flashinfer-jit-cache==$fi_version"
 	fi
 	write_launcher "$venv/bin/pie"
+}
+
+# The torch in the venv must be the flavor's build: an index can serve another (PyPI's Linux torch
+# is a CUDA build), and pip keeps a torch that satisfies the version range whatever its build.
+check_torch_build() {
+	local found version cuda
+	found=$("$VENV_PYTHON" -c 'import torch; print(torch.__version__, torch.version.cuda or "cpu")') ||
+		die "torch does not import in $PIE_HOME/venv (see above); re-run install.sh, or remove $PIE_HOME/venv and re-run"
+	read -r version cuda <<<"$found"
+	if [ "$cuda" != "${F_CUDA:-cpu}" ]; then
+		die "torch $version in $PIE_HOME/venv is built for CUDA '$cuda', but flavor $FLAVOR needs '${F_CUDA:-cpu}' ($F_TORCH_BUILD). Install from the flavor's index ($F_TORCH_INDEX, unless PIE_TORCH_INDEX_URL replaced it), or pin the build with PIE_PIP_ARGS; then remove $PIE_HOME/venv and re-run"
+	fi
+	say "torch $version ($cuda) is in place"
 }
 
 install_with_nix() {
@@ -473,7 +487,7 @@ write_launcher() {
 	cat >"$PIE_HOME/bin/pie.new" <<EOF
 #!/bin/sh
 # Written by pie's install.sh: runs the pie installed in this prefix.
-PIE_HOME="\${PIE_HOME:-$(shell_quote "$PIE_HOME")}"
+PIE_HOME=\${PIE_HOME:-$(shell_quote "$PIE_HOME")}
 export PIE_HOME
 exec $(shell_quote "$1") "\$@"
 EOF
@@ -611,11 +625,13 @@ remove_unit() {
 uninstall() {
 	local manifest="$PIE_HOME/$MANIFEST_NAME" entry path i kept=""
 	local -a entries=()
-	if [ ! -f "$manifest" ]; then
+	if [ ! -f "$manifest" ] && [ "$PURGE" = 0 ]; then
 		say "nothing to uninstall: $PIE_HOME has no $MANIFEST_NAME, so install.sh installed nothing there"
 		return 0
 	fi
-	while IFS= read -r entry; do entries+=("$entry"); done <"$manifest"
+	if [ -f "$manifest" ]; then
+		while IFS= read -r entry; do entries+=("$entry"); done <"$manifest"
+	fi
 	for ((i = ${#entries[@]} - 1; i >= 0; i--)); do # newest first: bin/pie before bin
 		entry=${entries[i]}
 		path=${entry#*:}
@@ -630,10 +646,11 @@ uninstall() {
 	rm -f "$PIE_HOME/$STAMP_NAME" "$manifest"
 	if [ "$PURGE" = 1 ]; then
 		rm -f "$PIE_HOME/config.toml" "$PIE_HOME/authorized_users.toml"
+		say "removed config.toml and authorized_users.toml (--purge)"
 	fi
 	if rmdir "$PIE_HOME" 2>/dev/null; then
 		say "uninstalled pie and removed the empty $PIE_HOME"
-	else
+	elif [ -d "$PIE_HOME" ]; then
 		for path in "$PIE_HOME"/* "$PIE_HOME"/.[!.]*; do
 			if [ -e "$path" ]; then kept="${kept:+$kept, }${path##*/}"; fi
 		done
