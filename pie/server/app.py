@@ -85,9 +85,7 @@ class Server:
         self._should_exit.set()
 
     async def serve(self, *, handle_signals: bool = True) -> int:
-        with telemetry.configured(enabled=self.options.telemetry_enabled,
-                                  service_name=self.options.telemetry_service_name,
-                                  endpoint=self.options.telemetry_endpoint):
+        with self._telemetry():
             signals = capture_signals(self._on_signal) if handle_signals else contextlib.nullcontext()
             with signals:
                 try:
@@ -99,6 +97,13 @@ class Server:
                 await self.main_loop()
                 await self.shutdown()
         return EXIT_INTERRUPTED if self._force_exit.is_set() else EXIT_OK
+
+    def _telemetry(self) -> contextlib.AbstractContextManager[object]:
+        """OTLP export per `[telemetry]`, unless the embedding program configured telemetry itself."""
+        if telemetry.enabled() or not self.options.telemetry_enabled:
+            return contextlib.nullcontext()
+        return telemetry.configured(enabled=True, service_name=self.options.telemetry_service_name,
+                                    endpoint=self.options.telemetry_endpoint)
 
     async def startup(self) -> None:
         # Bind first: a taken port fails in a moment, not after the model has loaded. Connections that
