@@ -72,7 +72,7 @@ async def ws_client(url: str, model: str, max_tokens: int) -> Sample:
         await client.authenticate(os.environ.get("USER", "bench"))
         start = time.perf_counter()
         process = await client.launch("text-completion", {"prompt": PROMPT, "max_tokens": max_tokens,
-                                                          "temperature": 0.0, "model": model})
+                                                          "temperature": 0.0, "model": model, "stream": True})
         first, chunks, result = None, 0, ""
         async for event in process.events():
             if event.kind in ("stdout", "message") and first is None:
@@ -86,28 +86,28 @@ async def ws_client(url: str, model: str, max_tokens: int) -> Sample:
     return Sample((first or end) - start, end - start, _token_count(result, chunks))
 
 
-async def openai_client(url: str, model: str, max_tokens: int) -> Sample:
+async def openai_client(http: httpx.AsyncClient, model: str, max_tokens: int) -> Sample:
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     first, tokens = None, 0
-    async with httpx.AsyncClient(base_url=http_url(url), timeout=600) as http:
-        start = time.perf_counter()
-        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter()
-        end = time.perf_counter()
+    start = time.perf_counter()
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+    end = time.perf_counter()
     return Sample((first or end) - start, end - start, tokens)
 
 
 def _token_count(result: str, chunks: int) -> int:
-    """The inferlet's own count when its return value carries one, else the number of streamed chunks."""
+    """The inferlet's own count when its return value carries one, else the number of streamed chunks
+    (text-completion sends one delta per decoding step that completes a character)."""
     try:
         data = json.loads(result)
     except json.JSONDecodeError:
@@ -126,10 +126,16 @@ async def run_level(one: Callable[[], Awaitable[Sample]], clients: int) -> Row:
 
 
 async def measure(url: str, model: str, levels: list[int], max_tokens: int) -> dict[str, list[Row]]:
+    """WebSocket: one connection per client. OpenAI: one shared HTTP connection pool, as a load balancer
+    or an application server would hold (building an httpx client per request costs more CPU than the
+    request itself on a small machine)."""
     results: dict[str, list[Row]] = {}
-    for name, fn in (("websocket", ws_client), ("openai", openai_client)):
-        await fn(url, model, 4)  # warm-up (program load, first batch)
-        results[name] = [await run_level(lambda fn=fn: fn(url, model, max_tokens), n) for n in levels]
+    await ws_client(url, model, 4)  # warm-up (program load, first batch)
+    results["websocket"] = [await run_level(lambda: ws_client(url, model, max_tokens), n) for n in levels]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(levels))
+    async with httpx.AsyncClient(base_url=http_url(url), timeout=600, limits=limits) as http:
+        await openai_client(http, model, 4)
+        results["openai"] = [await run_level(lambda: openai_client(http, model, max_tokens), n) for n in levels]
     return results
 
 
