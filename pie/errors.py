@@ -69,3 +69,7 @@ class FlavorError(PieError):
 
 class InferletError(PieError):
     """An inferlet's own code raised; the message carries its traceback (the program's frames only)."""
+
+
+class SandboxError(PieError):
+    """A sandboxed inferlet's process died, broke the protocol, or could not be started."""

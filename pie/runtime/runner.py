@@ -36,12 +36,15 @@ import threading
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from inferlet._host import Host
 from inferlet._instance import UNSET, InstanceState, use_instance
 from pie.errors import InferletError, ProgramError
 from pie.runtime.programs import ENTRY_FILE, Program
+
+if TYPE_CHECKING:
+    from pie.runtime.sandbox.policy import SandboxPolicy
 
 Emit = Callable[[str, str | bytes], None]
 MAX_USER_FRAMES = 8
@@ -98,6 +101,17 @@ def load_entry(program: Program, module_name: str) -> tuple[Callable[..., Any], 
     return entry, module
 
 
+async def run(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit, *,
+              sandbox: SandboxPolicy | None = None) -> str:
+    """Run `program` for one instance: trusted (in this event loop) or, with a policy, in a sandbox process."""
+    if sandbox is None:
+        return await run_program(program, input, host, emit)
+    from pie.runtime.sandbox.server import run_isolated
+
+    return await run_isolated(program, input, host, emit, sandbox, username=host.username(),
+                              instance_id=host.instance_id())
+
+
 async def run_program(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit, *,
                       state: InstanceState | None = None) -> str:
     """Run `program` for one instance with `host` installed; returns the result text, raises on failure."""
@@ -111,7 +125,7 @@ async def run_program(program: Program, input: str | dict[str, Any] | None, host
             if inspect.isawaitable(result):
                 result = await result
             return convert_result(result, current)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # SystemExit too: sys.exit() must not stop the server
             raise InferletError(user_traceback(e, filename, f"{program.spec} raised")) from None
         finally:
             sys.modules.pop(module_name, None)
