@@ -259,10 +259,11 @@ class Process:
     async def result(self) -> str:
         """Drain the events; the return value, or `ProcessFailed` with the error."""
         async for event in self.events():
+            text = event.value if isinstance(event.value, str) else event.value.decode(errors="replace")
             if event.kind == "return":
-                return str(event.value)
+                return text
             if event.kind == "error":
-                raise ProcessFailed(f"process {self.id} failed: {event.value}")
+                raise ProcessFailed(f"process {self.id} failed: {text}")
         raise AssertionError("events() ends with a final event")
 
     async def send_message(self, message: str) -> None:

@@ -28,6 +28,7 @@ def load_private_key(path: Path | str, password: bytes | None = None) -> Private
         data = path.read_bytes()
     except OSError as error:
         raise AuthError(f"cannot read private key {path}: {error.strerror}") from None
+    key: object
     try:
         if b"OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, password)

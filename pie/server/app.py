@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -153,8 +153,8 @@ class Server:
             return
         log.info("waiting up to %g s for %d running inferlet(s); signal again to stop now",
                  self.options.shutdown_timeout_s, len(running))
-        finished = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in running)))
-        forced = asyncio.ensure_future(self._force_exit.wait())
+        finished: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in running)))
+        forced: asyncio.Future[Any] = asyncio.ensure_future(self._force_exit.wait())
         await asyncio.wait([finished, forced], timeout=self.options.shutdown_timeout_s,
                            return_when=asyncio.FIRST_COMPLETED)
         for future in (finished, forced):
@@ -220,7 +220,8 @@ def _url_host(host: str) -> str:
 async def _start_runtime(config: Any) -> RuntimeAPI:
     from pie.runtime.runtime import Runtime
 
-    return await Runtime.start(config)
+    runtime = await Runtime.start(config)
+    return cast(RuntimeAPI, runtime)  # Runtime implements RuntimeAPI (its list[Instance] is a list of ProcessAPI)
 
 
 def run_server(config: Any, *, debug: bool = False, monitor: bool = False) -> int:

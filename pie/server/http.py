@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -26,7 +27,7 @@ from pie.server.state import STATE, ServerState
 
 log = logging.getLogger(__name__)
 
-SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
+SOCKETS = web.AppKey("sockets", set)  # the open WebSocketResponses
 STARTED_AT = web.AppKey("started_at", float)
 
 
@@ -62,7 +63,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 async def close_sockets(app: web.Application, reason: str) -> None:
     """Close every client connection with 1001 (going away)."""
-    for ws in list(app[SOCKETS]):
+    sockets: set[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=1001, message=reason.encode())
 
 
@@ -85,7 +87,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def _count_requests(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _count_requests(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     status = 500
     try:
         response = await handler(request)
