@@ -207,3 +207,15 @@ async def _query(server: Server, subject: str) -> str:
     async with PieClient(server.url) as client:
         await client.authenticate("alice")
         return await client.query(subject)
+
+
+async def test_monitor_view_shows_models_and_running_inferlets(server: Server) -> None:
+    from pie.server.monitor import render
+
+    client = await connect(server)
+    process = await client.launch("chat", {})
+    assert server.state is not None
+    view = render(server.state.runtime, server.url)
+    assert MODEL in view and "/256" in view and process.id in view and "chat@0.1.0" in view
+    await process.terminate()
+    await client.close()
