@@ -78,6 +78,8 @@ class GptOssForCausalLM(CausalLM):
         if m is None:
             return None
         prefix, param, kind = m["prefix"], m["param"], m["kind"] or ""
+        experts = self.get_submodule(prefix)
+        assert isinstance(experts, Experts), name
         if kind in ("_blocks", "_scales"):
             parts = self._mxfp4_parts.setdefault(f"{prefix}.{param}", {})
             parts[kind] = tensor
@@ -86,9 +88,10 @@ class GptOssForCausalLM(CausalLM):
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
             del self._mxfp4_parts[f"{prefix}.{param}"]
-            tensor, kind = convert_moe_packed_tensors(parts["_blocks"], parts["_scales"], dtype=torch.float32), ""
-        experts = self.get_submodule(prefix)
-        assert isinstance(experts, Experts), name
+            # FP4 codes times powers of two are exact in bf16 and fp32: dequantize straight to the weight
+            # dtype (a bf16 model holds 4x the MXFP4 bytes for its experts).
+            dtype = experts.gate_up_proj.dtype
+            tensor, kind = convert_moe_packed_tensors(parts["_blocks"], parts["_scales"], dtype=dtype), ""
         return experts.load_packed(prefix, param + kind, self._to_stacked_layout(param, kind, tensor), name)
 
     @staticmethod
