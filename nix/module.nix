@@ -173,7 +173,7 @@ in
         RemoveIPC = true;
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+        RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6 AF_NETLINK";
         SystemCallArchitectures = "native";
         UMask = "0027";
         # Not set, as in systemd/pie.service: MemoryDenyWriteExecute (CUDA and Triton JIT-compile
