@@ -55,6 +55,7 @@ class InstanceHost:
         self._handles = itertools.count(1)
         self.tokens_sampled = 0
         self.closed = False
+        self._samplers: dict[tuple[Any, ...], Sampler] = {}  # decode loops send the same sampler each step
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
@@ -278,6 +279,41 @@ class InstanceHost:
             raise HostError(f"this instance would hold {held + more} KV pages, over its limit of {limit}; "
                             "release or destroy contexts (or raise [runtime] max_pages_per_instance)")
 
+    def _outputs(self, slots: list[SlotDict], n: int, m: ModelRuntime) -> tuple[list[OutputSpec],
+                                                                               list[tuple[int, int]], int]:
+        """Slots -> engine outputs, each slot's (first output, count), and the number of sampled tokens."""
+        outputs: list[OutputSpec] = []
+        slot_rows: list[tuple[int, int]] = []
+        sampled = embeds = 0
+        for k, slot in enumerate(slots):
+            first = len(outputs)
+            if "sampler" in slot:
+                sampler = self._sampler(k, slot["sampler"])
+                indices = slot.get("indices") or []
+                if not indices:
+                    raise HostError(f"slot {k}: a sampler slot needs at least one row in `indices`")
+                outputs += [OutputSpec(_row(k, i, n), sampler=sampler) for i in indices]
+                sampled += len(indices) * sampler.draws
+            elif "probe" in slot:
+                probe = _probe(k, slot["probe"], m)
+                embeds += probe.kind == "embedding"
+                outputs.append(OutputSpec(_row(k, slot.get("index", 0), n), probe=probe))
+            else:
+                raise HostError(f"slot {k} has neither `sampler` nor `probe`")
+            slot_rows.append((first, len(outputs) - first))
+        if embeds > m.max_num_embeds:
+            raise HostError(f"the pass asks for {embeds} embeddings, over max_num_embeds = {m.max_num_embeds}")
+        return outputs, slot_rows, sampled
+
+    def _sampler(self, k: int, d: Mapping[str, Any]) -> Sampler:
+        key = tuple(d.items())
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            if len(self._samplers) >= 64:
+                self._samplers.clear()
+            sampler = self._samplers[key] = _sampler(k, d)
+        return sampler
+
     def _job(self, m: ModelRuntime, c: Context, spec: PassDict) -> tuple[Job, list[tuple[int, int]]]:
         """Check a pass against the context and the engine limits; record its inputs; build its job."""
         tokens, positions = list(spec.get("tokens") or ()), list(spec.get("positions") or ())
@@ -305,7 +341,7 @@ class InstanceHost:
             _check_logit_mask(logit_mask, vocab)
         if spec.get("adapter") is not None:
             raise HostError("LoRA adapters are not available in this runtime yet; run without `adapter`")
-        outputs, slot_rows, sampled = _outputs(spec.get("slots") or [], n, m)
+        outputs, slot_rows, sampled = self._outputs(spec.get("slots") or [], n, m)
         budget = self.instance.limits.max_tokens
         if budget and self.tokens_sampled + sampled > budget:
             raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
@@ -346,32 +382,6 @@ def _check_logit_mask(mask: list[int], vocab: int) -> None:
         raise HostError(f"logit_mask covers {sum(mask)} tokens, more than the vocabulary of {vocab}")
     if not any(mask[1::2]):
         raise HostError("logit_mask allows no token; at least one must be allowed")
-
-
-def _outputs(slots: list[SlotDict], n: int, m: ModelRuntime) -> tuple[list[OutputSpec], list[tuple[int, int]], int]:
-    """Slots -> engine outputs, each slot's (first output, count), and the number of sampled tokens."""
-    outputs: list[OutputSpec] = []
-    slot_rows: list[tuple[int, int]] = []
-    sampled = embeds = 0
-    for k, slot in enumerate(slots):
-        first = len(outputs)
-        if "sampler" in slot:
-            sampler = _sampler(k, slot["sampler"])
-            indices = slot.get("indices") or []
-            if not indices:
-                raise HostError(f"slot {k}: a sampler slot needs at least one row in `indices`")
-            outputs += [OutputSpec(_row(k, i, n), sampler=sampler) for i in indices]
-            sampled += len(indices) * sampler.draws
-        elif "probe" in slot:
-            probe = _probe(k, slot["probe"], m)
-            embeds += probe.kind == "embedding"
-            outputs.append(OutputSpec(_row(k, slot.get("index", 0), n), probe=probe))
-        else:
-            raise HostError(f"slot {k} has neither `sampler` nor `probe`")
-        slot_rows.append((first, len(outputs) - first))
-    if embeds > m.max_num_embeds:
-        raise HostError(f"the pass asks for {embeds} embeddings, over max_num_embeds = {m.max_num_embeds}")
-    return outputs, slot_rows, sampled
 
 
 def _row(k: int, index: int, n: int) -> int:

@@ -82,10 +82,11 @@ class RuntimeConfig:
 class ModelRuntime:
     """One served model: its engine client and everything that manages that engine's KV pages."""
 
-    def __init__(self, name: str, engine: EngineClient, limits: RuntimeLimits) -> None:
+    def __init__(self, name: str, engine: EngineClient, limits: RuntimeLimits, *, owns_engine: bool = True) -> None:
         info: Any = engine.info
         self.name = name
         self.engine = engine
+        self.owns_engine = owns_engine  # close the engine with the runtime
         self.info = info
         self.page_size: int = info.page_size
         self.vocab_size: int = info.vocab_size
@@ -125,7 +126,8 @@ class ModelRuntime:
     async def close(self) -> None:
         await self.scheduler.close()
         self.snapshots.clear()
-        await self.engine.close()
+        if self.owns_engine:
+            await self.engine.close()
 
 
 class Runtime:
@@ -142,21 +144,24 @@ class Runtime:
 
     @classmethod
     async def start(cls, config: Any, *, engines: Mapping[str, EngineClient] | None = None) -> Runtime:
-        """Build the runtime; `engines` (by model name) replaces starting an in-process engine per model."""
+        """Build the runtime. `engines` (by model name) are used instead of starting an in-process engine
+        for those models; the caller keeps them (shutdown does not close them)."""
         from pie.runtime.engine_client import InProcessEngine
         from pie.runtime.programs import ProgramRegistry, default_search_paths
 
         cfg = runtime_config(config)
-        started: dict[str, EngineClient] = dict(engines or {})
+        given = dict(engines or {})
+        started: dict[str, EngineClient] = {}
         try:
             for spec in cfg.models:
-                if spec.name not in started:
+                if spec.name not in given:
                     started[spec.name] = await InProcessEngine.start(spec.engine, spec.name)
         except BaseException:
             for engine in started.values():
                 await engine.close()
             raise
-        models = {s.name: ModelRuntime(s.name, started[s.name], cfg.limits) for s in cfg.models}
+        models = {s.name: ModelRuntime(s.name, given.get(s.name) or started[s.name], cfg.limits,
+                                       owns_engine=s.name in started) for s in cfg.models}
         registry = ProgramRegistry(default_search_paths(cfg.pie_home, cfg.inferlet_paths))
         return cls(models, cfg.limits, registry)
 

@@ -1,6 +1,6 @@
 """One model's batcher: the pending passes of every instance -> one engine batch per step.
 
-Each step takes the pending passes in order of (priority, ticket) and admits
+Each step takes the pending passes by priority, then queue order, and admits
 each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
 
 - rows a context must (re)compute come first: after a suspension, the slots
@@ -9,7 +9,7 @@ each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
   instead of computed (`Context.attach_cached`), unless an output reads them;
 - long prefills are chunked, leaving at least one token of budget for every
   pass behind them so decodes are never starved by a prefill; a served pass
-  takes a new ticket and goes to the back (round robin);
+  goes to the back of the queue (round robin);
 - a pass resolves when its last chunk is back; outputs ride with the chunk
   that holds their rows.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -58,14 +57,16 @@ class Job:
     adapter: int | None = None
     seed: int | None = None
     future: asyncio.Future[list[OutputValue]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    ticket: int = 0
     results: list[OutputValue | None] = field(default_factory=list)
     _order: list[int] = field(default_factory=list)  # output ids by row
     _next: int = 0  # outputs in _order before this were scheduled
 
     def __post_init__(self) -> None:
-        self.results = [None] * len(self.outputs)
-        self._order = sorted(range(len(self.outputs)), key=lambda i: self.outputs[i].index)
+        outputs = self.outputs
+        self.results = [None] * len(outputs)
+        self._order = list(range(len(outputs)))
+        if len(outputs) > 1:
+            self._order.sort(key=lambda i: outputs[i].index)
 
     def next_output_slot(self) -> int:
         """The slot of the first output not yet scheduled (the pass's end if none)."""
@@ -98,8 +99,7 @@ class Scheduler:
         self.page_wait_timeout_s = page_wait_timeout_s
         self.stats = SchedulerStats()
         self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
-        self._jobs: dict[int, Job] = {}
-        self._tickets = itertools.count()
+        self._jobs: dict[int, Job] = {}  # context id -> its pending pass; insertion order = queue order
         self._submissions = 0
         self._wake = asyncio.Event()
         self._stalled_since: float | None = None
@@ -111,7 +111,6 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         assert job.ctx.id not in self._jobs, "one pending pass per context"
-        job.ticket = next(self._tickets)
         job.ctx.pending = True
         job.ctx.last_used = self.space.tick()
         self._jobs[job.ctx.id] = job
@@ -198,7 +197,7 @@ class Scheduler:
 
     def _build(self) -> tuple[ForwardBatch, list[Chunk]] | None:
         self._previous_build, self._this_build = self._this_build, self.space.tick()
-        order = sorted(self._jobs.values(), key=lambda j: (-j.ctx.priority, j.ticket))
+        order = sorted(self._jobs.values(), key=_priority)  # stable: queue order within a priority
         tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
         requests: list[Request] = []
         copies: list[tuple[int, int]] = []
@@ -226,7 +225,7 @@ class Scheduler:
         """The job's next chunk of at most `budget` rows, with its pages in place; None if it must wait.
 
         A masked pass is not chunked: it needs all its rows in `tokens_left` (it
-        keeps its early ticket, so it is first in line next step)."""
+        keeps its place in the queue, so it is first in line next step)."""
         ctx = job.ctx
         skipped = ctx.attach_cached(job.next_output_slot())
         self.stats.cached_tokens += skipped
@@ -250,7 +249,8 @@ class Scheduler:
         while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
             ids.append(job._order[job._next])
             job._next += 1
-        job.ticket = next(self._tickets)
+        del self._jobs[ctx.id]  # to the back of the queue
+        self._jobs[ctx.id] = job
         return Chunk(job, start, end, ids)
 
     def _make_room(self, job: Job, start: int, end: int) -> int | None:
@@ -374,3 +374,7 @@ class Scheduler:
         ctx.pending = False
         if not ctx.closed and ctx.kv_len >= job.end:
             ctx.rollback(job.start)
+
+
+def _priority(job: Job) -> float:
+    return -job.ctx.priority
