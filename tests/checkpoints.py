@@ -38,6 +38,9 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 16, "tie_word_embeddings": True},
     # Windows (8-10) shorter than prompt + generation, so the sliding layers really slide in the tests.
     "mistral": {"head_dim": 16, "sliding_window": 10},
+    "ministral": {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen2:sliding": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    "qwen3:sliding": {"head_dim": 16, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
     # Partial rotary + LongRoPE whose short/long switch (16) falls inside a 32-token generation.
     "phi3": {"partial_rotary_factor": 0.5, "sliding_window": 12, "original_max_position_embeddings": 16,
              "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6],

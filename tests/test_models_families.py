@@ -18,8 +18,9 @@ from engine_helpers import all_row_logits, hf_logits, make_engine, random_prompt
 from parity_helpers import engine_greedy, hf_greedy_with_logits
 
 FAMILIES = [
-    "mistral", "ministral3", "mistral3", "mistral3:mistral", "phi3", "mixtral", "qwen3_moe", "gemma2",
-    "gemma3_text", "gemma3", "gemma4_text", "gemma4_text:moe", "gemma4", "olmo3", "gpt_oss",
+    "mistral", "ministral", "ministral3", "mistral3", "mistral3:mistral", "qwen2:sliding", "qwen3:sliding",
+    "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4_text:moe", "gemma4",
+    "olmo3", "gpt_oss",
 ]
 TOL = 1e-4
 # Phi-3's tiny LongRoPE threshold is 16 tokens. HF runs a whole sequence with the long factors once it is

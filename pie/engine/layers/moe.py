@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pie.engine.layers.linear import Linear
+from pie.engine.layers.lora import LoRABatch
 from pie.engine.layers.mlp import act_fn
 from pie.errors import CheckpointError
 
@@ -161,8 +162,8 @@ class TopKMoE(nn.Module):
         self.gate = Linear(hidden_size, num_experts)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, gated(act))
 
-    def forward(self, x: torch.Tensor, lora: object = None) -> torch.Tensor:
-        """x: [T, H]. LoRA adapters never target experts (adapter loading rejects such targets)."""
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        """x: [T, H]. LoRA never targets experts (adapter loading refuses such targets)."""
         weights, idx = softmax_topk(self.gate(x), self.top_k, self.renormalize)
         return self.experts(x, idx, weights)
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pie.engine.layers.linear import Linear
+from pie.engine.layers.lora import LoRABatch
 from pie.engine.layers.moe import Experts, clamped_swiglu, topk_softmax
 from pie.engine.models.decoder import CausalLM, DecoderLayer, DecoderSpec
 from pie.engine.models.mixtral import MoESpec
@@ -34,14 +35,15 @@ class GptOssSpec(MoESpec):
 
 
 class GptOssMoE(nn.Module):
-    def __init__(self, spec: GptOssSpec, alpha: float, limit: float) -> None:
+    def __init__(self, spec: GptOssSpec) -> None:
         super().__init__()
         self.top_k = spec.num_experts_per_tok
         self.router = Linear(spec.hidden_size, spec.num_experts, bias=True)
         self.experts = Experts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size,
-                               clamped_swiglu(alpha, limit), bias=True)
+                               clamped_swiglu(spec.swiglu_alpha, spec.swiglu_limit), bias=True)
 
-    def forward(self, x: torch.Tensor, lora: object = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        """x: [T, H]; LoRA never targets experts (adapter loading refuses such targets)."""
         weights, idx = topk_softmax(self.router(x), self.top_k)
         return self.experts(x, idx, weights)
 
@@ -49,7 +51,7 @@ class GptOssMoE(nn.Module):
 class GptOssLayer(DecoderLayer):
     def make_mlp(self, spec: DecoderSpec, layer_idx: int) -> nn.Module:
         assert isinstance(spec, GptOssSpec)
-        return GptOssMoE(spec, spec.swiglu_alpha, spec.swiglu_limit)
+        return GptOssMoE(spec)
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
