@@ -219,3 +219,38 @@ async def test_monitor_view_shows_models_and_running_inferlets(server: Server) -
     assert MODEL in view and "/256" in view and process.id in view and "chat@0.1.0" in view
     await process.terminate()
     await client.close()
+
+
+SNAPSHOTS = b'''
+from inferlet import Context, HostError, Model
+
+async def main(input: dict) -> str:
+    model = Model.load("")
+    if input["op"] == "save":
+        ctx = Context(model)
+        ctx.append(model.tokenizer().encode("a shared system prompt " * 4))
+        await ctx.flush()
+        ctx.save(input["name"])
+        return "saved"
+    if input["op"] == "delete":
+        Context.delete(model, input["name"])
+        return "deleted"
+    try:
+        Context.open(model, input["name"]).release()
+        return "opened"
+    except HostError as error:
+        return f"refused: {error}"
+'''
+
+
+async def test_one_user_cannot_open_another_users_snapshot(server: Server) -> None:
+    alice, bob = await connect(server, "alice"), await connect(server, "bob")
+    await alice.install_program(SNAPSHOTS, '[package]\nname = "snapshots"\nversion = "0.1.0"\n')
+    assert await (await alice.launch("snapshots", {"op": "save", "name": "prefix"})).result() == "saved"
+    assert await (await alice.launch("snapshots", {"op": "open", "name": "prefix"})).result() == "opened"
+    refused = await (await bob.launch("snapshots", {"op": "open", "name": "prefix"})).result()
+    assert refused.startswith("refused:") and "prefix" in refused
+    assert await (await alice.launch("snapshots", {"op": "delete", "name": "prefix"})).result() == "deleted"
+    assert pages_used(server) == 0
+    await alice.close()
+    await bob.close()
