@@ -577,13 +577,41 @@ ensure_service_user() {
 	say "created the system user '$SERVICE_USER' (home $SYSTEM_HOME)"
 }
 
+# True when unit file $1 already holds text $2 (so a re-run leaves it, and its mtime, alone).
+unit_is() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+write_unit() {
+	mkdir -p "$(dirname "$1")"
+	printf '%s\n' "$2" >"$1"
+	chmod 0644 "$1"
+}
+
+# The service cannot reach /root or /home (ProtectHome), so its venv's Python must live elsewhere.
+check_service_python() {
+	local python real
+	python=$(find_python)
+	[ -n "$python" ] || return 0 # install_pie says what is missing
+	real=$("$python" -c 'import os, sys; print(os.path.realpath(sys.base_prefix))')
+	case $real in
+	/root/* | /home/*)
+		die "the service cannot use $python (it lives in $real, hidden from services by ProtectHome); set PIE_PYTHON to a system Python 3.11+, e.g. PIE_PYTHON=/usr/bin/python3"
+		;;
+	esac
+}
+
 install_service() {
-	local unit_file sed_home
+	local unit_file sed_home source text
 	if [ "$SERVICE_MODE" = system ]; then
 		unit_file="/etc/systemd/system/pie.service"
 		chown -R "$SERVICE_USER:" "$SYSTEM_HOME" || die "could not hand $SYSTEM_HOME to the user '$SERVICE_USER'"
-		install -m 0644 "$(unit_source pie.service)" "$unit_file"
+		source=$(unit_source pie.service)
+		text=$(cat "$source")
 		record "unit:$unit_file"
+		if unit_is "$unit_file" "$text"; then
+			say "$unit_file is up to date"
+			return 0
+		fi
+		write_unit "$unit_file" "$text"
 		if systemd_running; then
 			if ! { systemctl daemon-reload && systemctl enable pie.service; }; then
 				die "systemctl could not enable pie.service (see above)"
@@ -595,11 +623,16 @@ install_service() {
 		return 0
 	fi
 	unit_file="${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user/pie.service"
-	mkdir -p "$(dirname "$unit_file")"
 	# The unit runs %h/.pie; another PIE_HOME is written in (sed-escaped).
 	sed_home=$(printf '%s' "$PIE_HOME" | sed 's/[\\&|]/\\&/g')
-	sed "s|%h/\\.pie|$sed_home|g" "$(unit_source pie-user.service)" >"$unit_file"
+	source=$(unit_source pie-user.service)
+	text=$(sed "s|%h/\\.pie|$sed_home|g" "$source")
 	record "unit:$unit_file"
+	if unit_is "$unit_file" "$text"; then
+		say "$unit_file is up to date"
+		return 0
+	fi
+	write_unit "$unit_file" "$text"
 	if systemctl --user daemon-reload >/dev/null 2>&1 && systemctl --user enable pie.service >/dev/null 2>&1; then
 		say "installed and enabled $unit_file; start it: systemctl --user start pie; logs: journalctl --user -u pie -f"
 	else
@@ -737,7 +770,10 @@ main() {
 	read -r -a PIP_EXTRA <<<"${PIE_PIP_ARGS:-}"
 	resolve_source
 	choose_method
-	[ "$SERVICE_MODE" != system ] || ensure_service_user
+	if [ "$SERVICE_MODE" = system ]; then
+		check_service_python
+		ensure_service_user
+	fi
 	install_pie
 	[ -z "$SERVICE_MODE" ] || install_service
 }

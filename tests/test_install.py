@@ -369,6 +369,10 @@ def test_service_installs_a_user_unit_for_this_prefix(installation: Installation
     assert f"ExecStart={installation.home}/bin/pie serve --config {installation.home}/config.toml" in text
     assert f"Environment=PIE_HOME={installation.home}\n" in text and "%h/.pie" not in text
     assert "loginctl enable-linger" in result.stderr
+    before = unit.stat().st_mtime_ns
+    again = run_installer(installation.env, "--service=user", timeout=60)
+    assert again.returncode == 0 and "is up to date" in again.stderr
+    assert unit.stat().st_mtime_ns == before
 
 
 def test_uninstall_removes_what_it_installed_and_nothing_else(installation: Installation) -> None:
