@@ -265,6 +265,10 @@ class CausalLM(nn.Module):
         """
         return None
 
+    def supports_cuda_graphs(self) -> bool:
+        """False when forward syncs with the host (MoE expert token counts), which graph capture forbids."""
+        return True
+
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:
         s = self.spec
         scale = s.attn_scale if s.attn_scale is not None else s.head_dim ** -0.5

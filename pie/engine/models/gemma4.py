@@ -215,6 +215,9 @@ class Gemma4ForCausalLM(CausalLM):
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
         return gemma4_spec(hf_config)
 
+    def supports_cuda_graphs(self) -> bool:
+        return self.gspec.num_experts == 0  # the MoE variant's experts read token counts on the host
+
     @property
     def gspec(self) -> Gemma4Spec:
         assert isinstance(self.spec, Gemma4Spec)

@@ -67,6 +67,9 @@ class GptOssForCausalLM(CausalLM):
         super().__init__(hf_config)
         self._mxfp4_parts: dict[str, dict[str, torch.Tensor]] = {}  # blocks/scales waiting for their pair
 
+    def supports_cuda_graphs(self) -> bool:
+        return False  # Experts read per-expert token counts on the host
+
     @classmethod
     def decoder_spec(cls, c: Any) -> DecoderSpec:
         bias = bool(getattr(c, "attention_bias", True))

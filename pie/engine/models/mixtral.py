@@ -41,6 +41,9 @@ class MixtralForCausalLM(CausalLM):
     layer_cls = MoELayer
     expert_pieces: ClassVar[dict[str, str]] = {"w1": "gate", "w3": "up", "w2": "down"}
 
+    def supports_cuda_graphs(self) -> bool:
+        return False  # Experts read per-expert token counts on the host
+
     @classmethod
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
         return MoESpec.from_hf(hf_config, num_experts=hf_config.num_local_experts,

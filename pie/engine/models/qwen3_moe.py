@@ -22,6 +22,9 @@ class Qwen3MoeForCausalLM(CausalLM):
     layer_cls = MoELayer
     expert_pieces: ClassVar[dict[str, str]] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
+    def supports_cuda_graphs(self) -> bool:
+        return False  # Experts read per-expert token counts on the host
+
     @classmethod
     def decoder_spec(cls, c: Any) -> DecoderSpec:
         step = c.decoder_sparse_step
