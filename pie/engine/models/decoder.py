@@ -4,8 +4,9 @@ Module names mirror Hugging Face's (`model.layers.N.self_attn...`) so the
 checkpoint maps onto parameters by name; fused projections (qkv, gate_up) are
 declared in `packed_modules_mapping`. Families subclass `CausalLM` and
 override `decoder_spec` (config -> shapes and switches) and, where their math
-differs, the small hooks: `DecoderLayer.make_mlp`, `rope_tables`,
-`map_checkpoint_name`, `load_custom_weight`.
+differs, the small hooks: `DecoderLayer.make_mlp` / `make_attention`,
+`rope_tables` / `ropes`, `batch_extras` (per-batch inputs from the host
+layout), `map_checkpoint_name`, `load_custom_weight`, `supports_cuda_graphs`.
 
 What the spec switches cover (one flag each, no per-family copies):
 - norms: (1 + w) Gemma RMSNorm, cast before/after the weight multiply;
