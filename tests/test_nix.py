@@ -81,10 +81,11 @@ def test_nix_dependencies_are_pyprojects(tmp_path: Path) -> None:
     therefore be false on the Python the package builds with (3.11+), or the Nix package would miss it."""
     from_nix = evaluate("import ./nix/pyproject.nix { pyprojectFile = ./pyproject.toml; }", tmp_path)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    python311 = {**default_environment(), "python_version": "3.11", "python_full_version": "3.11.0"}
+    python311 = {key: str(value) for key, value in default_environment().items()}
+    python311.update(python_version="3.11", python_full_version="3.11.0")
 
     def names(requirements: list[str]) -> list[str]:
-        kept = []
+        kept: list[str] = []
         for requirement in map(Requirement, requirements):
             if requirement.marker is None:
                 kept.append(canonicalize_name(requirement.name))
