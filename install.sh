@@ -521,7 +521,7 @@ EOF
 install_pie() {
 	PYTHON=$(find_python)
 	if [ "$METHOD" = pip ] || [ "$SOURCE_KIND" = wheel ] || [ "$SOURCE_KIND" = dir ]; then
-		[ -n "$PYTHON" ] || die "pie needs Python 3.11 or newer and found none on PATH${PIE_PYTHON:+ (PIE_PYTHON=$PIE_PYTHON is not one)}; install it (Debian/Ubuntu: apt install python3 python3-venv) or set PIE_PYTHON"
+		[ -n "$PYTHON" ] || die "pie needs Python 3.11 or newer and found none on PATH${PIE_PYTHON:+ (PIE_PYTHON=$PIE_PYTHON is not one)}; install one (Debian 12: apt install python3 python3-venv; Ubuntu 22.04: apt install python3.11 python3.11-venv) or point PIE_PYTHON at it"
 	fi
 	DIGEST=$(source_digest)
 	if already_installed; then
