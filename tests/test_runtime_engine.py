@@ -324,6 +324,8 @@ async def test_bad_passes_are_refused_and_leave_the_context_usable(tiny: Path) -
         for spec, why in cases:
             with pytest.raises(HostError, match=why):
                 await host.ctx_forward(ctx, spec)
+        with pytest.raises(HostError, match="more than the 256 the KV pool has"):
+            host.ctx_reserve(ctx, 300)
         host.ctx_reserve(ctx, 1)
         cases = [
             ({"tokens": [10**6], "positions": [0]}, "outside the model's vocabulary"),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from inferlet._host import HostError
-from pie.errors import PieError
+from pie.errors import InferletError, PieError
 from pie.runtime.api import FINAL_EVENTS, Event, EventKind, ProcessStatus
 
 if TYPE_CHECKING:
@@ -160,7 +160,9 @@ class Instance:
 
 
 def describe_error(error: BaseException) -> str:
-    """The message a client sees: a host/runtime error's own words, else the inferlet's traceback."""
+    """The message a client sees: the runner's report, a host/runtime error's own words, or a traceback."""
+    if isinstance(error, InferletError):  # already the program's error with its own frames
+        return str(error)
     if isinstance(error, HostError | PieError):
         return f"{type(error).__name__}: {error}"
     text = "".join(traceback.format_exception(error))

@@ -13,6 +13,7 @@ coroutine as an instance (tests, and hosts of programs from other sources).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from pie.runtime.snapshots import SnapshotStore
 
 if TYPE_CHECKING:
     from pie.runtime.programs import Program, ProgramRegistry
+    from pie.runtime.sandbox.policy import SandboxPolicy
     from pie.runtime.tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class RuntimeConfig:
     limits: RuntimeLimits = field(default_factory=RuntimeLimits)
     inferlet_paths: tuple[Path, ...] = ()  # searched after the standard library and ~/.pie/inferlets
     pie_home: Path | None = None
+    sandbox: SandboxPolicy | None = None  # isolated mode: each launched program runs in a sandbox process
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -132,14 +135,16 @@ class ModelRuntime:
 
 class Runtime:
     def __init__(self, models: Mapping[str, ModelRuntime], limits: RuntimeLimits,
-                 registry: ProgramRegistry | None = None) -> None:
+                 registry: ProgramRegistry | None = None, sandbox: SandboxPolicy | None = None) -> None:
         assert models, "a runtime serves at least one model"
         self._models = dict(models)
         self.default_model = next(iter(self._models))
         self.limits = limits
+        self.sandbox = sandbox
         self.bus = MessageBus()
         self._registry = registry
         self._processes: dict[str, Instance] = {}
+        self._finished: collections.deque[str] = collections.deque()  # ids of ended instances, oldest first
         self._closing = False
 
     @classmethod
@@ -163,7 +168,7 @@ class Runtime:
         models = {s.name: ModelRuntime(s.name, given.get(s.name) or started[s.name], cfg.limits,
                                        owns_engine=s.name in started) for s in cfg.models}
         registry = ProgramRegistry(default_search_paths(cfg.pie_home, cfg.inferlet_paths))
-        return cls(models, cfg.limits, registry)
+        return cls(models, cfg.limits, registry, cfg.sandbox)
 
     # -- models and programs --------------------------------------------------------------------
 
@@ -194,8 +199,8 @@ class Runtime:
     async def launch(self, program: str, input: str, *, username: str,
                      token_budget: int | None = None) -> Instance:
         resolved = self.registry.resolve(program)
-        return self.spawn(_program_body(resolved, input), program=resolved.spec, username=username,
-                          token_budget=token_budget)
+        return self.spawn(_program_body(resolved, input, self.sandbox), program=resolved.spec,
+                          username=username, token_budget=token_budget)
 
     def spawn(self, body: Body, *, program: str, username: str, token_budget: int | None = None) -> Instance:
         """Run `body(instance)` as a new instance with its own host; returns at once."""
@@ -214,9 +219,9 @@ class Runtime:
         return [p for p in self._processes.values() if username is None or p.username == username]
 
     def _on_exit(self, instance: Instance) -> None:
-        finished = [p for p in self._processes.values() if p.done or p is instance]
-        for old in finished[: max(0, len(finished) - self.limits.max_finished_processes)]:
-            del self._processes[old.id]
+        self._finished.append(instance.id)
+        while len(self._finished) > self.limits.max_finished_processes:
+            self._processes.pop(self._finished.popleft(), None)
 
     async def shutdown(self, grace_s: float) -> None:
         """Let instances finish for up to `grace_s`, terminate the rest (freeing their pages), stop engines."""
@@ -247,13 +252,13 @@ def runtime_config(config: Any) -> RuntimeConfig:
     return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None))
 
 
-def _program_body(program: Program, input: str) -> Body:
-    """Run a resolved program's entry point with `input` (JSON text) through the inferlet runner."""
+def _program_body(program: Program, input: str, sandbox: SandboxPolicy | None) -> Body:
+    """Run a resolved program with `input` (JSON text) through the inferlet runner (in a sandbox if set)."""
 
     async def body(instance: Instance) -> str:
         from pie.runtime import runner
 
         assert instance.host is not None
-        return await runner.run_program(program, input, instance.host, instance.emit)
+        return await runner.run(program, input, instance.host, instance.emit, sandbox=sandbox)
 
     return body
