@@ -13,6 +13,7 @@ from typing import Any
 from pie.engine.config import EngineConfig
 from pie.runtime.runtime import ModelSpec, RuntimeConfig, RuntimeLimits
 from pie.server.app import Server
+from pie.server.auth import Authenticator
 from pie.server.options import ServerOptions
 from pie.tiny_model import TINY_MODEL_ID
 
@@ -25,9 +26,11 @@ def tiny_runtime_config(num_pages: int = 256) -> RuntimeConfig:
 
 
 @asynccontextmanager
-async def running_server(config: Any = None, **options: Any) -> AsyncIterator[Server]:
+async def running_server(config: Any = None, authenticator: Authenticator | None = None,
+                         **options: Any) -> AsyncIterator[Server]:
     """`Server.serve` on a free port (auth off unless asked) until the block ends."""
-    server = Server(config or tiny_runtime_config(), ServerOptions(**{"port": 0, **options}))
+    server = Server(config or tiny_runtime_config(), ServerOptions(**{"port": 0, **options}),
+                    authenticator=authenticator)
     task = asyncio.create_task(server.serve(handle_signals=False))
     started = asyncio.ensure_future(server.started.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -59,7 +59,7 @@ class Server:
         self.options = options
         self._runtime_factory = runtime_factory or _start_runtime
         self._authenticator = authenticator
-        self.token = options.internal_token or new_internal_token()
+        self.token = authenticator.token if authenticator else options.internal_token or new_internal_token()
         self.state: ServerState | None = None
         self.port: int | None = None
         self.started = asyncio.Event()
