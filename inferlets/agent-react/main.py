@@ -53,9 +53,9 @@ TOOL_SCHEMAS = [
 
 def action_schema(actions: list[str]) -> dict:
     return {"type": "object", "additionalProperties": False, "required": ["thought", "action", "input"],
-            "properties": {"thought": {"type": "string", "maxLength": 60},
+            "properties": {"thought": {"type": "string", "maxLength": 48},
                            "action": {"enum": actions},
-                           "input": {"type": "string", "maxLength": 40}}}
+                           "input": {"type": "string", "maxLength": 32}}}
 
 
 async def main(input: dict) -> dict:
