@@ -340,6 +340,10 @@ async def test_bad_passes_are_refused_and_leave_the_context_usable(tiny: Path) -
                                                                                  "k": 10**6}}]},
              "over max_dist_size"),
             ({"tokens": [1], "positions": [0], "logit_mask": [5]}, "allows no token"),
+            ({"tokens": ["a"], "positions": [0]}, "lists of integers"),
+            ({"tokens": [1], "positions": [0], "slots": ["sampler"]}, "must be a dict"),
+            ({"tokens": [1], "positions": [0], "slots": [{"indices": [0], "sampler": [1]}]}, "must be a dict such"),
+            ({"tokens": [1], "positions": [0], "attention_mask": "x"}, "list of BRLE rows"),
         ]
         for spec, why in cases:
             with pytest.raises(HostError, match=why):

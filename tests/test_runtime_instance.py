@@ -133,3 +133,58 @@ async def test_shutdown_terminates_what_is_left_and_frees_its_pages(tiny: Path) 
     assert runtime.model().pool.num_used == 0
     with pytest.raises(Exception, match="shutting down"):
         runtime.spawn(forever, program="late", username="u")
+
+
+async def test_misbehaving_inferlets_fail_alone_while_a_good_one_finishes(tiny: Path) -> None:
+    runtime = await start_runtime(tiny, RuntimeLimits(max_pages_per_instance=64, max_wall_time_s=2.0))
+
+    async def raises(host: Any) -> None:
+        await forward(host, host.ctx_create(""), [1, 2, 3])
+        raise ValueError("bad inferlet")
+
+    async def loops(host: Any) -> None:
+        ctx = host.ctx_create("")
+        while True:
+            await forward(host, ctx, [1])
+
+    async def hogs_pages(host: Any) -> None:
+        while True:
+            host.ctx_reserve(host.ctx_create(""), 8)
+
+    async def garbage_mask(host: Any) -> None:
+        ctx = host.ctx_create("")
+        host.ctx_reserve(ctx, 1)
+        await host.ctx_forward(ctx, {"tokens": [1, 2], "positions": [0, 1], "attention_mask": [[0, 9], [1]]})
+
+    async def good(host: Any) -> list[int]:
+        return await greedy(host, host.ctx_create(""), [5, 6, 7], 24)
+
+    outcome: dict[str, Any] = {}
+
+    def spawn(fn: Any) -> Instance:
+        async def body(instance: Instance) -> str:
+            outcome[fn.__name__] = await fn(instance.host)
+            return "ok"
+
+        return runtime.spawn(body, program=fn.__name__, username="u")
+
+    procs = {fn.__name__: spawn(fn) for fn in (raises, loops, hogs_pages, garbage_mask, good)}
+    finals = {name: await p.wait() for name, p in procs.items()}
+    expect = {"raises": "ValueError: bad inferlet", "loops": "wall-time limit",
+              "hogs_pages": "over its limit of 64", "garbage_mask": "covers 9 slots"}
+    for name, why in expect.items():
+        assert finals[name].kind == "error" and why in str(finals[name].value), (name, finals[name])
+    assert finals["good"].kind == "return"
+    solo = await start_runtime(tiny)
+    box: dict[str, Any] = {}
+
+    async def alone(instance: Instance) -> str:
+        box["tokens"] = await good(instance.host)
+        return "ok"
+
+    await solo.spawn(alone, program="good", username="u").wait()
+    assert outcome["good"] == box["tokens"]
+    assert runtime.model().pool.num_used == 0
+    runtime.check_integrity()
+    await solo.shutdown(0)
+    await runtime.shutdown(0)

@@ -1,15 +1,10 @@
 """`InstanceHost`: the `inferlet._host.Host` of one instance, in the server process.
 
 It owns the instance's context handles and translates each call onto the
-model's contexts, snapshots, scheduler and tokenizer. A forward pass
-(`PassDict`) is checked here in full (the engine would reject a bad request
-for the whole batch), recorded on the context and handed to the scheduler as
-a `Job` whose outputs come back one value per slot:
-
-- sampler slot: the engine's value for its index (an int, or a list of ints
-  for `draws > 1`); with several indices, the list of all their tokens;
-- probe slot: the engine's value (distribution -> (ids, probs), logprob ->
-  float, logprobs -> list, entropy -> float, logits/embedding -> bytes).
+model's contexts, snapshots, scheduler and tokenizer. A forward pass is
+checked and turned into a scheduler job by `pie.runtime.forward_pass` (which
+also defines the value returned per output slot), with the instance's token
+budget applied here.
 
 Snapshot names and messaging topics are scoped by the instance's username.
 Every user-caused failure raises `HostError` with the numbers and the fix.
@@ -24,16 +19,17 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pie
-from inferlet._host import HostError, PassDict, SlotDict
-from pie.engine.batch import PROBE_KINDS, SAMPLER_KINDS, OutputSpec, Probe, Sampler
+from inferlet._host import HostError, PassDict
 from pie.errors import PieError
 from pie.runtime.context import Context
+from pie.runtime.forward_pass import PassReader, slot_values
 from pie.runtime.scheduler import Job
 
 if TYPE_CHECKING:
     from pie.runtime.instance import Instance
     from pie.runtime.messaging import Mailbox
     from pie.runtime.runtime import ModelRuntime
+
 
 @contextmanager
 def user_errors() -> Iterator[None]:
@@ -55,7 +51,7 @@ class InstanceHost:
         self._handles = itertools.count(1)
         self.tokens_sampled = 0
         self.closed = False
-        self._samplers: dict[tuple[Any, ...], Sampler] = {}  # decode loops send the same sampler each step
+        self._passes = PassReader()
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
@@ -187,7 +183,7 @@ class InstanceHost:
         except asyncio.CancelledError:
             m.scheduler.withdraw(c, None)
             raise
-        return [_slot_value(values, first, count) for first, count in slot_rows]
+        return slot_values(values, slot_rows)
 
     # -- session --------------------------------------------------------------------------------
 
@@ -279,157 +275,16 @@ class InstanceHost:
             raise HostError(f"this instance would hold {held + more} KV pages, over its limit of {limit}; "
                             "release or destroy contexts (or raise [runtime] max_pages_per_instance)")
 
-    def _outputs(self, slots: list[SlotDict], n: int, m: ModelRuntime) -> tuple[list[OutputSpec],
-                                                                               list[tuple[int, int]], int]:
-        """Slots -> engine outputs, each slot's (first output, count), and the number of sampled tokens."""
-        outputs: list[OutputSpec] = []
-        slot_rows: list[tuple[int, int]] = []
-        sampled = embeds = 0
-        for k, slot in enumerate(slots):
-            first = len(outputs)
-            if "sampler" in slot:
-                sampler = self._sampler(k, slot["sampler"])
-                indices = slot.get("indices") or []
-                if not indices:
-                    raise HostError(f"slot {k}: a sampler slot needs at least one row in `indices`")
-                outputs += [OutputSpec(_row(k, i, n), sampler=sampler) for i in indices]
-                sampled += len(indices) * sampler.draws
-            elif "probe" in slot:
-                probe = _probe(k, slot["probe"], m)
-                embeds += probe.kind == "embedding"
-                outputs.append(OutputSpec(_row(k, slot.get("index", 0), n), probe=probe))
-            else:
-                raise HostError(f"slot {k} has neither `sampler` nor `probe`")
-            slot_rows.append((first, len(outputs) - first))
-        if embeds > m.max_num_embeds:
-            raise HostError(f"the pass asks for {embeds} embeddings, over max_num_embeds = {m.max_num_embeds}")
-        return outputs, slot_rows, sampled
-
-    def _sampler(self, k: int, d: Mapping[str, Any]) -> Sampler:
-        key = tuple(d.items())
-        sampler = self._samplers.get(key)
-        if sampler is None:
-            if len(self._samplers) >= 64:
-                self._samplers.clear()
-            sampler = self._samplers[key] = _sampler(k, d)
-        return sampler
-
     def _job(self, m: ModelRuntime, c: Context, spec: PassDict) -> tuple[Job, list[tuple[int, int]]]:
-        """Check a pass against the context and the engine limits; record its inputs; build its job."""
-        tokens, positions = list(spec.get("tokens") or ()), list(spec.get("positions") or ())
-        n = len(tokens)
-        if n == 0:
-            raise HostError("empty forward pass: give at least one input token")
-        if len(positions) != n:
-            raise HostError(f"the pass has {n} tokens but {len(positions)} positions; give one position per token")
-        vocab = m.vocab_size
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            bad = next(t for t in tokens if not 0 <= t < vocab)
-            raise HostError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
-        if min(positions) < 0:
-            raise HostError("positions must be >= 0")
-        kv_len, capacity = c.kv_len, c.num_pages * m.page_size
-        if kv_len + n > capacity:
-            raise HostError(f"KV capacity exceeded: kv_len {kv_len} + {n} input tokens > {c.num_pages} pages x "
-                            f"page size {m.page_size} = {capacity}; reserve "
-                            f"{-(-(kv_len + n - capacity) // m.page_size)} more working pages first")
-        mask = spec.get("attention_mask")
-        if mask is not None:
-            _check_attention_mask(mask, n, kv_len + n, m.max_batch_tokens)
-        logit_mask = spec.get("logit_mask") or None
-        if logit_mask is not None:
-            _check_logit_mask(logit_mask, vocab)
-        if spec.get("adapter") is not None:
-            raise HostError("LoRA adapters are not available in this runtime yet; run without `adapter`")
-        outputs, slot_rows, sampled = self._outputs(spec.get("slots") or [], n, m)
+        outputs = self._passes.outputs(spec, m)
         budget = self.instance.limits.max_tokens
-        if budget and self.tokens_sampled + sampled > budget:
+        if budget and self.tokens_sampled + outputs.sampled > budget:
             raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
-                            f"{budget} tokens and this pass asks for {sampled} more")
-        self.tokens_sampled += sampled
-        seed = spec.get("seed")
-        c.append(tokens, positions, custom_kv=mask is not None)
-        job = Job(c, kv_len, kv_len + n, outputs, attention_mask=mask, logit_mask=logit_mask,
-                  seed=None if seed is None else int(seed))
-        return job, slot_rows
-
+                            f"{budget} tokens and this pass asks for {outputs.sampled} more")
+        job = self._passes.job(m, c, spec, outputs)
+        self.tokens_sampled += outputs.sampled
+        return job, outputs.slot_rows
 
 def _check_count(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 0:
         raise HostError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def _check_attention_mask(mask: list[list[int]], n: int, kv_len: int, max_rows: int) -> None:
-    if len(mask) != n:
-        raise HostError(f"attention_mask has {len(mask)} rows for {n} input tokens; give one BRLE per token")
-    if n > max_rows:
-        raise HostError(f"a masked pass of {n} tokens is over max_batch_tokens = {max_rows} (masked passes are "
-                        "not split into chunks); send it in smaller passes")
-    for i, row in enumerate(mask):
-        if any(r < 0 for r in row):
-            raise HostError(f"attention_mask row {i} has a negative run length")
-        if sum(row) != kv_len:
-            raise HostError(f"attention_mask row {i} covers {sum(row)} slots; it must cover the kv length after "
-                            f"the pass, {kv_len}")
-        if not any(row[1::2]):
-            raise HostError(f"attention_mask row {i} attends to nothing; every token must see at least itself")
-
-
-def _check_logit_mask(mask: list[int], vocab: int) -> None:
-    if any(r < 0 for r in mask):
-        raise HostError("logit_mask has a negative run length")
-    if sum(mask) > vocab:
-        raise HostError(f"logit_mask covers {sum(mask)} tokens, more than the vocabulary of {vocab}")
-    if not any(mask[1::2]):
-        raise HostError("logit_mask allows no token; at least one must be allowed")
-
-
-def _row(k: int, index: int, n: int) -> int:
-    if not isinstance(index, int) or not 0 <= index < n:
-        raise HostError(f"slot {k} reads row {index!r}, but the pass has {n} input rows [0, {n})")
-    return index
-
-
-def _sampler(k: int, d: Mapping[str, Any]) -> Sampler:
-    kind = d.get("kind", "argmax")
-    if kind not in SAMPLER_KINDS:
-        raise HostError(f"slot {k}: unknown sampler {kind!r}; use one of {sorted(SAMPLER_KINDS)}")
-    try:
-        s = Sampler(kind, float(d.get("temperature", 1.0)), int(d.get("top_k", 0)), float(d.get("top_p", 1.0)),
-                    float(d.get("min_p", 0.0)), int(d.get("draws", 1)))
-    except (TypeError, ValueError) as error:
-        raise HostError(f"slot {k}: sampler parameters must be numbers: {error}") from None
-    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0 or not 0.0 <= s.min_p <= 1.0 or s.draws < 1:
-        raise HostError(f"slot {k}: sampler parameters out of range (temperature >= 0, top_k >= 0, "
-                        f"0 < top_p <= 1, 0 <= min_p <= 1, draws >= 1): {dict(d)}")
-    return s
-
-
-def _probe(k: int, d: Mapping[str, Any], m: ModelRuntime) -> Probe:
-    kind = d.get("kind")
-    if kind not in PROBE_KINDS:
-        raise HostError(f"slot {k}: unknown probe {kind!r}; use one of {sorted(PROBE_KINDS)}")
-    tokens = tuple(int(t) for t in d.get("tokens") or ())
-    probe = Probe(kind, float(d.get("temperature", 1.0)), int(d.get("k", 0)), tokens)
-    if kind == "distribution" and not 0 <= probe.k <= m.max_dist_size:
-        raise HostError(f"slot {k}: a distribution of {probe.k} entries is over max_dist_size = "
-                        f"{m.max_dist_size}; ask for fewer (k = 0 gives the most allowed)")
-    if kind == "distribution" and probe.temperature <= 0:
-        raise HostError(f"slot {k}: distribution temperature must be > 0, got {probe.temperature}")
-    if kind in ("logprob", "logprobs"):
-        if not tokens:
-            raise HostError(f"slot {k}: a {kind} probe needs the token ids to score in `tokens`")
-        bad = [t for t in tokens if not 0 <= t < m.vocab_size]
-        if bad:
-            raise HostError(f"slot {k}: token {bad[0]} is outside the vocabulary [0, {m.vocab_size})")
-    return probe
-
-
-def _slot_value(values: list[Any], first: int, count: int) -> Any:
-    if count == 1:
-        return values[first]
-    flat: list[Any] = []
-    for v in values[first:first + count]:
-        flat += v if isinstance(v, list) else [v]
-    return flat
-

@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from inferlet._host import HostError
 from pie.errors import InferletError, PieError
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Body = Callable[["Instance"], Awaitable[str]]
 MAX_TRACEBACK_CHARS = 8000
+OUTPUT_KINDS = frozenset({"stdout", "stderr", "message", "file"})
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,15 @@ class Instance:
 
     # -- the inferlet's side --------------------------------------------------------------------
 
-    def emit(self, kind: EventKind, value: str | bytes) -> None:
+    def emit(self, kind: str, value: str | bytes) -> None:
         """An output event (stdout, stderr, message, file); ignored once the instance has ended."""
+        assert kind in OUTPUT_KINDS, f"{kind!r} is not an output event kind"
         if self._final is not None:
             return
         if len(self._events) >= self.limits.max_buffered_events:
             self._events.popleft()
             self.dropped_events += 1
-        self._events.append(Event(kind, value))
+        self._events.append(Event(cast(EventKind, kind), value))
         self._ready.set()
 
     @property

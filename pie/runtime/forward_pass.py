@@ -1,0 +1,211 @@
+"""A forward pass as the SDK sends it (`PassDict`), checked and turned into a scheduler `Job`.
+
+Everything the engine would refuse is refused here, per pass, with the
+numbers and the fix: the engine checks a whole batch at once, so one bad pass
+would otherwise fail every pass batched with it.
+
+Output values, one per slot (`slot_values`):
+- sampler slot: the engine's value for its row (an int, or a list of ints for
+  `draws > 1`); with several rows, the list of all their tokens;
+- probe slot: the engine's value (distribution -> (ids, probs), logprob ->
+  float, logprobs -> list, entropy -> float, logits/embedding -> bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from inferlet._host import HostError, PassDict, SlotDict
+from pie.engine.batch import PROBE_KINDS, SAMPLER_KINDS, OutputSpec, Probe, Sampler
+from pie.runtime.context import Context
+from pie.runtime.scheduler import Job
+
+if TYPE_CHECKING:
+    from pie.runtime.runtime import ModelRuntime
+
+MAX_CACHED_SAMPLERS = 64
+
+
+class Outputs(NamedTuple):
+    specs: list[OutputSpec]  # the engine outputs, in slot order
+    slot_rows: list[tuple[int, int]]  # per slot: (first output, number of outputs)
+    sampled: int  # tokens the samplers draw (what the token budget counts)
+
+
+class PassReader:
+    """Reads one instance's passes; keeps the samplers it has seen (decode loops repeat theirs)."""
+
+    def __init__(self) -> None:
+        self._samplers: dict[tuple[Any, ...], Sampler] = {}
+
+    def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs) -> Job:
+        """Check the inputs against the context and the model; record them on the context; the job."""
+        tokens, positions = list(spec.get("tokens") or ()), list(spec.get("positions") or ())
+        n = len(tokens)
+        kv_len, capacity = c.kv_len, c.num_pages * m.page_size
+        if kv_len + n > capacity:
+            raise HostError(f"KV capacity exceeded: kv_len {kv_len} + {n} input tokens > {c.num_pages} pages x "
+                            f"page size {m.page_size} = {capacity}; reserve "
+                            f"{-(-(kv_len + n - capacity) // m.page_size)} more working pages first")
+        mask = spec.get("attention_mask")
+        if mask is not None:
+            _check_attention_mask(mask, n, kv_len + n, m.max_batch_tokens)
+        logit_mask = spec.get("logit_mask") or None
+        if logit_mask is not None:
+            _check_logit_mask(logit_mask, m.vocab_size)
+        if spec.get("adapter") is not None:
+            raise HostError("LoRA adapters are not available in this runtime yet; run without `adapter`")
+        seed = spec.get("seed")
+        c.append(tokens, positions, custom_kv=mask is not None)
+        return Job(c, kv_len, kv_len + n, outputs.specs, attention_mask=mask, logit_mask=logit_mask,
+                   seed=None if seed is None else int(seed))
+
+    def outputs(self, spec: PassDict, m: ModelRuntime) -> Outputs:
+        """Check the inputs' shape and the slots; the engine outputs they ask for."""
+        tokens, positions = spec.get("tokens") or (), spec.get("positions") or ()
+        n = len(tokens)
+        if n == 0:
+            raise HostError("empty forward pass: give at least one input token")
+        if len(positions) != n:
+            raise HostError(f"the pass has {n} tokens but {len(positions)} positions; give one position per token")
+        if not all(type(t) is int for t in tokens) or not all(type(p) is int for p in positions):
+            raise HostError("tokens and positions must be lists of integers")
+        if min(tokens) < 0 or max(tokens) >= m.vocab_size:
+            bad = next(t for t in tokens if not 0 <= t < m.vocab_size)
+            raise HostError(f"token id {bad} is outside the model's vocabulary [0, {m.vocab_size})")
+        if min(positions) < 0:
+            raise HostError("positions must be >= 0")
+        return self._slots(spec.get("slots") or [], n, m)
+
+    def _slots(self, slots: list[SlotDict], n: int, m: ModelRuntime) -> Outputs:
+        """Slots -> engine outputs, each slot's (first output, count), and the number of sampled tokens."""
+        outputs: list[OutputSpec] = []
+        slot_rows: list[tuple[int, int]] = []
+        sampled = embeds = 0
+        for k, slot in enumerate(slots):
+            first = len(outputs)
+            if not isinstance(slot, Mapping):
+                raise HostError(f"slot {k} must be a dict with `sampler` + `indices` or `probe` + `index`")
+            if "sampler" in slot:
+                sampler = self._sampler(k, slot["sampler"])
+                indices = slot.get("indices") or []
+                if not indices:
+                    raise HostError(f"slot {k}: a sampler slot needs at least one row in `indices`")
+                outputs += [OutputSpec(_row(k, i, n), sampler=sampler) for i in indices]
+                sampled += len(indices) * sampler.draws
+            elif "probe" in slot:
+                probe = _probe(k, slot["probe"], m)
+                embeds += probe.kind == "embedding"
+                outputs.append(OutputSpec(_row(k, slot.get("index", 0), n), probe=probe))
+            else:
+                raise HostError(f"slot {k} has neither `sampler` nor `probe`")
+            slot_rows.append((first, len(outputs) - first))
+        if embeds > m.max_num_embeds:
+            raise HostError(f"the pass asks for {embeds} embeddings, over max_num_embeds = {m.max_num_embeds}")
+        return Outputs(outputs, slot_rows, sampled)
+
+    def _sampler(self, k: int, d: Mapping[str, Any]) -> Sampler:
+        try:
+            key = tuple(d.items())
+            sampler = self._samplers.get(key)
+        except (TypeError, AttributeError):  # not a flat dict of numbers: let the checks say what is wrong
+            return _sampler(k, d)
+        if sampler is None:
+            if len(self._samplers) >= MAX_CACHED_SAMPLERS:
+                self._samplers.clear()
+            sampler = self._samplers[key] = _sampler(k, d)
+        return sampler
+
+
+def slot_values(values: list[Any], slot_rows: list[tuple[int, int]]) -> list[Any]:
+    """The engine's values (one per output) regrouped as one value per slot."""
+    return [values[first] if count == 1 else _flat(values[first:first + count]) for first, count in slot_rows]
+
+
+def _flat(values: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for v in values:
+        flat += v if isinstance(v, list) else [v]
+    return flat
+
+
+def _check_attention_mask(mask: list[list[int]], n: int, kv_len: int, max_rows: int) -> None:
+    if not isinstance(mask, list) or not all(_is_int_list(row) for row in mask):
+        raise HostError("attention_mask must be a list of BRLE rows (lists of run lengths)")
+    if len(mask) != n:
+        raise HostError(f"attention_mask has {len(mask)} rows for {n} input tokens; give one BRLE per token")
+    if n > max_rows:
+        raise HostError(f"a masked pass of {n} tokens is over max_batch_tokens = {max_rows} (masked passes are "
+                        "not split into chunks); send it in smaller passes")
+    for i, row in enumerate(mask):
+        if any(r < 0 for r in row):
+            raise HostError(f"attention_mask row {i} has a negative run length")
+        if sum(row) != kv_len:
+            raise HostError(f"attention_mask row {i} covers {sum(row)} slots; it must cover the kv length after "
+                            f"the pass, {kv_len}")
+        if not any(row[1::2]):
+            raise HostError(f"attention_mask row {i} attends to nothing; every token must see at least itself")
+
+
+def _check_logit_mask(mask: list[int], vocab: int) -> None:
+    if not _is_int_list(mask):
+        raise HostError("logit_mask must be a BRLE: a list of run lengths")
+    if any(r < 0 for r in mask):
+        raise HostError("logit_mask has a negative run length")
+    if sum(mask) > vocab:
+        raise HostError(f"logit_mask covers {sum(mask)} tokens, more than the vocabulary of {vocab}")
+    if not any(mask[1::2]):
+        raise HostError("logit_mask allows no token; at least one must be allowed")
+
+
+def _row(k: int, index: int, n: int) -> int:
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise HostError(f"slot {k} reads row {index!r}, but the pass has {n} input rows [0, {n})")
+    return index
+
+
+def _sampler(k: int, d: Mapping[str, Any]) -> Sampler:
+    if not isinstance(d, Mapping):
+        raise HostError(f"slot {k}: `sampler` must be a dict such as {{'kind': 'argmax'}}, got {d!r}")
+    kind = d.get("kind", "argmax")
+    if kind not in SAMPLER_KINDS:
+        raise HostError(f"slot {k}: unknown sampler {kind!r}; use one of {sorted(SAMPLER_KINDS)}")
+    try:
+        s = Sampler(kind, float(d.get("temperature", 1.0)), int(d.get("top_k", 0)), float(d.get("top_p", 1.0)),
+                    float(d.get("min_p", 0.0)), int(d.get("draws", 1)))
+    except (TypeError, ValueError) as error:
+        raise HostError(f"slot {k}: sampler parameters must be numbers: {error}") from None
+    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0 or not 0.0 <= s.min_p <= 1.0 or s.draws < 1:
+        raise HostError(f"slot {k}: sampler parameters out of range (temperature >= 0, top_k >= 0, "
+                        f"0 < top_p <= 1, 0 <= min_p <= 1, draws >= 1): {dict(d)}")
+    return s
+
+
+def _probe(k: int, d: Mapping[str, Any], m: ModelRuntime) -> Probe:
+    if not isinstance(d, Mapping):
+        raise HostError(f"slot {k}: `probe` must be a dict such as {{'kind': 'entropy'}}, got {d!r}")
+    kind = d.get("kind")
+    if kind not in PROBE_KINDS:
+        raise HostError(f"slot {k}: unknown probe {kind!r}; use one of {sorted(PROBE_KINDS)}")
+    try:
+        tokens = tuple(int(t) for t in d.get("tokens") or ())
+        probe = Probe(kind, float(d.get("temperature", 1.0)), int(d.get("k", 0)), tokens)
+    except (TypeError, ValueError) as error:
+        raise HostError(f"slot {k}: probe parameters must be numbers: {error}") from None
+    if kind == "distribution" and not 0 <= probe.k <= m.max_dist_size:
+        raise HostError(f"slot {k}: a distribution of {probe.k} entries is over max_dist_size = "
+                        f"{m.max_dist_size}; ask for fewer (k = 0 gives the most allowed)")
+    if kind == "distribution" and probe.temperature <= 0:
+        raise HostError(f"slot {k}: distribution temperature must be > 0, got {probe.temperature}")
+    if kind in ("logprob", "logprobs"):
+        if not tokens:
+            raise HostError(f"slot {k}: a {kind} probe needs the token ids to score in `tokens`")
+        bad = [t for t in tokens if not 0 <= t < m.vocab_size]
+        if bad:
+            raise HostError(f"slot {k}: token {bad[0]} is outside the vocabulary [0, {m.vocab_size})")
+    return probe
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
