@@ -92,6 +92,7 @@ class Engine:
                                     self.dtype, self.device)
         self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
         self._rng = random.Random(config.seed)
+        self.graphs: GraphRunner | None = None  # captured after the pool exists; the sizing dry run is eager
         num_pages = self._size_kv_pool()
         # One page more than the runtime sees: the scratch page that CUDA-graph padding rows write to.
         self.kv = KVCache(self.kv_shape, num_pages + 1, self.device)
@@ -148,6 +149,9 @@ class Engine:
         if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
             raise ConfigError(f"use_cuda_graphs needs a CUDA device and the flashinfer attention backend; "
                               f"this engine runs {self.backend.name} on {self.device}. Set use_cuda_graphs = false.")
+        if not self.model.supports_cuda_graphs():
+            raise ConfigError(f"use_cuda_graphs is not supported for model_type {self.model.hf_config.model_type!r} "
+                              "(its forward reads per-expert token counts on the host); set use_cuda_graphs = false")
         return GraphRunner(self.model, self.backend, self.kv, scratch_page=num_pages,
                            max_batch_size=min(self.config.max_batch_size, 256), max_pages_per_batch=num_pages)
 
