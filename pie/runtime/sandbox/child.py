@@ -50,22 +50,22 @@ def run(sock: socket.socket) -> int:
     applied = guard.apply(policy, Path(start["scratch"]), str(start["username"]))
     host = RemoteHost(sock, loop)
     host.start()
-    host.send({"t": "ready", "uid": applied.uid, "network": applied.network, "uid_note": applied.uid_note,
+    host.post({"t": "ready", "uid": applied.uid, "network": applied.network, "uid_note": applied.uid_note,
                "rlimits": applied.rlimits})
 
     def emit(kind: str, value: str | bytes) -> None:
-        host.send({"t": "event", "k": kind, "v": value})
+        host.post({"t": "event", "k": kind, "v": value})
 
     try:
         result = loop.run_until_complete(runner.run_program(program_from(start["program"]), start["input"],
                                                             host, emit))
-        host.send({"t": "done", "ok": True, "v": result})
+        host.post({"t": "done", "ok": True, "v": result})
     except InferletError as e:
-        host.send({"t": "done", "ok": False, "v": str(e)})
+        host.post({"t": "done", "ok": False, "v": str(e)})
     except PieError as e:
-        host.send({"t": "done", "ok": False, "v": f"{type(e).__name__}: {e}"})
+        host.post({"t": "done", "ok": False, "v": f"{type(e).__name__}: {e}"})
     except BaseException as e:  # the runner's own failure: report it rather than die silently
-        host.send({"t": "done", "ok": False, "v": "".join(traceback.format_exception(e))[-8000:]})
+        host.post({"t": "done", "ok": False, "v": "".join(traceback.format_exception(e))[-8000:]})
     return 0
 
 

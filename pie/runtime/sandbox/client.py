@@ -48,8 +48,9 @@ class RemoteHost:
     def start(self) -> None:
         self._reader.start()
 
-    def send(self, message: dict[str, Any]) -> None:
-        self._sock.sendall(pack(message))
+    def post(self, frame: dict[str, Any]) -> None:
+        """Send one raw frame (events, done). Not `send`: that is the Host's session call."""
+        self._sock.sendall(pack(frame))
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name not in HOST_METHODS:
@@ -64,7 +65,7 @@ class RemoteHost:
         call_id, waiter = next(self._ids), _Waiter()
         with self._lock:
             self._waiting[call_id] = waiter
-        self.send({"t": "call", "id": call_id, "m": method, "a": args})
+        self.post({"t": "call", "id": call_id, "m": method, "a": args})
         waiter.done.wait()
         return _result(waiter.reply)
 
@@ -73,13 +74,13 @@ class RemoteHost:
         future: asyncio.Future[Any] = self._loop.create_future()
         with self._lock:
             self._waiting[call_id] = future
-        self.send({"t": "call", "id": call_id, "m": method, "a": args})
+        self.post({"t": "call", "id": call_id, "m": method, "a": args})
         try:
             return _result(await future)
         except asyncio.CancelledError:
             with self._lock:
                 self._waiting.pop(call_id, None)
-            self.send({"t": "cancel", "id": call_id})
+            self.post({"t": "cancel", "id": call_id})
             raise
 
     def _read(self) -> None:

@@ -40,7 +40,10 @@ STDERR_TAIL_BYTES = 4096
 
 
 async def run_isolated(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit,
-                       policy: SandboxPolicy, *, username: str, instance_id: str) -> str:
+                       policy: SandboxPolicy, *, username: str, instance_id: str,
+                       on_ready: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """Run `program` in a new sandbox process; `on_ready` gets what the sandbox enforced (uid, network,
+    rlimits) once it has restricted itself."""
     scratch = policy.scratch_dir(username, instance_id)
     _make_scratch(scratch)
     parent, child = socket.socketpair()
@@ -55,7 +58,7 @@ async def run_isolated(program: Program, input: str | dict[str, Any] | None, hos
             start_new_session=True)
         child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        session = _Session(host, writer, emit)
+        session = _Session(host, writer, emit, on_ready)
         stderr_tail = asyncio.ensure_future(_tail(proc.stderr))
         writer.write(pack({"t": "start", "program": _program_dict(program), "input": input,
                            "policy": policy.to_dict(), "scratch": str(scratch), "username": username}))
@@ -83,12 +86,13 @@ async def run_isolated(program: Program, input: str | dict[str, Any] | None, hos
 class _Session:
     """Serves one sandbox's frames until its `done` (or the end of the stream)."""
 
-    def __init__(self, host: Host, writer: asyncio.StreamWriter, emit: Emit) -> None:
+    def __init__(self, host: Host, writer: asyncio.StreamWriter, emit: Emit,
+                 on_ready: Callable[[dict[str, Any]], None] | None) -> None:
         self._host = host
         self._writer = writer
         self._emit = emit
+        self._on_ready = on_ready
         self._calls: dict[int, asyncio.Task[None]] = {}
-        self.ready: dict[str, Any] = {}
 
     async def serve(self, reader: asyncio.StreamReader) -> tuple[bool, Any] | None:
         while True:
@@ -110,7 +114,9 @@ class _Session:
             elif kind == "event" and message.get("k") in EVENT_KINDS:
                 self._emit(str(message["k"]), _event_value(message.get("v")))
             elif kind == "ready":
-                self.ready = message
+                log.debug("sandbox ready: %s", message)
+                if self._on_ready is not None:
+                    self._on_ready(message)
             else:
                 raise SandboxError(f"the sandbox sent an unknown frame type {kind!r}; it was stopped")
 
