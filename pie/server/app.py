@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -120,6 +121,9 @@ class Server:
         await self._site.start()
         auth = "on" if self.options.enable_auth else "off"
         log.info("pie serving on %s (HTTP %s), auth %s", self.url, self.http_url, auth)
+        if not self.options.enable_auth and not _is_loopback(self.options.host):
+            log.warning("authentication is off and the server listens on %s: anyone who can reach this port "
+                        "can run inferlets. Set enable_auth = true, or bind 127.0.0.1", self.options.host)
         self.started.set()
 
     async def main_loop(self) -> None:
@@ -209,6 +213,13 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _url_host(host: str) -> str:
