@@ -26,11 +26,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from inferlet._host import HostError
 from pie.errors import OutOfPagesError
 from pie.runtime.pages import PagePool
 from pie.runtime.prefix_trie import ROOT_KEY, PageKey, PrefixTrie, page_key
+
+
+class Attached(NamedTuple):
+    skipped: int  # slots attached from the prefix trie instead of computed
+    missed: PageKey | None  # key of the first full page not in the trie (None: none was keyable)
 
 
 class ContextSpace:
@@ -205,23 +211,26 @@ class Context:
 
     # -- physical pages: what the scheduler calls while building a batch ------------------------
 
-    def attach_cached(self, limit: int) -> int:
+    def attach_cached(self, limit: int) -> Attached:
         """Skip computing leading full pages of the pending slots whose content is in the trie.
 
         Only pages entirely below slot `limit` (the first row something must be
-        read from) are attached. Returns how many slots were skipped."""
+        read from) are attached. Returns the slots skipped and the key of the
+        first full page that missed (None when no full, shareable page was left)."""
         ps, pool, trie = self.space.page_size, self.space.pool, self.space.trie
         start = self.computed_len
         if start % ps:
-            return 0
+            return Attached(0, None)
         j = start // ps
         parent = self._key_before(j)
         end = min(limit, self.kv_len)
+        missed = None
         while parent is not None and (j + 1) * ps <= end:
             key = self.keys[j] if j < self.num_committed else (
                 None if j in self.dirty else self._content_key(parent, j))
             page = trie.lookup(key) if key is not None else None
             if page is None:
+                missed = key
                 break
             if j < len(self.pages):
                 if self.pages[j] != page:
@@ -233,7 +242,7 @@ class Context:
                 self.pages.append(page)
             parent, j = key, j + 1
         self.computed_len = j * ps
-        return self.computed_len - start
+        return Attached(self.computed_len - start, missed)
 
     def pages_needed(self, start: int, end: int) -> int:
         """Fresh pages a write of slots [start, end) takes: new tail pages plus copy-on-write copies."""

@@ -38,6 +38,7 @@ from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue,
 from pie.errors import BatchError, OutOfPagesError
 from pie.runtime.api import EngineClient
 from pie.runtime.context import Context, ContextSpace
+from pie.runtime.prefix_trie import PageKey
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class Job:
     results: list[OutputValue | None] = field(default_factory=list)
     _order: list[int] = field(default_factory=list)  # output ids by row
     _next: int = 0  # outputs in _order before this were scheduled
+    missed_at: int = -1  # computed_len when the prefix trie last missed: no lookups past it
+    computing: PageKey | None = None  # the uncached page this pass computes first (others wait for it)
+    admitted_build: int = -1  # build (context-clock tick) that last admitted a chunk of this pass
 
     def __post_init__(self) -> None:
         outputs = self.outputs
@@ -100,10 +104,13 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
         self._jobs: dict[int, Job] = {}  # context id -> its pending pass; insertion order = queue order
+        self._computing: dict[PageKey, Job] = {}  # uncached page key -> the pass computing it
         self._submissions = 0
         self._wake = asyncio.Event()
         self._stalled_since: float | None = None
         self._previous_build = self._this_build = 0  # context-clock ticks at the start of the last two builds
+        self._lead_job: Job | None = None  # see _lead(); looked up at most once per build
+        self._lead_known = False
         space.pool.set_hooks(on_free=self._wake.set)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="pie-scheduler")
 
@@ -187,8 +194,8 @@ class Scheduler:
                 self._fail(job, OutOfPagesError(
                     f"a forward pass waited {self.page_wait_timeout_s:.0f} s for {need} KV pages while nothing "
                     f"else could run ({self.space.pool.num_allocatable} of {self.space.pool.num_pages} are "
-                    "allocatable; the rest are held by contexts that cannot be suspended, e.g. written with "
-                    "custom attention masks); release contexts, or raise the KV budget"))
+                    "allocatable; the rest are held by contexts that cannot be suspended: written with custom "
+                    "attention masks, or pending at a higher priority); release contexts, or raise the KV budget"))
             return
         with contextlib.suppress(TimeoutError):  # the stall timer is checked on the next round
             await asyncio.wait_for(self._wake.wait(), timeout=left)
@@ -197,6 +204,7 @@ class Scheduler:
 
     def _build(self) -> tuple[ForwardBatch, list[Chunk]] | None:
         self._previous_build, self._this_build = self._this_build, self.space.tick()
+        self._lead_known = False
         order = sorted(self._jobs.values(), key=_priority)  # stable: queue order within a priority
         tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
         requests: list[Request] = []
@@ -227,8 +235,8 @@ class Scheduler:
         A masked pass is not chunked: it needs all its rows in `tokens_left` (it
         keeps its place in the queue, so it is first in line next step)."""
         ctx = job.ctx
-        skipped = ctx.attach_cached(job.next_output_slot())
-        self.stats.cached_tokens += skipped
+        if not self._lookup_prefix(job):
+            return None
         start = ctx.computed_len
         if start == job.end:  # every row was in the prefix cache (a pass without outputs)
             self._complete(job)
@@ -245,6 +253,7 @@ class Scheduler:
             return None
         copies += ctx.prepare_write(start, end, self.space.pool.allocate(need))
         ctx.in_batch = True
+        job.admitted_build = self._this_build
         ids = []
         while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
             ids.append(job._order[job._next])
@@ -252,6 +261,31 @@ class Scheduler:
         del self._jobs[ctx.id]  # to the back of the queue
         self._jobs[ctx.id] = job
         return Chunk(job, start, end, ids)
+
+    def _lookup_prefix(self, job: Job) -> bool:
+        """Attach the job's cached leading pages; False if another pass is computing its next page.
+
+        Identical prompts submitted together are computed once: the first
+        computes, the others wait and attach its pages once they are committed.
+        They wait only while that pass makes progress (a chunk admitted in this
+        build or the previous one), so waiting never blocks anyone for long."""
+        ctx = job.ctx
+        if 0 <= job.missed_at <= ctx.computed_len:  # past a miss, the chain cannot be cached
+            return True
+        attached = ctx.attach_cached(job.next_output_slot())
+        self.stats.cached_tokens += attached.skipped
+        if attached.missed is None:
+            return True
+        owner = self._computing.get(attached.missed)
+        if owner is not None and owner is not job and owner.admitted_build >= self._previous_build:
+            return False
+        job.missed_at = ctx.computed_len
+        if owner is None or owner.admitted_build < self._previous_build:
+            if owner is not None:
+                self._release_key(owner)
+            self._computing[attached.missed] = job
+            job.computing = attached.missed
+        return True
 
     def _make_room(self, job: Job, start: int, end: int) -> int | None:
         """Pages the chunk needs, after suspending victims if the pool is short; None if it cannot fit now."""
@@ -262,25 +296,34 @@ class Scheduler:
             if pool.can_allocate(need):
                 return need
             if victims is None:
-                victims = self._victims(ctx)
+                victims = self._victims(ctx, lead=job is self._lead())
             if not victims:
                 return None
             victims.pop().suspend()
             self.stats.suspensions += 1
 
-    def _victims(self, ctx: Context) -> list[Context]:
+    def _lead(self) -> Job | None:
+        """The pending pass of the oldest context of the top priority (found once per build)."""
+        if not self._lead_known:
+            self._lead_job = min(self._jobs.values(), key=lambda j: (-j.ctx.priority, j.ctx.id), default=None)
+            self._lead_known = True
+        return self._lead_job
+
+    def _victims(self, ctx: Context, *, lead: bool) -> list[Context]:
         """Contexts that may lose their pages for `ctx`, the best victim last.
 
         Any lower-priority context qualifies. Of equal priority: contexts idle
         since before the previous batch (least recently used first), then
         contexts with a pending pass that are younger than `ctx` (youngest
-        first). The oldest context of the top priority can therefore always
-        make room (no deadlock), and a younger one never pushes it back out
-        (no ping-pong), as in vLLM's preempt-the-newest policy."""
+        first), so a younger context never pushes an older one back out (no
+        ping-pong; vLLM's preempt-the-newest). The lead pass (oldest context of
+        the top priority) may also take the pages of any idle context, so some
+        pass can always run: only contexts that cannot be recomputed (masked
+        KV) or are in this batch keep their pages."""
         prio, cutoff = ctx.priority, self._previous_build
         found = [c for c in self.space.live.values()
                  if c is not ctx and c.pages and not c.in_batch and c.recomputable
-                 and (c.priority < prio or (c.priority == prio and (
+                 and (c.priority < prio or (lead and not c.pending) or (c.priority == prio and (
                      c.id > ctx.id if c.pending else c.last_used < cutoff)))
                  and c.freeable_pages()]
         found.sort(key=lambda c: (c.priority, c.pending, -c.id if c.pending else c.last_used), reverse=True)
@@ -357,6 +400,7 @@ class Scheduler:
             self._drop(job)
             return
         del self._jobs[job.ctx.id]
+        self._release_key(job)
         job.ctx.pending = False
         job.ctx.last_used = self.space.tick()
         job.future.set_result(job.results)  # type: ignore[arg-type]
@@ -369,11 +413,17 @@ class Scheduler:
     def _drop(self, job: Job) -> None:
         """Forget a job that will not complete; its context goes back to before the pass."""
         ctx = job.ctx
+        self._release_key(job)
         if self._jobs.get(ctx.id) is job:
             del self._jobs[ctx.id]
         ctx.pending = False
         if not ctx.closed and ctx.kv_len >= job.end:
             ctx.rollback(job.start)
+
+    def _release_key(self, job: Job) -> None:
+        if job.computing is not None and self._computing.get(job.computing) is job:
+            del self._computing[job.computing]
+        job.computing = None
 
 
 def _priority(job: Job) -> float:
