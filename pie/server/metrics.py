@@ -29,7 +29,8 @@ COUNTERS = {
     for spec in (
         MetricSpec("pie_connections_total", "counter", "WebSocket connections accepted."),
         MetricSpec("pie_requests_total", "counter", "Client messages handled, by type."),
-        MetricSpec("pie_protocol_errors_total", "counter", "Frames refused as malformed, oversized or unknown."),
+        MetricSpec("pie_protocol_errors_total", "counter",
+                   "Refused frames and requests (malformed, oversized, unknown, bad arguments)."),
         MetricSpec("pie_auth_failures_total", "counter", "Refused authentication attempts."),
         MetricSpec("pie_processes_launched_total", "counter", "Inferlet processes launched, by program."),
         MetricSpec("pie_process_events_total", "counter", "Process events streamed to clients, by kind."),

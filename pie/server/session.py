@@ -21,6 +21,7 @@ from aiohttp import WSMsgType, web
 from pie.errors import PieError, RequestError
 from pie.runtime.api import FINAL_EVENTS, Event, ProcessAPI
 from pie.server import processes, protocol
+from pie.server.auth import Reply
 from pie.server.chunks import Reassembler, check_digest, digest, split
 from pie.server.protocol import (
     AddProgram,
@@ -159,7 +160,7 @@ class Session:
     async def _auth_by_token(self, m: AuthByToken) -> None:
         await self._auth_reply(m.corr_id, self.handshake.by_token(m.token, m.username))
 
-    async def _auth_reply(self, corr_id: int, reply: Any) -> None:
+    async def _auth_reply(self, corr_id: int, reply: Reply) -> None:
         if not reply.ok:
             self.state.metrics.inc("pie_auth_failures_total")
         await self.send(Response(corr_id, reply.ok, reply.result))
