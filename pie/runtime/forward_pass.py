@@ -41,7 +41,7 @@ class PassReader:
 
     def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs) -> Job:
         """Check the inputs against the context and the model; record them on the context; the job."""
-        tokens, positions = list(spec.get("tokens") or ()), list(spec.get("positions") or ())
+        tokens, positions = spec["tokens"], spec["positions"]  # checked by `outputs`
         n = len(tokens)
         kv_len, capacity = c.kv_len, c.num_pages * m.page_size
         if kv_len + n > capacity:
@@ -63,7 +63,9 @@ class PassReader:
 
     def outputs(self, spec: PassDict, m: ModelRuntime) -> Outputs:
         """Check the inputs' shape and the slots; the engine outputs they ask for."""
-        tokens, positions = spec.get("tokens") or (), spec.get("positions") or ()
+        tokens, positions = spec.get("tokens") or [], spec.get("positions") or []
+        if not isinstance(tokens, list) or not isinstance(positions, list):
+            raise HostError("tokens and positions must be lists of integers")
         n = len(tokens)
         if n == 0:
             raise HostError("empty forward pass: give at least one input token")

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 GATHER_ROUNDS = 8  # event-loop turns to let woken instances submit before a batch is built
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """One forward pass on one context: rows are the context's slots [start, end)."""
 
