@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pie.engine.config import EngineConfig
-from pie.errors import ConfigError, RequestError
+from pie.errors import ConfigError, ModelNotFoundError, RequestError
 from pie.runtime.api import EngineClient, ModelStatus, ProgramInfo
 from pie.runtime.context import ContextSpace
 from pie.runtime.host import InstanceHost
@@ -113,8 +113,14 @@ class ModelRuntime:
         return ModelTokenizer(self.info.model_dir)
 
     def describe(self) -> dict[str, Any]:
-        """`Host.model_info`: the tokenizer's facts plus the engine's (vocab_size = logits length)."""
-        facts = dict(self.tokenizer.info())
+        """`Host.model_info`: the tokenizer's facts plus the engine's (vocab_size = logits length).
+
+        A checkpoint without a tokenizer (benchmarks' dummy models) still describes its engine;
+        tokenizer calls on it fail with the reason."""
+        try:
+            facts = dict(self.tokenizer.info())
+        except ModelNotFoundError:
+            facts = {"stop_tokens": [], "chat_template": False}
         facts["tokenizer_vocab_size"] = facts.get("vocab_size")
         return facts | {
             "name": self.name, "model_type": self.info.model_type, "page_size": self.page_size,
