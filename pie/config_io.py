@@ -63,25 +63,29 @@ def default_config_text(device: str, model: str = DEFAULT_MODEL) -> str:
     return HEADER + tomli_w.dumps(body)
 
 
-def parse_scalar(text: str) -> Any:
-    """A command-line value: int, then float, then bool (true/false), then the text itself.
-
-    Text starting with `[`, `{` or a quote is read as a TOML value (lists, quoted strings)."""
-    if text[:1] in ("[", "{", '"', "'"):
-        try:
-            return tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            return text
+def parse_value(text: str) -> Any:
+    """A command-line value: int, then float, then bool (true/false, any case), then the text itself."""
     for kind in (int, float):
         try:
             value = kind(text)
         except ValueError:
             continue
-        if kind is int or math.isfinite(value):  # "nan", "inf" stay text
+        if kind is int or math.isfinite(value):  # "nan" and "inf" stay text
             return value
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     return text
+
+
+def parse_scalar(text: str) -> Any:
+    """`parse_value`, except that text starting with `[`, `{` or a quote is read as a TOML value
+    (a list, a table, a quoted string)."""
+    if text[:1] in ("[", "{", '"', "'"):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return parse_value(text)
 
 
 def set_key(path: Path | str, dotted_key: str, value: Any, *, home: Path | None = None) -> Config:

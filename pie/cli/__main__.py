@@ -1,0 +1,5 @@
+"""`python -m pie.cli ...` = `pie ...`."""
+
+from pie.cli.main import main
+
+main()

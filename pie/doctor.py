@@ -1,0 +1,177 @@
+"""`pie doctor`: is this machine ready to serve? Each check says ok, warn or fail, and what to fix.
+
+Only a failing check that stops `pie serve` (no torch, an invalid config, a configured model this
+engine cannot run, auth on with nobody authorized) makes the command exit 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pie.errors import PieError
+
+
+@dataclass(frozen=True)
+class Check:
+    level: str  # "ok" | "warn" | "fail"
+    text: str
+    blocking: bool = False  # a failure that stops `pie serve`
+
+
+def run_checks(config_path: Path | None) -> list[Check]:
+    checks: list[Check] = []
+    for step in (_python, _torch, _gpu, _flashinfer, _flavor):
+        checks += list(step())
+    checks += list(_config(config_path))
+    return checks
+
+
+def _python() -> Iterator[Check]:
+    version = ".".join(map(str, sys.version_info[:3]))
+    yield (Check("ok", f"python {version} ({sys.executable})") if sys.version_info >= (3, 11)
+           else Check("fail", f"python {version}: pie needs 3.11 or newer", blocking=True))
+
+
+def _torch() -> Iterator[Check]:
+    try:
+        import torch
+    except ImportError as error:
+        yield Check("fail", f"torch does not import ({error}); reinstall pie with install.sh", blocking=True)
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    yield Check("ok", f"torch {torch.__version__} ({build}); device: {_device_summary(torch)}")
+
+
+def _device_summary(torch: Any) -> str:
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"cuda ({', '.join(names)})"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _gpu() -> Iterator[Check]:
+    try:
+        import pynvml
+    except ImportError:
+        yield Check("warn", "nvidia-ml-py is not installed: cannot read the NVIDIA driver; pip install nvidia-ml-py")
+        return
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        yield Check("ok", "no NVIDIA driver: models run on CPU (or Apple MPS)")
+        return
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        gpus = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        memory = [pynvml.nvmlDeviceGetMemoryInfo(g).total / 2**30 for g in gpus]
+        yield Check("ok", f"NVIDIA driver {_text(driver)} (CUDA {cuda // 1000}.{cuda % 1000 // 10}), "
+                    f"{len(gpus)} GPU(s): " + ", ".join(f"{m:.0f} GiB" for m in memory))
+    finally:
+        pynvml.nvmlShutdown()
+    yield from _torch_sees_gpus(len(gpus))
+
+
+def _torch_sees_gpus(num_gpus: int) -> Iterator[Check]:
+    try:
+        import torch
+    except ImportError:
+        return
+    if num_gpus and not torch.cuda.is_available():
+        yield Check("warn", f"{num_gpus} NVIDIA GPU(s) but torch cannot use CUDA ({torch.__version__}); "
+                    "reinstall with the CUDA flavor that matches the driver (install.sh picks it)")
+
+
+def _flashinfer() -> Iterator[Check]:
+    found = importlib.util.find_spec("flashinfer") is not None
+    if found:
+        yield Check("ok", "flashinfer importable (CUDA attention kernels)")
+        return
+    cuda = _cuda_available()
+    yield Check("warn" if cuda else "ok", "flashinfer missing: CUDA attention uses the slower torch_ref kernels; "
+                "install the `cuda` extra" if cuda else "flashinfer not installed (not used without CUDA)")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _flavor() -> Iterator[Check]:
+    try:
+        from pie.flavors import installed_flavor
+    except ImportError:
+        yield Check("warn", "pie.flavors is missing from this install; cannot tell its flavor")
+        return
+    from pie.config import pie_home
+
+    try:
+        flavor = installed_flavor(pie_home())
+    except PieError as error:
+        yield Check("warn", f"flavor: {error}")
+        return
+    if flavor is None:
+        yield Check("ok", "no recorded flavor (a pip or source install, not install.sh)")
+        return
+    yield Check("ok", f"flavor {flavor.name}: {flavor.description}")
+
+
+def _config(config_path: Path | None) -> Iterator[Check]:
+    from pie.config import load_config
+
+    try:
+        config = load_config(config_path)
+    except PieError as error:
+        yield Check("fail", f"config: {error}", blocking=True)
+        return
+    yield Check("ok", f"config {config.source or '(none: built-in defaults)'} loads: "
+                f"{', '.join(m.name for m in config.models)}")
+    for note in config.notes:
+        yield Check("warn", f"config: {note}")
+    for model in config.models:
+        yield from _model(model.hf_repo, model.revision or None)
+    if config.enable_auth:
+        yield _keystore(config.pie_home)
+
+
+def _keystore(home: Path) -> Check:
+    from pie.auth import open_keystore
+
+    try:
+        store = open_keystore(home)
+    except PieError as error:
+        return Check("fail", f"auth: {error}", blocking=True)
+    return Check("ok", f"auth on: {len(store.users())} user(s) in {store.path}")
+
+
+def _model(name: str, revision: str | None) -> Iterator[Check]:
+    from pie.cli.catalog import device_memory, inspect_checkpoint
+    from pie.model_source import resolve_model_dir
+
+    try:
+        path = resolve_model_dir(name, revision=revision, download=False)
+    except PieError:
+        yield Check("warn", f"model {name} is not in the cache: `pie serve` downloads it on start, or fetch it "
+                    f"now with `pie model download {name}`")
+        return
+    facts = inspect_checkpoint(name, path, device_memory())
+    if facts.problem is None:
+        yield Check("ok", f"model {name}: {facts.model_type}, runnable ({path})")
+    elif facts.problem_kind == "memory":  # an estimate: worth a warning, not a refusal
+        yield Check("warn", f"model {name}: {facts.problem}")
+    else:
+        yield Check("fail", f"model {name}: {facts.problem}", blocking=True)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
