@@ -133,8 +133,10 @@ def _walk(node: dict[str, Any], parts: list[str], dotted_key: str, path: Path) -
 
 def _index(node: dict[str, Any], name: str, index: int, path: Path, dotted_key: str) -> dict[str, Any]:
     items = node.get(name)
-    if isinstance(items, dict) and index == 0:  # `[model]` written as one table
-        return items
+    if isinstance(items, dict):  # `[model]` written as one table: entry 0 (a list once another is added)
+        if index == 0:
+            return items
+        items = node[name] = [items]
     items = node.setdefault(name, [])
     if not isinstance(items, list):
         raise ConfigError(f"{path}: {dotted_key}: {name} is not a list of tables")

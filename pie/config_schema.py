@@ -55,7 +55,7 @@ class Reader:
 
     def table(self, value: Any, key: str) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
-            raise self.error(key, f"is a {_toml_type(value)}, not a table",
+            raise self.error(key, f"is {_a(_toml_type(value))}, not a table",
                              f"write it as a table, e.g. [{key.split('[')[0]}] with keys below it")
         return value
 
