@@ -151,7 +151,7 @@ def test_seed_000_complete_example() -> None:
     assert small.options.gpu_mem_utilization == 0.8
     assert config.telemetry == TelemetryConfig(True, "http://otel-collector:4317", "pie-production")
     assert any("tensor parallelism is not implemented" in n for n in config.notes)
-    with pytest.raises(ConfigError, match="tensor_parallel_size = 4 .* set tensor_parallel_size = 1"):
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size = 4 .* set tensor_parallel_size = 1"):
         large.engine_config()
 
 
