@@ -20,9 +20,9 @@ class KeysUnavailableError(PieError):
 
 def load_keys(config: Any) -> tuple[KeyStore, Challenger]:
     try:
-        from pie import auth  # noqa: F401 - the keystore and challenge primitives
+        from pie import auth  # the keystore and challenge primitives
     except ImportError:
         raise KeysUnavailableError("enable_auth is on but this install has no `pie.auth` (keystore and "
                                    "signature checks); turn auth off (`pie serve --no-auth`) or update pie") from None
-    raise KeysUnavailableError("enable_auth: the keystore adapter is not wired to pie.auth yet; run with "
-                               "`--no-auth` on a trusted host")
+    # $PIE_HOME/authorized_users.toml, the file `pie auth` writes; refuses one that authorizes nobody.
+    return auth.open_keystore(getattr(config, "pie_home", None)), auth.Challenger()
