@@ -51,11 +51,11 @@ def show(config: ConfigOption = None) -> None:
     print_notes(settings.notes)
 
 
-@app.command("set")
+@app.command("set", context_settings={"ignore_unknown_options": True})  # VALUE may be -1
 def set_(
-    key: Annotated[str, typer.Argument(help="Dotted key, e.g. port, telemetry.enabled, model.0.hf_repo "
+    key: Annotated[str, typer.Argument(metavar="KEY", help="Dotted key, e.g. port, telemetry.enabled, model.0.hf_repo "
                                        "(model.N one past the last adds a model).")],
-    value: Annotated[str, typer.Argument(help="Int, float, true/false or text; [..] for a list.")],
+    value: Annotated[str, typer.Argument(metavar="VALUE", help="Int, float, true/false or text; [..] for a list.")],
     config: ConfigOption = None,
 ) -> None:
     """Set one key in the config file, keeping the others; refuses a value that would not load."""
