@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 from collections import Counter
@@ -199,18 +200,17 @@ def cached_repos(cache_dir: Path | None = None) -> list[CachedRepo]:
 
 
 def delete_repo(repo_id: str, cache_dir: Path | None = None) -> int:
-    """Delete every cached revision of a model repo; returns the bytes freed."""
+    """Delete a model repo's folder from the cache (every revision, its blobs and refs; what
+    huggingface_hub's own delete strategy does when all revisions go); returns the bytes freed."""
     from huggingface_hub import scan_cache_dir
 
     from pie.errors import ModelNotFoundError
 
-    info = scan_cache_dir(cache_dir)
-    repo = next((r for r in info.repos if r.repo_id == repo_id and r.repo_type == "model"), None)
+    repo = next((r for r in scan_cache_dir(cache_dir).repos if r.repo_id == repo_id and r.repo_type == "model"), None)
     if repo is None:
         raise ModelNotFoundError(f"{repo_id} is not in the Hugging Face cache; `pie model list` shows what is")
-    strategy = info.delete_revisions(*(r.commit_hash for r in repo.revisions))
-    strategy.execute()
-    return strategy.expected_freed_size
+    shutil.rmtree(repo.repo_path)
+    return repo.size_on_disk
 
 
 def builtin_model(memory: DeviceMemory) -> ModelFacts:

@@ -84,8 +84,12 @@ def doctor_(config: ConfigOption = None) -> None:
         status("ok", f"torch {facts['torch']} ({cuda})")
     else:
         status("fail", f"torch does not import ({facts['torch_error']}); run `pie driver dev install --run`")
-    status("ok" if facts["flashinfer"] else "warn", "flashinfer importable" if facts["flashinfer"]
-           else "flashinfer missing: CUDA attention falls back to the slower torch_ref kernels")
+    if facts["flashinfer"]:
+        status("ok", "flashinfer importable")
+    elif facts.get("cuda"):
+        status("warn", "flashinfer missing: CUDA attention falls back to the slower torch_ref kernels")
+    else:
+        status("ok", "flashinfer not installed (not used without CUDA)")
     if "pie" in facts:
         status("ok", "pie's engine imports")
     else:

@@ -58,7 +58,7 @@ def read_choice(home: Path | None = None) -> tuple[str, Path] | None:
 def store_choice(kind: str, target: Path, home: Path | None = None) -> Path:
     """Remember the dev driver's venv or python (checked to exist); returns the interpreter."""
     assert kind in KINDS, kind
-    target = target.expanduser().resolve()
+    target = Path(os.path.abspath(target.expanduser()))  # not resolve(): a venv's python is a symlink
     python = venv_python(target) if kind == "venv" else target
     if not (python.is_file() and os.access(python, os.X_OK)):
         fix = (f"create it with `pie driver dev install {target} --run`" if kind == "venv"
