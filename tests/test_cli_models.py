@@ -105,7 +105,8 @@ def test_model_list_marks_what_runs_here_and_why_not(home: Path, cache: Path) ->
     lines = {line.split()[1]: line for line in result.output.splitlines()[1:]}
     assert list(lines) == ["pie/tiny-random", "acme/huge", "acme/next", "acme/strange", "acme/tiny-qwen3",
                            "acme/tokenizer-only"]
-    assert lines["pie/tiny-random"].startswith("✓") and "qwen3 (Qwen3ForCausalLM)" in lines["pie/tiny-random"]
+    assert lines["pie/tiny-random"].startswith("✓") and "qwen3 (Qwen3ForCausalLM), built in" in lines["pie/tiny-random"]
+    assert not (home / "models").exists()  # listing writes nothing
     assert lines["acme/tiny-qwen3"].startswith("✓") and "F32" in lines["acme/tiny-qwen3"]
     assert lines["acme/next"].startswith("○") and "model_type 'qwen3_next' is not supported" in lines["acme/next"]
     assert "not supported by this engine (no implementation)" in lines["acme/strange"]
@@ -153,14 +154,16 @@ def write_config(home: Path, text: str) -> None:
     (home / "config.toml").write_text(text)
 
 
-def test_doctor_passes_on_a_good_setup_and_warns_on_an_uncached_model(home: Path) -> None:
+def test_doctor_passes_on_a_good_setup_and_warns_on_an_uncached_model(home: Path, tiny_dir: Path) -> None:
     write_config(home, '[[model]]\nhf_repo = "pie/tiny-random"\ndevice = ["cpu"]\n'
-                       '[[model]]\nhf_repo = "acme/not-cached"\n')
+                       f'[[model]]\nhf_repo = "{tiny_dir}"\n[[model]]\nhf_repo = "acme/not-cached"\n')
     result = cli("doctor")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("  ok  python 3.") and lines[1].startswith("  ok  torch ")
-    assert any(line.startswith("  ok  model pie/tiny-random: qwen3, runnable") for line in lines)
+    assert any(line.startswith("  ok  model pie/tiny-random: built in") for line in lines)
+    assert not (home / "models").exists()  # checking writes nothing
+    assert f"  ok  model {tiny_dir}: qwen3, runnable ({tiny_dir})" in lines
     assert any(line.startswith("warn  model acme/not-cached is not in the cache") for line in lines)
 
 

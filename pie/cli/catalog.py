@@ -213,8 +213,15 @@ def delete_repo(repo_id: str, cache_dir: Path | None = None) -> int:
     return repo.size_on_disk
 
 
-def builtin_model(memory: DeviceMemory) -> ModelFacts:
-    """pie/tiny-random: always runnable; its files are generated on first use."""
-    from pie.tiny_model import ensure_tiny_model
+def builtin_model(memory: DeviceMemory, *, generate: bool = False) -> ModelFacts:
+    """pie/tiny-random, always runnable. Its files are generated on first use; without `generate`
+    this only looks (listing and checking write nothing)."""
+    from pie.tiny_model import TINY_CONFIG, ensure_tiny_model, tiny_model_dir
 
-    return inspect_checkpoint(TINY_MODEL_ID, ensure_tiny_model(), memory)
+    directory = tiny_model_dir()
+    if generate:
+        directory = ensure_tiny_model()
+    if (directory / "model.safetensors").is_file():
+        return inspect_checkpoint(TINY_MODEL_ID, directory, memory)
+    return ModelFacts(TINY_MODEL_ID, None, TINY_CONFIG["model_type"], TINY_CONFIG["architectures"][0], 0, "", 0,
+                      None)

@@ -44,6 +44,8 @@ def list_(cache_dir: CacheDir = None) -> None:
 def _row(facts: ModelFacts, width: int) -> str:
     if facts.problem is not None:
         return f"○ {facts.name:<{width}}  {facts.problem.split(';')[0]}"
+    if facts.path is None:
+        return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), built in, generated on first use"
     size = f"{human_count(facts.num_params)} params, {facts.checkpoint_dtype}, ~{gib(facts.estimated_bytes)}"
     return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), {size}"
 
@@ -89,7 +91,7 @@ def info(
     """Architecture, parameter count, dtype, estimated memory, and whether (or why not) it runs here."""
     memory = device_memory()
     if name == TINY_MODEL_ID:
-        facts = builtin_model(memory)
+        facts = builtin_model(memory, generate=True)
     elif Path(name).expanduser().is_dir():
         facts = inspect_checkpoint(name, Path(name).expanduser().resolve(), memory)
     else:
