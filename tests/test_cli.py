@@ -109,8 +109,12 @@ def test_serve_hands_the_config_with_overrides_to_the_server(home: Path, monkeyp
     import pie.server.app
 
     calls: list[tuple[Any, bool, bool]] = []
-    monkeypatch.setattr(pie.server.app, "run_server",
-                        lambda config, *, debug, monitor: calls.append((config, debug, monitor)) or 3)
+
+    def fake_server(config: Any, *, debug: bool, monitor: bool) -> int:
+        calls.append((config, debug, monitor))
+        return 3
+
+    monkeypatch.setattr(pie.server.app, "run_server", fake_server)
     home.mkdir()
     (home / "config.toml").write_text('port = 9000\nenable_auth = true\n' + TINY_CONFIG)
     result = cli("serve", "--host", "0.0.0.0", "--no-auth", "--debug", "-m")
