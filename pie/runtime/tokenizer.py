@@ -141,6 +141,7 @@ class ModelTokenizer:
             "native_tools": self._native_tools,
             "tool_call_tags": list(TOOL_CALL_TAGS),
             "think_tags": list(THINK_TAGS),
+            "split_regex": self.split_regex(),
         }
 
     # -- tools --
