@@ -13,7 +13,7 @@ from inferlet_helpers import launch, start_runtime
 from pie_client.inferlet import inferlet as pie_client_inferlet
 
 from inferlet._instance import InstanceState
-from pie.runtime.runner import convert_result, fold_cli_args, parse_input
+from pie.runtime.runner import convert_result, parse_input
 from pie.runtime.runtime import Runtime
 from pie.tiny_model import ensure_tiny_model
 
@@ -86,15 +86,6 @@ def test_input_parsing_follows_the_spec() -> None:
     assert parse_input("not json") == {"input": "not json"}
     assert parse_input("[1, 2]") == {"input": [1, 2]}
     assert parse_input({"k": "v"}) == {"k": "v"}
-
-
-def test_cli_arguments_fold_into_the_input_dict() -> None:
-    assert fold_cli_args(["--max-tokens", "64", "--temperature", "0.5", "--stream", "--prompt", "hi there"]) == \
-        {"max_tokens": 64, "temperature": 0.5, "stream": True, "prompt": "hi there"}
-    assert fold_cli_args(["-n", "3", "--raw", "true", "--x=-1", "file.txt", "--last"]) == \
-        {"n": 3, "raw": True, "x": -1, "last": True, "_positional": ["file.txt"]}
-    assert fold_cli_args(["--offset", "-2"]) == {"offset": -2}  # a negative number is a value
-    assert fold_cli_args(["--a", "--b", "x"]) == {"a": True, "b": "x"}
 
 
 def test_return_values_follow_the_spec() -> None:

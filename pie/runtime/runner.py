@@ -63,57 +63,6 @@ def parse_input(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"input": value}
 
 
-def fold_cli_args(args: list[str]) -> dict[str, Any]:
-    """`pie run NAME -- ARGS` -> the input dict, as Pie's `cli_args_to_json` does.
-
-    `--key value` -> {"key": value} with `-` in the key turned into `_` and the value parsed as int,
-    then float, then bool (true/false), else kept as text; a bare `--flag` (last, or followed by another
-    option) -> True; `-k value` -> {"k": value}; anything else -> the list under "_positional".
-    A value that starts with `-` is taken as the next option, so give negative numbers as `--x=-1`.
-    """
-    out: dict[str, Any] = {}
-    positional: list[Any] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
-            key, eq, inline = arg.lstrip("-").partition("=")
-            key = key.replace("-", "_")
-            if eq:
-                out[key] = _cli_value(inline)
-            elif i + 1 < len(args) and not (args[i + 1].startswith("-") and not _is_number(args[i + 1])):
-                out[key] = _cli_value(args[i + 1])
-                i += 1
-            else:
-                out[key] = True
-        else:
-            positional.append(_cli_value(arg))
-        i += 1
-    if positional:
-        out["_positional"] = positional
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _cli_value(text: str) -> Any:
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            continue
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    return text
-
-
 def convert_result(value: Any, state: InstanceState) -> str:
     if value is None:
         value = None if state.return_value is UNSET else state.return_value
