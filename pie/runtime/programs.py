@@ -72,13 +72,13 @@ class Manifest:
             raise ProgramError(f"{where}: [package] name {name!r} must be letters, digits, '.', '_' or '-'")
         if not isinstance(version, str) or not version:
             raise ProgramError(f"{where}: [package] version must be a string such as \"0.1.0\", got {version!r}")
-        runtime = data.get("runtime") if isinstance(data.get("runtime"), dict) else {}
+        runtime = _table(data, "runtime")
         entry, call = runtime.get("entry", "main"), runtime.get("call", "input")
         if not isinstance(entry, str) or not entry.isidentifier():
             raise ProgramError(f"{where}: [runtime] entry {entry!r} must be a Python function name")
         if call not in ("input", "kwargs"):
             raise ProgramError(f"{where}: [runtime] call must be \"input\" or \"kwargs\", got {call!r}")
-        parameters = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+        parameters = _table(data, "parameters")
         return cls(name=name, version=version, description=str(package.get("description") or ""),
                    parameters=MappingProxyType(dict(parameters)), entry=entry, call=call)
 
@@ -202,6 +202,11 @@ class ProgramRegistry:
             return everything.get((name, version))
         versions = [v for (n, v) in everything if n == name]
         return everything[(name, max(versions, key=_version_key))] if versions else None
+
+
+def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def check_entry(program: Program) -> None:
