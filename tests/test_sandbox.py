@@ -167,7 +167,10 @@ async def test_the_sandbox_confines_files_network_and_processes(rt: Runtime, tmp
 
 async def test_crashes_hogs_loops_and_garbage_are_stopped_beside_neighbours(rt: Runtime, tmp_path: Path) -> None:
     policy = SandboxPolicy(cpu_time_s=3, memory_mb=1536, scratch_root=tmp_path / "scratch")
-    bad = {name: isolated(rt, name, {}, policy) for name in ("hog", "cpu-loop", "crash", "garbage-frames")}
+    # The hog gets CPU to spare (filling memory costs CPU time too), so its memory limit is what stops it.
+    hog_policy = SandboxPolicy(cpu_time_s=120, memory_mb=768, scratch_root=tmp_path / "scratch")
+    bad = {name: isolated(rt, name, {}, policy) for name in ("cpu-loop", "crash", "garbage-frames")}
+    bad["hog"] = isolated(rt, "hog", {}, hog_policy)
     sandboxed_neighbour = isolated(rt, *WELL_BEHAVED, policy)
     trusted_neighbour, _ = await launch(rt, *WELL_BEHAVED)
     finals = {name: (await drain(p))[0] for name, p in bad.items()}
