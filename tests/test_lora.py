@@ -7,7 +7,6 @@ and the reference is the PEFT-wrapped transformers model.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,26 +14,13 @@ import pytest
 import torch
 from checkpoints import VOCAB, load_reference
 from engine_helpers import all_row_logits, make_engine, random_prompts, rel_err
+from lora_helpers import make_adapter
 from parity_helpers import engine_greedy, hf_greedy_with_logits
 
 from pie.errors import AdapterError, BatchError
 
 TOL = 1e-4
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base_dir: Path, out_dir: Path, *, seed: int, **lora: Any) -> Any:
-    """A random PEFT LoRA adapter for the checkpoint in base_dir, saved to out_dir; returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_reference(base_dir), LoraConfig(**lora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)  # PEFT starts B at zero: make the update real
-    model.save_pretrained(out_dir)
-    return model.eval()
 
 
 def peft_logits(model: Any, prompt: list[int]) -> np.ndarray:

@@ -64,6 +64,21 @@ class InProcessEngine:
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         await self._call(self.engine.copy_pages, src, dst)
 
+    # LoRA adapters (pie.runtime.adapters.AdapterEngine). Synchronous on purpose: the inferlet API's
+    # Adapter.load/save are plain calls, so the caller waits (behind any batch in flight) for the engine.
+
+    def load_adapter(self, path: str, slot: int | None) -> int:
+        return self._call_sync(self.engine.load_adapter, path, slot)
+
+    def fork_adapter(self, slot: int, new_slot: int | None) -> int:
+        return self._call_sync(self.engine.fork_adapter, slot, new_slot)
+
+    def save_adapter(self, slot: int, path: str) -> None:
+        self._call_sync(self.engine.save_adapter, slot, path)
+
+    def unload_adapter(self, slot: int) -> None:
+        self._call_sync(self.engine.unload_adapter, slot)
+
     async def close(self) -> None:
         """Wait for the batch in flight, then drop the engine (its tensors go with the last reference)."""
         if self._engine is None:
@@ -73,4 +88,7 @@ class InProcessEngine:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._executor.submit(fn, *args).result()
 

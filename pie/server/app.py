@@ -10,9 +10,9 @@ Phases, as in uvicorn: `startup` (runtime, auth, bind, accept), `main_loop`
 4. close client connections (1001) and cancel the server's own tasks.
 
 The first SIGINT/SIGTERM starts the shutdown; a second one skips the
-graceful phase. Exit codes: 0 after a shutdown, `EXIT_STARTUP_FAILED` (3)
-when startup fails (bad model, port in use, ...), 130 when a second signal
-forced the shutdown.
+graceful phase. Exit codes (the operator spec's): 0 after a shutdown,
+`EXIT_STARTUP_FAILED` (1) when startup fails (bad model, port in use, ...),
+130 when a second signal forced the shutdown.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pie.server.state import ServerState
 log = logging.getLogger("pie.server")
 
 EXIT_OK = 0
-EXIT_STARTUP_FAILED = 3
+EXIT_STARTUP_FAILED = 1
 EXIT_INTERRUPTED = 130
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SETTLE_S = 2.0  # after the runtime stops: time for final events to reach clients
