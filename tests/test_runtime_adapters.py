@@ -60,7 +60,7 @@ def test_names_are_per_user(store: AdapterStore) -> None:
     store.create("bob", "x")  # the same name, another user: another adapter
     with pytest.raises(AdapterError, match="already exists"):
         store.create("alice", "x")
-    with pytest.raises(AdapterError, match="looked in .*bob/mine"):  # alice's folder is not bob's
+    with pytest.raises(AdapterError, match=r"looked in .*bob/mine"):  # alice's folder is not bob's
         store.load(store.open("bob", "x"), "mine")  # type: ignore[arg-type]
 
 
