@@ -73,3 +73,7 @@ class InferletError(PieError):
 
 class SandboxError(PieError):
     """A sandboxed inferlet's process died, broke the protocol, or could not be started."""
+
+
+class EngineWorkerError(PieError):
+    """An engine worker process (tensor-parallel rank) failed to start, died, or hit an unrecoverable error."""

@@ -40,6 +40,9 @@ class EngineConfig:
     dummy_weights: bool = False  # random weights of the right shapes (benchmarks)
     seed: int = 0  # engine RNG for requests that carry no seed
     revision: str | None = None  # HF revision for repo ids
+    # Ranks one copy of the model is split over (heads, MLP columns, vocabulary); > 1 runs in worker processes
+    # (pie.runtime.worker_client.WorkerEngine), one per rank, joined through torch.distributed.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("activation_dtype", self.activation_dtype, DTYPES)
@@ -56,6 +59,8 @@ class EngineConfig:
             )
         if self.swap_pool_size < 0 or self.cpu_mem_budget_in_gb < 0:
             raise ConfigError("swap_pool_size and cpu_mem_budget_in_gb must be >= 0 (0 disables KV swap)")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.runtime_quant not in ("", "fp8"):
             raise ConfigError(f"runtime_quant must be '' or 'fp8', got {self.runtime_quant!r}")
 

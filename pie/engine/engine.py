@@ -6,6 +6,12 @@
 A bad batch raises `BatchError` before any device work, and the engine keeps
 serving. The runtime decides every page; the engine only reads and writes the
 slots it is told.
+
+With `tensor_parallel_size > 1` one Engine runs on every rank of a
+`pie.engine.parallel.TPGroup` (see `pie.engine.worker`): each holds its slice
+of the weights and its kv heads' share of every page, every rank runs every
+batch, and the results (computed from all-gathered logits) are the same on
+every rank.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,7 @@ from pie.engine.config import EngineConfig
 from pie.engine.device import resolve_activation_dtype, resolve_device
 from pie.engine.forward_context import ForwardContext
 from pie.engine.graphs import GraphRunner
+from pie.engine.info import EngineInfo
 from pie.engine.kv_cache import KVCache, KVShape, SwapPool
 from pie.engine.layers.linear import Linear
 from pie.engine.layers.lora import EXTRAS_KEY as LORA_EXTRAS
@@ -38,30 +44,9 @@ from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights,
 from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
 from pie.engine.outputs import compute_outputs
+from pie.engine.parallel import SINGLE, TPGroup
 from pie.errors import BatchError, ConfigError
 from pie.model_source import resolve_model_dir
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the runtime needs to know about a loaded engine."""
-
-    model_name: str
-    model_dir: str
-    model_type: str
-    device: str
-    dtype: str
-    attention_backend: str
-    num_pages: int
-    page_size: int
-    vocab_size: int
-    num_layers: int
-    max_batch_tokens: int
-    max_batch_size: int
-    max_dist_size: int
-    max_num_embeds: int
-    kv_bytes_per_page: int
-    num_swap_slots: int = 0
 
 
 def load_hf_config(model_dir: Path) -> object:
@@ -76,8 +61,13 @@ def load_hf_config(model_dir: Path) -> object:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, progress: Callable[[int, int], None] | None = None,
+                 tp: TPGroup = SINGLE) -> None:
+        if tp.size != config.tensor_parallel_size:
+            raise ConfigError(f"tensor_parallel_size = {config.tensor_parallel_size} but this engine was given a "
+                              f"group of {tp.size} rank(s); run it through pie.runtime.worker_client.WorkerEngine "
+                              f"(one worker process per rank), or set tensor_parallel_size = 1")
+        self.config, self.tp = config, tp
         self.device = resolve_device(config.device)
         self.model_dir = resolve_model_dir(config.model, revision=config.revision)
         hf_config = load_hf_config(self.model_dir)
@@ -85,11 +75,12 @@ class Engine:
         self.model = self._load_model(hf_config, progress)
         self.adapters = AdapterTable(self.model, config.max_num_adapters, config.max_adapter_rank, self.device,
                                      self.dtype)
-        spec = self.model.spec
-        self.kv_shape = KVShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.kv_page_size, self.dtype)
+        spec = self.model.spec  # this rank's heads: the pool and the backend hold num_local_kv_heads
+        self.kv_shape = KVShape(spec.num_layers, spec.num_local_kv_heads, spec.head_dim, config.kv_page_size,
+                                self.dtype)
         backend_name = resolve_backend_name(config.attention_backend, self.device)
-        attn_shape = AttentionShape(spec.num_heads, spec.num_kv_heads, spec.head_dim, config.kv_page_size,
-                                    self.dtype, self.device)
+        attn_shape = AttentionShape(spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim,
+                                    config.kv_page_size, self.dtype, self.device)
         self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
         self._rng = random.Random(config.seed)
         self.graphs: GraphRunner | None = None  # captured after the pool exists; the sizing dry run is eager
@@ -109,12 +100,12 @@ class Engine:
             max_batch_tokens=config.max_batch_tokens, max_batch_size=config.max_batch_size,
             max_dist_size=config.max_dist_size, max_num_embeds=config.max_num_embeds,
             kv_bytes_per_page=self.kv_shape.bytes_per_page,
-            num_swap_slots=self.swap.num_slots if self.swap else 0,
+            num_swap_slots=self.swap.num_slots if self.swap else 0, tensor_parallel_size=tp.size,
         )
 
     def _load_model(self, hf_config: object, progress: Callable[[int, int], None] | None) -> CausalLM:
         cls = get_architecture(str(getattr(hf_config, "model_type", "")))
-        model = build_model(cls, hf_config, self.dtype, self.device)
+        model = build_model(cls, hf_config, self.dtype, self.device, self.tp)
         self._mark_quantized(model)
         if self.config.dummy_weights:
             init_dummy_weights(model, self.config.seed)
@@ -146,6 +137,10 @@ class Engine:
                 module.fp8_activations = cfg.runtime_quant == "fp8"
 
     def _capture_graphs(self, num_pages: int) -> GraphRunner | None:
+        if self.tp.size > 1:
+            raise ConfigError(f"use_cuda_graphs is not supported with tensor_parallel_size = {self.tp.size} (the "
+                              "captured decode steps would have to include the all-reduces); set "
+                              "use_cuda_graphs = false")
         if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
             raise ConfigError(f"use_cuda_graphs needs a CUDA device and the flashinfer attention backend; "
                               f"this engine runs {self.backend.name} on {self.device}. Set use_cuda_graphs = false.")
@@ -167,7 +162,8 @@ class Engine:
 
         budget, _ = memory.measure_cuda_budget(self.device, cfg.gpu_mem_utilization, dry_run,
                                                scratch_pages * self.kv_shape.bytes_per_page)
-        return memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+        num_pages = memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+        return self.tp.min_int(num_pages, self.device)  # a page id must be valid on every rank
 
     def _dry_run(self, kv: KVCache) -> None:
         """The two largest batches the limits allow: one long prefill, one wide decode."""
@@ -236,6 +232,9 @@ class Engine:
 
         Raises AdapterError (bad files, rank over max_adapter_rank, no free slot); the engine keeps serving.
         """
+        if self.tp.size > 1:
+            raise ConfigError(f"LoRA adapters are not supported with tensor_parallel_size = {self.tp.size} (the "
+                              "adapter matrices are not sharded); serve adapters with tensor_parallel_size = 1")
         return self.adapters.load(path, slot)
 
     def unload_adapter(self, slot: int) -> None:

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from pie.engine.layers.linear import Linear
+from pie.engine.layers.sharded import VocabParallelEmbedding
 from pie.engine.models.decoder import CausalLM
+from pie.engine.parallel import SINGLE, TPGroup
 from pie.errors import CheckpointError
 
 ProgressFn = Callable[[int, int], None]  # (tensors loaded, tensors total)
@@ -36,10 +38,11 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def build_model(cls: type[CausalLM], hf_config: object, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Instantiate on meta under `dtype`, then allocate (uninitialised) on `device`."""
+def build_model(cls: type[CausalLM], hf_config: object, dtype: torch.dtype, device: torch.device,
+                tp: TPGroup = SINGLE) -> CausalLM:
+    """Instantiate on meta under `dtype`, then allocate (uninitialised) on `device`; `tp` ranks hold slices."""
     with default_dtype(dtype), torch.device("meta"):
-        model = cls(hf_config)
+        model = cls(hf_config, tp)
     model = model.to_empty(device=device)
     model.eval()
     return model
@@ -141,9 +144,12 @@ def load_weights(model: CausalLM, files: list[Path], progress: ProgressFn | None
 
 
 def _copy_into(target: _Target, tensor: torch.Tensor, source: str) -> None:
-    if isinstance(target.module, Linear):
+    if isinstance(target.module, Linear):  # sharded (tensor-parallel) Linears take their slice here
         assert target.shard is not None
         target.module.load_shard(target.attr, tensor, target.shard, source)
+        return
+    if isinstance(target.module, VocabParallelEmbedding):
+        target.module.load_weight(tensor, source)
         return
     param = getattr(target.module, target.attr)
     if tuple(tensor.shape) != tuple(param.shape):

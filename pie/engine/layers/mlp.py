@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pie.engine.layers.linear import Linear
+from pie.engine.layers.sharded import column_linear, row_linear
+from pie.engine.parallel import SINGLE, TPGroup
 
 if TYPE_CHECKING:
     from pie.engine.layers.lora import LoRABatch
@@ -27,12 +28,13 @@ def act_fn(name: str):  # type: ignore[no-untyped-def]
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, bias: bool = False,
-                 fused_in_checkpoint: bool = False) -> None:
+                 fused_in_checkpoint: bool = False, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         # Phi-3 stores gate_up_proj as one tensor; the others as gate_proj + up_proj shards.
-        shards = None if fused_in_checkpoint else [intermediate_size, intermediate_size]
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias, shard_sizes=shards)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        # Under tensor parallelism each rank holds its slice of gate and of up: [I/tp gate | I/tp up].
+        self.gate_up_proj = column_linear(hidden_size, [intermediate_size, intermediate_size], tp, bias=bias,
+                                          fused_source=fused_in_checkpoint)
+        self.down_proj = row_linear(intermediate_size, hidden_size, tp, bias=bias)
         self.act = act_fn(act)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:

@@ -8,6 +8,11 @@ differs, the small hooks: `DecoderLayer.make_mlp` / `make_attention`,
 `rope_tables` / `ropes`, `batch_extras` (per-batch inputs from the host
 layout), `map_checkpoint_name`, `load_custom_weight`, `supports_cuda_graphs`.
 
+Tensor parallelism (`CausalLM(hf_config, tp)`, see `pie.engine.parallel`):
+attention runs this rank's heads, the projections and vocabulary are the
+sharded layers of `layers/sharded.py`; families whose layers are not the
+shared ones (MoE, per-layer inputs) are refused by `check_tensor_parallel`.
+
 What the spec switches cover (one flag each, no per-family copies):
 - norms: (1 + w) Gemma RMSNorm, cast before/after the weight multiply;
 - layer layout: pre-norm (Llama), sandwich (Gemma: norms before *and* after
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
@@ -31,11 +36,13 @@ from torch import nn
 
 from pie.engine.attention.base import AttentionLayerSpec, BatchLayout
 from pie.engine.forward_context import ForwardContext
-from pie.engine.layers.linear import Linear
 from pie.engine.layers.lora import lora_of
 from pie.engine.layers.mlp import GatedMLP
 from pie.engine.layers.norm import RMSNorm
 from pie.engine.layers.rotary import Rotary, apply_rotary, rope_inv_freq
+from pie.engine.layers.sharded import column_linear, lm_head, row_linear, vocab_embedding
+from pie.engine.parallel import SINGLE, TPGroup
+from pie.errors import ConfigError
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, rotary_dim]
 NormLayout = Literal["pre", "sandwich", "post"]
@@ -73,6 +80,17 @@ class DecoderSpec:
     # Llama-4-style query temperature (Ministral 3): q *= 1 + beta * log(1 + floor(pos / period)); 0 = off
     query_scale_beta: float = 0.0
     query_scale_period: int = 0
+    # This rank's tensor-parallel group (set by CausalLM after `check_tensor_parallel`); heads, MLP columns and
+    # vocabulary rows are split over it. The shapes above stay the checkpoint's (global) ones.
+    tp: TPGroup = field(default=SINGLE, compare=False, repr=False)
+
+    @property
+    def num_local_heads(self) -> int:
+        return self.num_heads // self.tp.size
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        return self.num_kv_heads // self.tp.size
 
     @classmethod
     def from_hf(cls, c: Any, **overrides: Any) -> Self:
@@ -136,11 +154,12 @@ class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        shards = None if spec.fused_in_checkpoint else [q_size, kv_size, kv_size]
-        self.qkv_proj = Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.qkv_bias, shard_sizes=shards)
-        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        # This rank's heads: with tensor parallelism, rank r owns query heads and kv heads block r.
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim  # global sizes
+        self.qkv_proj = column_linear(spec.hidden_size, [q_size, kv_size, kv_size], spec.tp, bias=spec.qkv_bias,
+                                      fused_source=spec.fused_in_checkpoint)
+        self.o_proj = row_linear(q_size, spec.hidden_size, spec.tp, bias=spec.o_bias)
         self.qk_norm = spec.qk_norm
         if spec.qk_norm != "none":
             per_head = spec.qk_norm == "head"
@@ -201,7 +220,7 @@ class DecoderLayer(nn.Module):
     def make_mlp(self, spec: DecoderSpec, layer_idx: int) -> nn.Module:
         """The feed-forward block; MoE families return their expert block here."""
         return GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, bias=spec.mlp_bias,
-                        fused_in_checkpoint=spec.fused_in_checkpoint)
+                        fused_in_checkpoint=spec.fused_in_checkpoint, tp=spec.tp)
 
     def _norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
         name = self.norm_names[i]
@@ -215,8 +234,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec, layer_cls: type[nn.Module] = DecoderLayer) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = vocab_embedding(spec.vocab_size, spec.hidden_size, spec.tp)
         self.layers = nn.ModuleList([layer_cls(spec, i) for i in range(spec.num_layers)])
         self.norm = spec.norm(spec.hidden_size)
 
@@ -237,14 +255,35 @@ class CausalLM(nn.Module):
     layer_cls: ClassVar[type[nn.Module]] = DecoderLayer
     model_cls: ClassVar[type[DecoderModel]] = DecoderModel
 
-    def __init__(self, hf_config: Any) -> None:
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.hf_config = self.text_config(hf_config)
-        self.spec = self.decoder_spec(hf_config)
+        spec = self.decoder_spec(hf_config)
+        if tp.size > 1:
+            self.check_tensor_parallel(spec, tp)
+            spec = replace(spec, tp=tp)
+        self.spec = spec
         self.model = self.model_cls(self.spec, self.layer_cls)
         if not self.spec.tie_word_embeddings:
-            self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size)
+            self.lm_head = lm_head(self.spec.hidden_size, self.spec.vocab_size, tp)
         self.rotaries: dict[str, Rotary] = {}
+
+    @classmethod
+    def check_tensor_parallel(cls, spec: DecoderSpec, tp: TPGroup) -> None:
+        """A ConfigError naming what cannot be split over `tp.size` ranks; sharding it anyway would mis-compute."""
+        fix = "set tensor_parallel_size = 1 (each device then serves a full copy of the model)"
+        if cls.layer_cls is not DecoderLayer or cls.model_cls is not DecoderModel:
+            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: its layers "
+                              f"(mixture-of-experts or per-layer inputs) are not sharded; {fix}")
+        if spec.qk_norm == "full":
+            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: its q/k "
+                              f"RMSNorm spans all heads, which are split over the ranks; {fix}")
+        if spec.attn_sinks:
+            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: per-head "
+                              f"attention sinks are not sharded; {fix}")
+        tp.split(spec.num_heads, "num_attention_heads")
+        tp.split(spec.num_kv_heads, "num_key_value_heads")
+        tp.split(spec.intermediate_size, "intermediate_size")
 
     @classmethod
     def text_config(cls, hf_config: Any) -> Any:
@@ -312,6 +351,9 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab] (soft-capped where the family does)."""
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        logits = torch.matmul(hidden, weight.t()).float()
+        logits = torch.matmul(hidden, weight.t())
+        if self.spec.tp.size > 1:  # each rank holds a vocabulary block (the last one padded)
+            logits = self.spec.tp.all_gather_last(logits)[:, :self.spec.vocab_size]
+        logits = logits.float()
         cap = self.spec.final_logit_softcap
         return softcap(logits, cap) if cap > 0.0 else logits

@@ -24,6 +24,7 @@ from pie.engine.layers.moe import Experts, clamped_swiglu, topk_softmax
 from pie.engine.models.decoder import CausalLM, DecoderLayer, DecoderSpec
 from pie.engine.models.mixtral import MoESpec
 from pie.engine.models.registry import register
+from pie.engine.parallel import SINGLE, TPGroup
 
 _EXPERT_PARAM = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<param>(gate_up|down)_proj)(?P<kind>_bias|_blocks|_scales)?$")
 
@@ -63,8 +64,8 @@ def _deinterleave(t: torch.Tensor) -> torch.Tensor:
 class GptOssForCausalLM(CausalLM):
     layer_cls = GptOssLayer
 
-    def __init__(self, hf_config: Any) -> None:
-        super().__init__(hf_config)
+    def __init__(self, hf_config: Any, tp: TPGroup = SINGLE) -> None:
+        super().__init__(hf_config, tp)  # refuses tp.size > 1: the experts are not sharded
         self._mxfp4_parts: dict[str, dict[str, torch.Tensor]] = {}  # blocks/scales waiting for their pair
 
     def supports_cuda_graphs(self) -> bool:
