@@ -97,6 +97,10 @@ class ModelConfig:
         tp = self.tensor_parallel_size
         return [list(self.device[i:i + tp]) for i in range(0, len(self.device), tp)]
 
+    def engine_configs(self) -> tuple[EngineConfig, ...]:
+        """One engine config per data-parallel group, in device order (what the runtime starts)."""
+        return tuple(self.engine_config(group) for group in self.data_parallel_groups())
+
     def engine_config(self, rank_devices: list[str] | tuple[str, ...] | None = None) -> EngineConfig:
         """The engine's config for one data-parallel group (default: the first)."""
         from pie.engine.config import EngineConfig
@@ -348,7 +352,6 @@ def _check_parallelism(reader: Reader, model: ModelConfig, prefix: str) -> None:
 
 
 def _note_model(reader: Reader, model: ModelConfig, prefix: str) -> None:
-    groups = model.data_parallel_groups()
     if model.driver == "cuda_native":
         reader.notes.append(f"{prefix}.driver.type = \"cuda_native\": this pie has one engine (the Python dev "
                             "driver); the model runs on it")
@@ -357,6 +360,3 @@ def _note_model(reader: Reader, model: ModelConfig, prefix: str) -> None:
     if model.tensor_parallel_size > 1:
         reader.notes.append(f"{prefix}.tensor_parallel_size = {model.tensor_parallel_size}: tensor parallelism "
                             "is not implemented by this engine; `pie serve` refuses this model")
-    elif len(groups) > 1:
-        reader.notes.append(f"{prefix}: {len(groups)} data-parallel groups configured; the runtime serves each "
-                            f"model on its first group ({groups[0][0]})")

@@ -1,7 +1,11 @@
 """`InstanceHost`: the `inferlet._host.Host` of one instance, in the server process.
 
 It owns the instance's context handles and translates each call onto the
-model's contexts, snapshots, scheduler and tokenizer. A forward pass is
+model's contexts, snapshots, scheduler and tokenizer. A handle remembers the
+data-parallel group holding its context's pages: a new context is placed by
+the model (`ModelRuntime.place`); forks and contexts opened from snapshots are
+on their source's group, and every pass on a context goes to that group's
+scheduler. A forward pass is
 checked and turned into a scheduler job by `pie.runtime.forward_pass` (which
 also defines the value returned per output slot), with the instance's token
 budget applied here.
@@ -28,7 +32,7 @@ from pie.runtime.scheduler import Job
 if TYPE_CHECKING:
     from pie.runtime.instance import Instance
     from pie.runtime.messaging import Mailbox
-    from pie.runtime.runtime import ModelRuntime
+    from pie.runtime.model_runtime import EngineGroup, ModelRuntime
 
 
 @contextmanager
@@ -47,7 +51,7 @@ class InstanceHost:
         self._models = models
         self._default = default_model
         self._mailbox = mailbox
-        self._contexts: dict[int, tuple[ModelRuntime, Context]] = {}
+        self._contexts: dict[int, tuple[ModelRuntime, Context, EngineGroup]] = {}
         self._handles = itertools.count(1)
         self.tokens_sampled = 0
         self.closed = False
@@ -56,8 +60,8 @@ class InstanceHost:
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
         self.closed = True
-        for model, ctx in self._contexts.values():
-            model.scheduler.withdraw(ctx, None)
+        for _, ctx, group in self._contexts.values():
+            group.scheduler.withdraw(ctx, None)
             ctx.destroy()
         self._contexts.clear()
         self._mailbox.close()
@@ -110,37 +114,38 @@ class InstanceHost:
 
     def ctx_create(self, model: str) -> int:
         m = self._model(model)
-        return self._adopt(m, m.space.create(self.instance.id))
+        group = m.place()
+        return self._adopt(m, group, group.space.create(self.instance.id))
 
     def ctx_open(self, model: str, name: str) -> int:
         m = self._model(model)
         ctx = m.snapshots.open(self.instance.username, name, self.instance.id)
-        return self._adopt(m, ctx, check_pages=True)
+        return self._adopt(m, m.group_of(ctx), ctx, check_pages=True)
 
     def ctx_take(self, model: str, name: str) -> int:
         m = self._model(model)
         ctx = m.snapshots.take(self.instance.username, name, self.instance.id)
-        return self._adopt(m, ctx, check_pages=True)
+        return self._adopt(m, m.group_of(ctx), ctx, check_pages=True)
 
     def ctx_delete(self, model: str, name: str) -> None:
         self._model(model).snapshots.delete(self.instance.username, name)
 
     def ctx_fork(self, ctx: int) -> int:
-        m, c = self._ctx(ctx)
-        return self._adopt(m, c.fork(self.instance.id), check_pages=True)
+        m, c, g = self._ctx(ctx)
+        return self._adopt(m, g, c.fork(self.instance.id), check_pages=True)
 
     def ctx_save(self, ctx: int, name: str) -> None:
-        m, c = self._ctx(ctx)
+        m, c, _ = self._ctx(ctx)
         m.snapshots.save(self.instance.username, name, c)
 
     def ctx_snapshot(self, ctx: int) -> str:
-        m, c = self._ctx(ctx)
+        m, c, _ = self._ctx(ctx)
         return m.snapshots.save_anonymous(self.instance.username, c)
 
     def ctx_destroy(self, ctx: int) -> None:
-        m, c = self._ctx(ctx)
+        _, c, g = self._ctx(ctx)
         del self._contexts[ctx]
-        m.scheduler.withdraw(c, HostError("the context was destroyed while this pass was pending"))
+        g.scheduler.withdraw(c, HostError("the context was destroyed while this pass was pending"))
         c.destroy()
 
     def ctx_state(self, ctx: int) -> tuple[int, int, int]:
@@ -150,7 +155,7 @@ class InstanceHost:
         return self._ctx(ctx)[0].page_size
 
     def ctx_reserve(self, ctx: int, num_pages: int) -> None:
-        _, c = self._ctx(ctx)
+        c = self._ctx(ctx)[1]
         _check_count("num_pages", num_pages)
         self._check_page_limit(num_pages)
         with user_errors():
@@ -172,16 +177,16 @@ class InstanceHost:
         self._ctx(ctx)[1].priority = float(priority)
 
     async def ctx_forward(self, ctx: int, spec: PassDict) -> list[Any]:
-        m, c = self._ctx(ctx)
+        m, c, g = self._ctx(ctx)
         if c.pending:
             raise HostError("this context already has a forward pass pending; await it before the next one "
                             "(or fork the context to run passes side by side)")
         job, slot_rows = self._job(m, c, spec)
-        m.scheduler.submit(job)
+        g.scheduler.submit(job)
         try:
             values = await job.future
         except asyncio.CancelledError:
-            m.scheduler.withdraw(c, None)
+            g.scheduler.withdraw(c, None)
             raise
         return slot_values(values, slot_rows)
 
@@ -247,7 +252,7 @@ class InstanceHost:
             raise HostError(f"no model {name!r} on this server; it serves {list(self._models)}")
         return model
 
-    def _ctx(self, handle: int) -> tuple[ModelRuntime, Context]:
+    def _ctx(self, handle: int) -> tuple[ModelRuntime, Context, EngineGroup]:
         if self.closed:
             raise HostError("the instance has ended; its contexts are gone")
         entry = self._contexts.get(handle)
@@ -255,7 +260,7 @@ class InstanceHost:
             raise HostError(f"no context {handle} in this instance (destroyed already?)")
         return entry
 
-    def _adopt(self, model: ModelRuntime, ctx: Context, *, check_pages: bool = False) -> int:
+    def _adopt(self, model: ModelRuntime, group: EngineGroup, ctx: Context, *, check_pages: bool = False) -> int:
         if check_pages:
             try:
                 self._check_page_limit(ctx.num_pages)
@@ -263,14 +268,14 @@ class InstanceHost:
                 ctx.destroy()
                 raise
         handle = next(self._handles)
-        self._contexts[handle] = (model, ctx)
+        self._contexts[handle] = (model, ctx, group)
         return handle
 
     def _check_page_limit(self, more: int) -> None:
         limit = self.instance.limits.max_pages
         if not limit or not more:
             return
-        held = sum(c.num_pages for _, c in self._contexts.values())
+        held = sum(c.num_pages for _, c, _ in self._contexts.values())
         if held + more > limit:
             raise HostError(f"this instance would hold {held + more} KV pages, over its limit of {limit}; "
                             "release or destroy contexts (or raise [runtime] max_pages_per_instance)")

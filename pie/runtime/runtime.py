@@ -4,10 +4,12 @@
     process = await runtime.launch("text-completion", '{"prompt": "hi"}', username="alice")
     final = await process.wait()
 
-Per model it builds one engine client, a page pool, a prefix trie, a
-snapshot store and a scheduler (`ModelRuntime`). Instances are launched from
-the program registry and run by the inferlet runner; `spawn` runs any body
-coroutine as an instance (tests, and hosts of programs from other sources).
+Per model it starts one engine client per data-parallel group and builds a
+`ModelRuntime` over them (per group a page pool, a prefix trie and a
+scheduler; per model a snapshot store). Instances are launched from the
+program registry and run by the inferlet runner (in a sandbox process each
+when `[runtime] isolation = "isolated"`); `spawn` runs any body coroutine as
+an instance (tests, and hosts of programs from other sources).
 """
 
 from __future__ import annotations
@@ -17,28 +19,24 @@ import collections
 import gc
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pie.engine.config import EngineConfig
-from pie.errors import ConfigError, ModelNotFoundError, RequestError
+from pie.errors import ConfigError, RequestError
 from pie.runtime.api import EngineClient, ModelStatus, ProgramInfo
-from pie.runtime.context import ContextSpace
 from pie.runtime.host import InstanceHost
 from pie.runtime.instance import Body, Instance, InstanceLimits
 from pie.runtime.messaging import MessageBus
-from pie.runtime.pages import PagePool
-from pie.runtime.prefix_trie import PrefixTrie
-from pie.runtime.scheduler import Scheduler
-from pie.runtime.snapshots import SnapshotStore
+from pie.runtime.model_runtime import EngineGroup, ModelRuntime
 
 if TYPE_CHECKING:
     from pie.runtime.programs import Program, ProgramRegistry
     from pie.runtime.sandbox.policy import SandboxPolicy
-    from pie.runtime.tokenizer import ModelTokenizer
+
+__all__ = ["EngineGroup", "ModelRuntime", "ModelSpec", "Runtime", "RuntimeConfig", "RuntimeLimits", "runtime_config"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +51,7 @@ class RuntimeLimits:
     page_wait_timeout_s: float = 30.0  # a pass waiting for pages while nothing can run fails after this
     max_buffered_events: int = 10_000
     max_finished_processes: int = 1024  # finished instances kept for late attach / wait
+    max_concurrent_processes: int = 0  # instances running at once; launches past it wait for a slot
 
     def for_instance(self, token_budget: int | None) -> InstanceLimits:
         tokens = self.max_tokens_per_instance
@@ -61,10 +60,24 @@ class RuntimeLimits:
         return InstanceLimits(self.max_pages_per_instance, tokens, self.max_wall_time_s, self.max_buffered_events)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ModelSpec:
-    name: str  # what inferlets pass to Model.load
-    engine: EngineConfig
+    """A served model: the name inferlets pass to Model.load and one engine config per data-parallel group."""
+
+    name: str
+    engines: tuple[EngineConfig, ...]
+
+    def __init__(self, name: str, engines: EngineConfig | Sequence[EngineConfig]) -> None:
+        configs = (engines,) if isinstance(engines, EngineConfig) else tuple(engines)
+        if not configs:
+            raise ConfigError(f"model {name!r} has no engine: give it at least one device")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "engines", configs)
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The first group's engine config (the only one without data parallelism)."""
+        return self.engines[0]
 
 
 @dataclass(frozen=True)
@@ -84,63 +97,6 @@ class RuntimeConfig:
             raise ConfigError(f"model names must be unique, got {names}")
 
 
-class ModelRuntime:
-    """One served model: its engine client and everything that manages that engine's KV pages."""
-
-    def __init__(self, name: str, engine: EngineClient, limits: RuntimeLimits, *, owns_engine: bool = True) -> None:
-        info: Any = engine.info
-        self.name = name
-        self.engine = engine
-        self.owns_engine = owns_engine  # close the engine with the runtime
-        self.info = info
-        self.page_size: int = info.page_size
-        self.vocab_size: int = info.vocab_size
-        self.max_batch_tokens: int = info.max_batch_tokens
-        self.max_dist_size: int = info.max_dist_size
-        self.max_num_embeds: int = info.max_num_embeds
-        self.pool = PagePool(info.num_pages)
-        self.trie = PrefixTrie(self.pool)
-        self.space = ContextSpace(self.pool, self.trie, self.page_size)
-        self.snapshots = SnapshotStore(self.space, name)
-        self.scheduler = Scheduler(engine, self.space, max_batch_tokens=info.max_batch_tokens,
-                                   max_batch_size=info.max_batch_size,
-                                   page_wait_timeout_s=limits.page_wait_timeout_s)
-
-    @cached_property
-    def tokenizer(self) -> ModelTokenizer:
-        from pie.runtime.tokenizer import ModelTokenizer
-
-        return ModelTokenizer(self.info.model_dir)
-
-    def describe(self) -> dict[str, Any]:
-        """`Host.model_info`: the tokenizer's facts plus the engine's (vocab_size = logits length).
-
-        A checkpoint without a tokenizer (benchmarks' dummy models) still describes its engine;
-        tokenizer calls on it fail with the reason."""
-        try:
-            facts = dict(self.tokenizer.info())
-        except ModelNotFoundError:
-            facts = {"stop_tokens": [], "chat_template": False}
-        facts["tokenizer_vocab_size"] = facts.get("vocab_size")
-        return facts | {
-            "name": self.name, "model_type": self.info.model_type, "page_size": self.page_size,
-            "vocab_size": self.vocab_size, "num_pages": self.pool.num_pages,
-            "max_batch_tokens": self.max_batch_tokens, "max_dist_size": self.max_dist_size,
-            "max_num_embeds": self.max_num_embeds, "system_speculation": False,
-        }
-
-    def status(self) -> ModelStatus:
-        stats = self.scheduler.stats
-        return ModelStatus(self.name, self.info.model_type, self.info.device, self.pool.num_pages,
-                           self.pool.num_used, stats.tokens_processed, stats.batches, stats.last_batch_ms)
-
-    async def close(self) -> None:
-        await self.scheduler.close()
-        self.snapshots.clear()
-        if self.owns_engine:
-            await self.engine.close()
-
-
 class Runtime:
     def __init__(self, models: Mapping[str, ModelRuntime], limits: RuntimeLimits,
                  registry: ProgramRegistry | None = None, sandbox: SandboxPolicy | None = None) -> None:
@@ -153,29 +109,38 @@ class Runtime:
         self._registry = registry
         self._processes: dict[str, Instance] = {}
         self._finished: collections.deque[str] = collections.deque()  # ids of ended instances, oldest first
+        # [runtime] max_concurrent_processes: an admission semaphore (as in Pie): launches past the limit
+        # are accepted and wait for a running instance to end. None = unlimited, and no wrapper at all.
+        n = limits.max_concurrent_processes
+        self._admission = asyncio.Semaphore(n) if n else None
         self._closing = False
         self._froze_gc = False
 
     @classmethod
     async def start(cls, config: Any, *, engines: Mapping[str, EngineClient] | None = None) -> Runtime:
-        """Build the runtime. `engines` (by model name) are used instead of starting an in-process engine
-        for those models; the caller keeps them (shutdown does not close them)."""
-        from pie.runtime.engine_client import InProcessEngine
+        """Build the runtime. `engines` (by model name) are used instead of starting in-process engines
+        for those models (single-group models only); the caller keeps them (shutdown does not close them)."""
         from pie.runtime.programs import ProgramRegistry, default_search_paths
 
         cfg = runtime_config(config)
         given = dict(engines or {})
-        started: dict[str, EngineClient] = {}
+        started: dict[str, tuple[EngineClient, ...]] = {}
         try:
+            # One model after another: loading measures free device memory to size the KV pool, so two
+            # models sharing a device must not load at the same time. A model's groups have distinct
+            # devices (the config refuses a device listed twice) and load side by side.
             for spec in cfg.models:
-                if spec.name not in given:
-                    started[spec.name] = await InProcessEngine.start(spec.engine, spec.name)
+                if spec.name in given:
+                    assert len(spec.engines) == 1, f"model {spec.name!r}: a given engine serves one group only"
+                else:
+                    started[spec.name] = await _start_model_engines(spec)
+            models = {s.name: ModelRuntime(s.name, started.get(s.name) or given[s.name], cfg.limits,
+                                           owns_engine=s.name in started) for s in cfg.models}
         except BaseException:
-            for engine in started.values():
-                await engine.close()
+            for clients in started.values():
+                for client in clients:
+                    await client.close()
             raise
-        models = {s.name: ModelRuntime(s.name, given.get(s.name) or started[s.name], cfg.limits,
-                                       owns_engine=s.name in started) for s in cfg.models}
         registry = ProgramRegistry(default_search_paths(cfg.pie_home, cfg.inferlet_paths))
         runtime = cls(models, cfg.limits, registry, cfg.sandbox)
         if cfg.freeze_gc:
@@ -220,13 +185,17 @@ class Runtime:
                           username=username, token_budget=token_budget)
 
     def spawn(self, body: Body, *, program: str, username: str, token_budget: int | None = None) -> Instance:
-        """Run `body(instance)` as a new instance with its own host; returns at once."""
+        """Run `body(instance)` as a new instance with its own host; returns at once.
+
+        Past `max_concurrent_processes` running instances, the body waits for a slot (the instance is
+        listed, attachable and terminable meanwhile; the wait counts toward `max_wall_time_s`)."""
         if self._closing:
             raise RequestError("the server is shutting down; launch again once it is back")
         instance = Instance(str(uuid.uuid4()), program, username, self.limits.for_instance(token_budget))
         instance.host = InstanceHost(instance, self._models, self.default_model, self.bus.mailbox(username))
         self._processes[instance.id] = instance
-        instance.start(body, on_exit=self._on_exit)
+        admission = self._admission
+        instance.start(body if admission is None else _admitted(body, admission), on_exit=self._on_exit)
         return instance
 
     def process(self, process_id: str) -> Instance | None:
@@ -256,20 +225,82 @@ class Runtime:
 
     def check_integrity(self) -> None:
         for model in self._models.values():
-            model.space.check_integrity()
+            model.check_integrity()
 
 
 def runtime_config(config: Any) -> RuntimeConfig:
-    """A `RuntimeConfig`, or anything shaped like `pie.config.Config` (models with name + engine config)."""
+    """A `RuntimeConfig`, or anything shaped like `pie.config.Config` (models with a name and engine
+    configs; `runtime` with the [runtime] keys, `isolation` and the [sandbox] policy)."""
     if isinstance(config, RuntimeConfig):
         return config
-    models = tuple(ModelSpec(m.name, m.engine_config() if callable(getattr(m, "engine_config", None))
-                             else m.engine) for m in config.models)
+    models = tuple(ModelSpec(m.name, _engine_configs(m)) for m in config.models)
     runtime = getattr(config, "runtime", None)
     fields = RuntimeLimits.__dataclass_fields__
     limits = RuntimeLimits(**{k: getattr(runtime, k) for k in fields if hasattr(runtime, k)})
     paths = tuple(Path(p) for p in getattr(runtime, "inferlet_paths", ()) or ())
-    return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None))
+    return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None), sandbox=_sandbox(runtime))
+
+
+def _engine_configs(model: Any) -> tuple[EngineConfig, ...]:
+    """One engine config per data-parallel group of a `pie.config.ModelConfig` (or of a model shaped like
+    it with one `engine_config()`, or an `engine`)."""
+    if callable(getattr(model, "engine_configs", None)):
+        return tuple(model.engine_configs())
+    if callable(getattr(model, "engine_config", None)):
+        return (model.engine_config(),)
+    return (model.engine,)
+
+
+def _sandbox(runtime: Any) -> SandboxPolicy | None:
+    """The sandbox policy when `[runtime] isolation = "isolated"` ([sandbox], or its defaults), else None."""
+    if getattr(runtime, "isolation", "trusted") != "isolated":
+        return None
+    policy = getattr(runtime, "sandbox", None)
+    if policy is None:
+        from pie.runtime.sandbox.policy import SandboxPolicy
+
+        policy = SandboxPolicy()
+    return policy
+
+
+async def _start_model_engines(spec: ModelSpec) -> tuple[EngineClient, ...]:
+    """The engine clients of every data-parallel group of a model, started side by side; if one fails,
+    the others are closed and its error raised."""
+    many = len(spec.engines) > 1
+    tasks = [asyncio.ensure_future(_start_group_engine(config, f"{spec.name}/dp{i}" if many else spec.name))
+             for i, config in enumerate(spec.engines)]
+    try:
+        await asyncio.wait(tasks)
+        return tuple(task.result() for task in tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close()
+        raise
+
+
+async def _start_group_engine(config: EngineConfig, name: str) -> EngineClient:
+    """The engine client of one data-parallel group, named `name` (threads, logs).
+
+    Every group is one device today (`pie.config.ModelConfig.engine_config` refuses tensor-parallel
+    groups), run by an engine in this process on its own thread. This is the one place that decides how
+    a group's engine runs: a group of several devices would start its worker processes here."""
+    from pie.runtime.engine_client import InProcessEngine
+
+    return await InProcessEngine.start(config, name)
+
+
+def _admitted(body: Body, admission: asyncio.Semaphore) -> Body:
+    """`body`, run once `admission` has a free slot (held until the body ends, however it ends)."""
+
+    async def admitted_body(instance: Instance) -> str:
+        async with admission:
+            return await body(instance)
+
+    return admitted_body
 
 
 def _program_body(program: Program, input: str, sandbox: SandboxPolicy | None) -> Body:

@@ -7,6 +7,10 @@ gone), `delete` drops it. Names are scoped per user: two users never see each
 other's snapshots. Snapshots have the lowest priority, so under page pressure
 they are the first contexts suspended; their committed pages usually stay in
 the prefix cache and come back without recomputation.
+
+A snapshot lives where its pages are: on the data-parallel group of the context
+it was saved from (a fork is made in its parent's context space), and contexts
+opened or taken from it are on that group too.
 """
 
 from __future__ import annotations
@@ -15,14 +19,13 @@ import math
 import uuid
 
 from inferlet._host import HostError
-from pie.runtime.context import Context, ContextSpace
+from pie.runtime.context import Context
 
 SNAPSHOT_OWNER = "snapshot"
 
 
 class SnapshotStore:
-    def __init__(self, space: ContextSpace, model: str) -> None:
-        self.space = space
+    def __init__(self, model: str) -> None:
         self.model = model
         self._contexts: dict[tuple[str, str], Context] = {}
 
