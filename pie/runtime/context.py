@@ -11,6 +11,20 @@ valid KV in them. `computed_len < kv_len` while a pass is pending and after a
 suspension; the scheduler computes the missing slots (re-prefill) from the
 record before anything else, so suspension never loses a context.
 
+Suspension (`Scheduler._suspend`) either drops every page (`suspend`: the KV
+is recomputed from the record later) or, when the engine has a host swap pool,
+moves them to host slots (`swap_out`). A swapped-out context keeps `swapped`:
+the host slots of pages `[swap_first, swap_first + len(swapped))`, valid up to
+slot `swapped_len`. Only the pages after the leading run of *shared* trie
+pages (in the prefix trie and held by another context too) are copied: those
+stay resident while their other holders live and are found again by content
+key (`attach_cached`), or, if the pool evicted them meanwhile, recomputed;
+copying them would free no device page and spend host slots. Trie pages only
+this context holds are copied like the rest: dropped, they would be the first
+cached pages the allocation that suspended them evicts. Once `computed_len`
+reaches `swap_first * page_size` the scheduler swaps the rest back in
+(`restore`), in the batch that computes the context's next rows.
+
 Sharing: fork takes a reference on every page (O(pages) ints, no KV copy).
 A page shared with another context or registered in the prefix trie is never
 written in place: the write that touches it first gets a fresh page, plus a
@@ -30,7 +44,7 @@ from typing import NamedTuple
 
 from inferlet._host import HostError
 from pie.errors import OutOfPagesError
-from pie.runtime.pages import PagePool
+from pie.runtime.pages import HostSlotPool, PagePool
 from pie.runtime.prefix_trie import ROOT_KEY, PageKey, PrefixTrie, page_key
 
 
@@ -40,12 +54,15 @@ class Attached(NamedTuple):
 
 
 class ContextSpace:
-    """One model's contexts: the shared pool and trie, and the registry of live contexts."""
+    """One model's contexts: the shared pool and trie, and the registry of live contexts.
+
+    `host` is the engine's host swap pool; the scheduler sets it when the engine has one."""
 
     def __init__(self, pool: PagePool, trie: PrefixTrie, page_size: int) -> None:
         self.pool = pool
         self.trie = trie
         self.page_size = page_size
+        self.host: HostSlotPool | None = None
         self.live: dict[int, Context] = {}
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
@@ -59,16 +76,29 @@ class ContextSpace:
         return next(self._clock)
 
     def check_integrity(self) -> None:
-        """Pool, trie and every live context agree: each page's refcount is its number of holders."""
+        """Pools, trie and every live context agree: each page's refcount is its number of holders,
+        and each held host slot belongs to exactly one live context."""
         self.pool.check_integrity()
         self.trie.check_integrity()
         holders = [0] * self.pool.num_pages
+        slot_holders: dict[int, int] = {}
         for ctx in self.live.values():
             ctx.check_integrity()
             for p in ctx.pages:
                 holders[p] += 1
+            for s in ctx.swapped:
+                assert s not in slot_holders, f"host slot {s} held by contexts {slot_holders[s]} and {ctx.id}"
+                slot_holders[s] = ctx.id
         for p, n in enumerate(holders):
             assert self.pool.refcount(p) == n, f"page {p}: refcount {self.pool.refcount(p)}, held by {n} contexts"
+        if self.host is None:
+            assert not slot_holders, "contexts hold host slots but the space has no host pool"
+            return
+        self.host.check_integrity()
+        for s in slot_holders:
+            assert self.host.is_held(s), f"context {slot_holders[s]} holds host slot {s}, which the pool has not lent"
+        assert self.host.num_held == len(slot_holders), (
+            f"{self.host.num_held} host slots are held, live contexts hold {len(slot_holders)} (leaked)")
 
 
 class Context:
@@ -85,6 +115,9 @@ class Context:
         self.recomputable = True  # False once masked/adapter KV was written
         self.pages: list[int] = []  # physical pages, covering slots [0, len(pages) * page_size)
         self.computed_len = 0  # leading slots with valid KV in `pages`
+        self.swapped: list[int] = []  # host slots of pages [swap_first, ...) while swapped out
+        self.swap_first = 0  # page index of swapped[0]
+        self.swapped_len = 0  # the swapped pages hold valid KV for slots [swap_first * page_size, swapped_len)
         self.priority = 0.0
         self.last_used = space.tick()
         self.pending = False  # a pass was submitted and has not resolved
@@ -180,6 +213,7 @@ class Context:
         if self.closed:
             return
         self._drop_pages()
+        self._release_swap(0)
         self.closed = True
         del self.space.live[self.id]
 
@@ -208,6 +242,9 @@ class Context:
         self.computed_len = min(self.computed_len, kv_len)
         ps = self.space.page_size
         self.dirty = {j for j in self.dirty if j * ps < kv_len}
+        if self.swapped:
+            self.swapped_len = min(self.swapped_len, kv_len)
+            self._release_swap(max(0, -(-self.swapped_len // ps) - self.swap_first))
 
     # -- physical pages: what the scheduler calls while building a batch ------------------------
 
@@ -223,7 +260,7 @@ class Context:
             return Attached(0, None)
         j = start // ps
         parent = self._key_before(j)
-        end = min(limit, self.kv_len)
+        end = min(limit, self.restore_limit())  # swapped pages come back by swap-in, not from the trie
         missed = None
         while parent is not None and (j + 1) * ps <= end:
             key = self.keys[j] if j < self.num_committed else (
@@ -281,11 +318,71 @@ class Context:
         self._register(old // ps, min(end // ps, self.num_committed))
 
     def suspend(self) -> int:
-        """Drop every page (their content stays cached when the trie holds it); returns pages released."""
+        """Drop every page (their content stays cached when the trie holds it); returns pages released.
+
+        A swapped-out context keeps its host slots: its pages are then all
+        before `swap_first`, recoverable from the trie or the record."""
         assert not self.in_batch and self.recomputable, "only idle, recomputable contexts are suspended"
         n = len(self.pages)
         self._drop_pages()
         return n
+
+    def swap_span(self) -> tuple[int, int]:
+        """(first page, number of pages) `swap_out` would copy to host.
+
+        A recomputable context skips its leading trie pages that other
+        contexts hold too (found again by key, or recomputed); one holding
+        masked/adapter KV copies every computed page, since it must never be
+        recomputed."""
+        ps, trie, pool = self.space.page_size, self.space.trie, self.space.pool
+        num_computed = min(len(self.pages), -(-self.computed_len // ps))
+        first = 0
+        if self.recomputable:
+            while first < num_computed and trie.holds(self.pages[first]) and pool.refcount(self.pages[first]) > 1:
+                first += 1
+        return first, num_computed - first
+
+    def swap_out(self, slots: list[int]) -> list[tuple[int, int]]:
+        """Move the `swap_span` pages to `slots` and drop every page; returns (device_page, host_slot) pairs.
+
+        The dropped pages may be handed out again in the same batch: that is
+        safe because a batch runs its swap-outs before anything else."""
+        assert not self.in_batch and not self.swapped, "only idle, resident contexts are swapped out"
+        first, n = self.swap_span()
+        assert len(slots) == n > 0, f"swap_out of {n} pages into {len(slots)} slots"
+        pairs = list(zip(self.pages[first:first + n], slots, strict=True))
+        self.swapped, self.swap_first, self.swapped_len = slots, first, self.computed_len
+        self._drop_pages()
+        return pairs
+
+    @property
+    def restorable(self) -> bool:
+        """Swapped out, and every slot before the swapped pages is computed: swap them in next."""
+        return bool(self.swapped) and self.computed_len == self.swap_first * self.space.page_size
+
+    def restore(self, fresh: list[int]) -> list[tuple[int, int]]:
+        """Swap the pages back in, onto pages taken off the end of `fresh`; returns (host_slot, page) pairs.
+
+        Restored committed pages rejoin the trie only under keys it does not
+        hold already: dedup would free a page this batch still swaps into."""
+        assert self.restorable and len(self.pages) == self.swap_first, f"context {self.id} is not restorable"
+        n = len(self.swapped)
+        pages = fresh[len(fresh) - n:]
+        del fresh[len(fresh) - n:]
+        pairs = list(zip(self.swapped, pages, strict=True))
+        self.pages += pages
+        self.computed_len = self.swapped_len
+        self._release_swap(0)
+        trie, ps = self.space.trie, self.space.page_size
+        for j in range(self.swap_first, min(self.num_committed, self.computed_len // ps)):
+            key = self.keys[j]
+            if key is not None and trie.lookup(key) is None:
+                trie.insert(key, self.pages[j])
+        return pairs
+
+    def restore_limit(self) -> int:
+        """The last slot the scheduler may compute before swapping the rest in (kv_len when not swapped)."""
+        return self.swap_first * self.space.page_size if self.swapped else self.kv_len
 
     def freeable_pages(self) -> int:
         """Pages that suspending this context would make allocatable (held by no one else)."""
@@ -335,6 +432,17 @@ class Context:
         self.computed_len = 0
         self.space.pool.decref(reversed(pages))
 
+    def _release_swap(self, keep: int) -> None:
+        """Keep the first `keep` swapped pages; their slots after that go back to the host pool."""
+        if keep >= len(self.swapped):
+            return
+        host = self.space.host
+        assert host is not None, "a context holds host slots, but the space has no host pool"
+        host.release(self.swapped[keep:])
+        del self.swapped[keep:]
+        if not self.swapped:
+            self.swap_first = self.swapped_len = 0
+
     def check_integrity(self) -> None:
         ps = self.space.page_size
         assert len(set(self.pages)) == len(self.pages), f"context {self.id} holds a page twice"
@@ -342,3 +450,9 @@ class Context:
         assert self.computed_len <= self.kv_len <= self.num_pages * ps, f"context {self.id}: lengths out of order"
         assert len(self.keys) == self.num_committed <= self.num_pages
         assert len(self.positions) == len(self.tokens)
+        if self.swapped:
+            first, end = self.swap_first, self.swap_first + len(self.swapped)
+            assert len(self.pages) <= first, f"context {self.id} holds device pages where its swapped pages go"
+            assert self.computed_len <= first * ps, f"context {self.id}: computed slots past its swapped pages"
+            assert first * ps < self.swapped_len <= min(end * ps, self.kv_len), (
+                f"context {self.id}: swapped pages [{first}, {end}) hold slots up to {self.swapped_len}")

@@ -1,6 +1,6 @@
-"""The physical KV page pool of one engine: refcounted page ids, no tensors.
+"""The KV page pools of one engine: refcounted device page ids, and host swap slots; no tensors.
 
-Every page is in exactly one state:
+Every device page is in exactly one state:
 
 - free: refcount 0, on the free list, content meaningless;
 - used: refcount > 0 (held by contexts, snapshots, pending copies);
@@ -13,6 +13,9 @@ states, refcounts are never negative. Queries and mutations are paired
 (`can_allocate` / `allocate`); the runtime asks first and suspends contexts
 when the answer is no, so `allocate` failing is an internal bug, not a user
 error.
+
+`HostSlotPool` is the same bookkeeping for the engine's host swap pool, the
+slots suspended contexts' pages are copied to (see `HostSlotPool`).
 """
 
 from __future__ import annotations
@@ -160,3 +163,74 @@ class PagePool:
                 assert in_free or in_cached, f"page {p} has refcount 0 but is neither free nor cached (leaked)"
                 assert in_cached == self._retained[p], f"page {p}: cached={in_cached}, retained={self._retained[p]}"
         assert self.num_free + self.num_used + self.num_cached == self.num_pages
+
+
+class HostSlotPool:
+    """The engine's host swap slots (`EngineInfo.num_swap_slots`): where suspended contexts' pages wait.
+
+    Every slot is in exactly one state:
+
+    - free: allocatable;
+    - held: holds one page of exactly one suspended context (slots are never
+      shared: a fork of a swapped-out context recomputes instead);
+    - draining: given up while a batch is being built (swapped back in, or
+      its context destroyed or cut). A batch copies swap-outs *before*
+      swap-ins, so a slot read by this batch's swap-in must not be the target
+      of one of its swap-outs; and a slot a swap-out of this batch writes may
+      be given up by a rollback in the same build. Draining slots become free
+      at `settle()`, which the scheduler calls when no batch is being built
+      or in flight.
+
+    Invariant (`check_integrity`): free + held + draining == total.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        assert num_slots > 0, f"a host slot pool needs slots, got {num_slots}"
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: low slots first
+        self._held = [False] * num_slots
+        self._draining: list[int] = []
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_held(self) -> int:
+        return self.num_slots - len(self._free) - len(self._draining)
+
+    def is_held(self, slot: int) -> bool:
+        return self._held[slot]
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """n free slots, now held; the caller asked `can_allocate` first."""
+        assert n <= len(self._free), f"need {n} host slots, {len(self._free)} are free"
+        slots = self._free[len(self._free) - n:]
+        del self._free[len(self._free) - n:]
+        for s in slots:
+            self._held[s] = True
+        return slots
+
+    def release(self, slots: Iterable[int]) -> None:
+        """Give held slots up; they drain until the next `settle()`."""
+        for s in slots:
+            assert self._held[s], f"release of host slot {s}, which is not held"
+            self._held[s] = False
+            self._draining.append(s)
+
+    def settle(self) -> None:
+        """No batch is being built or in flight: draining slots are free again."""
+        if self._draining:
+            self._free += self._draining
+            self._draining.clear()
+
+    def check_integrity(self) -> None:
+        free, draining = set(self._free), set(self._draining)
+        assert len(free) == len(self._free) and len(draining) == len(self._draining), "a host slot is listed twice"
+        assert not free & draining, f"host slots both free and draining: {sorted(free & draining)[:8]}"
+        for s in range(self.num_slots):
+            listed = s in free or s in draining
+            assert listed != self._held[s], f"host slot {s}: held={self._held[s]}, free or draining={listed}"

@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from inferlet._host import HostError
+from pie import telemetry
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request
 from pie.errors import BatchError, OutOfPagesError
 from pie.runtime.api import EngineClient
 from pie.runtime.context import Context, ContextSpace
+from pie.runtime.pages import HostSlotPool
 from pie.runtime.prefix_trie import PageKey
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,15 @@ class Chunk(NamedTuple):
     output_ids: list[int]
 
 
+@dataclass(slots=True)
+class PageOps:
+    """The page operations of the batch being built; the engine runs them before its forward, in this order."""
+
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device page, host slot)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device page)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page)
+
+
 @dataclass
 class SchedulerStats:
     batches: int = 0
@@ -91,6 +102,9 @@ class SchedulerStats:
     last_batch_ms: float = 0.0
     suspensions: int = 0
     cached_tokens: int = 0  # prompt tokens attached from the prefix trie instead of computed
+    swapped_out_pages: int = 0  # pages suspensions copied to the host swap pool
+    swapped_in_pages: int = 0  # pages copied back from it
+    recomputed_suspensions: int = 0  # suspensions that dropped computed KV the context must recompute
 
 
 class Scheduler:
@@ -102,6 +116,11 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.page_wait_timeout_s = page_wait_timeout_s
         self.stats = SchedulerStats()
+        info = engine.info
+        self._model_name = str(getattr(info, "model_name", ""))  # for telemetry
+        num_slots = int(getattr(info, "num_swap_slots", 0))
+        if num_slots > 0 and space.host is None:
+            space.host = HostSlotPool(num_slots)
         self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
         self._jobs: dict[int, Job] = {}  # context id -> its pending pass; insertion order = queue order
         self._computing: dict[PageKey, Job] = {}  # uncached page key -> the pass computing it
@@ -205,10 +224,12 @@ class Scheduler:
     def _build(self) -> tuple[ForwardBatch, list[Chunk]] | None:
         self._previous_build, self._this_build = self._this_build, self.space.tick()
         self._lead_known = False
+        if self.space.host is not None:
+            self.space.host.settle()  # the last batch has landed: the slots it swapped in may be reused
         order = sorted(self._jobs.values(), key=_priority)  # stable: queue order within a priority
         tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
         requests: list[Request] = []
-        copies: list[tuple[int, int]] = []
+        ops = PageOps()
         chunks: list[Chunk] = []
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
@@ -217,27 +238,31 @@ class Scheduler:
                 self._drop(job)
                 continue
             reserve = min(len(order) - i - 1, reqs_left - 1)  # a token for each pass behind this one
-            chunk = self._admit(job, max(1, tokens_left - reserve), tokens_left, copies)
+            chunk = self._admit(job, max(1, tokens_left - reserve), tokens_left, ops)
             if chunk is None:
                 continue
             requests.append(self._request(chunk))
             chunks.append(chunk)
             tokens_left -= chunk.end - chunk.start
             reqs_left -= 1
-        if not requests:
+        if requests:
+            self._stalled_since = None
+        elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
-        self._stalled_since = None
-        return ForwardBatch(requests, copies), chunks
+        return ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in), chunks
 
-    def _admit(self, job: Job, budget: int, tokens_left: int, copies: list[tuple[int, int]]) -> Chunk | None:
+    def _admit(self, job: Job, budget: int, tokens_left: int, ops: PageOps) -> Chunk | None:
         """The job's next chunk of at most `budget` rows, with its pages in place; None if it must wait.
 
         A masked pass is not chunked: it needs all its rows in `tokens_left` (it
-        keeps its place in the queue, so it is first in line next step)."""
+        keeps its place in the queue, so it is first in line next step). A
+        swapped-out context computes up to its swapped pages, then gets them
+        back by swap-in with the chunk after them."""
         ctx = job.ctx
         if not self._lookup_prefix(job):
             return None
-        start = ctx.computed_len
+        restore = ctx.restorable
+        start = ctx.swapped_len if restore else ctx.computed_len
         if start == job.end:  # every row was in the prefix cache (a pass without outputs)
             self._complete(job)
             return None
@@ -247,11 +272,24 @@ class Scheduler:
             end = job.end
         else:  # restore rows before a masked pass are computed on their own
             limit = job.start if job.attention_mask is not None else job.end
+            if not restore:  # a swapped-out context stops before its swapped pages
+                limit = min(limit, ctx.restore_limit())
             end = min(limit, start + budget)
-        need = self._make_room(job, start, end)
+        need = self._make_room(job, start, end, ops)  # with a restore: its pages plus the chunk's
         if need is None:
             return None
-        copies += ctx.prepare_write(start, end, self.space.pool.allocate(need))
+        pool = self.space.pool
+        fresh = pool.allocate(need)
+        if restore:
+            swap_in = ctx.restore(fresh)
+            ops.swap_in += swap_in
+            self.stats.swapped_in_pages += len(swap_in)
+        copies = ctx.prepare_write(start, end, fresh)
+        if copies and self.space.host is not None:
+            # Until the batch lands, a copy source must not be handed out again as a swap-in target:
+            # swap-ins run before copies. Without a host pool nothing writes before the copies.
+            pool.incref(src for src, _ in copies)
+        ops.copies += copies
         ctx.in_batch = True
         job.admitted_build = self._this_build
         ids = []
@@ -287,7 +325,7 @@ class Scheduler:
             job.computing = attached.missed
         return True
 
-    def _make_room(self, job: Job, start: int, end: int) -> int | None:
+    def _make_room(self, job: Job, start: int, end: int, ops: PageOps) -> int | None:
         """Pages the chunk needs, after suspending victims if the pool is short; None if it cannot fit now."""
         ctx, pool = job.ctx, self.space.pool
         victims: list[Context] | None = None
@@ -299,8 +337,25 @@ class Scheduler:
                 victims = self._victims(ctx, lead=job is self._lead())
             if not victims:
                 return None
-            victims.pop().suspend()
-            self.stats.suspensions += 1
+            self._suspend(victims.pop(), ops)
+
+    def _suspend(self, ctx: Context, ops: PageOps) -> None:
+        """Free `ctx`'s pages: to host slots (swap-out in this batch) when they fit, else dropped.
+
+        A context swapped out already only holds pages before its swapped
+        ones (prefix-trie or recomputed KV): those are dropped, the slots kept.
+        Dropped KV that the trie does not hold is recomputed on the next pass."""
+        host = self.space.host
+        _, num_kept = ctx.swap_span()
+        if host is not None and num_kept and not ctx.swapped and host.can_allocate(num_kept):
+            ops.swap_out += ctx.swap_out(host.allocate(num_kept))
+            self.stats.swapped_out_pages += num_kept
+        elif ctx.recomputable:
+            ctx.suspend()
+            self.stats.recomputed_suspensions += int(num_kept > 0)
+        else:  # host slots ran out since `_victims` offered it
+            return
+        self.stats.suspensions += 1
 
     def _lead(self) -> Job | None:
         """The pending pass of the oldest context of the top priority (found once per build)."""
@@ -318,16 +373,23 @@ class Scheduler:
         first), so a younger context never pushes an older one back out (no
         ping-pong; vLLM's preempt-the-newest). The lead pass (oldest context of
         the top priority) may also take the pages of any idle context, so some
-        pass can always run: only contexts that cannot be recomputed (masked
-        KV) or are in this batch keep their pages."""
+        pass can always run: only contexts in this batch, and those that can
+        neither be recomputed (masked KV) nor swapped to host, keep their pages."""
         prio, cutoff = ctx.priority, self._previous_build
         found = [c for c in self.space.live.values()
-                 if c is not ctx and c.pages and not c.in_batch and c.recomputable
+                 if c is not ctx and c.pages and not c.in_batch and (c.recomputable or self._fits_host(c))
                  and (c.priority < prio or (lead and not c.pending) or (c.priority == prio and (
                      c.id > ctx.id if c.pending else c.last_used < cutoff)))
                  and c.freeable_pages()]
         found.sort(key=lambda c: (c.priority, c.pending, -c.id if c.pending else c.last_used), reverse=True)
         return found
+
+    def _fits_host(self, ctx: Context) -> bool:
+        """`ctx` can be swapped out whole now (it cannot be recomputed, so swapping is its only way out)."""
+        if self.space.host is None or ctx.swapped:
+            return False
+        num_pages = ctx.swap_span()[1]
+        return num_pages > 0 and self.space.host.can_allocate(num_pages)
 
     def _request(self, chunk: Chunk) -> Request:
         job, ctx = chunk.job, chunk.job.ctx
@@ -346,8 +408,12 @@ class Scheduler:
 
     async def _fire(self, batch: ForwardBatch, chunks: list[Chunk]) -> None:
         t0 = time.perf_counter()
+        num_tokens = batch.num_tokens
         try:
-            result = await self.engine.forward(batch)
+            with telemetry.span("engine.batch", model=self._model_name, num_requests=len(chunks),
+                                num_tokens=num_tokens, num_swap_out=len(batch.swap_out),
+                                num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
+                result = await self.engine.forward(batch)
             outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
         except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
             log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
@@ -360,9 +426,11 @@ class Scheduler:
         finally:
             for chunk in chunks:
                 chunk.job.ctx.in_batch = False
+            if batch.page_copies and self.space.host is not None:  # the copy sources pinned in `_admit`
+                self.space.pool.decref(src for src, _ in batch.page_copies)
         elapsed = time.perf_counter() - t0
         self.stats.batches += 1
-        self.stats.tokens_processed += batch.num_tokens
+        self.stats.tokens_processed += num_tokens
         self.stats.last_batch_ms = elapsed * 1e3
         if self.on_batch is not None:
             self.on_batch(batch, result, elapsed)
@@ -373,9 +441,12 @@ class Scheduler:
                 self._finish_chunk(chunk, out)
 
     async def _fire_singly(self, batch: ForwardBatch) -> list[list[OutputValue] | BaseException]:
-        if batch.page_copies:
-            src, dst = zip(*batch.page_copies, strict=True)
-            await self.engine.copy_pages(list(src), list(dst))
+        if batch.page_copies or batch.swap_out or batch.swap_in:
+            try:
+                await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in))
+            except BatchError as error:  # a runtime bug: the runtime chose these pages and slots
+                log.error("engine rejected a batch's page operations: %s", error)
+                return [HostError(f"the engine rejected this batch's page operations: {error}")] * len(batch.requests)
         outs: list[list[OutputValue] | BaseException] = []
         for req in batch.requests:
             try:
