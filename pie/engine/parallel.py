@@ -135,7 +135,9 @@ def join_from_env() -> Membership:
     """
     rank, world, local_rank, local_world = env_rank()
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=CONTROL_TIMEOUT)
-    return Membership(rank, world, local_rank, local_world, ControlChannel(rank, dist.group.WORLD))
+    world_group = dist.group.WORLD
+    assert world_group is not None, "init_process_group sets the default group"
+    return Membership(rank, world, local_rank, local_world, ControlChannel(rank, world_group))
 
 
 def compute_group(member: Membership, device: torch.device) -> TPGroup:

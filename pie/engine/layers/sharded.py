@@ -157,7 +157,7 @@ def row_linear(in_features: int, out_features: int, tp: TPGroup, *, bias: bool =
     return RowParallelLinear(in_features, out_features, tp, bias=bias)
 
 
-def vocab_embedding(vocab_size: int, hidden_size: int, tp: TPGroup) -> nn.Module:
+def vocab_embedding(vocab_size: int, hidden_size: int, tp: TPGroup) -> nn.Embedding | VocabParallelEmbedding:
     if tp.size == 1:
         embedding = nn.Embedding(vocab_size, hidden_size)
         embedding.weight.requires_grad_(False)
