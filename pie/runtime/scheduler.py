@@ -14,13 +14,25 @@ each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
   that holds their rows.
 
 Pages: a chunk's pages are allocated when it is admitted. When the pool is
-short, idle or lower-priority contexts are suspended (their pages dropped,
-their record kept) until the chunk fits; otherwise the pass waits. A pass that
-waits while nothing at all can run for `page_wait_timeout_s` fails with an
-error saying why.
+short, victims are suspended until the chunk fits; otherwise the pass waits.
+Victims (`_victims`): lower-priority contexts, idle ones of equal priority
+(least recently used first) and younger pending ones; the lead pass may take
+any idle context's pages. Suspension (`_suspend`) moves a victim's pages to
+the engine's host swap pool when it has one with free slots: the swap-out
+rides in this step's batch, and the context is swapped back in with the chunk
+of its next pass, continuing without recomputation. Otherwise its pages are
+dropped, its record kept, and the KV is recomputed (re-prefilled) on its next
+pass; contexts holding masked or adapter KV cannot be recomputed, so they are
+only ever swapped. A pass that waits while nothing at all can run for
+`page_wait_timeout_s` fails with an error saying why.
 
 One batch is in flight per engine; nothing changes page contents between
 batches, so freeing, copying-on-write and suspending at build time is safe.
+Within a batch the engine runs swap-outs, then swap-ins, then page copies,
+then the forward; so a page freed by a swap-out may be reused at once, while
+host slots read by a swap-in (`HostSlotPool` draining) and the sources of
+page copies (pinned until the batch lands) are not reused in the same batch.
+Each engine call is a telemetry span `engine.batch` (sizes and swaps).
 """
 
 from __future__ import annotations
