@@ -282,3 +282,9 @@ def test_wire_round_trips_the_batch_contract_exactly() -> None:
     assert wire.decode(wire.encode(["ok", result])) == ["ok", result]
     with pytest.raises(TypeError, match="cannot cross the engine wire"):
         wire.encode(["ok", object()])
+
+
+def test_the_server_side_client_imports_no_torch() -> None:
+    code = "import sys, pie.runtime.worker_client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
