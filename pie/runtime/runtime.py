@@ -125,21 +125,27 @@ class Runtime:
         cfg = runtime_config(config)
         given = dict(engines or {})
         started: dict[str, tuple[EngineClient, ...]] = {}
+        models: dict[str, ModelRuntime] = {}
         try:
             # One model after another: loading measures free device memory to size the KV pool, so two
-            # models sharing a device must not load at the same time. A model's groups have distinct
-            # devices (the config refuses a device listed twice) and load side by side.
+            # models sharing a device must not load at the same time. A model's groups load side by
+            # side: their devices are distinct (the config refuses a device listed twice; CPU pools are
+            # sized from a budget, not measured).
             for spec in cfg.models:
                 if spec.name in given:
                     assert len(spec.engines) == 1, f"model {spec.name!r}: a given engine serves one group only"
                 else:
                     started[spec.name] = await _start_model_engines(spec)
-            models = {s.name: ModelRuntime(s.name, started.get(s.name) or given[s.name], cfg.limits,
-                                           owns_engine=s.name in started) for s in cfg.models}
+            for spec in cfg.models:
+                models[spec.name] = ModelRuntime(spec.name, started.get(spec.name) or given[spec.name],
+                                                 cfg.limits, owns_engine=spec.name in started)
         except BaseException:
-            for clients in started.values():
-                for client in clients:
-                    await client.close()
+            for model in models.values():
+                await model.close()  # its schedulers, and its engines when started here
+            for name, clients in started.items():
+                if name not in models:
+                    for client in clients:
+                        await client.close()
             raise
         registry = ProgramRegistry(default_search_paths(cfg.pie_home, cfg.inferlet_paths))
         runtime = cls(models, cfg.limits, registry, cfg.sandbox)
