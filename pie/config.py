@@ -106,12 +106,10 @@ class ModelConfig:
         from pie.engine.config import EngineConfig
 
         group = list(rank_devices) if rank_devices is not None else self.data_parallel_groups()[0]
-        if len(group) != 1:
-            raise ConfigError(f"model {self.name!r}: tensor_parallel_size = {len(group)} ({', '.join(group)}), "
-                              "but this engine runs a model on one device; set tensor_parallel_size = 1 "
-                              "(each listed device then serves a full copy)")
         engine_keys = set(field_names(EngineConfig))
         values = {k: v for k, v in dataclasses.asdict(self.options).items() if k in engine_keys}
+        if len(group) > 1:  # one tensor-parallel copy over the group: a worker process per device
+            values |= {"tensor_parallel_size": len(group), "tp_devices": tuple(group)}
         return EngineConfig(model=self.hf_repo, device=group[0], activation_dtype=self.activation_dtype,
                             revision=self.revision or None, **values)
 
@@ -357,6 +355,3 @@ def _note_model(reader: Reader, model: ModelConfig, prefix: str) -> None:
                             "driver); the model runs on it")
     if model.options.binary_path:
         reader.notes.append(f"{prefix}: binary_path is ignored: the engine is built into pie")
-    if model.tensor_parallel_size > 1:
-        reader.notes.append(f"{prefix}.tensor_parallel_size = {model.tensor_parallel_size}: tensor parallelism "
-                            "is not implemented by this engine; `pie serve` refuses this model")

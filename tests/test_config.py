@@ -150,9 +150,9 @@ def test_seed_000_complete_example() -> None:
             large.options.adapter_path) == (0.85, 256, 16, "/data/pie/adapters/")
     assert small.options.gpu_mem_utilization == 0.8
     assert config.telemetry == TelemetryConfig(True, "http://otel-collector:4317", "pie-production")
-    assert any("tensor parallelism is not implemented" in n for n in config.notes)
-    with pytest.raises(ConfigError, match=r"tensor_parallel_size = 4 .* set tensor_parallel_size = 1"):
-        large.engine_config()
+    engine = large.engine_config()  # one copy over 4 ranks: a worker process per device
+    assert (engine.tensor_parallel_size, engine.tp_devices, engine.device) == \
+        (4, ("cuda:1", "cuda:2", "cuda:3", "cuda:4"), "cuda:1")
 
 
 def test_seed_002_driver_styles() -> None:

@@ -151,5 +151,6 @@ def test_config_devices_become_one_engine_per_group(tmp_path: Path) -> None:
     tp = parse_config({"model": {"device": ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], "tensor_parallel_size": 2}},
                       source=None, home=tmp_path)
     assert tp.models[0].data_parallel_groups() == [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
-    with pytest.raises(ConfigError, match="tensor_parallel_size = 2"):
-        runtime_config(tp)
+    groups = runtime_config(tp).models[0].engines  # 4 GPUs, TP 2 -> 2 groups of 2 (the seed's rule)
+    assert [(e.tensor_parallel_size, e.tp_devices) for e in groups] == \
+        [(2, ("cuda:0", "cuda:1")), (2, ("cuda:2", "cuda:3"))]

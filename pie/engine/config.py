@@ -43,6 +43,8 @@ class EngineConfig:
     # Ranks one copy of the model is split over (heads, MLP columns, vocabulary); > 1 runs in worker processes
     # (pie.runtime.worker_client.WorkerEngine), one per rank, joined through torch.distributed.
     tensor_parallel_size: int = 1
+    # Device of each rank when tensor_parallel_size > 1 (rank i on tp_devices[i]); () = `device` for every rank.
+    tp_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("activation_dtype", self.activation_dtype, DTYPES)
@@ -61,6 +63,9 @@ class EngineConfig:
             raise ConfigError("swap_pool_size and cpu_mem_budget_in_gb must be >= 0 (0 disables KV swap)")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tp_devices and len(self.tp_devices) != self.tensor_parallel_size:
+            raise ConfigError(f"tp_devices names {len(self.tp_devices)} device(s) for tensor_parallel_size = "
+                              f"{self.tensor_parallel_size}; name one per rank")
         if self.runtime_quant not in ("", "fp8"):
             raise ConfigError(f"runtime_quant must be '' or 'fp8', got {self.runtime_quant!r}")
 

@@ -291,9 +291,15 @@ async def _start_model_engines(spec: ModelSpec) -> tuple[EngineClient, ...]:
 async def _start_group_engine(config: EngineConfig, name: str) -> EngineClient:
     """The engine client of one data-parallel group, named `name` (threads, logs).
 
-    Every group is one device today (`pie.config.ModelConfig.engine_config` refuses tensor-parallel
-    groups), run by an engine in this process on its own thread. This is the one place that decides how
-    a group's engine runs: a group of several devices would start its worker processes here."""
+    This is the one place that decides how a group's engine runs: one device is an engine in this
+    process on its own thread; a tensor-parallel group is one worker process per rank
+    (`pie.runtime.worker_client`), which keeps torch.distributed out of the server process."""
+    if config.tensor_parallel_size > 1:
+        from pie.runtime.worker_client import WorkerEngine
+
+        devices = list(config.tp_devices) or [config.device] * config.tensor_parallel_size
+        return await WorkerEngine.start(config, devices, name)
+
     from pie.runtime.engine_client import InProcessEngine
 
     return await InProcessEngine.start(config, name)
