@@ -39,8 +39,10 @@ class PassReader:
     def __init__(self) -> None:
         self._samplers: dict[tuple[Any, ...], Sampler] = {}
 
-    def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs) -> Job:
-        """Check the inputs against the context and the model; record them on the context; the job."""
+    def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs, adapter: int | None = None) -> Job:
+        """Check the inputs against the context and the model; record them on the context; the job.
+
+        `adapter`: the engine slot of the pass's LoRA adapter (the host resolves the SDK's handle)."""
         tokens, positions = spec["tokens"], spec["positions"]  # checked by `outputs`
         n = len(tokens)
         kv_len, capacity = c.kv_len, c.num_pages * m.page_size
@@ -54,12 +56,11 @@ class PassReader:
         logit_mask = spec.get("logit_mask") or None
         if logit_mask is not None:
             _check_logit_mask(logit_mask, m.vocab_size)
-        if spec.get("adapter") is not None:
-            raise HostError("LoRA adapters are not available in this runtime yet; run without `adapter`")
         seed = spec.get("seed")
-        c.append(tokens, positions, custom_kv=mask is not None)
+        # KV written under an adapter is not the base model's: like a masked pass, never shared or recomputed.
+        c.append(tokens, positions, custom_kv=mask is not None or adapter is not None)
         return Job(c, kv_len, kv_len + n, outputs.specs, attention_mask=mask, logit_mask=logit_mask,
-                   seed=None if seed is None else int(seed))
+                   adapter=adapter, seed=None if seed is None else int(seed))
 
     def outputs(self, spec: PassDict, m: ModelRuntime) -> Outputs:
         """Check the inputs' shape and the slots; the engine outputs they ask for."""

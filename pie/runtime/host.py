@@ -30,6 +30,7 @@ from pie.runtime.forward_pass import PassReader, slot_values
 from pie.runtime.scheduler import Job
 
 if TYPE_CHECKING:
+    from pie.runtime.adapters import NamedAdapter
     from pie.runtime.instance import Instance
     from pie.runtime.messaging import Mailbox
     from pie.runtime.model_runtime import EngineGroup, ModelRuntime
@@ -52,6 +53,7 @@ class InstanceHost:
         self._default = default_model
         self._mailbox = mailbox
         self._contexts: dict[int, tuple[ModelRuntime, Context, EngineGroup]] = {}
+        self._adapters: dict[int, tuple[ModelRuntime, NamedAdapter]] = {}  # handles share the context counter
         self._handles = itertools.count(1)
         self.tokens_sampled = 0
         self.closed = False
@@ -230,19 +232,29 @@ class InstanceHost:
     # -- adapters -------------------------------------------------------------------------------
 
     def adapter_create(self, model: str, name: str) -> int:
-        raise HostError("LoRA adapters are not available in this runtime yet; run without `adapter`")
+        m = self._model(model)
+        with user_errors():
+            return self._adopt_adapter(m, m.adapters.create(self.instance.username, name))
 
     def adapter_open(self, model: str, name: str) -> int | None:
-        return None
+        m = self._model(model)
+        adapter = m.adapters.open(self.instance.username, name)
+        return None if adapter is None else self._adopt_adapter(m, adapter)
 
     def adapter_fork(self, adapter: int, new_name: str) -> int:
-        raise HostError(f"no adapter {adapter}: LoRA adapters are not available in this runtime yet")
+        m, a = self._adapter(adapter)
+        with user_errors():
+            return self._adopt_adapter(m, m.adapters.fork(a, new_name))
 
     def adapter_load(self, adapter: int, path: str) -> None:
-        raise HostError(f"no adapter {adapter}: LoRA adapters are not available in this runtime yet")
+        m, a = self._adapter(adapter)
+        with user_errors():
+            m.adapters.load(a, path)
 
     def adapter_save(self, adapter: int, path: str) -> None:
-        raise HostError(f"no adapter {adapter}: LoRA adapters are not available in this runtime yet")
+        m, a = self._adapter(adapter)
+        with user_errors():
+            m.adapters.save(a, path)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -259,6 +271,28 @@ class InstanceHost:
         if entry is None:
             raise HostError(f"no context {handle} in this instance (destroyed already?)")
         return entry
+
+    def _adopt_adapter(self, model: ModelRuntime, adapter: NamedAdapter) -> int:
+        handle = next(self._handles)
+        self._adapters[handle] = (model, adapter)
+        return handle
+
+    def _adapter(self, handle: int) -> tuple[ModelRuntime, NamedAdapter]:
+        entry = self._adapters.get(handle)
+        if entry is None:
+            raise HostError(f"no adapter {handle} in this instance; make one with Adapter.create or Adapter.open")
+        return entry
+
+    def _adapter_slot(self, m: ModelRuntime, handle: int | None) -> int | None:
+        """The engine slot of a pass's adapter handle (None: the base model)."""
+        if handle is None:
+            return None
+        model, adapter = self._adapter(handle)
+        if model is not m:
+            raise HostError(f"adapter {adapter.name!r} belongs to model {model.name!r}; this context runs "
+                            f"{m.name!r}")
+        with user_errors():
+            return m.adapters.slot_of(adapter)
 
     def _adopt(self, model: ModelRuntime, group: EngineGroup, ctx: Context, *, check_pages: bool = False) -> int:
         if check_pages:
@@ -286,7 +320,7 @@ class InstanceHost:
         if budget and self.tokens_sampled + outputs.sampled > budget:
             raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
                             f"{budget} tokens and this pass asks for {outputs.sampled} more")
-        job = self._passes.job(m, c, spec, outputs)
+        job = self._passes.job(m, c, spec, outputs, self._adapter_slot(m, spec.get("adapter")))
         self.tokens_sampled += outputs.sampled
         return job, outputs.slot_rows
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pie.config import pie_home
 from pie.errors import ConfigError, ModelNotFoundError
+from pie.runtime.adapters import AdapterStore
 from pie.runtime.api import EngineClient, ModelStatus
 from pie.runtime.context import Context, ContextSpace
 from pie.runtime.pages import PagePool
@@ -70,7 +73,7 @@ class ModelRuntime:
     """A served model (what inferlets name in `Model.load`): one or more `EngineGroup`s."""
 
     def __init__(self, name: str, engines: EngineClient | Sequence[EngineClient], limits: RuntimeLimits, *,
-                 owns_engine: bool = True) -> None:
+                 owns_engine: bool = True, adapter_dir: Path | None = None) -> None:
         clients = tuple(engines) if isinstance(engines, Sequence) else (engines,)
         assert clients, f"model {name!r} needs at least one engine"
         _check_engines_agree(name, clients)
@@ -84,6 +87,9 @@ class ModelRuntime:
         self.max_dist_size: int = info.max_dist_size
         self.max_num_embeds: int = info.max_num_embeds
         self.snapshots = SnapshotStore(name)
+        # LoRA adapters by (user, name), on every group's engine (a context on any group may use one).
+        self.adapters = AdapterStore([g.engine for g in self.groups], adapter_dir or pie_home() / "adapters",
+                                     name)
 
     # -- where contexts live --------------------------------------------------------------------
 

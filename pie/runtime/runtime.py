@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pie.config import pie_home
 from pie.engine.config import EngineConfig
 from pie.errors import ConfigError, RequestError
 from pie.runtime.api import EngineClient, ModelStatus, ProgramInfo
@@ -66,13 +67,16 @@ class ModelSpec:
 
     name: str
     engines: tuple[EngineConfig, ...]
+    adapter_dir: Path | None  # LoRA adapters' folder (`adapter_path`); None = $PIE_HOME/adapters
 
-    def __init__(self, name: str, engines: EngineConfig | Sequence[EngineConfig]) -> None:
+    def __init__(self, name: str, engines: EngineConfig | Sequence[EngineConfig], *,
+                 adapter_dir: Path | None = None) -> None:
         configs = (engines,) if isinstance(engines, EngineConfig) else tuple(engines)
         if not configs:
             raise ConfigError(f"model {name!r} has no engine: give it at least one device")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "engines", configs)
+        object.__setattr__(self, "adapter_dir", adapter_dir)
 
     @property
     def engine(self) -> EngineConfig:
@@ -137,8 +141,10 @@ class Runtime:
                 else:
                     started[spec.name] = await _start_model_engines(spec)
             for spec in cfg.models:
+                adapter_dir = spec.adapter_dir or (cfg.pie_home or pie_home()) / "adapters"  # $PIE_HOME's
                 models[spec.name] = ModelRuntime(spec.name, started.get(spec.name) or given[spec.name],
-                                                 cfg.limits, owns_engine=spec.name in started)
+                                                 cfg.limits, owns_engine=spec.name in started,
+                                                 adapter_dir=adapter_dir)
         except BaseException:
             for model in models.values():
                 await model.close()  # its schedulers, and its engines when started here
@@ -239,7 +245,7 @@ def runtime_config(config: Any) -> RuntimeConfig:
     configs; `runtime` with the [runtime] keys, `isolation` and the [sandbox] policy)."""
     if isinstance(config, RuntimeConfig):
         return config
-    models = tuple(ModelSpec(m.name, _engine_configs(m)) for m in config.models)
+    models = tuple(ModelSpec(m.name, _engine_configs(m), adapter_dir=_adapter_dir(config, m)) for m in config.models)
     runtime = getattr(config, "runtime", None)
     fields = RuntimeLimits.__dataclass_fields__
     limits = RuntimeLimits(**{k: getattr(runtime, k) for k in fields if hasattr(runtime, k)})
@@ -255,6 +261,15 @@ def _engine_configs(model: Any) -> tuple[EngineConfig, ...]:
     if callable(getattr(model, "engine_config", None)):
         return (model.engine_config(),)
     return (model.engine,)
+
+
+def _adapter_dir(config: Any, model: Any) -> Path | None:
+    """A model's `adapter_path` option, else the config's top-level one (None: the runtime's default)."""
+    own = getattr(getattr(model, "options", None), "adapter_path", "")
+    if own:
+        return Path(own).expanduser()
+    top = getattr(config, "adapter_path", None)
+    return Path(top) if top is not None else None
 
 
 def _sandbox(runtime: Any) -> SandboxPolicy | None:

@@ -282,8 +282,9 @@ class Scheduler:
             if job.end - start > tokens_left:
                 return None
             end = job.end
-        else:  # restore rows before a masked pass are computed on their own
-            limit = job.start if job.attention_mask is not None else job.end
+        else:  # restore rows before a masked or adapter pass are computed on their own (base model, causal)
+            custom = job.attention_mask is not None or job.adapter is not None
+            limit = job.start if custom and start < job.start else job.end
             if not restore:  # a swapped-out context stops before its swapped pages
                 limit = min(limit, ctx.restore_limit())
             end = min(limit, start + budget)
@@ -414,7 +415,8 @@ class Scheduler:
         return Request(tokens=ctx.tokens[a:b], positions=ctx.positions[a:b], page_ids=page_ids,
                        last_page_len=last_len, outputs=outputs,
                        attention_mask=job.attention_mask if masked else None,
-                       logit_mask=job.logit_mask if outputs else None, adapter=job.adapter, seed=job.seed)
+                       logit_mask=job.logit_mask if outputs else None,
+                       adapter=job.adapter if a >= job.start else None, seed=job.seed)
 
     # -- running it and handing results back ----------------------------------------------------
 
