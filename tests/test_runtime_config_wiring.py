@@ -96,3 +96,22 @@ async def test_launches_past_max_concurrent_processes_wait_for_a_slot(tmp_path: 
         assert final.kind == "return"  # the slot came back
     finally:
         await runtime.shutdown(0)
+
+
+async def test_time_queued_for_admission_does_not_count_against_the_wall_time_limit(tmp_path: Path) -> None:
+    runtime = await Runtime.start(config(tmp_path, max_concurrent_processes=1, max_wall_time_s=1.2))
+
+    def sleeper(seconds: float) -> Any:
+        async def body(instance: Any) -> str:
+            await asyncio.sleep(seconds)
+            return "slept"
+        return body
+
+    try:
+        first = runtime.spawn(sleeper(1.0), program="first", username="alice")
+        second = runtime.spawn(sleeper(0.6), program="second", username="alice")  # queued for ~1 s
+        assert (await first.wait()).kind == "return"
+        final = await second.wait()  # 1.6 s after its launch, 0.6 s after its admission
+        assert (final.kind, final.value) == ("return", "slept"), final
+    finally:
+        await runtime.shutdown(0)

@@ -65,6 +65,7 @@ class Instance:
         self._done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stop_reason = ""
+        self._wall_clock: asyncio.Timeout | None = None  # the wall-time limit of the running body
         self._on_exit: Callable[[Instance], None] | None = None
 
     def start(self, body: Body, on_exit: Callable[[Instance], None] | None = None) -> None:
@@ -125,6 +126,11 @@ class Instance:
         self._events.append(Event(cast(EventKind, kind), value))
         self._ready.set()
 
+    def restart_wall_clock(self) -> None:
+        """Count the wall-time limit from now: time spent queued for admission is not the inferlet's."""
+        if self._wall_clock is not None and self.limits.max_wall_time_s:
+            self._wall_clock.reschedule(asyncio.get_running_loop().time() + self.limits.max_wall_time_s)
+
     @property
     def done(self) -> bool:
         return self._done.is_set()
@@ -133,7 +139,7 @@ class Instance:
         final = Event("error", "the instance ended without a result")
         try:
             limit = self.limits.max_wall_time_s or None
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as self._wall_clock:
                 result = await body(self)
             final, self.status = Event("return", result), "finished"
         except TimeoutError:

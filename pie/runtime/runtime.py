@@ -321,10 +321,12 @@ async def _start_group_engine(config: EngineConfig, name: str) -> EngineClient:
 
 
 def _admitted(body: Body, admission: asyncio.Semaphore) -> Body:
-    """`body`, run once `admission` has a free slot (held until the body ends, however it ends)."""
+    """`body`, run once `admission` has a free slot (held until the body ends, however it ends); its
+    wall-time limit counts from admission."""
 
     async def admitted_body(instance: Instance) -> str:
         async with admission:
+            instance.restart_wall_clock()
             return await body(instance)
 
     return admitted_body
