@@ -133,6 +133,9 @@ in
         mkdir -p ${pieHome}
         ln -sfn ${configFile} ${pieHome}/config.toml
       '';
+      # Restart on failure, but give up after 3 failed starts in 2 minutes (bad config, port taken).
+      startLimitIntervalSec = 120;
+      startLimitBurst = 3;
       serviceConfig = {
         Type = "exec";
         User = cfg.user;
@@ -144,7 +147,6 @@ in
         Restart = "on-failure";
         RestartSec = "5s";
         SuccessExitStatus = 130; # a second signal cut the graceful stop short
-        RestartPreventExitStatus = 3; # startup failed (bad config, port taken): restarting won't help
         KillSignal = "SIGTERM";
         KillMode = "mixed";
         TimeoutStopSec = "${toString (builtins.ceil (shutdownTimeout + 15))}s";

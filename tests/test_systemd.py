@@ -170,7 +170,9 @@ def test_stop_timeout_covers_the_graceful_shutdown(path: Path) -> None:
     assert seconds(unit.one("TimeoutStopSec")) >= graceful + 5  # margin for the runtime and engine to close
     assert unit.one("KillSignal") == "SIGTERM" and unit.one("KillMode") == "mixed"
     assert unit.one("SuccessExitStatus") == str(EXIT_INTERRUPTED)
-    assert unit.one("RestartPreventExitStatus") == str(EXIT_STARTUP_FAILED)
+    # A start that fails (exit EXIT_STARTUP_FAILED = 1, as for any error) is retried a bounded number of times.
+    assert EXIT_STARTUP_FAILED == 1 and unit.one("Restart") == "on-failure"
+    assert unit.one("StartLimitBurst", "Unit") == "3" and seconds(unit.one("StartLimitIntervalSec", "Unit")) >= 60
 
 
 # --- ExecStart, run as written ------------------------------------------------------------------------
