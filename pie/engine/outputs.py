@@ -75,7 +75,7 @@ def _probed(logits: torch.Tensor, rows: list[OutputRow], local: dict[int, int],
     probe_logits = logits[sel]
     logprobs = torch.log_softmax(probe_logits, dim=-1)
     out: dict[int, OutputValue] = {}
-    entropies: torch.Tensor | None = None
+    entropies: list[float] | None = None
     for n, i in enumerate(which):
         p = rows[i].spec.probe
         assert p is not None
@@ -87,8 +87,8 @@ def _probed(logits: torch.Tensor, rows: list[OutputRow], local: dict[int, int],
             out[i] = logprobs[n, list(p.tokens)].tolist()
         elif p.kind == "entropy":
             if entropies is None:
-                entropies = sampling.entropy(logprobs).tolist()  # type: ignore[assignment]
-            out[i] = entropies[n]  # type: ignore[index]
+                entropies = sampling.entropy(logprobs).tolist()
+            out[i] = entropies[n]
         elif p.kind == "logits":
             out[i] = probe_logits[n].cpu().numpy().astype("<f4").tobytes()
     return out

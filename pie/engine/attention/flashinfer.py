@@ -157,11 +157,11 @@ class FlashInferBackend(AttentionBackend):
             return self._fallback.run(layer_idx, q, kv_layer, sinks)
         v = self._layer_variant[layer_idx]
         if self._mode == "graph":
-            return self._graph_decode[self._graph_bs][v].run(q, kv_layer)  # type: ignore[attr-defined,no-any-return]
+            return self._graph_decode[self._graph_bs][v].run(q, kv_layer)  # type: ignore[attr-defined,no-any-return,unused-ignore]
         if self._mode == "decode":
-            return self._decode[v].run(q, kv_layer)  # type: ignore[no-any-return]
+            return self._decode[v].run(q, kv_layer)  # type: ignore[no-any-return,unused-ignore]
         if len(self._groups) == 1 and self._groups[0].rows is None:
-            return self._groups[0].wrappers[v].run(q, kv_layer)  # type: ignore[attr-defined,no-any-return]
+            return self._groups[0].wrappers[v].run(q, kv_layer)  # type: ignore[attr-defined,no-any-return,unused-ignore]
         out = torch.empty_like(q)
         for g in self._groups:
             assert g.rows is not None

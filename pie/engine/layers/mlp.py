@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from pie.engine.layers.lora import LoRABatch
 
 
-def act_fn(name: str):  # type: ignore[no-untyped-def]
+def act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation named by an HF config's `hidden_act` / `hidden_activation`."""
     if name in ("silu", "swish"):
         return F.silu

@@ -106,11 +106,13 @@ class Int4Weight(QuantizedWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros.to(x.dtype)
+        if self._packed is None:
+            return F.linear(x, self.dequantize())
         if self._kernel == "cpu":
             return torch._weight_int4pack_mm_for_cpu(x, self._packed, self.group_size, sz)
         if self._kernel == "cuda":
             return torch._weight_int4pack_mm(x, self._packed, self.group_size, sz)
-        return F.linear(x, self.dequantize())
+        raise AssertionError(f"unknown int4 kernel {self._kernel!r}")
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_size
