@@ -11,6 +11,7 @@ from typing import Any
 
 from inferlet._host import Host, PassDict
 from pie.engine.config import EngineConfig
+from pie.runtime.instance import Instance
 from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
 
 ARGMAX = {"kind": "argmax"}
@@ -60,3 +61,16 @@ async def greedy(host: Host, ctx: int, prompt: list[int], num_new: int) -> list[
         token = (await forward(host, ctx, [token], [argmax_at(0)]))[0]
         out.append(token)
     return out
+
+
+async def run(runtime: Runtime, body: Any, username: str = "alice") -> Any:
+    """Run `body(host)` as an instance of `username`; its value (an error of the instance fails the test)."""
+    box: dict[str, Any] = {}
+
+    async def wrapper(instance: Instance) -> str:
+        box["value"] = await body(instance.host)
+        return "ok"
+
+    final = await runtime.spawn(wrapper, program="test", username=username).wait()
+    assert final.kind == "return", final.value
+    return box["value"]

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtime_support import forward, greedy
+from runtime_support import forward, greedy, run
 
 from pie.config import parse_config
 from pie.engine.config import EngineConfig
 from pie.errors import ConfigError, ModelNotFoundError
-from pie.runtime.instance import Instance
 from pie.runtime.model_runtime import EngineGroup
 from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig, runtime_config
 from pie.tiny_model import ensure_tiny_model
@@ -48,19 +47,6 @@ async def complete_together(runtime: Runtime) -> list[str]:
     finals = [await p.wait() for p in procs]
     assert [f.kind for f in finals] == ["return"] * len(PROMPTS), finals
     return [str(f.value) for f in finals]
-
-
-async def run(runtime: Runtime, body: Any) -> Any:
-    """Run `body(host)` as an instance; its value (the instance's error fails the test)."""
-    box: dict[str, Any] = {}
-
-    async def wrapper(instance: Instance) -> str:
-        box["value"] = await body(instance.host)
-        return "ok"
-
-    final = await runtime.spawn(wrapper, program="test", username="alice").wait()
-    assert final.kind == "return", final.value
-    return box["value"]
 
 
 def batches(group: EngineGroup) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_support import argmax_at, forward, greedy, logits_at, start_runtime
+from runtime_support import argmax_at, forward, greedy, logits_at, run, start_runtime
 
 from inferlet._host import HostError
 from pie.engine.brle import encode as brle_encode
@@ -37,19 +37,6 @@ def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 
 def f32(value: Any) -> np.ndarray:
     return np.frombuffer(value, dtype="<f4")
-
-
-async def run(runtime: Runtime, body: Any, username: str = "alice") -> Any:
-    """Run `body(host)` as an instance; return its value (re-raising its error)."""
-    box: dict[str, Any] = {}
-
-    async def wrapper(instance: Instance) -> str:
-        box["value"] = await body(instance.host)
-        return "ok"
-
-    final = await runtime.spawn(wrapper, program="test", username=username).wait()
-    assert final.kind == "return", final.value
-    return box["value"]
 
 
 async def row_logits(runtime: Runtime, tokens: list[int], rows: list[int]) -> list[np.ndarray]:

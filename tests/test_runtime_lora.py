@@ -13,7 +13,7 @@ from checkpoints import VOCAB
 from engine_helpers import random_prompts
 from lora_helpers import make_adapter
 from parity_helpers import hf_greedy_with_logits
-from runtime_support import argmax_at, forward
+from runtime_support import argmax_at, forward, run
 
 from inferlet._host import Host, HostError
 from pie.engine.config import EngineConfig
@@ -53,18 +53,6 @@ async def greedy(host: Host, prompt: list[int], adapter: int | None) -> list[int
     return out
 
 
-async def run_as(runtime: Runtime, username: str, body: Any) -> Any:
-    box: dict[str, Any] = {}
-
-    async def wrapper(instance: Instance) -> str:
-        box["value"] = await body(instance.host)
-        return "ok"
-
-    final = await runtime.spawn(wrapper, program="test", username=username).wait()
-    assert final.kind == "return", final.value
-    return box["value"]
-
-
 @pytest.mark.parametrize("groups", [1, 2])
 async def test_adapter_passes_equal_peft_and_run_beside_base_passes(checkpoint_dir, adapters,  # type: ignore[no-untyped-def]
                                                                    groups: int) -> None:
@@ -82,7 +70,7 @@ async def test_adapter_passes_equal_peft_and_run_beside_base_passes(checkpoint_d
             return list(await asyncio.gather(greedy(host, prompts[0], a), greedy(host, prompts[1], None),
                                              greedy(host, prompts[2], b)))
 
-        with_a, plain, with_b = await run_as(runtime, "alice", alice)
+        with_a, plain, with_b = await run(runtime, alice, "alice")
     finally:
         await runtime.shutdown(0)
     assert with_a == hf_greedy_with_logits(refs["a"], prompts[0], NUM_NEW)[0]
@@ -103,14 +91,14 @@ async def test_names_forks_and_saves_are_per_user(checkpoint_dir, adapters) -> N
             host.adapter_save(copy, "saved/a-copy")
             return await greedy(host, prompt, a)
 
-        expected = await run_as(runtime, "alice", alice)
+        expected = await run(runtime, alice, "alice")
 
         async def alice_later(host: Host) -> list[int]:  # another instance of alice: the name persists
             a = host.adapter_open("m", "a-copy")
             assert a is not None
             return await greedy(host, prompt, a)
 
-        assert await run_as(runtime, "alice", alice_later) == expected
+        assert await run(runtime, alice_later, "alice") == expected
 
         async def bob(host: Host) -> None:
             assert host.adapter_open("m", "a") is None  # alice's names are not bob's
@@ -122,7 +110,7 @@ async def test_names_forks_and_saves_are_per_user(checkpoint_dir, adapters) -> N
             with pytest.raises(HostError, match="must be relative"):
                 host.adapter_load(mine, "../adapters/alice/b")
 
-        await run_as(runtime, "bob", bob)
+        await run(runtime, bob, "bob")
     finally:
         await runtime.shutdown(0)
     assert (folder / "alice" / "saved" / "a-copy" / "adapter_config.json").is_file()
@@ -147,7 +135,7 @@ async def test_an_adapter_over_the_rank_limit_fails_the_inferlet_and_the_server_
             host.adapter_load(a, "a")
             return await greedy(host, [5, 6, 7], a)
 
-        assert len(await run_as(runtime, "carol", fine)) == NUM_NEW
+        assert len(await run(runtime, fine, "carol")) == NUM_NEW
         runtime.check_integrity()
     finally:
         await runtime.shutdown(0)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from runtime_support import forward, greedy, logits_at, start_runtime
+from runtime_support import forward, greedy, logits_at, run, start_runtime
 from test_runtime_pages import ContentEngine, random_instance
 
 from pie import telemetry
@@ -40,19 +40,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 500, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
-
-
-async def run(runtime: Runtime, body: Any) -> Any:
-    """Run `body(host)` as an instance; return its value (re-raising its error)."""
-    box: dict[str, Any] = {}
-
-    async def wrapper(instance: Instance) -> str:
-        box["value"] = await body(instance.host)
-        return "ok"
-
-    final = await runtime.spawn(wrapper, program="test", username="u").wait()
-    assert final.kind == "return", final.value
-    return box["value"]
 
 
 def host_slots_held(runtime: Runtime) -> int:
