@@ -214,7 +214,7 @@ def test_quantized_shards_and_close_stops_every_rank(checkpoint_dir) -> None:
 
 def test_unsupported_family_is_refused_at_start_with_the_fix(checkpoint_dir) -> None:
     with pytest.raises(ConfigError, match=r"tensor_parallel_size = 2 is not supported .*set tensor_parallel_size = 1"):
-        asyncio.run(WorkerEngine.start(tp_config(checkpoint_dir("mixtral")), ["cpu", "cpu"], "moe"))
+        asyncio.run(WorkerEngine.start(tp_config(checkpoint_dir("gemma4_text")), ["cpu", "cpu"], "gemma4"))
 
 
 @pytest.mark.parametrize("fused_source", [False, True])
@@ -242,16 +242,16 @@ def test_column_shards_keep_each_part_whole_per_rank(fused_source: bool) -> None
         assert torch.equal(torch.cat([rank0, rank1], dim=-1), whole)
 
 
-@pytest.mark.parametrize(("arch", "size", "match"), [
-    ("llama", 3, "does not divide num_attention_heads = 4"),
-    ("llama", 4, "does not divide num_key_value_heads = 2"),
-    ("olmo3", 2, "q/k RMSNorm spans all heads"),
-    ("qwen3_moe", 2, "mixture-of-experts"),
-    ("gpt_oss", 2, "not supported"),
+@pytest.mark.parametrize(("arch", "size", "overrides", "match"), [
+    ("llama", 3, {}, "does not divide num_attention_heads = 4"),
+    ("llama", 4, {}, "does not divide num_key_value_heads = 2"),
+    ("qwen3_moe", 2, {"moe_intermediate_size": 33}, "does not divide moe_intermediate_size = 33"),
+    ("gemma4_text", 2, {}, "not supported for Gemma4ForCausalLM: its layers differ in head_dim"),
+    ("gemma4_text:moe", 2, {}, "not supported"),
 ])
-def test_unsplittable_models_are_refused(arch: str, size: int, match: str) -> None:
-    cls = get_architecture(arch)
-    spec = cls.decoder_spec(config_for(arch))
+def test_unsplittable_models_are_refused(arch: str, size: int, overrides: dict[str, Any], match: str) -> None:
+    cls = get_architecture(arch.split(":")[0])
+    spec = cls.decoder_spec(config_for(arch, **overrides))
     with pytest.raises(ConfigError, match=match):
         cls.check_tensor_parallel(spec, TPGroup(rank=0, size=size))
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from pie.engine.layers.linear import Linear
-from pie.engine.layers.sharded import VocabParallelEmbedding
 from pie.engine.models.decoder import CausalLM
 from pie.engine.parallel import SINGLE, TPGroup
+from pie.engine.tensor_source import FileTensor, LoadsSlices, ReadCounter, TensorSource
 from pie.errors import CheckpointError
 
 ProgressFn = Callable[[int, int], None]  # (tensors loaded, tensors total)
@@ -59,15 +59,16 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(files: list[Path], counter: ReadCounter) -> Iterator[FileTensor]:
+    """Every tensor of `files`, unread; each file stays open while its tensors are consumed."""
     from safetensors import safe_open
 
     for f in files:
         if not f.exists():
             raise CheckpointError(f"checkpoint shard {f} listed in the index is missing")
         with safe_open(str(f), framework="pt", device="cpu") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, fh.get_tensor(name)
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield FileTensor(fh, key, counter)
 
 
 def count_tensors(files: list[Path]) -> int:
@@ -107,23 +108,29 @@ def _resolve(model: CausalLM, name: str) -> _Target | None:
     return _Target(module, attr, target_name, shard)
 
 
-def load_weights(model: CausalLM, files: list[Path], progress: ProgressFn | None = None) -> None:
-    """Fill every parameter of `model` from `files`; strict about names and shapes."""
+def load_weights(model: CausalLM, files: list[Path], progress: ProgressFn | None = None) -> int:
+    """Fill every parameter of `model` from `files`; strict about names and shapes. Returns the bytes read.
+
+    Modules that hold a tensor-parallel slice (`LoadsSlices`) read only their rank's block of a tensor;
+    everything else, and every tensor at tp = 1, is read whole.
+    """
     ignored = [re.compile(p) for p in model.ignored_checkpoint_keys]
     tied = model.spec.tie_word_embeddings
     expected = _expected_slots(model)
     loaded: set[tuple[str, int | None]] = set()
     total = count_tensors(files) if progress else 0
-    for i, (name, tensor) in enumerate(iter_checkpoint(files)):
+    counter = ReadCounter()
+    for i, source in enumerate(iter_checkpoint(files, counter)):
         if progress:
             progress(i + 1, total)
-        mapped = model.map_checkpoint_name(name)  # multimodal wrappers rename the text part, skip the rest
-        if mapped is None:
+        name = model.map_checkpoint_name(source.key)  # multimodal wrappers rename the text part, skip the rest
+        if name is None:
             continue
-        name = mapped
         if any(p.search(name) for p in ignored) or (tied and name == "lm_head.weight"):
             continue
-        custom = model.load_custom_weight(name, tensor)
+        if name != source.key:
+            source = FileTensor(source.handle, source.key, counter, name=name)
+        custom = model.load_custom_weight(name, source)
         if custom is not None:
             loaded |= set(custom)
             continue
@@ -131,7 +138,7 @@ def load_weights(model: CausalLM, files: list[Path], progress: ProgressFn | None
         if target is None:
             raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint: no parameter of "
                                   f"{type(model).__name__} takes it (wrong model_type, or a corrupt checkpoint?)")
-        _copy_into(target, tensor, name)
+        _copy_into(target, source)
         loaded.add((target.param_name, target.shard))
     missing = sorted(expected - loaded, key=str)
     if missing:
@@ -141,19 +148,21 @@ def load_weights(model: CausalLM, files: list[Path], progress: ProgressFn | None
     for module in model.modules():
         if isinstance(module, Linear):
             module.finalize()
+    return counter.bytes_read
 
 
-def _copy_into(target: _Target, tensor: torch.Tensor, source: str) -> None:
-    if isinstance(target.module, Linear):  # sharded (tensor-parallel) Linears take their slice here
-        assert target.shard is not None
-        target.module.load_shard(target.attr, tensor, target.shard, source)
+def _copy_into(target: _Target, source: TensorSource) -> None:
+    if isinstance(target.module, LoadsSlices):  # tensor-parallel slices read only their rank's block
+        target.module.load_slice(target.attr, source, target.shard)
         return
-    if isinstance(target.module, VocabParallelEmbedding):
-        target.module.load_weight(tensor, source)
+    tensor = source.full()
+    if isinstance(target.module, Linear):
+        assert target.shard is not None
+        target.module.load_shard(target.attr, tensor, target.shard, source.name)
         return
     param = getattr(target.module, target.attr)
     if tuple(tensor.shape) != tuple(param.shape):
-        raise CheckpointError(f"tensor {source!r} has shape {tuple(tensor.shape)}, "
+        raise CheckpointError(f"tensor {source.name!r} has shape {tuple(tensor.shape)}, "
                               f"expected {tuple(param.shape)} for this architecture")
     param.data.copy_(tensor)
 

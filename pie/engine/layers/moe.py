@@ -10,7 +10,9 @@ Checkpoints store experts either one tensor per expert and projection
 (Mixtral's `experts.N.w1`, Qwen 3 MoE's `experts.N.gate_proj`) or packed
 (GPT-OSS); `Experts.load_piece` / `load_packed` fill the stacks and report a
 stacked parameter as loaded only once every piece of it arrived, so the
-loader's missing-tensor check still covers each expert.
+loader's missing-tensor check still covers each expert. Under tensor
+parallelism each rank reads only its block of every expert's intermediate
+dimension (see `Experts`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from torch import nn
 from pie.engine.layers.linear import Linear
 from pie.engine.layers.lora import LoRABatch
 from pie.engine.layers.mlp import act_fn
+from pie.engine.layers.sharded import rank_block
+from pie.engine.parallel import SINGLE, TPGroup
+from pie.engine.tensor_source import TensorSource
 from pie.errors import CheckpointError
 
 Glu = Callable[[torch.Tensor], torch.Tensor]  # [n, 2I] gate-then-up -> [n, I]
@@ -72,16 +77,23 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class Experts(nn.Module):
-    """E gated MLPs with stacked weights; forward(x, expert ids, weights) sums each token's k experts."""
+    """E gated MLPs with stacked weights; forward(x, expert ids, weights) sums each token's k experts.
+
+    Under tensor parallelism every rank holds every expert, a 1/tp slice of each: its block of the
+    intermediate dimension (gate and up rows, down columns), like a dense MLP split over the ranks. Each rank's
+    sum over its slices is partial; one all-reduce per layer, after the sum over experts, completes it.
+    The down bias is replicated and added by rank 0 only, so the all-reduce adds it once.
+    """
 
     PIECES = ("gate", "up", "down")
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, glu: Glu, *,
-                 bias: bool = False) -> None:
+                 bias: bool = False, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        e, h, i = num_experts, hidden_size, intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.tp = tp
+        e, h, i = num_experts, hidden_size, tp.split(intermediate_size, "the experts' intermediate size")
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)  # [gate_r | up_r] rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i), requires_grad=False) if bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(e, h), requires_grad=False) if bias else None
@@ -95,6 +107,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         flat_w = weights.reshape(-1)
+        down_bias = self.down_proj_bias if self.tp.rank == 0 else None  # once over the ranks
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):
@@ -104,43 +117,63 @@ class Experts(nn.Module):
             start += n
             tokens = assign // k
             b_gu = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
-            b_d = None if self.down_proj_bias is None else self.down_proj_bias[e]
-            h = self.glu(F.linear(x.index_select(0, tokens), self.gate_up_proj[e], b_gu))  # [n, I]
-            y = F.linear(h, self.down_proj[e], b_d) * flat_w[assign, None]  # [n, H]
+            b_d = None if down_bias is None else down_bias[e]
+            h = self.glu(F.linear(x.index_select(0, tokens), self.gate_up_proj[e], b_gu))  # [n, I / tp]
+            y = F.linear(h, self.down_proj[e], b_d) * flat_w[assign, None]  # [n, H], partial under TP
             out.index_add_(0, tokens, y.to(out.dtype))
-        return out
+        return self.tp.all_reduce(out)  # no-op at tp = 1
 
-    # -- loading --
+    # -- loading: the checkpoint's full shapes are checked, then only this rank's block is read --
 
-    def _param_rows(self, piece: str) -> tuple[str, slice]:
-        i = self.intermediate_size
-        return {"gate": ("gate_up_proj", slice(0, i)), "up": ("gate_up_proj", slice(i, 2 * i)),
-                "down": ("down_proj", slice(None))}[piece]
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """The checkpoint shape of stacked parameter `name` (HF's layout), before the TP split."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i), "gate_up_proj_bias": (e, 2 * i),
+                "down_proj_bias": (e, h)}[name]
 
-    def load_piece(self, prefix: str, piece: str, expert: int, tensor: torch.Tensor,
-                   source: str) -> list[tuple[str, int | None]]:
+    def _read(self, source: TensorSource, dim: int, halves: int) -> torch.Tensor:
+        """This rank's block of the intermediate dimension `dim` ([gate | up] when halves = 2); whole at tp = 1."""
+        if self.tp.size == 1:
+            return source.full()
+        block, lead = rank_block(self.intermediate_size, self.tp), (slice(None),) * dim
+        return torch.cat([source.read(*lead, slice(h * self.intermediate_size + block.start,
+                                                   h * self.intermediate_size + block.stop))
+                          for h in range(halves)], dim=dim)
+
+    def load_piece(self, prefix: str, piece: str, expert: int, source: TensorSource) -> list[tuple[str, int | None]]:
         """Copy one expert's gate / up ([I, H]) or down ([H, I]) matrix; returns the params now complete."""
         if not 0 <= expert < self.num_experts:
-            raise CheckpointError(f"tensor {source!r} names expert {expert}, but the config has "
+            raise CheckpointError(f"tensor {source.name!r} names expert {expert}, but the config has "
                                   f"{self.num_experts} experts (0..{self.num_experts - 1})")
-        name, rows = self._param_rows(piece)
-        target = getattr(self, name).data[expert][rows]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"tensor {source!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(target.shape)} for this architecture")
-        target.copy_(tensor)
+        h, i, local = self.hidden_size, self.intermediate_size, self.down_proj.shape[2]
+        if piece == "down":
+            source.check_shape((h, i))
+            self.down_proj.data[expert].copy_(self._read(source, 1, 1))
+        else:
+            source.check_shape((i, h))
+            rows = slice(0, local) if piece == "gate" else slice(local, 2 * local)
+            self.gate_up_proj.data[expert][rows].copy_(self._read(source, 0, 1))
         self._pieces_loaded.add((piece, expert))
-        return self._completed(prefix, name)
+        return self._completed(prefix, "down_proj" if piece == "down" else "gate_up_proj")
 
-    def load_packed(self, prefix: str, name: str, tensor: torch.Tensor, source: str) -> list[tuple[str, int | None]]:
-        """Copy a whole stacked parameter (`gate_up_proj` [E, 2I, H] gate-then-up, `down_proj` [E, H, I], biases)."""
-        param = getattr(self, name, None)
-        if not isinstance(param, nn.Parameter):
-            raise CheckpointError(f"unexpected tensor {source!r}: these experts have no {name!r}")
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"tensor {source!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(param.shape)} for this architecture")
-        param.data.copy_(tensor)
+    def load_packed(self, prefix: str, name: str, source: TensorSource) -> list[tuple[str, int | None]]:
+        """Read a whole stacked parameter in HF's layout (`gate_up_proj` [E, 2I, H] gate-then-up,
+        `down_proj` [E, H, I], biases [E, 2I] / [E, H]), this rank's block of I only."""
+        if name not in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") \
+                or getattr(self, name) is None:
+            raise CheckpointError(f"unexpected tensor {source.name!r}: these experts have no {name!r}")
+        source.check_shape(self.full_shape(name))
+        if name == "down_proj_bias":  # replicated
+            local = source.full()
+        else:
+            local = self._read(source, dim=2 if name == "down_proj" else 1, halves=2 if "gate_up" in name else 1)
+        return self.set_packed(prefix, name, local)
+
+    def set_packed(self, prefix: str, name: str, local: torch.Tensor) -> list[tuple[str, int | None]]:
+        """Copy this rank's block of stacked parameter `name`, already in the local layout (GPT-OSS converts)."""
+        param = getattr(self, name)
+        assert tuple(local.shape) == tuple(param.shape), (name, tuple(local.shape), tuple(param.shape))
+        param.data.copy_(local)
         return [(f"{prefix}.{name}", None)]
 
     def _completed(self, prefix: str, name: str) -> list[tuple[str, int | None]]:
@@ -156,11 +189,11 @@ class TopKMoE(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, act: str, *,
-                 renormalize: bool) -> None:
+                 renormalize: bool, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
-        self.gate = Linear(hidden_size, num_experts)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, gated(act))
+        self.gate = Linear(hidden_size, num_experts)  # replicated: every rank routes every token the same way
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, gated(act), tp=tp)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         """x: [T, H]. LoRA never targets experts (adapter loading refuses such targets)."""
@@ -172,22 +205,22 @@ _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\
 _PACKED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<param>(gate_up|down)_proj(_bias)?)$")
 
 
-def load_expert_weight(model: nn.Module, name: str, tensor: torch.Tensor,
+def load_expert_weight(model: nn.Module, name: str, source: TensorSource,
                        piece_of: Mapping[str, str]) -> list[tuple[str, int | None]] | None:
     """Route an expert tensor to its `Experts` module; None when `name` is not an expert tensor.
 
     piece_of maps the checkpoint's per-expert projection names to pieces, e.g.
     Mixtral {"w1": "gate", "w3": "up", "w2": "down"}. Packed tensors in HF's own
-    layout (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) load whole.
+    layout (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) load as one stacked parameter.
     """
     if m := _PER_EXPERT.match(name):
         if m["proj"] not in piece_of:
             return None
         experts = model.get_submodule(m["prefix"])
         assert isinstance(experts, Experts), name
-        return experts.load_piece(m["prefix"], piece_of[m["proj"]], int(m["expert"]), tensor, name)
+        return experts.load_piece(m["prefix"], piece_of[m["proj"]], int(m["expert"]), source)
     if m := _PACKED.match(name):
         experts = model.get_submodule(m["prefix"])
         assert isinstance(experts, Experts), name
-        return experts.load_packed(m["prefix"], m["param"], tensor, name)
+        return experts.load_packed(m["prefix"], m["param"], source)
     return None

@@ -8,6 +8,8 @@
   layer consumes the local slice.
 - `RowParallelLinear`: input columns sharded; each rank's partial product is
   all-reduced, then the bias (loaded whole on every rank) is added once.
+- `ShardedRMSNorm`: a norm over a vector split over the ranks (OLMo 3's q/k
+  norm over all heads): each rank's sum of squares is all-reduced first.
 - `VocabParallelEmbedding` / `ParallelLMHead`: vocabulary rows sharded in
   ceil(vocab / size) blocks (the last block zero-padded). The embedding masks
   ids outside its block and all-reduces (exact: the other ranks add zeros);
@@ -16,6 +18,8 @@
 The factories (`column_linear`, `row_linear`, `vocab_embedding`, `lm_head`)
 return the plain layer at size 1, so the single-device model is exactly the
 unsharded one. Quantisation still happens in `Linear.finalize`, on the slice.
+Every sharded layer is `LoadsSlices`: the loader hands it the unread checkpoint
+tensor, it checks the full shape and reads only its rank's block.
 """
 
 from __future__ import annotations
@@ -28,20 +32,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from pie.engine.layers.linear import Linear
+from pie.engine.layers.norm import RMSNorm
 from pie.engine.parallel import TPGroup
-from pie.errors import CheckpointError
+from pie.engine.tensor_source import LoadsSlices, MemoryTensor, TensorSource
 
 if TYPE_CHECKING:
     from pie.engine.layers.lora import LoRABatch
 
 
-def _check_shape(tensor: torch.Tensor, expected: tuple[int, ...], source: str) -> None:
-    if tuple(tensor.shape) != expected:
-        raise CheckpointError(f"tensor {source!r} has shape {tuple(tensor.shape)}, expected {expected} "
-                              f"for this architecture")
+def rank_block(total: int, tp: TPGroup) -> slice:
+    """Rank `tp.rank`'s contiguous block of `total` items (total divisible by tp.size, checked by the spec)."""
+    n = total // tp.size
+    return slice(tp.rank * n, (tp.rank + 1) * n)
 
 
-class ColumnParallelLinear(Linear):
+class ColumnParallelLinear(Linear, LoadsSlices):
     """This rank's output rows of a (possibly fused) projection.
 
     `part_sizes` are the logical parts in output order (q, k, v or gate, up); each is split by rank.
@@ -56,16 +61,24 @@ class ColumnParallelLinear(Linear):
         super().__init__(in_features, sum(local), bias=bias, shard_sizes=local)
         self.tp, self.source_parts = tp, source_parts
 
-    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int, source: str) -> None:
+    def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
+        assert shard is not None, "the loader gives every Linear tensor a shard index"
         target = getattr(self, param_name)
         parts = self.source_parts[shard]
-        _check_shape(tensor, (sum(parts), *target.shape[1:]), source)
-        r, n = self.tp.rank, self.tp.size
-        mine = [p[r * (len(p) // n):(r + 1) * (len(p) // n)] for p in tensor.split(parts, dim=0)]
-        target.data[self.shard_rows(shard)].copy_(torch.cat(mine, dim=0))
+        source.check_shape((sum(parts), *target.shape[1:]))
+        row = self.shard_rows(shard).start
+        offset = 0
+        for part in parts:  # rank r's rows of each part sit back to back in this shard
+            block = rank_block(part, self.tp)
+            target.data[row:row + block.stop - block.start].copy_(
+                source.read(slice(offset + block.start, offset + block.stop)))
+            row, offset = row + block.stop - block.start, offset + part
+
+    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int, source: str) -> None:
+        self.load_slice(param_name, MemoryTensor(tensor, source), shard)
 
 
-class RowParallelLinear(Linear):
+class RowParallelLinear(Linear, LoadsSlices):
     """This rank's input columns; forward all-reduces the partial products and adds the bias once."""
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = False) -> None:
@@ -73,14 +86,16 @@ class RowParallelLinear(Linear):
         super().__init__(in_features // tp.size, out_features, bias=bias)
         self.tp, self.full_in_features = tp, in_features
 
-    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int, source: str) -> None:
-        if param_name == "bias":
-            _check_shape(tensor, (self.out_features,), source)
-            self.bias.data.copy_(tensor)  # type: ignore[union-attr]
+    def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
+        if param_name == "bias":  # replicated: added once, after the all-reduce
+            source.check_shape((self.out_features,))
+            self.bias.data.copy_(source.full())  # type: ignore[union-attr]
             return
-        _check_shape(tensor, (self.out_features, self.full_in_features), source)
-        cols = self.in_features
-        self.weight.data.copy_(tensor[:, self.tp.rank * cols:(self.tp.rank + 1) * cols])
+        source.check_shape((self.out_features, self.full_in_features))
+        self.weight.data.copy_(source.read(slice(None), rank_block(self.full_in_features, self.tp)))
+
+    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int, source: str) -> None:
+        self.load_slice(param_name, MemoryTensor(tensor, source), shard)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         assert lora is None, "LoRA adapters are refused under tensor parallelism (Engine.load_adapter)"
@@ -103,15 +118,16 @@ class VocabBlock:
         start = min(tp.rank * rows, vocab_size)
         return cls(start, min(start + rows, vocab_size), rows)
 
-    def load(self, target: torch.Tensor, tensor: torch.Tensor, vocab_size: int, source: str) -> None:
-        """Copy this block's rows of a [vocab, hidden] checkpoint tensor; zero the padding."""
-        _check_shape(tensor, (vocab_size, target.shape[1]), source)
+    def load(self, target: torch.Tensor, source: TensorSource, vocab_size: int) -> None:
+        """Read this block's rows of a [vocab, hidden] checkpoint tensor; zero the padding."""
+        source.check_shape((vocab_size, target.shape[1]))
         n = self.stop - self.start
-        target.data[:n].copy_(tensor[self.start:self.stop])
+        if n:
+            target.data[:n].copy_(source.read(slice(self.start, self.stop)))
         target.data[n:].zero_()
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(nn.Module, LoadsSlices):
     """Embedding of this rank's vocabulary block; ids elsewhere give zeros, and the ranks' rows are summed."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
@@ -120,8 +136,8 @@ class VocabParallelEmbedding(nn.Module):
         self.block = VocabBlock.of(vocab_size, tp)
         self.weight = nn.Parameter(torch.empty(self.block.rows, hidden_size), requires_grad=False)
 
-    def load_weight(self, tensor: torch.Tensor, source: str) -> None:
-        self.block.load(self.weight, tensor, self.vocab_size, source)
+    def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
+        self.block.load(self.weight, source, self.vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         mine = (input_ids >= self.block.start) & (input_ids < self.block.stop)  # [T]
@@ -130,7 +146,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(x)
 
 
-class ParallelLMHead(Linear):
+class ParallelLMHead(Linear, LoadsSlices):
     """This rank's vocabulary block of the LM head (untied models); `CausalLM.compute_logits` gathers."""
 
     def __init__(self, hidden_size: int, vocab_size: int, tp: TPGroup) -> None:
@@ -138,8 +154,41 @@ class ParallelLMHead(Linear):
         super().__init__(hidden_size, block.rows)
         self.vocab_size, self.block = vocab_size, block
 
+    def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
+        self.block.load(getattr(self, param_name), source, self.vocab_size)
+
     def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int, source: str) -> None:
-        self.block.load(getattr(self, param_name), tensor, self.vocab_size, source)
+        self.load_slice(param_name, MemoryTensor(tensor, source), shard)
+
+
+class ShardedRMSNorm(RMSNorm, LoadsSlices):
+    """RMSNorm over a vector split over the ranks (OLMo 3's q/k norm spans all heads): this rank's block of
+    the weight. The mean square needs every rank's sum of squares; `sharded_rms_norms` all-reduces them."""
+
+    def __init__(self, full_dim: int, eps: float, tp: TPGroup, *, offset: float = 0.0,
+                 cast_before_weight: bool = True) -> None:
+        super().__init__(full_dim // tp.size, eps, offset=offset, cast_before_weight=cast_before_weight)
+        self.full_dim, self.tp = full_dim, tp
+
+    def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
+        source.check_shape((self.full_dim,))
+        self.weight.data.copy_(source.read(rank_block(self.full_dim, self.tp)))
+
+    def normalize(self, x: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
+        """x: [T, full_dim / tp] this rank's block; sum_sq: [T, 1] float32, the sum of squares over all ranks."""
+        x32 = x.float() * torch.rsqrt(sum_sq / self.full_dim + self.eps)
+        # The weight step of RMSNorm.forward, unchanged.
+        if self.cast_before_weight:
+            w = self.weight if self.offset == 0.0 else self.weight + self.offset
+            return w * x32.to(x.dtype)
+        return (x32 * (self.offset + self.weight.float())).to(x.dtype)
+
+
+def sharded_rms_norms(pairs: list[tuple[ShardedRMSNorm, torch.Tensor]], tp: TPGroup) -> list[torch.Tensor]:
+    """Normalise each (norm, x) over its full vector with one all-reduce for all of them (q and k together)."""
+    sum_sq = torch.cat([x.float().pow(2).sum(-1, keepdim=True) for _, x in pairs], dim=-1)  # [T, len(pairs)]
+    tp.all_reduce(sum_sq)
+    return [norm.normalize(x, sum_sq[:, i:i + 1]) for i, (norm, x) in enumerate(pairs)]
 
 
 def column_linear(in_features: int, part_sizes: list[int], tp: TPGroup, *, bias: bool = False,

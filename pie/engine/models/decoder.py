@@ -10,8 +10,9 @@ layout), `map_checkpoint_name`, `load_custom_weight`, `supports_cuda_graphs`.
 
 Tensor parallelism (`CausalLM(hf_config, tp)`, see `pie.engine.parallel`):
 attention runs this rank's heads, the projections and vocabulary are the
-sharded layers of `layers/sharded.py`; families whose layers are not the
-shared ones (MoE, per-layer inputs) are refused by `check_tensor_parallel`.
+sharded layers of `layers/sharded.py` (MoE experts split each expert the same
+way, `layers/moe.py`); families with a `tp_refusal` (Gemma 4's per-layer shapes
+and inputs, GPT-OSS's sinks) are refused by `check_tensor_parallel`.
 
 What the spec switches cover (one flag each, no per-family copies):
 - norms: (1 + w) Gemma RMSNorm, cast before/after the weight multiply;
@@ -40,8 +41,16 @@ from pie.engine.layers.lora import lora_of
 from pie.engine.layers.mlp import GatedMLP
 from pie.engine.layers.norm import RMSNorm
 from pie.engine.layers.rotary import Rotary, apply_rotary, rope_inv_freq
-from pie.engine.layers.sharded import column_linear, lm_head, row_linear, vocab_embedding
+from pie.engine.layers.sharded import (
+    ShardedRMSNorm,
+    column_linear,
+    lm_head,
+    row_linear,
+    sharded_rms_norms,
+    vocab_embedding,
+)
 from pie.engine.parallel import SINGLE, TPGroup
+from pie.engine.tensor_source import TensorSource
 from pie.errors import ConfigError
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [T, rotary_dim]
@@ -116,6 +125,16 @@ class DecoderSpec:
         return RMSNorm(dim, self.rms_norm_eps, offset=self.norm_offset,
                        cast_before_weight=self.norm_cast_before_weight)
 
+    def sharded_norm(self, full_dim: int) -> ShardedRMSNorm:
+        """This rank's block of a norm over `full_dim` features split over the ranks."""
+        return ShardedRMSNorm(full_dim, self.rms_norm_eps, self.tp, offset=self.norm_offset,
+                              cast_before_weight=self.norm_cast_before_weight)
+
+    def tp_splits(self) -> list[tuple[int, str]]:
+        """(size, config key) of every dimension split over the tensor-parallel ranks."""
+        return [(self.num_heads, "num_attention_heads"), (self.num_kv_heads, "num_key_value_heads"),
+                (self.intermediate_size, "intermediate_size")]
+
     def window(self, layer_idx: int) -> int:
         return self.layer_windows[layer_idx] if self.layer_windows else -1
 
@@ -153,7 +172,7 @@ class Attention(nn.Module):
 
     def __init__(self, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.tp = layer_idx, spec.tp
         # This rank's heads: with tensor parallelism, rank r owns query heads and kv heads block r.
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim  # global sizes
@@ -161,18 +180,27 @@ class Attention(nn.Module):
                                       fused_source=spec.fused_in_checkpoint)
         self.o_proj = row_linear(q_size, spec.hidden_size, spec.tp, bias=spec.o_bias)
         self.qk_norm = spec.qk_norm
-        if spec.qk_norm != "none":
+        # A norm over the whole projection spans every rank's heads: its mean square is all-reduced.
+        self.norm_across_ranks = spec.qk_norm == "full" and spec.tp.size > 1
+        self.q_norm: RMSNorm
+        self.k_norm: RMSNorm
+        if self.norm_across_ranks:
+            self.q_norm, self.k_norm = spec.sharded_norm(q_size), spec.sharded_norm(kv_size)
+        elif spec.qk_norm != "none":
             per_head = spec.qk_norm == "head"
             self.q_norm = spec.norm(spec.head_dim if per_head else q_size)
             self.k_norm = spec.norm(spec.head_dim if per_head else kv_size)
-        self.sinks = nn.Parameter(torch.empty(spec.num_heads), requires_grad=False) if spec.attn_sinks else None
+        self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False) if spec.attn_sinks else None
         self.query_scale = (spec.query_scale_beta, spec.query_scale_period)
 
     def forward(self, x: torch.Tensor, rope: Rope, fwd: ForwardContext) -> torch.Tensor:
         t, lora = x.shape[0], lora_of(fwd)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x, lora).split([q_size, kv_size, kv_size], dim=-1)
-        if self.qk_norm == "full":
+        if self.norm_across_ranks:
+            assert isinstance(self.q_norm, ShardedRMSNorm) and isinstance(self.k_norm, ShardedRMSNorm)
+            q, k = sharded_rms_norms([(self.q_norm, q), (self.k_norm, k)], self.tp)
+        elif self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
@@ -254,6 +282,8 @@ class CausalLM(nn.Module):
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = (r"\.rotary_emb\.inv_freq$",)
     layer_cls: ClassVar[type[nn.Module]] = DecoderLayer
     model_cls: ClassVar[type[DecoderModel]] = DecoderModel
+    # Why this family cannot run with tensor_parallel_size > 1 (None: it can); named in the ConfigError.
+    tp_refusal: ClassVar[str | None] = None
 
     def __init__(self, hf_config: Any, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -272,18 +302,15 @@ class CausalLM(nn.Module):
     def check_tensor_parallel(cls, spec: DecoderSpec, tp: TPGroup) -> None:
         """A ConfigError naming what cannot be split over `tp.size` ranks; sharding it anyway would mis-compute."""
         fix = "set tensor_parallel_size = 1 (each device then serves a full copy of the model)"
-        if cls.layer_cls is not DecoderLayer or cls.model_cls is not DecoderModel:
-            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: its layers "
-                              f"(mixture-of-experts or per-layer inputs) are not sharded; {fix}")
-        if spec.qk_norm == "full":
-            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: its q/k "
-                              f"RMSNorm spans all heads, which are split over the ranks; {fix}")
-        if spec.attn_sinks:
-            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: per-head "
-                              f"attention sinks are not sharded; {fix}")
-        tp.split(spec.num_heads, "num_attention_heads")
-        tp.split(spec.num_kv_heads, "num_key_value_heads")
-        tp.split(spec.intermediate_size, "intermediate_size")
+        # Layers other than the shared ones (and their MLP hook) have no sharded variant unless the family says so.
+        reason = cls.tp_refusal
+        if reason is None and not (issubclass(cls.layer_cls, DecoderLayer) and issubclass(cls.model_cls, DecoderModel)):
+            reason = "its layers are not the shared decoder layers, and have no sharded variant"
+        if reason is not None:
+            raise ConfigError(f"tensor_parallel_size = {tp.size} is not supported for {cls.__name__}: {reason}; "
+                              f"{fix}")
+        for total, what in spec.tp_splits():
+            tp.split(total, what)
 
     @classmethod
     def text_config(cls, hf_config: Any) -> Any:
@@ -298,10 +325,11 @@ class CausalLM(nn.Module):
         """Checkpoint tensor name -> this model's naming, or None to skip the tensor (e.g. a vision tower)."""
         return name
 
-    def load_custom_weight(self, name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]] | None:
+    def load_custom_weight(self, name: str, source: TensorSource) -> list[tuple[str, int | None]] | None:
         """Hook for checkpoint tensors that need more than a name mapping (e.g. packed MoE experts).
 
-        Return the (parameter, shard) slots filled, or None to use the default by-name loading.
+        Read `source` whole (`full()`), or only this rank's block under tensor parallelism. Return the
+        (parameter, shard) slots filled, or None to use the default by-name loading.
         """
         return None
 

@@ -43,6 +43,7 @@ from pie.engine.layers.rotary import Rotary, apply_rotary, rope_inv_freq
 from pie.engine.models.decoder import CausalLM, DecoderModel, DecoderSpec, Rope
 from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.registry import register
+from pie.engine.tensor_source import TensorSource
 from pie.errors import UnsupportedModelError
 
 
@@ -210,6 +211,8 @@ class Gemma4ForCausalLM(CausalLM):
     model_cls = Gemma4Model
     packed_modules_mapping: ClassVar[dict[str, tuple[str, int]]] = {"gate_proj": ("gate_up_proj", 0),
                                                                     "up_proj": ("gate_up_proj", 1)}
+    tp_refusal = ("its layers differ in head_dim and kv heads (padded into one cache shape), the last layers "
+                  "read earlier layers' KV, and per-layer embeddings and the MoE block have no sharded variant")
 
     @classmethod
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
@@ -223,8 +226,8 @@ class Gemma4ForCausalLM(CausalLM):
         assert isinstance(self.spec, Gemma4Spec)
         return self.spec
 
-    def load_custom_weight(self, name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]] | None:
-        return load_expert_weight(self, name, tensor, {})
+    def load_custom_weight(self, name: str, source: TensorSource) -> list[tuple[str, int | None]] | None:
+        return load_expert_weight(self, name, source, {})
 
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:
         return [AttentionLayerSpec(scale=1.0, window_left=self.spec.window(i)) for i in range(self.spec.num_layers)]

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from pie.engine.layers.moe import TopKMoE, load_expert_weight
 from pie.engine.models.decoder import CausalLM, DecoderLayer, DecoderSpec, uniform_windows
 from pie.engine.models.registry import register
+from pie.engine.tensor_source import TensorSource
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class MoESpec(DecoderSpec):
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP instead of experts (Qwen 3 MoE)
 
+    def tp_splits(self) -> list[tuple[int, str]]:
+        """Each expert's intermediate dimension is split over the ranks as well (every rank holds every expert)."""
+        return [*super().tp_splits(), (self.moe_intermediate_size, "moe_intermediate_size")]
+
 
 class MoELayer(DecoderLayer):
     def make_mlp(self, spec: DecoderSpec, layer_idx: int) -> nn.Module:
@@ -33,7 +37,7 @@ class MoELayer(DecoderLayer):
         if layer_idx in spec.dense_layers:
             return super().make_mlp(spec, layer_idx)
         return TopKMoE(spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.num_experts_per_tok,
-                       spec.hidden_act, renormalize=spec.norm_topk_prob)
+                       spec.hidden_act, renormalize=spec.norm_topk_prob, tp=spec.tp)
 
 
 @register("mixtral")
@@ -54,5 +58,5 @@ class MixtralForCausalLM(CausalLM):
     def map_checkpoint_name(self, name: str) -> str | None:
         return name.replace(".block_sparse_moe.", ".mlp.")
 
-    def load_custom_weight(self, name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]] | None:
-        return load_expert_weight(self, name, tensor, self.expert_pieces)
+    def load_custom_weight(self, name: str, source: TensorSource) -> list[tuple[str, int | None]] | None:
+        return load_expert_weight(self, name, source, self.expert_pieces)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from pie.engine.layers.moe import load_expert_weight
 from pie.engine.models.decoder import CausalLM, DecoderSpec, uniform_windows
 from pie.engine.models.mixtral import MoELayer, MoESpec
 from pie.engine.models.registry import register
+from pie.engine.tensor_source import TensorSource
 
 
 @register("qwen3_moe")
@@ -36,5 +35,5 @@ class Qwen3MoeForCausalLM(CausalLM):
                                moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
                                dense_layers=dense, layer_windows=uniform_windows(c))
 
-    def load_custom_weight(self, name: str, tensor: torch.Tensor) -> list[tuple[str, int | None]] | None:
-        return load_expert_weight(self, name, tensor, self.expert_pieces)
+    def load_custom_weight(self, name: str, source: TensorSource) -> list[tuple[str, int | None]] | None:
+        return load_expert_weight(self, name, source, self.expert_pieces)
