@@ -244,7 +244,8 @@ def test_column_shards_keep_each_part_whole_per_rank(fused_source: bool) -> None
 
 @pytest.mark.parametrize(("arch", "size", "overrides", "match"), [
     ("llama", 3, {}, "does not divide num_attention_heads = 4"),
-    ("llama", 4, {}, "does not divide num_key_value_heads = 2"),
+    ("llama", 3, {"hidden_size": 96, "num_attention_heads": 6, "intermediate_size": 96},
+     "3 is neither a divisor nor a multiple of num_key_value_heads = 2"),
     ("qwen3_moe", 2, {"moe_intermediate_size": 33}, "does not divide moe_intermediate_size = 33"),
     ("gemma4_text", 2, {}, "not supported for Gemma4ForCausalLM: its layers differ in head_dim"),
     ("gemma4_text:moe", 2, {}, "not supported"),

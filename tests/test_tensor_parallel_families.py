@@ -3,6 +3,7 @@
 - MoE (Mixtral, Qwen 3 MoE, GPT-OSS: every rank a block of every expert, sinks split like the heads) and
   OLMo 3 (q/k RMSNorm over the whole projection, its sum of squares all-reduced) in two real gloo worker
   processes against the single-device engine: logits within 1e-4, identical greedy tokens.
+- More ranks than kv heads (kv heads replicated): qwen3 and OLMo 3 with one kv head on two ranks.
 - Loading: a rank reads only its block of every sharded tensor (bytes counted as the loader reads them
   from the real safetensors file), the whole of replicated ones; a wrong shape is still a CheckpointError
   naming the tensor.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,9 +52,13 @@ def _random_expert_biases(tensors: dict[str, torch.Tensor]) -> None:
             tensors[name] = torch.randn(t.shape, generator=gen) * 0.1
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_two_ranks_match_one_device(arch: str, checkpoint_dir, tmp_path: Path) -> None:
-    d = checkpoint_dir(arch)
+# More ranks than kv heads: each rank holds the one kv head its query heads use (OLMo 3: and its k_norm block).
+ONE_KV_HEAD = [("qwen3", {"num_key_value_heads": 1}), ("olmo3", {"num_key_value_heads": 1})]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), [*((a, {}) for a in FAMILIES), *ONE_KV_HEAD])
+def test_two_ranks_match_one_device(arch: str, overrides: dict[str, Any], checkpoint_dir, tmp_path: Path) -> None:
+    d = checkpoint_dir(arch, **overrides)
     if arch == "gpt_oss":
         d = _rewrite(d, tmp_path, _random_expert_biases)
     workers = start_local(d)

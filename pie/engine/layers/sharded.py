@@ -5,7 +5,8 @@
   q[r], k[r], v[r] back to back, so its query heads and the kv heads they
   attend with (grouped-query attention) stay on the same rank, and its local
   gate and up halves still line up for `chunk(2)`. No collective: the next
-  layer consumes the local slice.
+  layer consumes the local slice. With tp > num_kv_heads each kv head is
+  replicated on tp / num_kv_heads ranks (the ones whose query heads use it).
 - `RowParallelLinear`: input columns sharded; each rank's partial product is
   all-reduced, then the bias (loaded whole on every rank) is added once.
 - `ShardedRMSNorm`: a norm over a vector split over the ranks (OLMo 3's q/k
@@ -40,10 +41,15 @@ if TYPE_CHECKING:
     from pie.engine.layers.lora import LoRABatch
 
 
-def rank_block(total: int, tp: TPGroup) -> slice:
-    """Rank `tp.rank`'s contiguous block of `total` items (total divisible by tp.size, checked by the spec)."""
-    n = total // tp.size
-    return slice(tp.rank * n, (tp.rank + 1) * n)
+def rank_block(total: int, tp: TPGroup, replicas: int = 1) -> slice:
+    """Rank `tp.rank`'s contiguous block of `total` items, split in tp.size / replicas blocks.
+
+    replicas > 1 when fewer blocks than ranks exist (kv heads with tp > num_kv_heads): ranks r with the
+    same r // replicas hold the same block. Divisibility is checked by the model spec.
+    """
+    n = total * replicas // tp.size
+    i = tp.rank // replicas
+    return slice(i * n, (i + 1) * n)
 
 
 class ColumnParallelLinear(Linear, LoadsSlices):
@@ -51,25 +57,28 @@ class ColumnParallelLinear(Linear, LoadsSlices):
 
     `part_sizes` are the logical parts in output order (q, k, v or gate, up); each is split by rank.
     With `fused_source` all parts come from one checkpoint tensor (Phi-3), else one tensor per part.
+    `replicas[i]` ranks share each block of part i (k and v when tp > num_kv_heads); 1 by default.
     """
 
     def __init__(self, in_features: int, part_sizes: list[int], tp: TPGroup, *, bias: bool = False,
-                 fused_source: bool = False) -> None:
-        assert all(p % tp.size == 0 for p in part_sizes), (part_sizes, tp.size)  # checked by the model spec
-        source_parts = [list(part_sizes)] if fused_source else [[p] for p in part_sizes]
-        local = [sum(parts) // tp.size for parts in source_parts]
+                 fused_source: bool = False, replicas: list[int] | None = None) -> None:
+        reps = replicas or [1] * len(part_sizes)
+        assert all(p * r % tp.size == 0 for p, r in zip(part_sizes, reps, strict=True)), (part_sizes, tp.size)
+        self.tp, self.part_replicas = tp, dict(enumerate(reps))
+        indexed = list(enumerate(part_sizes))
+        self.source_parts = [indexed] if fused_source else [[part] for part in indexed]  # (part index, size)
+        local = [sum(p * reps[i] // tp.size for i, p in parts) for parts in self.source_parts]
         super().__init__(in_features, sum(local), bias=bias, shard_sizes=local)
-        self.tp, self.source_parts = tp, source_parts
 
     def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
         assert shard is not None, "the loader gives every Linear tensor a shard index"
         target = getattr(self, param_name)
         parts = self.source_parts[shard]
-        source.check_shape((sum(parts), *target.shape[1:]))
+        source.check_shape((sum(p for _, p in parts), *target.shape[1:]))
         row = self.shard_rows(shard).start
         offset = 0
-        for part in parts:  # rank r's rows of each part sit back to back in this shard
-            block = rank_block(part, self.tp)
+        for i, part in parts:  # rank r's rows of each part sit back to back in this shard
+            block = rank_block(part, self.tp, self.part_replicas[i])
             target.data[row:row + block.stop - block.start].copy_(
                 source.read(slice(offset + block.start, offset + block.stop)))
             row, offset = row + block.stop - block.start, offset + part
@@ -166,17 +175,20 @@ class ShardedRMSNorm(RMSNorm, LoadsSlices):
     the weight. The mean square needs every rank's sum of squares; `sharded_rms_norms` all-reduces them."""
 
     def __init__(self, full_dim: int, eps: float, tp: TPGroup, *, offset: float = 0.0,
-                 cast_before_weight: bool = True) -> None:
-        super().__init__(full_dim // tp.size, eps, offset=offset, cast_before_weight=cast_before_weight)
-        self.full_dim, self.tp = full_dim, tp
+                 cast_before_weight: bool = True, replicas: int = 1) -> None:
+        super().__init__(full_dim * replicas // tp.size, eps, offset=offset, cast_before_weight=cast_before_weight)
+        self.full_dim, self.tp, self.replicas = full_dim, tp, replicas
 
     def load_slice(self, param_name: str, source: TensorSource, shard: int | None) -> None:
         source.check_shape((self.full_dim,))
-        self.weight.data.copy_(source.read(rank_block(self.full_dim, self.tp)))
+        self.weight.data.copy_(source.read(rank_block(self.full_dim, self.tp, self.replicas)))
 
     def normalize(self, x: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
-        """x: [T, full_dim / tp] this rank's block; sum_sq: [T, 1] float32, the sum of squares over all ranks."""
-        x32 = x.float() * torch.rsqrt(sum_sq / self.full_dim + self.eps)
+        """x: [T, local] this rank's block; sum_sq: [T, 1] float32, the sum of squares over all ranks.
+
+        A block held by `replicas` ranks is in that sum `replicas` times.
+        """
+        x32 = x.float() * torch.rsqrt(sum_sq / (self.full_dim * self.replicas) + self.eps)
         # The weight step of RMSNorm.forward, unchanged.
         if self.cast_before_weight:
             w = self.weight if self.offset == 0.0 else self.weight + self.offset
@@ -192,11 +204,12 @@ def sharded_rms_norms(pairs: list[tuple[ShardedRMSNorm, torch.Tensor]], tp: TPGr
 
 
 def column_linear(in_features: int, part_sizes: list[int], tp: TPGroup, *, bias: bool = False,
-                  fused_source: bool = False) -> Linear:
+                  fused_source: bool = False, replicas: list[int] | None = None) -> Linear:
     """A projection whose output is `part_sizes` concatenated; column-parallel when tp.size > 1."""
     if tp.size == 1:
         return Linear(in_features, sum(part_sizes), bias=bias, shard_sizes=None if fused_source else part_sizes)
-    return ColumnParallelLinear(in_features, part_sizes, tp, bias=bias, fused_source=fused_source)
+    return ColumnParallelLinear(in_features, part_sizes, tp, bias=bias, fused_source=fused_source,
+                                replicas=replicas)
 
 
 def row_linear(in_features: int, out_features: int, tp: TPGroup, *, bias: bool = False) -> Linear:

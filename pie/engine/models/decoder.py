@@ -98,8 +98,13 @@ class DecoderSpec:
         return self.num_heads // self.tp.size
 
     @property
+    def kv_replicas(self) -> int:
+        """Ranks holding each kv head: 1 when tp divides num_kv_heads, tp / num_kv_heads when tp exceeds it."""
+        return max(1, self.tp.size // self.num_kv_heads)
+
+    @property
     def num_local_kv_heads(self) -> int:
-        return self.num_kv_heads // self.tp.size
+        return self.num_kv_heads * self.kv_replicas // self.tp.size
 
     @classmethod
     def from_hf(cls, c: Any, **overrides: Any) -> Self:
@@ -125,15 +130,14 @@ class DecoderSpec:
         return RMSNorm(dim, self.rms_norm_eps, offset=self.norm_offset,
                        cast_before_weight=self.norm_cast_before_weight)
 
-    def sharded_norm(self, full_dim: int) -> ShardedRMSNorm:
+    def sharded_norm(self, full_dim: int, replicas: int = 1) -> ShardedRMSNorm:
         """This rank's block of a norm over `full_dim` features split over the ranks."""
         return ShardedRMSNorm(full_dim, self.rms_norm_eps, self.tp, offset=self.norm_offset,
-                              cast_before_weight=self.norm_cast_before_weight)
+                              cast_before_weight=self.norm_cast_before_weight, replicas=replicas)
 
     def tp_splits(self) -> list[tuple[int, str]]:
-        """(size, config key) of every dimension split over the tensor-parallel ranks."""
-        return [(self.num_heads, "num_attention_heads"), (self.num_kv_heads, "num_key_value_heads"),
-                (self.intermediate_size, "intermediate_size")]
+        """(size, config key) of every dimension split over the tensor-parallel ranks (kv heads: see check)."""
+        return [(self.num_heads, "num_attention_heads"), (self.intermediate_size, "intermediate_size")]
 
     def window(self, layer_idx: int) -> int:
         return self.layer_windows[layer_idx] if self.layer_windows else -1
@@ -176,8 +180,9 @@ class Attention(nn.Module):
         # This rank's heads: with tensor parallelism, rank r owns query heads and kv heads block r.
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim  # global sizes
+        reps = spec.kv_replicas  # > 1: this rank's one kv head is shared with tp / num_kv_heads - 1 other ranks
         self.qkv_proj = column_linear(spec.hidden_size, [q_size, kv_size, kv_size], spec.tp, bias=spec.qkv_bias,
-                                      fused_source=spec.fused_in_checkpoint)
+                                      fused_source=spec.fused_in_checkpoint, replicas=[1, reps, reps])
         self.o_proj = row_linear(q_size, spec.hidden_size, spec.tp, bias=spec.o_bias)
         self.qk_norm = spec.qk_norm
         # A norm over the whole projection spans every rank's heads: its mean square is all-reduced.
@@ -185,7 +190,7 @@ class Attention(nn.Module):
         self.q_norm: RMSNorm
         self.k_norm: RMSNorm
         if self.norm_across_ranks:
-            self.q_norm, self.k_norm = spec.sharded_norm(q_size), spec.sharded_norm(kv_size)
+            self.q_norm, self.k_norm = spec.sharded_norm(q_size), spec.sharded_norm(kv_size, reps)
         elif spec.qk_norm != "none":
             per_head = spec.qk_norm == "head"
             self.q_norm = spec.norm(spec.head_dim if per_head else q_size)
@@ -311,6 +316,14 @@ class CausalLM(nn.Module):
                               f"{fix}")
         for total, what in spec.tp_splits():
             tp.split(total, what)
+        kv = spec.num_kv_heads
+        if tp.size > kv and tp.size % kv:  # more ranks than kv heads: each kv head on tp / kv ranks
+            raise ConfigError(f"tensor_parallel_size = {tp.size} is neither a divisor nor a multiple of "
+                              f"num_key_value_heads = {kv} (kv heads are split, or replicated when there are more "
+                              f"ranks than kv heads); use a tensor_parallel_size that divides or is a multiple "
+                              f"of {kv}")
+        if tp.size <= kv:
+            tp.split(kv, "num_key_value_heads")
 
     @classmethod
     def text_config(cls, hf_config: Any) -> Any:
