@@ -21,7 +21,7 @@ from checkpoints import VOCAB
 from engine_helpers import all_row_logits, greedy_generate, make_engine, random_prompts, rel_err
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_tensor_parallel import ENGINE, start_local
+from tp_helpers import ENGINE, start_local
 
 from pie.engine.engine import load_hf_config
 from pie.engine.loader import build_model, checkpoint_files, load_weights
