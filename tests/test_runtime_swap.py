@@ -25,8 +25,8 @@ from test_runtime_pages import ContentEngine, random_instance
 from pie import telemetry
 from pie.engine.batch import BatchResult, ForwardBatch
 from pie.runtime.instance import Instance
+from pie.runtime.jobs import SchedulerStats
 from pie.runtime.runtime import ModelRuntime, Runtime, RuntimeLimits
-from pie.runtime.scheduler import SchedulerStats
 from pie.tiny_model import ensure_tiny_model
 
 PS = 16  # the tiny model's default page size

@@ -11,7 +11,7 @@ valid KV in them. `computed_len < kv_len` while a pass is pending and after a
 suspension; the scheduler computes the missing slots (re-prefill) from the
 record before anything else, so suspension never loses a context.
 
-Suspension (`Scheduler._suspend`) either drops every page (`suspend`: the KV
+Suspension (`pie.runtime.suspension.Suspender.suspend`) either drops every page (`suspend`: the KV
 is recomputed from the record later) or, when the engine has a host swap pool,
 moves them to host slots (`swap_out`). A swapped-out context keeps `swapped`:
 the host slots of pages `[swap_first, swap_first + len(swapped))`, valid up to

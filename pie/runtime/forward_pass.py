@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from inferlet._host import HostError, PassDict, SlotDict
 from pie.engine.batch import PROBE_KINDS, SAMPLER_KINDS, OutputSpec, Probe, Sampler
 from pie.runtime.context import Context
-from pie.runtime.scheduler import Job
+from pie.runtime.jobs import Job
 
 if TYPE_CHECKING:
     from pie.runtime.runtime import ModelRuntime

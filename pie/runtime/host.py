@@ -27,7 +27,7 @@ from inferlet._host import HostError, PassDict
 from pie.errors import PieError
 from pie.runtime.context import Context
 from pie.runtime.forward_pass import PassReader, slot_values
-from pie.runtime.scheduler import Job
+from pie.runtime.jobs import Job
 
 if TYPE_CHECKING:
     from pie.runtime.adapters import NamedAdapter

@@ -14,16 +14,9 @@ each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
   that holds their rows.
 
 Pages: a chunk's pages are allocated when it is admitted. When the pool is
-short, victims are suspended until the chunk fits; otherwise the pass waits.
-Victims (`_victims`): lower-priority contexts, idle ones of equal priority
-(least recently used first) and younger pending ones; the lead pass may take
-any idle context's pages. Suspension (`_suspend`) moves a victim's pages to
-the engine's host swap pool when it has one with free slots: the swap-out
-rides in this step's batch, and the context is swapped back in with the chunk
-of its next pass, continuing without recomputation. Otherwise its pages are
-dropped, its record kept, and the KV is recomputed (re-prefilled) on its next
-pass; contexts holding masked or adapter KV cannot be recomputed, so they are
-only ever swapped. A pass that waits while nothing at all can run for
+short, victims are suspended until the chunk fits (`pie.runtime.suspension`:
+which contexts, and swap to host vs drop and recompute); otherwise the pass
+waits. A pass that waits while nothing at all can run for
 `page_wait_timeout_s` fails with an error saying why.
 
 One batch is in flight per engine; nothing changes page contents between
@@ -42,8 +35,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from inferlet._host import HostError
 from pie import telemetry
@@ -51,72 +42,14 @@ from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue,
 from pie.errors import BatchError, OutOfPagesError
 from pie.runtime.api import EngineClient
 from pie.runtime.context import Context, ContextSpace
+from pie.runtime.jobs import Chunk, Job, PageOps, SchedulerStats
 from pie.runtime.pages import HostSlotPool
 from pie.runtime.prefix_trie import PageKey
+from pie.runtime.suspension import Suspender
 
 log = logging.getLogger(__name__)
 
 GATHER_ROUNDS = 8  # event-loop turns to let woken instances submit before a batch is built
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    """One forward pass on one context: rows are the context's slots [start, end)."""
-
-    ctx: Context
-    start: int
-    end: int
-    outputs: list[OutputSpec]  # index = row within the pass
-    attention_mask: list[list[int]] | None = None  # one row per pass row, each covering `end` slots
-    logit_mask: list[int] | None = None
-    adapter: int | None = None
-    seed: int | None = None
-    future: asyncio.Future[list[OutputValue]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    results: list[OutputValue | None] = field(default_factory=list)
-    _order: list[int] = field(default_factory=list)  # output ids by row
-    _next: int = 0  # outputs in _order before this were scheduled
-    missed_at: int = -1  # computed_len when the prefix trie last missed: no lookups past it
-    computing: PageKey | None = None  # the uncached page this pass computes first (others wait for it)
-    admitted_build: int = -1  # build (context-clock tick) that last admitted a chunk of this pass
-
-    def __post_init__(self) -> None:
-        outputs = self.outputs
-        self.results = [None] * len(outputs)
-        self._order = list(range(len(outputs)))
-        if len(outputs) > 1:
-            self._order.sort(key=lambda i: outputs[i].index)
-
-    def next_output_slot(self) -> int:
-        """The slot of the first output not yet scheduled (the pass's end if none)."""
-        return self.start + self.outputs[self._order[self._next]].index if self._next < len(self._order) else self.end
-
-
-class Chunk(NamedTuple):
-    job: Job
-    start: int
-    end: int
-    output_ids: list[int]
-
-
-@dataclass(slots=True)
-class PageOps:
-    """The page operations of the batch being built; the engine runs them before its forward, in this order."""
-
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device page, host slot)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device page)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (src page, dst page)
-
-
-@dataclass
-class SchedulerStats:
-    batches: int = 0
-    tokens_processed: int = 0
-    last_batch_ms: float = 0.0
-    suspensions: int = 0
-    cached_tokens: int = 0  # prompt tokens attached from the prefix trie instead of computed
-    swapped_out_pages: int = 0  # pages suspensions copied to the host swap pool
-    swapped_in_pages: int = 0  # pages copied back from it
-    recomputed_suspensions: int = 0  # suspensions that dropped computed KV the context must recompute
 
 
 class Scheduler:
@@ -128,6 +61,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.page_wait_timeout_s = page_wait_timeout_s
         self.stats = SchedulerStats()
+        self._suspender = Suspender(space, self.stats)
         info = engine.info
         self._model_name = str(getattr(info, "model_name", ""))  # for telemetry
         num_slots = int(getattr(info, "num_swap_slots", 0))
@@ -340,35 +274,11 @@ class Scheduler:
 
     def _make_room(self, job: Job, start: int, end: int, ops: PageOps) -> int | None:
         """Pages the chunk needs, after suspending victims if the pool is short; None if it cannot fit now."""
-        ctx, pool = job.ctx, self.space.pool
-        victims: list[Context] | None = None
-        while True:
-            need = ctx.pages_needed(start, end)
-            if pool.can_allocate(need):
-                return need
-            if victims is None:
-                victims = self._victims(ctx, lead=job is self._lead())
-            if not victims:
-                return None
-            self._suspend(victims.pop(), ops)
-
-    def _suspend(self, ctx: Context, ops: PageOps) -> None:
-        """Free `ctx`'s pages: to host slots (swap-out in this batch) when they fit, else dropped.
-
-        A context swapped out already only holds pages before its swapped
-        ones (prefix-trie or recomputed KV): those are dropped, the slots kept.
-        Dropped KV that the trie does not hold is recomputed on the next pass."""
-        host = self.space.host
-        _, num_kept = ctx.swap_span()
-        if host is not None and num_kept and not ctx.swapped and host.can_allocate(num_kept):
-            ops.swap_out += ctx.swap_out(host.allocate(num_kept))
-            self.stats.swapped_out_pages += num_kept
-        elif ctx.recomputable:
-            ctx.suspend()
-            self.stats.recomputed_suspensions += int(num_kept > 0)
-        else:  # host slots ran out since `_victims` offered it
-            return
-        self.stats.suspensions += 1
+        need = job.ctx.pages_needed(start, end)
+        if self.space.pool.can_allocate(need):
+            return need
+        return self._suspender.make_room(job.ctx, start, end, ops, lead=job is self._lead(),
+                                         cutoff=self._previous_build)
 
     def _lead(self) -> Job | None:
         """The pending pass of the oldest context of the top priority (found once per build)."""
@@ -376,33 +286,6 @@ class Scheduler:
             self._lead_job = min(self._jobs.values(), key=lambda j: (-j.ctx.priority, j.ctx.id), default=None)
             self._lead_known = True
         return self._lead_job
-
-    def _victims(self, ctx: Context, *, lead: bool) -> list[Context]:
-        """Contexts that may lose their pages for `ctx`, the best victim last.
-
-        Any lower-priority context qualifies. Of equal priority: contexts idle
-        since before the previous batch (least recently used first), then
-        contexts with a pending pass that are younger than `ctx` (youngest
-        first), so a younger context never pushes an older one back out (no
-        ping-pong; vLLM's preempt-the-newest). The lead pass (oldest context of
-        the top priority) may also take the pages of any idle context, so some
-        pass can always run: only contexts in this batch, and those that can
-        neither be recomputed (masked KV) nor swapped to host, keep their pages."""
-        prio, cutoff = ctx.priority, self._previous_build
-        found = [c for c in self.space.live.values()
-                 if c is not ctx and c.pages and not c.in_batch and (c.recomputable or self._fits_host(c))
-                 and (c.priority < prio or (lead and not c.pending) or (c.priority == prio and (
-                     c.id > ctx.id if c.pending else c.last_used < cutoff)))
-                 and c.freeable_pages()]
-        found.sort(key=lambda c: (c.priority, c.pending, -c.id if c.pending else c.last_used), reverse=True)
-        return found
-
-    def _fits_host(self, ctx: Context) -> bool:
-        """`ctx` can be swapped out whole now (it cannot be recomputed, so swapping is its only way out)."""
-        if self.space.host is None or ctx.swapped:
-            return False
-        num_pages = ctx.swap_span()[1]
-        return num_pages > 0 and self.space.host.can_allocate(num_pages)
 
     def _request(self, chunk: Chunk) -> Request:
         job, ctx = chunk.job, chunk.job.ctx
