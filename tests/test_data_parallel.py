@@ -126,10 +126,12 @@ async def test_groups_of_different_engines_are_refused(tiny: Path) -> None:
 
 def test_config_devices_become_one_engine_per_group(tmp_path: Path) -> None:
     config = parse_config({"model": {"name": "m", "hf_repo": "pie/tiny-random",
-                                     "device": ["cuda:0", "cuda:1", "cuda:2"], "kv_page_size": 8},
+                                     "device": ["cuda:0", "cuda:1", "cuda:2"], "kv_page_size": 8,
+                                     "ready_timeout_s": 42.0},
                            "runtime": {"max_concurrent_processes": 3}}, source=None, home=tmp_path)
     (spec,) = runtime_config(config).models
     assert [e.device for e in spec.engines] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert spec.ready_timeout_s == 42.0  # how long worker processes may take to load (tensor parallel)
     assert {e.kv_page_size for e in spec.engines} == {8} and spec.engine is spec.engines[0]
     assert runtime_config(config).limits.max_concurrent_processes == 3
     single = ModelSpec("m", EngineConfig())  # the one-group form

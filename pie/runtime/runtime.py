@@ -68,15 +68,17 @@ class ModelSpec:
     name: str
     engines: tuple[EngineConfig, ...]
     adapter_dir: Path | None  # LoRA adapters' folder (`adapter_path`); None = $PIE_HOME/adapters
+    ready_timeout_s: float  # how long tensor-parallel worker processes may take to load the model
 
     def __init__(self, name: str, engines: EngineConfig | Sequence[EngineConfig], *,
-                 adapter_dir: Path | None = None) -> None:
+                 adapter_dir: Path | None = None, ready_timeout_s: float = 600.0) -> None:
         configs = (engines,) if isinstance(engines, EngineConfig) else tuple(engines)
         if not configs:
             raise ConfigError(f"model {name!r} has no engine: give it at least one device")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "engines", configs)
         object.__setattr__(self, "adapter_dir", adapter_dir)
+        object.__setattr__(self, "ready_timeout_s", ready_timeout_s)
 
     @property
     def engine(self) -> EngineConfig:
@@ -245,7 +247,9 @@ def runtime_config(config: Any) -> RuntimeConfig:
     configs; `runtime` with the [runtime] keys, `isolation` and the [sandbox] policy)."""
     if isinstance(config, RuntimeConfig):
         return config
-    models = tuple(ModelSpec(m.name, _engine_configs(m), adapter_dir=_adapter_dir(config, m)) for m in config.models)
+    models = tuple(ModelSpec(m.name, _engine_configs(m), adapter_dir=_adapter_dir(config, m),
+                             ready_timeout_s=getattr(getattr(m, "options", None), "ready_timeout_s", 600.0))
+                   for m in config.models)
     runtime = getattr(config, "runtime", None)
     fields = RuntimeLimits.__dataclass_fields__
     limits = RuntimeLimits(**{k: getattr(runtime, k) for k in fields if hasattr(runtime, k)})
@@ -288,7 +292,8 @@ async def _start_model_engines(spec: ModelSpec) -> tuple[EngineClient, ...]:
     """The engine clients of every data-parallel group of a model, started side by side; if one fails,
     the others are closed and its error raised."""
     many = len(spec.engines) > 1
-    tasks = [asyncio.ensure_future(_start_group_engine(config, f"{spec.name}/dp{i}" if many else spec.name))
+    tasks = [asyncio.ensure_future(_start_group_engine(config, f"{spec.name}/dp{i}" if many else spec.name,
+                                                       spec.ready_timeout_s))
              for i, config in enumerate(spec.engines)]
     try:
         await asyncio.wait(tasks)
@@ -303,7 +308,7 @@ async def _start_model_engines(spec: ModelSpec) -> tuple[EngineClient, ...]:
         raise
 
 
-async def _start_group_engine(config: EngineConfig, name: str) -> EngineClient:
+async def _start_group_engine(config: EngineConfig, name: str, ready_timeout_s: float = 600.0) -> EngineClient:
     """The engine client of one data-parallel group, named `name` (threads, logs).
 
     This is the one place that decides how a group's engine runs: one device is an engine in this
@@ -313,7 +318,7 @@ async def _start_group_engine(config: EngineConfig, name: str) -> EngineClient:
         from pie.runtime.worker_client import WorkerEngine
 
         devices = list(config.tp_devices) or [config.device] * config.tensor_parallel_size
-        return await WorkerEngine.start(config, devices, name)
+        return await WorkerEngine.start(config, devices, name, ready_timeout_s=ready_timeout_s)
 
     from pie.runtime.engine_client import InProcessEngine
 
