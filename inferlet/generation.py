@@ -65,6 +65,7 @@ class Generator:
         self._step_probes: list[tuple[int, Any]] = []
         self.tokens_generated = 0
         self._done = False
+        self._open_step: GenStep | None = None  # handed out by __anext__, not executed yet
 
     # -- chain configuration --
     def max_tokens(self, n: int) -> Generator:
@@ -120,6 +121,10 @@ class Generator:
         return self
 
     async def __anext__(self) -> GenStep:
+        if self._open_step is not None:
+            # The step took the buffered tokens with it: a new one would generate from nothing and never
+            # finish (an `async for` that forgets `execute()` would loop until memory runs out).
+            raise RuntimeError("call `await step.execute()` on each step before asking for the next one")
         if self.is_done:
             raise StopAsyncIteration
         pending, self._ctx._pending = self._ctx._pending, []
@@ -129,7 +134,8 @@ class Generator:
             advance, self._constraint_pending = self._constraint_pending, []
             mask = brle.and_(*(c.step(advance) for c in self._constraints)) or None
             drafts, positions = [], []  # a mask only holds for the first sampled row
-        return GenStep(self, pending, drafts, positions, mask)
+        self._open_step = GenStep(self, pending, drafts, positions, mask)
+        return self._open_step
 
     def _drafts(self, pending: list[int]) -> tuple[list[int], list[int]]:
         seen, self._last_buffered = self._last_buffered, False
@@ -223,6 +229,8 @@ class GenStep:
 
     async def execute(self) -> Output:
         gen, ctx = self._gen, self._gen._ctx
+        if gen._open_step is self:
+            gen._open_step = None  # settled: on failure its tokens go back to the buffer below
         if not self.pending:
             raise ValueError("nothing to generate from: the context's buffer is empty. Fill it (user(), "
                              "append()) or keep the last token buffered instead of calling flush()")

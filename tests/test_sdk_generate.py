@@ -255,3 +255,16 @@ async def test_speculator_and_system_speculation_are_exclusive(rt: Runtime) -> N
             ctx.generate(Sampler.argmax(), speculator=NgramSpeculator(), system_speculation=True)
 
     await run_sdk(rt, body)
+
+
+async def test_asking_for_a_step_before_executing_the_last_one_is_an_error(rt: Runtime) -> None:
+    async def body() -> list[int]:
+        ctx = Context(Model.load("")).append(PROMPT)
+        gen = ctx.generate(Sampler.argmax(), max_tokens=4, auto_flush=False, stop=[])
+        first = await anext(aiter(gen))
+        with pytest.raises(RuntimeError, match="execute"):  # it would generate from nothing, forever
+            await anext(aiter(gen))
+        tokens = (await first.execute()).tokens  # the step still runs, and the generator goes on
+        return tokens + await gen.collect_tokens()
+
+    assert await run_sdk(rt, body) == await run_sdk(rt, lambda: reference_greedy(PROMPT, 4))
