@@ -22,7 +22,7 @@ from runtime_support import argmax_at, forward
 from inferlet._host import HostError
 from pie.engine.batch import BatchResult, ForwardBatch, OutputValue, Request
 from pie.errors import OutOfPagesError
-from pie.runtime.context import ContextSpace
+from pie.runtime.context_space import ContextSpace
 from pie.runtime.instance import Instance
 from pie.runtime.pages import PagePool
 from pie.runtime.prefix_trie import PrefixTrie, page_key

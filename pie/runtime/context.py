@@ -33,19 +33,22 @@ page copy in the same batch when the page holds slots before the write
 positions that are not the slot indices are *dirty*: their KV is not a
 function of (tokens, positions) alone, so they get no content key and are never
 shared, and a context holding masked/adapter KV cannot be recomputed (it is
-never suspended).
+only suspended by swapping to host).
+
+The contexts of one page pool live in a `ContextSpace` (`context_space.py`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from inferlet._host import HostError
 from pie.errors import OutOfPagesError
-from pie.runtime.pages import HostSlotPool, PagePool
-from pie.runtime.prefix_trie import ROOT_KEY, PageKey, PrefixTrie, page_key
+from pie.runtime.prefix_trie import ROOT_KEY, PageKey, page_key
+
+if TYPE_CHECKING:
+    from pie.runtime.context_space import ContextSpace
 
 
 class Attached(NamedTuple):
@@ -53,58 +56,11 @@ class Attached(NamedTuple):
     missed: PageKey | None  # key of the first full page not in the trie (None: none was keyable)
 
 
-class ContextSpace:
-    """One model's contexts: the shared pool and trie, and the registry of live contexts.
-
-    `host` is the engine's host swap pool; the scheduler sets it when the engine has one."""
-
-    def __init__(self, pool: PagePool, trie: PrefixTrie, page_size: int) -> None:
-        self.pool = pool
-        self.trie = trie
-        self.page_size = page_size
-        self.host: HostSlotPool | None = None
-        self.live: dict[int, Context] = {}
-        self._ids = itertools.count(1)
-        self._clock = itertools.count(1)
-
-    def create(self, owner: str) -> Context:
-        ctx = Context(self, owner)
-        self.live[ctx.id] = ctx
-        return ctx
-
-    def tick(self) -> int:
-        return next(self._clock)
-
-    def check_integrity(self) -> None:
-        """Pools, trie and every live context agree: each page's refcount is its number of holders,
-        and each held host slot belongs to exactly one live context."""
-        self.pool.check_integrity()
-        self.trie.check_integrity()
-        holders = [0] * self.pool.num_pages
-        slot_holders: dict[int, int] = {}
-        for ctx in self.live.values():
-            ctx.check_integrity()
-            for p in ctx.pages:
-                holders[p] += 1
-            for s in ctx.swapped:
-                assert s not in slot_holders, f"host slot {s} held by contexts {slot_holders[s]} and {ctx.id}"
-                slot_holders[s] = ctx.id
-        for p, n in enumerate(holders):
-            assert self.pool.refcount(p) == n, f"page {p}: refcount {self.pool.refcount(p)}, held by {n} contexts"
-        if self.host is None:
-            assert not slot_holders, "contexts hold host slots but the space has no host pool"
-            return
-        self.host.check_integrity()
-        for s in slot_holders:
-            assert self.host.is_held(s), f"context {slot_holders[s]} holds host slot {s}, which the pool has not lent"
-        assert self.host.num_held == len(slot_holders), (
-            f"{self.host.num_held} host slots are held, live contexts hold {len(slot_holders)} (leaked)")
-
-
 class Context:
-    def __init__(self, space: ContextSpace, owner: str) -> None:
+    def __init__(self, space: ContextSpace, owner: str, id: int) -> None:
+        """Made by `ContextSpace.create`, which numbers the contexts of its pool."""
         self.space = space
-        self.id = next(space._ids)
+        self.id = id
         self.owner = owner  # an instance id, or "snapshot"
         self.tokens: list[int] = []  # [kv_len] the record: token of each slot
         self.positions: list[int] = []  # [kv_len] and its position id

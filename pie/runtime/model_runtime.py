@@ -28,7 +28,8 @@ from pie.config import pie_home
 from pie.errors import ConfigError, ModelNotFoundError
 from pie.runtime.adapters import AdapterStore
 from pie.runtime.api import EngineClient, ModelStatus
-from pie.runtime.context import Context, ContextSpace
+from pie.runtime.context import Context
+from pie.runtime.context_space import ContextSpace
 from pie.runtime.pages import PagePool
 from pie.runtime.prefix_trie import PrefixTrie
 from pie.runtime.scheduler import Scheduler

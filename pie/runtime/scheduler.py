@@ -41,7 +41,8 @@ from pie import telemetry
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request
 from pie.errors import BatchError, OutOfPagesError
 from pie.runtime.api import EngineClient
-from pie.runtime.context import Context, ContextSpace
+from pie.runtime.context import Context
+from pie.runtime.context_space import ContextSpace
 from pie.runtime.jobs import Chunk, Job, PageOps, SchedulerStats
 from pie.runtime.pages import HostSlotPool
 from pie.runtime.prefix_trie import PageKey

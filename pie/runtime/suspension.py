@@ -13,7 +13,8 @@ Victims are suspended, never killed, one at a time until the chunk fits:
 
 from __future__ import annotations
 
-from pie.runtime.context import Context, ContextSpace
+from pie.runtime.context import Context
+from pie.runtime.context_space import ContextSpace
 from pie.runtime.jobs import PageOps, SchedulerStats
 
 
