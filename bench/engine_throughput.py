@@ -8,6 +8,7 @@ to the longest output in the batch, and is credited only the tokens asked for.
 
     python bench/engine_throughput.py                      # CPU: a small model (hidden 512, 8 layers)
     python bench/engine_throughput.py --preset qwen3-0.6b  # GPU: a Qwen3-0.6B-shaped model, random weights
+    python bench/engine_throughput.py --dtype bfloat16     # CPU with bf16 hardware (AVX512-BF16, AMX)
 
 Prints a table of tokens/s for both and the ratio. On CUDA it also prints the
 decode fraction of the HBM-bandwidth floor (weights + KV read once per step).
@@ -160,17 +161,20 @@ def main() -> None:
     ap.add_argument("--in-len", type=int, nargs=2, default=(16, 128))
     ap.add_argument("--out-len", type=int, nargs=2, default=(16, 128))
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="both systems' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     args = ap.parse_args()
     device = torch.device("cuda:0" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     vocab = int(PRESETS[args.preset]["vocab_size"])  # type: ignore[call-overload]
     prompts, out_lens = workload(args.num_seqs, tuple(args.in_len), tuple(args.out_len), vocab)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config(Path(tmp), args.preset, dtype)
         engine = Engine(EngineConfig(model=str(model_dir), device=str(device), dummy_weights=True,
                                      max_batch_size=max(args.batch, args.max_running), max_num_kv_pages=8192,
-                                     cpu_kv_budget_gb=4.0, attention_backend=args.attention_backend))
+                                     cpu_kv_budget_gb=4.0, attention_backend=args.attention_backend,
+                                     activation_dtype=dtype))
         warm_p, warm_o = workload(4, (8, 16), (4, 8), vocab, seed=1)
         run_pie(engine, warm_p, warm_o, args.batch)
         same_s, _ = run_pie(engine, prompts, out_lens, args.batch)

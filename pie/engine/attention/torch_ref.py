@@ -113,6 +113,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            spec: AttentionLayerSpec, sinks: torch.Tensor | None) -> torch.Tensor:
     """Dense attention. q: [n, heads, q_len, d]; k, v: [n, kv_heads, kv_len, d]; mask: [n, 1, q_len, kv_len]."""
     if spec.softcap == 0.0 and sinks is None:
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # PyTorch's CPU flash kernel is ~5x slower in bf16 than in float32 (measured: 2.3 ms vs
+            # 0.49 ms per decode layer at batch 32), and attention is a small share of the FLOPs: upcast.
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                 scale=spec.scale, enable_gqa=True)
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=True)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
