@@ -66,3 +66,20 @@ def test_bf16_on_cpu_matches_transformers_within_bf16_tolerance(checkpoint_dir, 
         rows = logits[len(prompt) - 1: -1]  # the rows that chose each token
         margin = rows.max(axis=1) - rows[np.arange(len(toks)), toks]
         assert margin.max() < 0.05 * np.abs(rows).max(), f"a token was not the reference argmax: {margin.max()}"
+
+
+def test_one_query_attention_equals_sdpa_with_grouped_heads_and_padding() -> None:
+    """The bf16 decode path's math (grouped-query matmuls, float32 softmax) against PyTorch's SDPA."""
+    import torch.nn.functional as F
+
+    from pie.engine.attention.torch_ref import _attend_one_query
+
+    gen = torch.Generator().manual_seed(0)
+    n, heads, kv_heads, slots, dim = 5, 8, 2, 40, 16
+    q = torch.randn(n, heads, 1, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(n, slots, kv_heads, dim, generator=gen, dtype=torch.float64).transpose(1, 2)  # strided
+    v = torch.randn(n, slots, kv_heads, dim, generator=gen, dtype=torch.float64).transpose(1, 2)
+    lens = torch.tensor([1, 7, 40, 23, 16])
+    mask = (torch.arange(slots)[None, :] < lens[:, None])[:, None, None, :]  # [n, 1, 1, slots]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert torch.allclose(_attend_one_query(q, k, v, mask, 0.3).double(), expected, atol=1e-6)
