@@ -12,15 +12,14 @@ slots run out and are reused.
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from content_engine import ContentEngine, run_random_instances
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from runtime_support import forward, greedy, logits_at, run, start_runtime
-from test_runtime_pages import ContentEngine, random_instance
 
 from pie import telemetry
 from pie.engine.batch import BatchResult, ForwardBatch
@@ -170,18 +169,7 @@ async def test_random_workloads_with_swap_keep_kv_consistent(seed: int) -> None:
     engine = SwapContentEngine(num_pages=40, page_size=4, num_swap_slots=12)
     limits = RuntimeLimits(page_wait_timeout_s=5.0)
     runtime = Runtime({"m": ModelRuntime("m", engine, limits)}, limits)
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(1000) for _ in range(40)] for _ in range(3)]
-    checked: list[int] = []
-
-    async def body(instance: Instance, i: int) -> str:
-        checked.append(await random_instance(instance.host, random.Random(seed * 100 + i), prefixes, 40))
-        return "ok"
-
-    procs = [runtime.spawn(lambda inst, i=i: body(inst, i), program="random", username="u") for i in range(4)]
-    finals = [await p.wait() for p in procs]
-    assert [f.value for f in finals] == ["ok"] * 4, finals
-    assert sum(checked) > 100
+    assert await run_random_instances(runtime, seed) > 100
     stats = runtime.model().scheduler.stats
     assert stats.swapped_out_pages > 0 and stats.swapped_in_pages > 0, stats
     runtime.check_integrity()
