@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pie.config import pie_home
 from pie.engine.config import EngineConfig
 from pie.errors import ConfigError, RequestError
 from pie.runtime.api import EngineClient, ModelStatus, ProgramInfo
@@ -143,7 +142,8 @@ class Runtime:
                 else:
                     started[spec.name] = await _start_model_engines(spec)
             for spec in cfg.models:
-                adapter_dir = spec.adapter_dir or (cfg.pie_home or pie_home()) / "adapters"  # $PIE_HOME's
+                # The config's adapter folder, else this runtime's PIE_HOME's (ModelRuntime: the env's).
+                adapter_dir = spec.adapter_dir or (cfg.pie_home / "adapters" if cfg.pie_home else None)
                 models[spec.name] = ModelRuntime(spec.name, started.get(spec.name) or given[spec.name],
                                                  cfg.limits, owns_engine=spec.name in started,
                                                  adapter_dir=adapter_dir)
@@ -202,7 +202,7 @@ class Runtime:
         """Run `body(instance)` as a new instance with its own host; returns at once.
 
         Past `max_concurrent_processes` running instances, the body waits for a slot (the instance is
-        listed, attachable and terminable meanwhile; the wait counts toward `max_wall_time_s`)."""
+        listed, attachable and terminable meanwhile; its `max_wall_time_s` counts from admission)."""
         if self._closing:
             raise RequestError("the server is shutting down; launch again once it is back")
         instance = Instance(str(uuid.uuid4()), program, username, self.limits.for_instance(token_budget))
@@ -308,7 +308,7 @@ async def _start_model_engines(spec: ModelSpec) -> tuple[EngineClient, ...]:
         raise
 
 
-async def _start_group_engine(config: EngineConfig, name: str, ready_timeout_s: float = 600.0) -> EngineClient:
+async def _start_group_engine(config: EngineConfig, name: str, ready_timeout_s: float) -> EngineClient:
     """The engine client of one data-parallel group, named `name` (threads, logs).
 
     This is the one place that decides how a group's engine runs: one device is an engine in this
