@@ -1,12 +1,15 @@
 """`pie doctor`: is this machine ready to serve? Each check says ok, warn or fail, and what to fix.
 
-Only a failing check that stops `pie serve` (no torch, an invalid config, a configured model this
-engine cannot run, auth on with nobody authorized) makes the command exit 1.
+Only a failing check that stops `pie serve` (no torch, an invalid config, a configured device this
+machine lacks, a configured model this engine cannot run or this machine cannot obtain, auth on
+with nobody authorized) makes the command exit 1. The hub is probed with a 2 s TCP connect: offline
+is a warning (cached, local and built-in models still run), not a failure.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +30,39 @@ def run_checks(config_path: Path | None) -> list[Check]:
     checks: list[Check] = []
     for step in (_python, _torch, _gpu, _flashinfer, _flavor):
         checks += list(step())
-    checks += list(_config(config_path))
+    from pie.model_source import hub_offline, hub_unreachable
+
+    hub_problem = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    checks += [_hub(hub_problem), _cache()]
+    checks += list(_config(config_path, hub_problem))
     return checks
+
+
+def _hub(problem: str | None) -> Check:
+    from pie.model_source import hub_endpoint, hub_offline
+
+    if problem is None:
+        return Check("ok", f"Hugging Face hub {hub_endpoint()} reachable (models not cached are downloaded)")
+    if hub_offline():
+        return Check("ok", "HF_HUB_OFFLINE is set: only cached, local and built-in models (no downloads)")
+    return Check("warn", f"offline: {problem}. Cached, local and built-in (pie/tiny-random) models still run; "
+                 "to download, connect, or set HF_ENDPOINT to a reachable mirror (HTTPS_PROXY for a proxy)")
+
+
+def _cache() -> Check:
+    from huggingface_hub import constants
+
+    from pie.cli.catalog import cached_repos, gib
+
+    cache = Path(constants.HF_HUB_CACHE)
+    existing = next((p for p in (cache, *cache.parents) if p.exists()), cache)
+    if not os.access(existing, os.W_OK):
+        return Check("warn", f"Hugging Face cache {cache}: {existing} is not writable, so downloads fail; "
+                     "set HF_HOME (or HF_HUB_CACHE) to a writable folder")
+    repos = cached_repos(cache) if cache.is_dir() else []
+    size = sum(r.size_on_disk for r in repos)
+    return Check("ok", f"Hugging Face cache {cache}: {len(repos)} model(s), {gib(size)}"
+                 + ("" if repos else " (nothing downloaded yet)"))
 
 
 def _python() -> Iterator[Check]:
@@ -126,7 +160,7 @@ def _flavor() -> Iterator[Check]:
     yield Check("ok", f"flavor {flavor.name}: {flavor.description}")
 
 
-def _config(config_path: Path | None) -> Iterator[Check]:
+def _config(config_path: Path | None, hub_problem: str | None) -> Iterator[Check]:
     from pie.config import load_config
 
     try:
@@ -138,8 +172,9 @@ def _config(config_path: Path | None) -> Iterator[Check]:
                 f"{', '.join(m.name for m in config.models)}")
     for note in config.notes:
         yield Check("warn", f"config: {note}")
-    for model in config.models:
-        yield from _model(model.hf_repo, model.revision or None)
+    for index, model in enumerate(config.models):
+        yield from _devices(index, model.name, model.device)
+        yield from _model(model.hf_repo, model.revision or None, hub_problem)
     if config.enable_auth:
         yield _keystore(config.pie_home)
 
@@ -154,7 +189,33 @@ def _keystore(home: Path) -> Check:
     return Check("ok", f"auth on: {len(store.users())} user(s) in {store.path}")
 
 
-def _model(name: str, revision: str | None) -> Iterator[Check]:
+def _devices(index: int, name: str, devices: tuple[str, ...]) -> Iterator[Check]:
+    """Each configured device exists here: `cuda:1` needs two CUDA devices, `mps` Apple's GPU."""
+    try:
+        import torch
+    except ImportError:
+        return  # reported by _torch
+    num_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = False
+    for device in devices:
+        kind, _, number = device.partition(":")
+        if kind == "cuda" and int(number or 0) >= num_cuda:
+            have = f"{num_cuda} CUDA device(s)" if num_cuda else f"no CUDA device (torch {torch.__version__}" + \
+                (", a CPU build)" if not torch.version.cuda else ")")
+            yield Check("fail", f"model {name}: device {device} is configured but this machine has {have}; "
+                        f"use `pie config set model.{index}.device '[\"cpu\"]'` (or \"auto\"), or install "
+                        "the CUDA flavor on a machine with an NVIDIA GPU", blocking=True)
+            missing = True
+        elif kind == "mps" and not torch.backends.mps.is_available():
+            yield Check("fail", f"model {name}: device mps is configured but Apple's GPU (MPS) is not available "
+                        f"here; use `pie config set model.{index}.device '[\"cpu\"]'` (or \"auto\")",
+                        blocking=True)
+            missing = True
+    if not missing:
+        yield Check("ok", f"model {name}: device {', '.join(devices)} available")
+
+
+def _model(name: str, revision: str | None, hub_problem: str | None) -> Iterator[Check]:
     from pie.cli.catalog import device_memory, inspect_checkpoint
     from pie.model_source import resolve_model_dir
     from pie.tiny_model import TINY_MODEL_ID
@@ -165,9 +226,16 @@ def _model(name: str, revision: str | None) -> Iterator[Check]:
 
     try:
         path = resolve_model_dir(name, revision=revision, download=False)
-    except PieError:
-        yield Check("warn", f"model {name} is not in the cache: `pie serve` downloads it on start, or fetch it "
-                    f"now with `pie model download {name}`")
+    except PieError as missing:
+        if Path(name).expanduser().is_dir() or name.count("/") != 1 or name.startswith(("/", ".", "~")):
+            yield Check("fail", f"model {name}: {missing}", blocking=True)
+        elif hub_problem is None:
+            yield Check("warn", f"model {name} is not in the cache: `pie serve` downloads it on start, or fetch "
+                        f"it now with `pie model download {name}`")
+        else:
+            from pie.model_source import unavailable_message
+
+            yield Check("fail", unavailable_message(name, hub_problem), blocking=True)
         return
     facts = inspect_checkpoint(name, path, device_memory())
     if facts.problem is None:

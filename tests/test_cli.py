@@ -76,7 +76,7 @@ def test_config_init_show_set_validate(home: Path) -> None:
     assert cli("config", "validate").output.startswith("ok: no config file (built-in defaults): 1 model(s)")
     result = cli("config", "init")  # device: what this machine has (cpu here)
     assert result.exit_code == 0 and result.output == f"wrote {path}\n"
-    assert tomllib.loads(path.read_text())["model"] == [{"hf_repo": "Qwen/Qwen3-0.6B", "device": ["cpu"]}]
+    assert tomllib.loads(path.read_text())["model"] == [{"hf_repo": "pie/tiny-random", "device": ["cpu"]}]
     assert cli("config", "set", "model.0.hf_repo", "pie/tiny-random").exit_code == 0
     assert cli("config", "set", "port", "9123").output == f"set port in {path}\n"
     refused = cli("config", "set", "model.0.kv_page_size", "-1")
@@ -136,6 +136,8 @@ def test_run_folds_arguments_and_picks_the_server(home: Path, monkeypatch: pytes
         return 0
 
     monkeypatch.setattr(pie.client.run, "run_inferlet", fake_run)
+    home.mkdir()  # a model that needs no network: `pie run` checks it is obtainable before starting
+    (home / "config.toml").write_text(TINY_CONFIG)
     assert cli("run", "text-completion@0.1.0", "--", "hi", "--max-tokens", "64", "--stream").exit_code == 0
     assert calls[-1]["program"] == "text-completion@0.1.0" and calls[-1]["server_url"] is None
     assert calls[-1]["input"] == {"max_tokens": 64, "stream": True, "_positional": ["hi"]}

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from pie.auth import add_key, keystore_path, read_users, remove
-from pie.cli.common import confirm, fail
+from pie.cli.common import command_group, confirm, fail
 
-app = typer.Typer(help="Manage who may connect when enable_auth is on (SSH public keys).", no_args_is_help=True)
+app = command_group("Manage who may connect when enable_auth is on (SSH public keys).")
 
 UserArg = Annotated[str, typer.Argument(help="User name (what clients identify as).")]
 

@@ -2,7 +2,10 @@
 
 Exit codes (docs/cli.md): 0 success; 1 any error, printed as one line that says what to do (the
 traceback too with --debug); 130 interrupted. `pie serve` passes the server's own code through
-(3 = startup failed).
+(pie.server.app: 1 = startup failed, 130 = a second signal forced the shutdown).
+
+Every group is made by `command_group`: plain help text (typer's Rich markup would eat the
+`[default: ...]` in help strings and typer's own defaults), `-h` beside `--help`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer vendors click; `pie config` with no subcommand
 from typer.core import TyperGroup
 
 from pie.errors import PieError
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 DEBUG_KEY = "pie.debug"  # in click's ctx.meta, shared by every context of one invocation
+# Inherited by every subcommand's context (click passes help_option_names down from the parent).
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+
+def command_group(help: str, **kwargs: Any) -> typer.Typer:
+    """A `pie` command group: help with visible defaults, `-h`, its help when called bare (exit 0)."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, context_settings=CONTEXT_SETTINGS,
+                       **kwargs)
 
 ConfigOption = Annotated[
     Path | None,
@@ -33,6 +45,9 @@ class PieGroup(TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # typer's own Context class (its vendored click) is private
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError as error:  # `pie config`: its help is what was asked for
+            typer.echo(error.ctx.get_help() if error.ctx is not None else error.format_message())
+            raise typer.Exit(EXIT_OK) from None
         except PieError as error:
             report(ctx, error, str(error))
         except typer.TyperException as error:  # usage errors: unknown command or option, bad value

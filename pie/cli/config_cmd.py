@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
-from pie.cli.common import ConfigOption, confirm, fail, print_notes
-from pie.config import DEFAULT_MODEL, default_config_path, load_config
+from pie.cli.common import ConfigOption, command_group, confirm, fail, print_notes
+from pie.config import default_config_path, load_config
 from pie.config_io import atomic_write, default_config_text, set_key
+from pie.tiny_model import TINY_MODEL_ID
 
-app = typer.Typer(help="Write, show, edit and check the configuration.", no_args_is_help=True)
+app = command_group("Write, show, edit and check the configuration.")
 
 
 def _path(config: Path | None) -> Path:
@@ -23,10 +24,12 @@ def init(
     config: ConfigOption = None,
     device: Annotated[str | None, typer.Option(help="Device to name [default: cuda:0 if CUDA works, else mps, "
                                                "else cpu].")] = None,
-    model: Annotated[str, typer.Option(help="Hugging Face repo id, local folder or pie/tiny-random.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(help="Hugging Face repo id (Qwen/Qwen3-0.6B), local folder, or the built-in "
+                                       "offline model, as install.sh writes.")] = TINY_MODEL_ID,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file without asking.")] = False,
 ) -> None:
-    """Write a default config (never over an existing one without asking)."""
+    """Write a starter config (never over an existing one without asking): the built-in offline model,
+    as install.sh and the Nix module write; `--model Qwen/Qwen3-0.6B` for real text."""
     path = _path(config)
     if path.exists() and not force and not confirm(f"{path} exists; overwrite it?"):
         fail(f"kept {path} as it is (pass --force to overwrite it)")

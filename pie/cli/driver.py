@@ -10,14 +10,13 @@ from typing import Annotated
 
 import typer
 
-from pie.cli.common import ConfigOption, fail, status
+from pie.cli.common import ConfigOption, command_group, fail, status
 from pie.cli.driver_env import PROBE, Interpreter, install_plan, read_choice, resolve_python, store_choice
 from pie.config import load_config, pie_home
 
-app = typer.Typer(help="The drivers that run models, and the dev driver's Python environment.",
-                  no_args_is_help=True)
-dev = typer.Typer(help="The dev driver: pie's Python engine (PyTorch, FlashInfer on CUDA).", no_args_is_help=True)
-dev_set = typer.Typer(help="Choose the dev driver's interpreter.", no_args_is_help=True)
+app = command_group("The drivers that run models, and the dev driver's Python environment.")
+dev = command_group("The dev driver: pie's Python engine (PyTorch, FlashInfer on CUDA).")
+dev_set = command_group("Choose the dev driver's interpreter.")
 app.add_typer(dev, name="dev")
 dev.add_typer(dev_set, name="set")
 

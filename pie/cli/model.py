@@ -18,11 +18,11 @@ from pie.cli.catalog import (
     human_count,
     inspect_checkpoint,
 )
-from pie.cli.common import confirm, fail
+from pie.cli.common import command_group, confirm, fail
 from pie.errors import ModelNotFoundError
 from pie.tiny_model import TINY_MODEL_ID
 
-app = typer.Typer(help="List, download, inspect and remove models (the Hugging Face cache).", no_args_is_help=True)
+app = command_group("List, download, inspect and remove models (the Hugging Face cache).")
 
 CacheDir = Annotated[Path | None, typer.Option(help="Hugging Face cache folder [default: huggingface_hub's, "
                                                "from HF_HUB_CACHE / HF_HOME].", file_okay=False)]
@@ -59,7 +59,7 @@ def download(
     from pie.model_source import resolve_model_dir
 
     typer.echo(f"fetching {repo_id} (config, tokenizer, *.safetensors)...", err=True)
-    path = resolve_model_dir(repo_id, revision=revision, download=True)
+    path = resolve_model_dir(repo_id, revision=revision, download=True, suggest_download=False)
     typer.echo(f"{repo_id}: {path}")
     _print_info(inspect_checkpoint(repo_id, path, device_memory()), device_memory())
 

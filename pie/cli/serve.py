@@ -1,9 +1,15 @@
-"""`pie serve` and `pie run`: the two commands that start the stack."""
+"""`pie serve` and `pie run`: the two commands that start the stack.
+
+What can be checked without loading anything is checked first, so a mistake costs a second, not a
+model load: the inferlet's name and arguments (its Pie.toml `[parameters]`), and that each model is
+built in, a folder, cached, or the hub is reachable to fetch it (pie.model_source.check_obtainable).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,10 +17,16 @@ from pie.cli.args import fold_args
 from pie.cli.common import ConfigOption, fail, print_notes, set_debug
 from pie.config import Config, load_config
 
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", help="Serve this model for this run instead of the config's: a Hugging Face repo id "
+                    "(Qwen/Qwen3-0.6B), a checkpoint folder, or pie/tiny-random (built in, offline) "
+                    "[default: the config's models].")]
+
 
 def serve(
     ctx: typer.Context,
     config: ConfigOption = None,
+    model: ModelOption = None,
     host: Annotated[str | None, typer.Option(help=f"Interface to listen on [config: host, default {Config.host}].")] = None,
     port: Annotated[int | None, typer.Option(help=f"TCP port [config: port, default {Config.port}].")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Turn authentication off for this run "
@@ -26,7 +38,9 @@ def serve(
     """Start the server with the config; flags override it for this run. Stop with Ctrl-C (twice: at once)."""
     set_debug(ctx, debug)
     settings = load_config(config).with_overrides(host=host, port=port, enable_auth=False if no_auth else None)
+    settings = with_model(settings, model)
     print_notes(settings.notes)
+    check_models(settings)
     from pie.server.app import run_server
 
     raise typer.Exit(run_server(settings, debug=debug, monitor=monitor))
@@ -36,8 +50,11 @@ def run(
     words: Annotated[list[str] | None, typer.Argument(
         metavar="NAME[@VERSION] [-- ARGS...]", show_default=False,
         help="The inferlet (omit it with --path), then after `--` its arguments, folded into its input: "
-             "`--max-tokens 64` -> {\"max_tokens\": 64}.")] = None,
+             "`--max-tokens 64` -> {\"max_tokens\": 64}; `pie inferlet info NAME` lists them.")] = None,
     config: ConfigOption = None,
+    model: ModelOption = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print the text as it is generated (sets the "
+                                         "inferlet's `stream` parameter).")] = False,
     server: Annotated[str | None, typer.Option(help="URL of a running `pie serve` (ws://HOST:PORT/v1/ws); "
                                                "default: start the stack in this process for one run.")] = None,
     port: Annotated[int | None, typer.Option(help="Shorthand for --server ws://127.0.0.1:PORT/v1/ws.")] = None,
@@ -51,14 +68,56 @@ def run(
     words = list(words or [])
     program = None if path is not None else (words.pop(0) if words else None)
     if program is None and path is None:
-        fail("name an inferlet (`pie run text-completion -- --prompt hi`) or a local one with --path")
+        fail("name an inferlet (`pie run text-completion -- --prompt hi`; `pie inferlet list` shows them) "
+             "or a local one with --path")
     if server is not None and port is not None:
         fail("give --server or --port, not both")
+    if model is not None and (server is not None or port is not None):
+        fail("--model chooses what this run's own stack loads; a running server serves its own models "
+             "(pass the inferlet's own `-- --model NAME` to pick one of them)")
     if port is not None:
         server = f"ws://127.0.0.1:{port}/v1/ws"
-    settings = load_config(config)
+    settings = with_model(load_config(config), model)
     print_notes(settings.notes)
+    input = fold_args(words) | ({"stream": True} if stream else {})
+    if server is None:  # the stack starts here: check what it would launch before loading a model
+        input = checked_input(settings, program, path, manifest, input)
+        check_models(settings)
     from pie.client.run import run_inferlet
 
-    raise typer.Exit(run_inferlet(settings, program, fold_args(words), server_url=server, path=path,
+    raise typer.Exit(run_inferlet(settings, program, input, server_url=server, path=path,
                                   manifest=manifest, log=log))
+
+
+def with_model(settings: Config, model: str | None) -> Config:
+    """`settings` serving only `model` (named after it), on the first configured model's devices and options."""
+    if model is None:
+        return settings
+    if not model.strip():
+        fail("--model needs a name: a Hugging Face repo id, a checkpoint folder, or pie/tiny-random")
+    first = dataclasses.replace(settings.models[0], name=model, hf_repo=model, revision="")
+    return dataclasses.replace(settings, models=(first,))
+
+
+def check_models(settings: Config) -> None:
+    """Every model is obtainable (built in, a folder, cached, or the hub reachable): fails in ~2 s offline."""
+    from pie.model_source import check_obtainable
+
+    for model in settings.models:
+        check_obtainable(model.hf_repo, revision=model.revision or None)
+
+
+def checked_input(settings: Config, program: str | None, path: Path | None, manifest: Path | None,
+                  input: dict[str, Any]) -> dict[str, Any]:
+    """`input` checked against the inferlet's `[parameters]`; an unknown name lists the inferlets."""
+    from pie.cli.inferlet import resolve
+    from pie.cli.params import check_input
+    from pie.runtime.programs import MANIFEST_FILE, Manifest
+
+    if program is not None:
+        return check_input(resolve(settings, program).manifest, input)
+    assert path is not None, "run names a program or a path"
+    toml = manifest or (path / MANIFEST_FILE if path.is_dir() else path.parent / MANIFEST_FILE)
+    if not toml.is_file():  # a lone script declares no parameters; a missing one is reported on upload
+        return input
+    return check_input(Manifest.parse(toml.read_text(), str(toml)), input)

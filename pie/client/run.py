@@ -6,7 +6,10 @@ free loopback port, reached with the server's internal token, and stops it
 when the inferlet ends.
 
 Output: `stdout` and `message` events go to stdout, `stderr` events to
-stderr, the return value is printed last. Exit codes: 0 when the inferlet
+stderr, the return value is printed last, unless it is the text the messages
+already showed (a streaming inferlet sends its text as message deltas, then
+returns all of it). With `stream` in the input, messages are printed as they
+come, without a newline after each. Exit codes: 0 when the inferlet
 returns, 1 when it fails (or anything else goes wrong), 130 on Ctrl-C (the
 inferlet is terminated first).
 """
@@ -53,6 +56,8 @@ async def _run(config: Any, program: str | None, input_json: str, server_url: st
                path: Path | None, manifest: Path | None) -> int:
     async with AsyncExitStack() as stack:
         if server_url is None:
+            models = ", ".join(f"{m.hf_repo} (device {', '.join(m.device)})" for m in config.models)
+            print(f"starting pie for this run with {models}", file=sys.stderr)
             server = await stack.enter_async_context(LocalServer(config))
             client = await stack.enter_async_context(PieClient(server.url))
             await client.authenticate_token(server.token, getpass.getuser())
@@ -63,8 +68,10 @@ async def _run(config: Any, program: str | None, input_json: str, server_url: st
             program = await install_local(client, path, manifest)
         if not program:
             raise RequestError("name an inferlet to run (`pie run NAME`) or a local one (`pie run --path DIR`)")
-        process = await client.launch(program, json.loads(input_json))
-        return await stream(process, sys.stdout, sys.stderr)
+        input = json.loads(input_json)
+        process = await client.launch(program, input)
+        deltas = isinstance(input, dict) and input.get("stream") is True
+        return await stream(process, sys.stdout, sys.stderr, deltas=deltas)
     raise AssertionError("unreachable")
 
 
@@ -120,10 +127,11 @@ def read_local_program(path: Path, manifest: Path | None) -> tuple[bytes, str]:
     return main.read_bytes(), Path(manifest).read_text()
 
 
-async def stream(process: Process, out: TextIO, err: TextIO) -> int:
-    """Print the process's events until it ends; on SIGINT/SIGTERM terminate it and return 130."""
+async def stream(process: Process, out: TextIO, err: TextIO, *, deltas: bool = False) -> int:
+    """Print the process's events until it ends; on SIGINT/SIGTERM terminate it and return 130.
+    `deltas`: messages are pieces of one text (printed as they are, not one per line)."""
     interrupted = asyncio.Event()
-    printer = asyncio.create_task(_print_events(process, out, err))
+    printer = asyncio.create_task(_print_events(process, out, err, deltas))
     waiter = asyncio.create_task(interrupted.wait())
     with capture_signals(lambda signum: interrupted.set()):
         await asyncio.wait({printer, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,24 +144,29 @@ async def stream(process: Process, out: TextIO, err: TextIO) -> int:
     return EXIT_INTERRUPTED
 
 
-async def _print_events(process: Process, out: TextIO, err: TextIO) -> int:
+async def _print_events(process: Process, out: TextIO, err: TextIO, deltas: bool) -> int:
+    messages: list[str] = []  # what the message events showed, to not print the same text again
     async for event in process.events():
-        _print_event(event, out, err)
+        _print_event(event, out, err, deltas, messages)
         if event.kind in FINAL_EVENTS:
             return EXIT_OK if event.kind == "return" else EXIT_ERROR
     raise AssertionError("events() ends with a final event")
 
 
-def _print_event(event: Event, out: TextIO, err: TextIO) -> None:
+def _print_event(event: Event, out: TextIO, err: TextIO, deltas: bool, messages: list[str]) -> None:
     value = event.value if isinstance(event.value, str) else event.value.decode("utf-8", errors="replace")
     if event.kind == "stdout":
         out.write(value)
     elif event.kind == "stderr":
         err.write(value)
     elif event.kind == "message":
-        out.write(value + "\n")
+        messages.append(value)
+        out.write(value if deltas else value + "\n")
     elif event.kind == "file":
         err.write(f"[file: {len(event.value)} bytes]\n")
+    elif event.kind == "return" and messages and value == "".join(messages):
+        if deltas and not value.endswith("\n"):
+            out.write("\n")  # the streamed text is complete: end its line
     elif event.kind == "return" and value:
         out.write(value if value.endswith("\n") else value + "\n")
     elif event.kind == "error":
@@ -169,3 +182,22 @@ def _setup_logging(log: Path | None) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger("pie.load")  # the engine's weight-loading lines, on stderr as they come
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged (a test may have replaced it since)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass

@@ -10,6 +10,8 @@ the runtime's own modules.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,6 +23,27 @@ if TYPE_CHECKING:
     from pie.engine.engine import Engine, EngineInfo
 
 T = TypeVar("T")
+load_log = logging.getLogger("pie.load")  # weight-loading progress; `pie run` shows it on stderr
+
+
+def log_load_progress(name: str, every_s: float = 1.0) -> Callable[[int, int], None]:
+    """The engine's load-progress callback: an INFO line on `pie.load` at most every `every_s` while
+    tensors are read, and one when all are (a small model's load is one line)."""
+    start: list[float] = []  # when the first tensor was read
+    last: list[float] = []  # when the last line was logged
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not start:
+            start.append(now)
+            last.append(now)
+        if done >= total:
+            load_log.info("loaded %s: %d tensors in %.1f s", name, total, now - start[0])
+        elif now - last[0] >= every_s:
+            last[0] = now
+            load_log.info("loading %s: %d/%d tensors (%d%%)", name, done, total, done * 100 // max(total, 1))
+
+    return progress
 
 
 class InProcessEngine:
@@ -39,7 +62,7 @@ class InProcessEngine:
         def build() -> Engine:
             from pie.engine.engine import Engine
 
-            return Engine(config)
+            return Engine(config, progress=log_load_progress(name or config.model))
 
         try:
             engine = await asyncio.get_running_loop().run_in_executor(executor, build)
