@@ -374,6 +374,6 @@ def test_the_reference_documents_every_key() -> None:
     for cls in (Config, ModelConfig, ModelOptions, TelemetryConfig, ServerConfig, RuntimeConfig, SandboxPolicy):
         for f in dataclasses.fields(cls):
             if f.name not in ("models", "defaults", "telemetry", "server", "runtime", "pie_home", "source",
-                              "notes", "sandbox", "options", "driver", "uid_base", "uid_span"):
+                              "notes", "sandbox", "options", "driver"):
                 assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} is not in docs/configuration.md"
     assert "`driver.type`" in doc  # ModelConfig.driver: [model.driver] type

@@ -83,6 +83,8 @@ def run(
     if server is None:  # the stack starts here: check what it would launch before loading a model
         input = checked_input(settings, program, path, manifest, input)
         check_models(settings)
+        models = ", ".join(f"{m.hf_repo} (device {', '.join(m.device)})" for m in settings.models)
+        typer.echo(f"starting pie for this run with {models}", err=True)
     from pie.client.run import run_inferlet
 
     raise typer.Exit(run_inferlet(settings, program, input, server_url=server, path=path,

@@ -56,8 +56,6 @@ async def _run(config: Any, program: str | None, input_json: str, server_url: st
                path: Path | None, manifest: Path | None) -> int:
     async with AsyncExitStack() as stack:
         if server_url is None:
-            models = ", ".join(f"{m.hf_repo} (device {', '.join(m.device)})" for m in config.models)
-            print(f"starting pie for this run with {models}", file=sys.stderr)
             server = await stack.enter_async_context(LocalServer(config))
             client = await stack.enter_async_context(PieClient(server.url))
             await client.authenticate_token(server.token, getpass.getuser())
