@@ -6,7 +6,7 @@ A package is a folder with `Pie.toml` and `main.py`:
     name = "text-completion"        # required
     version = "0.1.0"               # required (semver)
     description = "..."
-    [parameters]                    # documentation only: nothing validates inputs against it
+    [parameters]                    # checked by `pie run` before it starts (pie.cli.params), not by the server
     prompt = { type = "string", description = "..." }
     [runtime]                       # optional; pie-client's @inferlet writes these
     entry = "main"                  # the function to call (default `main`)
