@@ -135,6 +135,7 @@ def test_inferlet_list_info_install_remove(home: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("words", "expected"), [
     (["no-such-inferlet", "--", "--prompt", "hi"], "no inferlet 'no-such-inferlet'; available: agent-react@"),
+    (["text-complete", "--", "--prompt", "hi"], "Did you mean 'text-completion'?"),
     (["text-completion", "--", "--prompt", "hi", "--max-token", "3"], "did you mean --max-tokens?"),
     (["text-completion", "--", "--prompt", "hi", "--max-tokens", "lots"], "--max-tokens takes an int, got 'lots'"),
     (["text-completion", "--", "--max-tokens", "3"], "text-completion@0.1.0 needs --prompt"),
@@ -146,7 +147,7 @@ def test_run_checks_the_inferlet_and_its_arguments_first(home: Path, launches: l
     result = cli("run", "--model", "pie/tiny-random", *words)
     assert result.exit_code == 1
     assert expected in result.output
-    if words[0] != "no-such-inferlet":
+    if words[0] in ("text-completion", "chat"):
         assert f"the parameters of {words[0]}@0.1.0 are --" in result.output
     assert launches == []  # nothing was started
 

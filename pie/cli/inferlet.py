@@ -8,6 +8,7 @@ deletes it from there; the standard library is never written to.
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tempfile
@@ -45,8 +46,17 @@ def registry(settings: Config) -> ProgramRegistry:
 
 
 def resolve(settings: Config, spec: str) -> Program:
-    """The program `pie run SPEC` would launch with this config; ProgramError lists what there is."""
-    return registry(settings).resolve(spec)
+    """The program `pie run SPEC` would launch with this config; ProgramError lists what there is
+    (and the closest name, for a typo)."""
+    found = registry(settings)
+    try:
+        return found.resolve(spec)
+    except ProgramError as error:
+        names = sorted({info.name for info in found.programs()})
+        close = difflib.get_close_matches(spec.partition("@")[0], names, n=1)
+        if not close:
+            raise
+        raise ProgramError(f"{error} Did you mean {close[0]!r}?") from None
 
 
 @app.command("list")
