@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import pie
 from pie.cli.main import app, run_cli
-from pie.cli.params import check_input
+from pie.cli.params import check_input, check_served_input
 from pie.client.run import run_inferlet
 from pie.errors import RequestError
 from pie.runtime.programs import Manifest
@@ -201,11 +201,12 @@ def test_serve_model_override(home: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 # -- --stream prints the text once --------------------------------------------------------------------
 
-@pytest.fixture
-def tiny_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerThread]:
-    monkeypatch.setenv("PIE_HOME", str(tmp_path / "pie-home"))
-    with ServerThread() as server:
-        yield server
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PIE_HOME", str(tmp_path_factory.mktemp("pie-home")))
+        with ServerThread() as server:
+            yield server
 
 
 def test_stream_prints_the_text_once(tiny_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,6 +216,14 @@ def test_stream_prints_the_text_once(tiny_server: Any, capsys: pytest.CaptureFix
     assert run_inferlet(None, "text-completion", {**args, "stream": True}, server_url=tiny_server.url) == 0
     streamed = capsys.readouterr().out
     assert whole.strip() and streamed == whole  # the same text, once, ending in one newline
+
+
+def test_run_against_a_server_checks_arguments_with_its_program_list(tiny_server: Any,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    bad = {"prompt": "hi", "max_token": 3}
+    assert run_inferlet(None, "text-completion", bad, server_url=tiny_server.url, check=check_served_input) == 1
+    assert "did you mean --max-tokens?" in capsys.readouterr().err
+    assert check_served_input([], "not-listed", {"x": 1}) == {"x": 1}  # the server refuses it itself
 
 
 # -- pie doctor ---------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ declares no parameters takes any input.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from packaging.version import InvalidVersion, Version
 
 from pie.cli.args import POSITIONAL
 from pie.errors import RequestError
@@ -84,3 +86,25 @@ def _typed(manifest: Manifest, key: str, kind: str, value: Any, params: Mapping[
 
 def _listing(manifest: Manifest, params: Mapping[str, Mapping[str, Any]]) -> str:
     return f"the parameters of {manifest.spec} are " + "; ".join(describe(n, s) for n, s in params.items())
+
+
+def check_served_input(programs: Sequence[Mapping[str, Any]], spec: str, input: dict[str, Any]) -> dict[str, Any]:
+    """`check_input` against what a running server lists (its `programs` query): the same check for
+    `pie run --server`, where nothing loads but a mistyped argument would be ignored. A name the
+    server does not list is left to the server to refuse."""
+    name, _, version = spec.partition("@")
+    versions = [p for p in programs if p.get("name") == name and (not version or p.get("version") == version)]
+    if not versions:
+        return input
+    chosen = max(versions, key=lambda p: _version_order(str(p.get("version", ""))))
+    manifest = Manifest(name=name, version=str(chosen.get("version", "")),
+                        description=str(chosen.get("description", "")), parameters=dict(chosen.get("parameters") or {}))
+    return check_input(manifest, input)
+
+
+def _version_order(version: str) -> tuple[int, Version | None, str]:
+    """As the registry orders versions: valid ones by semver, above any invalid one."""
+    try:
+        return (1, Version(version), "")
+    except InvalidVersion:
+        return (0, None, version)

@@ -85,10 +85,11 @@ def run(
         check_models(settings)
         models = ", ".join(f"{m.hf_repo} (device {', '.join(m.device)})" for m in settings.models)
         typer.echo(f"starting pie for this run with {models}", err=True)
+    from pie.cli.params import check_served_input
     from pie.client.run import run_inferlet
 
-    raise typer.Exit(run_inferlet(settings, program, input, server_url=server, path=path,
-                                  manifest=manifest, log=log))
+    raise typer.Exit(run_inferlet(settings, program, input, server_url=server, path=path, manifest=manifest,
+                                  log=log, check=check_served_input if server is not None else None))
 
 
 def with_model(settings: Config, model: str | None) -> Config:

@@ -21,7 +21,7 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,14 +37,20 @@ from pie.server.processes import manifest_identity
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 
+# Checks (and may convert) the input of a named program against what the server lists:
+# (programs query result, name[@version], input) -> input. The CLI passes its Pie.toml check.
+InputCheck = Callable[[list[dict[str, Any]], str, dict[str, Any]], dict[str, Any]]
+
+
 def run_inferlet(config: Any, program: str | None, input: Mapping[str, Any] | str, *,
                  server_url: str | None = None, path: Path | None = None, manifest: Path | None = None,
-                 log: Path | None = None) -> int:
-    """Run `program` (name[@version]), or the local inferlet at `path`, with `input` (a dict, or JSON text)."""
+                 log: Path | None = None, check: InputCheck | None = None) -> int:
+    """Run `program` (name[@version]), or the local inferlet at `path`, with `input` (a dict, or JSON text).
+    With `check` and a running server, a named program's input is checked before it is launched."""
     _setup_logging(log)
     input_json = input if isinstance(input, str) else json.dumps(dict(input))
     try:
-        return asyncio.run(_run(config, program, input_json, server_url, path, manifest))
+        return asyncio.run(_run(config, program, input_json, server_url, path, manifest, check))
     except (PieError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -53,7 +59,7 @@ def run_inferlet(config: Any, program: str | None, input: Mapping[str, Any] | st
 
 
 async def _run(config: Any, program: str | None, input_json: str, server_url: str | None,
-               path: Path | None, manifest: Path | None) -> int:
+               path: Path | None, manifest: Path | None, check: InputCheck | None) -> int:
     async with AsyncExitStack() as stack:
         if server_url is None:
             server = await stack.enter_async_context(LocalServer(config))
@@ -67,6 +73,8 @@ async def _run(config: Any, program: str | None, input_json: str, server_url: st
         if not program:
             raise RequestError("name an inferlet to run (`pie run NAME`) or a local one (`pie run --path DIR`)")
         input = json.loads(input_json)
+        if check is not None and path is None and isinstance(input, dict):
+            input = check(await client.programs(), program, input)
         process = await client.launch(program, input)
         deltas = isinstance(input, dict) and input.get("stream") is True
         return await stream(process, sys.stdout, sys.stderr, deltas=deltas)
