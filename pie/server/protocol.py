@@ -249,13 +249,13 @@ def _decode(frame: bytes, registry: dict[str, type]) -> Any:
         raise FrameError(f"frame is not a msgpack message within the limits ({str(error) or type(error).__name__}; "
                          f"maps of at most {MAX_FRAME_KEYS} keys, arrays of {MAX_FRAME_ITEMS} items, no ext "
                          "types); send one msgpack map per frame") from None
-    _check_depth(raw)
     if not isinstance(raw, dict):
         raise FrameError(f"frame holds a msgpack {type(raw).__name__}, expected a map with a `type` key")
     corr_id = raw.get("corr_id")
     corr_id = corr_id if isinstance(corr_id, int) and not isinstance(corr_id, bool) else None
     kind = raw.get("type")
     kind = kind if isinstance(kind, str) else None
+    _check_depth(raw, corr_id, kind)
     cls = registry.get(kind) if kind is not None else None
     if cls is None:
         known = ", ".join(sorted(registry))
@@ -266,7 +266,7 @@ def _decode(frame: bytes, registry: dict[str, type]) -> Any:
         raise FrameError(f"bad `{kind}` message: {error}", corr_id, kind) from None
 
 
-def _check_depth(raw: Any) -> None:
+def _check_depth(raw: dict[Any, Any], corr_id: int | None, kind: str | None) -> None:
     """Refuse frames nested deeper than MAX_FRAME_DEPTH (iteratively; msgpack itself allows 1024)."""
     stack: list[tuple[Any, int]] = [(raw, 1)]
     while stack:
@@ -276,7 +276,7 @@ def _check_depth(raw: Any) -> None:
             if isinstance(child, dict | list):
                 if depth >= MAX_FRAME_DEPTH:
                     raise FrameError(f"frame is nested deeper than {MAX_FRAME_DEPTH} levels; message fields are "
-                                     "plain values")
+                                     "plain values", corr_id, kind)
                 stack.append((child, depth + 1))
 
 
