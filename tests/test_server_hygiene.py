@@ -208,3 +208,18 @@ def test_token_bucket_and_repeat_filter() -> None:
     now[0] += 11.0
     summary = record()
     assert repeat.filter(summary) and "1000 more like this" in summary.getMessage()
+
+
+def test_connection_cap_fits_the_file_descriptor_limit() -> None:
+    """Under a hard limit of 300 descriptors the cap of 1024 becomes 300 - FD_RESERVE, with a warning."""
+    import subprocess
+    import sys
+
+    code = ("import logging, resource; logging.basicConfig(); resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300)); "
+            "from pie.server.connections import FD_RESERVE, fit_fd_limit; "
+            "print(fit_fd_limit(1024), 300 - FD_RESERVE, resource.getrlimit(resource.RLIMIT_NOFILE)[0], "
+            "fit_fd_limit(10))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    fitted, expected, soft, small = done.stdout.split()
+    assert fitted == expected and soft == "300" and small == "10"
+    assert "raise `ulimit -n`" in done.stderr

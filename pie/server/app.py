@@ -33,7 +33,7 @@ from pie import telemetry
 from pie.errors import PieError
 from pie.runtime.api import RuntimeAPI
 from pie.server.auth import Authenticator, AuthLimits, new_internal_token
-from pie.server.connections import GUARD, ConnectionGuard, GuardedSite
+from pie.server.connections import GUARD, ConnectionGuard, GuardedSite, fit_fd_limit
 from pie.server.http import build_app, close_sockets
 from pie.server.limits import RepeatFilter
 from pie.server.options import ServerOptions
@@ -125,7 +125,7 @@ class Server:
         options = self.options
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SETTLE_S,
                                      keepalive_timeout=options.idle_timeout_s or KEEPALIVE_FOREVER_S)
-        guard = ConnectionGuard(self._runner, max_connections=options.max_connections,
+        guard = ConnectionGuard(self._runner, max_connections=fit_fd_limit(options.max_connections),
                                 header_timeout_s=options.header_timeout_s)
         app[GUARD] = guard
         await self._runner.setup()

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 log = logging.getLogger(__name__)
+
+FD_RESERVE = 256  # descriptors kept for everything but client connections (model files, pipes, workers)
 
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
          b"Content-Length: %d\r\n\r\n%s")
@@ -59,6 +62,23 @@ class ConnectionGuard:
 GUARD = web.AppKey("connection_guard", ConnectionGuard)
 
 
+def fit_fd_limit(max_connections: int) -> int:
+    """The connection cap this process can honour: raise the soft RLIMIT_NOFILE towards
+    `max_connections + FD_RESERVE` (up to the hard limit); past what it allows, a lower cap (warned)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_RESERVE
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard > soft):
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft >= wanted:
+        return max_connections
+    fitted = max(1, soft - FD_RESERVE)
+    log.warning("max_connections = %d needs %d file descriptors but the limit is %d (hard limit %s): capping "
+                "connections at %d; raise `ulimit -n` (LimitNOFILE= under systemd) or lower max_connections",
+                max_connections, wanted, soft, hard, fitted)
+    return fitted
+
+
 @web.middleware
 async def first_request(request: web.Request,
                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -88,7 +108,7 @@ class _Guarded(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[no-any-return]
+        return self._inner.eof_received()
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
