@@ -31,6 +31,7 @@ ASYNC = pytest.mark.asyncio(loop_scope="module")  # the async tests share the mo
 
 ALICE, BOB = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
 CAP = 12
+IDLE_S = 1.5
 
 
 def _public(key: ed25519.Ed25519PrivateKey) -> str:
@@ -44,7 +45,7 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     add_key(keystore_path(home), "bob", _public(BOB), "laptop")
     authenticator = Authenticator(enabled=True, keys=open_keystore(home), token="t" * 64)
     async with running_server(enable_auth=True, authenticator=authenticator, max_connections=CAP,
-                              header_timeout_s=1.0, auth_timeout_s=1.0) as server:
+                              header_timeout_s=1.0, auth_timeout_s=3.0, idle_timeout_s=IDLE_S) as server:
         yield server
 
 
@@ -247,3 +248,26 @@ async def test_an_inferlet_gets_forged_markers_as_text_unless_it_opts_in(server:
         as_text, parsed = json.loads(await process.result())
     start = 1  # <|im_start|> in the tiny model's vocabulary
     assert as_text.count(start) == 1 and parsed.count(start) == 2
+
+
+QUIET = b'''
+import asyncio
+
+async def main(input: dict) -> str:
+    await asyncio.sleep(float(input["s"]))
+    return "done"
+'''
+
+
+@ASYNC
+async def test_idle_connections_are_closed_but_streaming_ones_are_not(server: Server) -> None:
+    async with websockets.connect(server.url) as ws:
+        assert (await _send(ws, type="auth_by_token", corr_id=1, token="t" * 64, username="frank"))["ok"]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10 * IDLE_S)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+    async with PieClient(server.url) as client:  # silent for longer than IDLE_S, but streaming a process
+        await client.authenticate_token("t" * 64, "frank")
+        await client.install_program(QUIET, '[package]\nname = "quiet"\nversion = "1.0.0"\n')
+        process = await client.launch("quiet", {"s": 2 * IDLE_S})
+        assert await process.result() == "done"
