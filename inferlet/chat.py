@@ -20,16 +20,16 @@ from inferlet._instance import instance_state
 from inferlet.model import Model
 
 
-def system(model: Model, message: str) -> list[int]:
-    return get_host().chat_tokens(model.name, "system", message)
+def system(model: Model, message: str, *, parse_special: bool = False) -> list[int]:
+    return get_host().chat_tokens(model.name, "system", message, parse_special)
 
 
-def user(model: Model, message: str) -> list[int]:
-    return get_host().chat_tokens(model.name, "user", message)
+def user(model: Model, message: str, *, parse_special: bool = False) -> list[int]:
+    return get_host().chat_tokens(model.name, "user", message, parse_special)
 
 
-def assistant(model: Model, message: str) -> list[int]:
-    return get_host().chat_tokens(model.name, "assistant", message)
+def assistant(model: Model, message: str, *, parse_special: bool = False) -> list[int]:
+    return get_host().chat_tokens(model.name, "assistant", message, parse_special)
 
 
 def cue(model: Model) -> list[int]:

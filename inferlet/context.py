@@ -141,15 +141,16 @@ class Context:
         return int(committed), int(working), int(tokens)
 
     # -- fillers --
-    def system(self, message: str) -> Context:
+    # Special-token text in `message` is encoded as text (a user cannot forge turns) unless parse_special.
+    def system(self, message: str, *, parse_special: bool = False) -> Context:
         self._fresh = False
-        return self._extend(chat.system(self._model, message))
+        return self._extend(chat.system(self._model, message, parse_special=parse_special))
 
-    def user(self, message: str) -> Context:
-        return self._turn(chat.user(self._model, message))
+    def user(self, message: str, *, parse_special: bool = False) -> Context:
+        return self._turn(chat.user(self._model, message, parse_special=parse_special))
 
-    def assistant(self, message: str) -> Context:
-        return self._turn(chat.assistant(self._model, message))
+    def assistant(self, message: str, *, parse_special: bool = False) -> Context:
+        return self._turn(chat.assistant(self._model, message, parse_special=parse_special))
 
     def cue(self) -> Context:
         return self._turn(chat.cue(self._model))

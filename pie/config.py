@@ -130,6 +130,18 @@ class ServerConfig:
     shutdown_timeout_s: float = option(30.0, "graceful shutdown: seconds running inferlets may finish in",
                                        min=0.0)
     detach_timeout_s: float = option(600.0, "a process nobody is attached to is stopped after this", min=0.0)
+    max_connections: int = option(1024, "open client connections; more are answered 503", min=1)
+    idle_timeout_s: float = option(300.0, "close a connection idle this long (nothing streaming); 0 = never",
+                                   min=0.0)
+    auth_timeout_s: float = option(10.0, "close a WebSocket not authenticated within this", above=0.0)
+    header_timeout_s: float = option(10.0, "close a connection that sends no request headers within this",
+                                     above=0.0)
+    auth_attempts_burst: int = option(10, "auth attempts one connection may make at once", min=1)
+    auth_attempts_per_s: float = option(2.0, "auth attempts per second one connection may make after that",
+                                        min=0.0)
+    auth_address_failures_burst: int = option(50, "refused auth attempts one address may make at once", min=1)
+    auth_address_failures_per_s: float = option(1.0, "refused auth attempts forgiven per second per address",
+                                                min=0.0)
 
 
 @dataclass(frozen=True)

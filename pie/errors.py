@@ -47,6 +47,10 @@ class RequestError(PieError):
     """The server refused a client request (unknown inferlet, bad arguments, not permitted, ...)."""
 
 
+class InputError(PieError):
+    """A request's data cannot be decoded: not JSON, nested too deep, a lone surrogate, NaN (a 400)."""
+
+
 class ChatTemplateError(PieError):
     """A model's chat template does not compile or refuses a conversation."""
 

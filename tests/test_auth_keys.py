@@ -245,7 +245,7 @@ async def test_the_server_handshake_runs_on_these_primitives(keys: dict[str, obj
 
     path = keystore_path(tmp_path)
     add_key(path, "alice", public_text(keys["rsa-2048"], "openssh").decode(), "laptop")
-    authenticator = Authenticator(enabled=True, keys=open_keystore(tmp_path), challenger=Challenger(), token="t" * 64)
+    authenticator = Authenticator(enabled=True, keys=open_keystore(tmp_path), token="t" * 64)
     async with running_server(enable_auth=True, authenticator=authenticator) as server:
         async with PieClient(server.url) as client:
             await client.authenticate("alice", key=load_private_key(write_private(keys["rsa-2048"], tmp_path / "k", "pem")))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import secrets
 
 import httpx
 import msgpack
@@ -59,28 +58,10 @@ def _verifies(key: object, message: bytes, signature: bytes) -> bool:
     return True
 
 
-class Nonces:
-    """Single-use challenges."""
-
-    def __init__(self) -> None:
-        self.live: set[bytes] = set()
-
-    def issue(self) -> bytes:
-        nonce = secrets.token_bytes(CHALLENGE_BYTES)
-        self.live.add(nonce)
-        return nonce
-
-    def consume(self, nonce: bytes) -> bool:
-        if nonce in self.live:
-            self.live.remove(nonce)
-            return True
-        return False
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server() -> Server:
     keys = Keys({"alice": [ALICE_ED25519, ALICE_RSA], "bob": [BOB_ECDSA]})
-    authenticator = Authenticator(enabled=True, keys=keys, challenger=Nonces(), token="t" * 64)
+    authenticator = Authenticator(enabled=True, keys=keys, token="t" * 64)
     async with running_server(enable_auth=True, authenticator=authenticator) as server:
         yield server
 

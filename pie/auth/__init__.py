@@ -3,7 +3,8 @@
 The server's side is two calls:
 
     keys = open_keystore(config.pie_home)   # $PIE_HOME/authorized_users.toml; refuses an empty one
-    challenger = Challenger()               # issue() / consume(): single-use 48-byte nonces
+    challenger = Challenger()               # issue() / consume(): single-use 48-byte nonces (the server's
+                                            # handshake keeps its own, one per connection)
 
 `keys.has_user(name)` and `keys.verify(name, challenge, signature)` answer the handshake; the client
 signs with `sign_challenge(private_key_path, challenge)`.

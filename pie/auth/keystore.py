@@ -25,7 +25,7 @@ from pie.auth.keys import PublicKey, fingerprint, key_type, openssh_line, parse_
 from pie.config import pie_home
 from pie.config_io import atomic_write
 from pie.errors import AuthError, ConfigError
-from pie.server.auth import username_problem
+from pie.server.auth import reserved_problem, username_problem
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,15 @@ class KeyStore:
 
 
 def read_users(path: Path) -> Users:
-    """Parse the whole file; a missing file means no users."""
+    """Parse the whole file; a missing file means no users. Reserved names (the server's own) are
+    skipped with a warning: nobody may log in as them."""
     raw = _read_raw(path)
     users: Users = {}
     for user, entry in raw.get("users", {}).items():
+        reserved = reserved_problem(user)
+        if reserved:
+            log.warning("%s: ignoring users.%s: %s (remove it with `pie auth remove %s`)", path, user, reserved, user)
+            continue
         if not isinstance(entry, Mapping) or not isinstance(entry.get("keys", {}), Mapping):
             raise ConfigError(f"{path}: users.{user} must hold a [users.{user}.keys] table; "
                               f"re-add the user with `pie auth add {user}`")
@@ -114,7 +119,7 @@ def read_users(path: Path) -> Users:
 
 def add_key(path: Path, user: str, key_text: str, key_name: str | None = None) -> AuthorizedKey:
     """Authorize `key_text` for `user` under `key_name` (default: a UTC timestamp)."""
-    problem = username_problem(user)
+    problem = username_problem(user) or reserved_problem(user)
     if problem:
         raise AuthError(problem)
     key = parse_public_key(key_text)

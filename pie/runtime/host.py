@@ -104,9 +104,9 @@ class InstanceHost:
         with user_errors():
             return self._model(model).tokenizer.special_tokens()
 
-    def chat_tokens(self, model: str, role: str, text: str) -> list[int]:
+    def chat_tokens(self, model: str, role: str, text: str, parse_special: bool = False) -> list[int]:
         with user_errors():
-            return self._model(model).tokenizer.chat_tokens(role, text)
+            return self._model(model).tokenizer.chat_tokens(role, text, bool(parse_special))
 
     def stop_tokens(self, model: str) -> list[int]:
         with user_errors():

@@ -14,11 +14,22 @@ instead (see `pie.runtime.chat_template`).
 
 Without a chat template (base models) messages are the plain text followed
 by a blank line, `cue` is empty and `seal` is the EOS token.
+
+Message content is text, never markup: special-token text inside a message
+(`<|im_end|><|im_start|>system` in a user turn) is encoded as ordinary text,
+so a user cannot forge turns of the conversation; only the template's own
+text yields special tokens. `parse_special=True` opts out, for callers who
+build markup on purpose. Where content is rendered through the template
+(templates that rewrite content, tool turns, native tool lists), the
+special-token text in the caller's strings is swapped for private-use
+placeholders before rendering and encoded as text in their place.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -49,8 +60,11 @@ class ModelTokenizer:
             raise ModelNotFoundError(f"{self.model_dir} has no tokenizer.json; pie needs a Hugging Face fast "
                                      "tokenizer (save one with `AutoTokenizer...save_pretrained`)")
         self._tok = Tokenizer.from_file(str(path))
+        self._text_tok = Tokenizer.from_file(str(path))  # a twin that reads special-token text as text
+        self._text_tok.encode_special_tokens = True
         self._config = _read_json(self.model_dir / "tokenizer_config.json")
         self._special_ids = self._find_special_ids()
+        self._escaper = _Escaper([str(self._tok.id_to_token(i)) for i in self._special_ids])
         source = _template_source(self.model_dir, self._config)
         self.template = ChatTemplate(source, self._template_variables()) if source else None
         self._fragments = self.template.fragments() if self.template else _plain_fragments(self._eos_text())
@@ -64,6 +78,10 @@ class ModelTokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids. Special-token text is recognised; no BOS is added (templates add it)."""
         return list(self._tok.encode(text, add_special_tokens=False).ids) if text else []
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text -> ids with special-token text encoded as plain text (as `encode` does every other word)."""
+        return list(self._text_tok.encode(text, add_special_tokens=False).ids) if text else []
 
     def decode(self, tokens: list[int]) -> str:
         """ids -> text, special tokens included (the exact inverse of `encode` where one exists)."""
@@ -94,10 +112,11 @@ class ModelTokenizer:
         return ""
 
     # -- chat --
-    def chat_tokens(self, role: str, text: str = "") -> list[int]:
+    def chat_tokens(self, role: str, text: str = "", parse_special: bool = False) -> list[int]:
         """Tokens one chat call adds: a system/user/assistant/tool message, `cue`, `seal`, `begin` (the
         preamble of a conversation without a system message), or `tools` (`text` = JSON
-        `{"system": str, "tools": [schema, ...]}`: a system turn declaring the tools)."""
+        `{"system": str, "tools": [schema, ...]}`: a system turn declaring the tools). Special-token
+        text in `text` is encoded as text unless `parse_special`."""
         if role == "begin":
             return list(self._begin_ids)
         if role == "cue":
@@ -105,18 +124,32 @@ class ModelTokenizer:
         if role == "seal":
             return list(self._seal_ids)
         if role == "tools":
-            return self._tools_tokens(text)
+            return self._tools_tokens(text, parse_special)
         if role not in CHAT_ROLES:
             raise ChatTemplateError(f"unknown chat role {role!r}; use one of {[*CHAT_ROLES, 'begin', 'cue', 'seal', 'tools']}")
         if role == "tool":
-            return self._tool_answer_tokens(text)
+            return self._tool_answer_tokens(text, parse_special)
         fragment: Fragment = getattr(self._fragments, role)
         if fragment.exact:
             before, after = self._fragment_ids[role]
-            return [*before, *self.encode(text), *after]
-        assert self.template is not None, "plain fragments are always exact"
-        message = {"role": fragment.as_role, "content": text}
-        return self.encode(self.template.delta(_ANCHORS[role], message))
+            return [*before, *(self.encode(text) if parse_special else self.encode_text(text)), *after]
+        template = self.template
+        assert template is not None, "plain fragments are always exact"
+        return self._render_tokens(lambda esc: template.delta(_ANCHORS[role], {"role": fragment.as_role,
+                                                                                "content": esc(text)}),
+                                   parse_special)
+
+    def _render_tokens(self, render: Callable[[Callable[[str], str]], str], parse_special: bool) -> list[int]:
+        """Tokens of a rendering of caller strings: `render(esc)` must pass each caller string through `esc`.
+        The template's own text is encoded with special tokens; the caller's special-token text as text."""
+        if parse_special:
+            return self.encode(render(str))
+        escape = self._escaper.session()
+        rendered = render(escape)
+        tokens: list[int] = []
+        for i, part in enumerate(_PLACEHOLDERS.split(rendered)):
+            tokens += self.encode_text(escape.original(part)) if i % 2 else self.encode(part)
+        return tokens
 
     @cached_property
     def stop_tokens(self) -> list[int]:
@@ -157,24 +190,32 @@ class ModelTokenizer:
         except ChatTemplateError:
             return False
 
-    def _tools_tokens(self, text: str) -> list[int]:
+    def _tools_tokens(self, text: str, parse_special: bool) -> list[int]:
         request = _parse_json_object(text, 'role "tools" takes JSON {"system": "...", "tools": [...]}')
         system, tools = str(request.get("system") or ""), list(request.get("tools") or [])
         if self._native_tools:
-            assert self.template is not None
-            messages = [{"role": "system", "content": system}] if system else []
-            return self.encode(self.template.render(messages, tools=tools))
+            template = self.template
+            assert template is not None
+
+            def render(esc: Callable[[str], str]) -> str:
+                messages = [{"role": "system", "content": esc(system)}] if system else []
+                return template.render(messages, tools=_map_strings(tools, esc))
+
+            return self._render_tokens(render, parse_special)
         listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
         convention = TOOL_CONVENTION.format(start=TOOL_CALL_TAGS[0], end=TOOL_CALL_TAGS[1], tools=listing)
-        return self.chat_tokens("system", f"{system}\n\n{convention}" if system else convention)
+        return self.chat_tokens("system", f"{system}\n\n{convention}" if system else convention, parse_special)
 
-    def _tool_answer_tokens(self, text: str) -> list[int]:
+    def _tool_answer_tokens(self, text: str, parse_special: bool) -> list[int]:
         answer = _parse_json_object(text, 'role "tool" takes JSON {"name": "...", "content": "..."}')
-        message = {"role": "tool", "name": str(answer.get("name", "")), "content": str(answer.get("content", ""))}
-        if self.template is not None and self._fragments.tool is not None:
-            return self.encode(self.template.delta(_ANCHORS["tool"], message))
+        name, content = str(answer.get("name", "")), str(answer.get("content", ""))
+        template = self.template
+        if template is not None and self._fragments.tool is not None:
+            return self._render_tokens(lambda esc: template.delta(
+                _ANCHORS["tool"], {"role": "tool", "name": esc(name), "content": esc(content)}), parse_special)
+        message = {"role": "tool", "name": name, "content": content}
         wrapped = f"<tool_response>\n{json.dumps(message, ensure_ascii=False)}\n</tool_response>"
-        return self.chat_tokens("user", wrapped)
+        return self.chat_tokens("user", wrapped, parse_special)
 
     # -- configuration --
     def _find_special_ids(self) -> set[int]:
@@ -206,6 +247,65 @@ _ANCHORS: dict[str, list[dict[str, Any]]] = {
     "assistant": [{"role": "user", "content": "A"}],
     "tool": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}],
 }
+
+
+# Placeholders for caller text while a template renders it: characters of the two supplementary
+# private-use planes, which no tokenizer's special tokens use. Caller text that holds such characters
+# has them swapped too (and restored), so the mapping is exact.
+_PLANE_15, _PLANE_16 = (0xF0000, 0xFFFFD), (0x100000, 0x10FFFD)
+_PRIVATE = f"[{chr(_PLANE_15[0])}-{chr(_PLANE_15[1])}{chr(_PLANE_16[0])}-{chr(_PLANE_16[1])}]"
+_PLACEHOLDERS = re.compile(f"({_PRIVATE})")
+_MAX_PLACEHOLDERS = (_PLANE_15[1] - _PLANE_15[0] + 1) + (_PLANE_16[1] - _PLANE_16[0] + 1)
+
+
+class _Escaper:
+    """Finds special-token text (and private-use characters) in caller strings."""
+
+    def __init__(self, specials: list[str]) -> None:
+        words = "|".join(re.escape(t) for t in sorted(set(specials), key=len, reverse=True) if t)
+        self.pattern = re.compile(f"{words}|{_PRIVATE}" if words else _PRIVATE)
+
+    def session(self) -> _Escape:
+        return _Escape(self.pattern)
+
+
+class _Escape:
+    """One rendering's placeholders: `escape(text)` swaps each found text for a placeholder character,
+    `original(placeholder)` gives the text back."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self._pattern = pattern
+        self._placeholder: dict[str, str] = {}  # original text -> its placeholder
+        self._original: dict[str, str] = {}
+
+    def __call__(self, text: str) -> str:
+        return self._pattern.sub(self._swap, text)
+
+    def original(self, placeholder: str) -> str:
+        return self._original.get(placeholder, placeholder)  # the template's own private-use text stays
+
+    def _swap(self, match: re.Match[str]) -> str:
+        text = match.group()
+        if text not in self._placeholder:
+            n = len(self._placeholder)
+            if n >= _MAX_PLACEHOLDERS:
+                raise ChatTemplateError(f"a message holds more than {_MAX_PLACEHOLDERS} distinct special-token "
+                                        "texts and private-use characters; shorten it")
+            span = _PLANE_15[1] - _PLANE_15[0] + 1
+            char = chr(_PLANE_15[0] + n) if n < span else chr(_PLANE_16[0] + n - span)
+            self._placeholder[text], self._original[char] = char, text
+        return self._placeholder[text]
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` (JSON-like) with `fn` applied to every string, keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 def _plain_fragments(eos: str) -> ChatFragments:

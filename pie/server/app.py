@@ -32,8 +32,10 @@ from aiohttp import web
 from pie import telemetry
 from pie.errors import PieError
 from pie.runtime.api import RuntimeAPI
-from pie.server.auth import Authenticator, new_internal_token
+from pie.server.auth import Authenticator, AuthLimits, new_internal_token
+from pie.server.connections import GUARD, ConnectionGuard, GuardedSite, fit_fd_limit
 from pie.server.http import build_app, close_sockets
+from pie.server.limits import RepeatFilter
 from pie.server.options import ServerOptions
 from pie.server.protocol import WS_PATH
 from pie.server.state import ServerState
@@ -45,6 +47,11 @@ EXIT_STARTUP_FAILED = 1
 EXIT_INTERRUPTED = 130
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SETTLE_S = 2.0  # after the runtime stops: time for final events to reach clients
+KEEPALIVE_FOREVER_S = 3630.0  # aiohttp's own default, for idle_timeout_s = 0
+# Loggers whose records can repeat thousands of times a second under abuse (accept() out of file
+# descriptors, refused auth attempts, bad frames): each kind is logged once per interval with a count.
+REPEATING_LOGGERS = ("asyncio", "aiohttp.server", "aiohttp.web", "aiohttp.access", "pie.server.auth",
+                     "pie.server.session", "pie.server.connections")
 
 RuntimeFactory = Callable[[Any], Awaitable[RuntimeAPI]]
 
@@ -68,7 +75,7 @@ class Server:
         self._force_exit = asyncio.Event()
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
+        self._site: GuardedSite | None = None
 
     @property
     def url(self) -> str:
@@ -86,7 +93,7 @@ class Server:
         self._should_exit.set()
 
     async def serve(self, *, handle_signals: bool = True) -> int:
-        with self._telemetry():
+        with self._telemetry(), quiet_repeats():
             signals = capture_signals(self._on_signal) if handle_signals else contextlib.nullcontext()
             with signals:
                 try:
@@ -114,10 +121,15 @@ class Server:
         authenticator = self._authenticator or self._make_authenticator()
         runtime = await self._runtime_factory(self.config)
         self.state = ServerState(runtime, self.options, authenticator)
-        self._runner = web.AppRunner(build_app(self.state), handle_signals=False, access_log=None,
-                                     shutdown_timeout=SETTLE_S)
+        app = build_app(self.state)
+        options = self.options
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SETTLE_S,
+                                     keepalive_timeout=options.idle_timeout_s or KEEPALIVE_FOREVER_S)
+        guard = ConnectionGuard(self._runner, max_connections=fit_fd_limit(options.max_connections),
+                                header_timeout_s=options.header_timeout_s)
+        app[GUARD] = guard
         await self._runner.setup()
-        self._site = web.SockSite(self._runner, self._sock)
+        self._site = GuardedSite(self._runner, self._sock, guard)
         await self._site.start()
         auth = "on" if self.options.enable_auth else "off"
         log.info("pie serving on %s (HTTP %s), auth %s", self.url, self.http_url, auth)
@@ -173,12 +185,33 @@ class Server:
         self.request_exit()
 
     def _make_authenticator(self) -> Authenticator:
-        if not self.options.enable_auth:
-            return Authenticator(enabled=False, keys=None, challenger=None, token=self.token)
+        options = self.options
+        limits = AuthLimits(options.auth_attempts_burst, options.auth_attempts_per_s,
+                            options.auth_address_failures_burst, options.auth_address_failures_per_s)
+        if not options.enable_auth:
+            return Authenticator(enabled=False, keys=None, token=self.token, limits=limits)
         from pie.server.keys import load_keys  # the keystore `pie auth` writes
 
-        keys, challenger = load_keys(self.config)
-        return Authenticator(enabled=True, keys=keys, challenger=challenger, token=self.token)
+        return Authenticator(enabled=True, keys=load_keys(self.config), token=self.token, limits=limits)
+
+    @property
+    def guard(self) -> ConnectionGuard | None:
+        """The connection cap and header deadline of the listening socket (once started)."""
+        return self._site.guard if self._site is not None else None
+
+
+@contextlib.contextmanager
+def quiet_repeats(interval_s: float = 10.0) -> Iterator[RepeatFilter]:
+    """While serving, log each kind of record of REPEATING_LOGGERS once per `interval_s`, with a count."""
+    repeat = RepeatFilter(interval_s)
+    loggers = [logging.getLogger(name) for name in REPEATING_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(repeat)
+    try:
+        yield repeat
+    finally:
+        for logger in loggers:
+            logger.removeFilter(repeat)
 
 
 @contextlib.contextmanager

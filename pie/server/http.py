@@ -1,7 +1,8 @@
 """The HTTP side of the server: one aiohttp application on one port.
 
 - `GET /v1/ws`: the WebSocket protocol (`session.py`);
-- `GET /health`: 200 with a JSON summary while serving, 503 while shutting down;
+- `GET /health`: 200 `{"status": "ok"}` while serving (plus a summary, when auth is off or the
+  caller sends the internal token), 503 while shutting down;
 - `GET /metrics`: Prometheus text exposition;
 - `/v1/models`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible API (`openai.py`).
 
@@ -19,7 +20,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from pie.errors import InputError
 from pie.server import openai
+from pie.server.auth import bearer_matches
+from pie.server.connections import first_request
 from pie.server.metrics import CONTENT_TYPE
 from pie.server.protocol import WS_PATH
 from pie.server.session import Session
@@ -32,7 +36,7 @@ STARTED_AT = web.AppKey("started_at", float)
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[_count_requests])
+    app = web.Application(middlewares=[first_request, _count_requests, _input_errors])
     app[STATE] = state
     app[SOCKETS] = set()
     app[STARTED_AT] = time.time()
@@ -69,15 +73,20 @@ async def close_sockets(app: web.Application, reason: str) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
+    """`{"status": "ok"}` (503 `shutting_down`); with auth on, the details only for the internal token."""
     state = request.app[STATE]
+    summary = {"status": "shutting_down" if state.shutting_down else "ok"}
+    status = 503 if state.shutting_down else 200
+    if state.options.enable_auth and not bearer_matches(request.headers.get("Authorization", ""), state.auth.token):
+        return web.json_response(summary, status=status)
     body = {
-        "status": "shutting_down" if state.shutting_down else "ok",
+        **summary,
         "uptime_s": round(time.time() - request.app[STARTED_AT], 3),
         "models": [m.name for m in state.runtime.models()],
         "processes_running": sum(p.status == "running" for p in state.runtime.processes()),
         "connections": state.metrics.connections_active,
     }
-    return web.json_response(body, status=503 if state.shutting_down else 200)
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -100,6 +109,18 @@ async def _count_requests(request: web.Request,
     finally:
         if request.path != WS_PATH:
             request.app[STATE].metrics.inc("pie_http_requests_total", path=_route(request), status=str(status))
+
+
+@web.middleware
+async def _input_errors(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Undecodable input (too deep, a lone surrogate, NaN, ...) that no route answered itself is a 400 in
+    the OpenAI error shape, never a 500."""
+    try:
+        return await handler(request)
+    except InputError as error:
+        body = {"error": {"message": str(error), "type": "invalid_request_error", "param": None, "code": None}}
+        return web.json_response(body, status=400)
 
 
 def _route(request: web.Request) -> str:

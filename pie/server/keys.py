@@ -1,9 +1,8 @@
-"""The server's view of `pie.auth`: the authorized users `pie auth` writes, and single-use challenges.
+"""The server's view of `pie.auth`: the authorized users `pie auth` writes.
 
-`load_keys(config)` returns the two objects the handshake (`pie/server/auth.py`)
-needs: a `KeyStore` (does the user exist; does a signature verify under any
-of the user's keys) and a `Challenger` (fresh 48-byte nonces, each usable
-once).
+`load_keys(config)` returns the `KeyStore` the handshake (`pie/server/auth.py`)
+needs: does the user exist; does a signature verify under any of the user's
+keys. Challenges are the handshake's own (one per connection).
 """
 
 from __future__ import annotations
@@ -11,18 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 from pie.errors import PieError
-from pie.server.auth import Challenger, KeyStore
+from pie.server.auth import KeyStore
 
 
 class KeysUnavailableError(PieError):
     """Authentication is on but the keystore cannot be used."""
 
 
-def load_keys(config: Any) -> tuple[KeyStore, Challenger]:
+def load_keys(config: Any) -> KeyStore:
     try:
-        from pie import auth  # the keystore and challenge primitives
+        from pie import auth  # the keystore and signature primitives
     except ImportError:
         raise KeysUnavailableError("enable_auth is on but this install has no `pie.auth` (keystore and "
                                    "signature checks); turn auth off (`pie serve --no-auth`) or update pie") from None
     # $PIE_HOME/authorized_users.toml, the file `pie auth` writes; refuses one that authorizes nobody.
-    return auth.open_keystore(getattr(config, "pie_home", None)), auth.Challenger()
+    return auth.open_keystore(getattr(config, "pie_home", None))

@@ -32,6 +32,7 @@ from pie.server.openai_schema import (
     parse_completion,
     usage_chunk,
 )
+from pie.server.safe_json import loads_limited
 from pie.server.state import STATE, ServerState
 
 PROGRAM = "openai-compat"
@@ -133,8 +134,8 @@ def _check_auth(request: web.Request, state: ServerState) -> None:
 
 async def _json_body(request: web.Request) -> Any:
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return await request.json(loads=loads_limited)  # depth, NaN, surrogates: InputError, a 400
+    except UnicodeDecodeError as error:
         raise OpenAIError(f"the request body is not JSON: {error}") from None
 
 

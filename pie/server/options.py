@@ -8,6 +8,9 @@ from typing import Any
 from pie.errors import ConfigError
 
 MIB = 1024 * 1024
+# [server] keys of the connection limits (pie.config.ServerConfig), read as they are named.
+CONNECTION_KEYS = ("max_connections", "idle_timeout_s", "auth_timeout_s", "header_timeout_s", "auth_attempts_burst",
+                   "auth_attempts_per_s", "auth_address_failures_burst", "auth_address_failures_per_s")
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,14 @@ class ServerOptions:
     max_upload_bytes: int = 256 * MIB  # one reassembled program or file
     shutdown_timeout_s: float = 30.0  # graceful phase: running inferlets may finish within this
     detach_timeout_s: float = 600.0  # a process nobody is attached to is terminated after this
+    max_connections: int = 1024  # open client connections (HTTP and WebSocket); more are answered 503
+    idle_timeout_s: float = 300.0  # a connection with no traffic (and nothing streaming) is closed; 0 = never
+    auth_timeout_s: float = 10.0  # a WebSocket not authenticated within this is closed
+    header_timeout_s: float = 10.0  # a connection must send its first request's headers within this
+    auth_attempts_burst: int = 10  # per connection ...
+    auth_attempts_per_s: float = 2.0  # ... auth attempts at once and per second
+    auth_address_failures_burst: int = 50  # per client address ...
+    auth_address_failures_per_s: float = 1.0  # ... refused auth attempts at once and forgiven per second
     telemetry_enabled: bool = False
     telemetry_endpoint: str = "http://localhost:4317"
     telemetry_service_name: str = "pie"
@@ -30,9 +41,16 @@ class ServerOptions:
         if self.max_frame_bytes < 64 * 1024:
             raise ConfigError(f"max_frame_bytes is {self.max_frame_bytes}; use at least 65536 (pie-client "
                               "sends 256 KiB chunks, so 1 MiB or more is practical)")
-        for name in ("shutdown_timeout_s", "detach_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} is {getattr(self, name)}; use a number of seconds >= 0")
+        for name in ("shutdown_timeout_s", "detach_timeout_s", "idle_timeout_s", "auth_attempts_per_s",
+                     "auth_address_failures_per_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} is {getattr(self, name)}; use a number >= 0")
+        for name in ("auth_timeout_s", "header_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} is {getattr(self, name)}; use a number of seconds > 0")
+        for name in ("max_connections", "auth_attempts_burst", "auth_address_failures_burst"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} is {getattr(self, name)}; use 1 or more")
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> ServerOptions:
@@ -43,7 +61,8 @@ class ServerOptions:
         for name in ("host", "port", "enable_auth"):
             if hasattr(config, name):
                 values[name] = getattr(config, name)
-        for name in ("max_frame_bytes", "max_upload_bytes", "shutdown_timeout_s", "detach_timeout_s"):
+        for name in ("max_frame_bytes", "max_upload_bytes", "shutdown_timeout_s", "detach_timeout_s",
+                     *CONNECTION_KEYS):
             source = server if server is not None and hasattr(server, name) else config
             if hasattr(source, name):
                 values[name] = getattr(source, name)

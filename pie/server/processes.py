@@ -6,14 +6,14 @@ refuse bad input with the same messages and both count and trace launches.
 
 from __future__ import annotations
 
-import json
 import time
 import tomllib
 from typing import Any
 
 from pie import telemetry
-from pie.errors import RequestError
+from pie.errors import InputError, RequestError
 from pie.runtime.api import ProcessAPI, ProgramInfo, RuntimeAPI
+from pie.server.safe_json import loads_limited
 from pie.server.state import ServerState
 
 WASM_MAGIC = b"\0asm"
@@ -67,10 +67,10 @@ async def launch(state: ServerState, program: str, input: str, *, username: str,
 
 def check_input(input: str) -> None:
     try:
-        json.loads(input)
-    except json.JSONDecodeError as error:
-        raise RequestError(f"the input is not JSON ({error}); send a JSON object such as "
-                           '{"prompt": "hello"}') from None
+        loads_limited(input)
+    except InputError as error:
+        raise InputError(f"the input is not JSON the server accepts ({error}); send a JSON object such as "
+                         '{"prompt": "hello"}') from None
 
 
 def installed(runtime: RuntimeAPI, limit: int = 20) -> str:

@@ -28,6 +28,11 @@ from pie.errors import ProtocolError
 
 CHUNK_SIZE = 256 * 1024  # pie-client's upload and download chunk size
 WS_PATH = "/v1/ws"
+# Every field of every message is a scalar, so a frame needs little structure. These bound what a
+# hostile frame can make the decoder build (msgpack's own caps default to the frame's length).
+MAX_FRAME_DEPTH = 8  # containers inside containers, the top-level map included
+MAX_FRAME_KEYS = 64  # keys of one map (messages have at most 9; newer clients may add a few)
+MAX_FRAME_ITEMS = 1024  # items of one array (no message has one)
 
 
 class FrameError(ProtocolError):
@@ -238,16 +243,19 @@ def decode_server(frame: bytes) -> ServerMessage:
 
 def _decode(frame: bytes, registry: dict[str, type]) -> Any:
     try:
-        raw = msgpack.unpackb(frame, raw=False)
-    except (ValueError, msgpack.UnpackException) as error:  # ExtraData/FormatError are ValueErrors
-        raise FrameError(f"frame is not a msgpack message ({error or type(error).__name__}); send one msgpack "
-                         "map per frame") from None
+        raw = msgpack.unpackb(frame, raw=False, max_map_len=MAX_FRAME_KEYS, max_array_len=MAX_FRAME_ITEMS,
+                              max_ext_len=0, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as error:  # ExtraData/FormatError/StackError are ValueErrors
+        raise FrameError(f"frame is not a msgpack message within the limits ({str(error) or type(error).__name__}; "
+                         f"maps of at most {MAX_FRAME_KEYS} keys, arrays of {MAX_FRAME_ITEMS} items, no ext "
+                         "types); send one msgpack map per frame") from None
     if not isinstance(raw, dict):
         raise FrameError(f"frame holds a msgpack {type(raw).__name__}, expected a map with a `type` key")
     corr_id = raw.get("corr_id")
     corr_id = corr_id if isinstance(corr_id, int) and not isinstance(corr_id, bool) else None
     kind = raw.get("type")
     kind = kind if isinstance(kind, str) else None
+    _check_depth(raw, corr_id, kind)
     cls = registry.get(kind) if kind is not None else None
     if cls is None:
         known = ", ".join(sorted(registry))
@@ -256,6 +264,20 @@ def _decode(frame: bytes, registry: dict[str, type]) -> Any:
         return cls(**_fields(cls, raw))
     except (TypeError, ValueError) as error:
         raise FrameError(f"bad `{kind}` message: {error}", corr_id, kind) from None
+
+
+def _check_depth(raw: dict[Any, Any], corr_id: int | None, kind: str | None) -> None:
+    """Refuse frames nested deeper than MAX_FRAME_DEPTH (iteratively; msgpack itself allows 1024)."""
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= MAX_FRAME_DEPTH:
+                    raise FrameError(f"frame is nested deeper than {MAX_FRAME_DEPTH} levels; message fields are "
+                                     "plain values", corr_id, kind)
+                stack.append((child, depth + 1))
 
 
 def _fields(cls: type, raw: dict[Any, Any]) -> dict[str, Any]:

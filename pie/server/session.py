@@ -6,6 +6,9 @@ Event streaming runs in one pump task per attached process. Whatever goes
 wrong with one request is answered to that request (or, lacking a `corr_id`,
 with a `protocol_error` frame) and the connection carries on; a server bug is
 logged and answered as an internal error rather than dropping the client.
+
+A connection that has not authenticated within `auth_timeout_s`, or that sends
+nothing for `idle_timeout_s` while streaming no process, is closed with 4408.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -50,13 +54,16 @@ from pie.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT = 4408  # close code for the auth and idle timeouts (as HTTP's 408 Request Timeout)
+
 
 class Session:
     def __init__(self, ws: web.WebSocketResponse, state: ServerState, peer: str) -> None:
         self.ws = ws
         self.state = state
         self.peer = peer
-        self.handshake = state.auth.handshake()
+        self.handshake = state.auth.handshake(peer)
+        self._auth_deadline = time.monotonic() + state.options.auth_timeout_s
         self._send_lock = asyncio.Lock()
         self._pumps: dict[str, asyncio.Task[None]] = {}  # process id -> event pump
         self._uploads = Reassembler(max_bytes=state.options.max_upload_bytes)
@@ -85,7 +92,15 @@ class Session:
             self._close()
 
     async def _read(self) -> None:
-        async for frame in self.ws:
+        while True:
+            try:
+                frame = await self.ws.receive(timeout=self._wait_s())
+            except TimeoutError:
+                if await self._timed_out():
+                    return
+                continue
+            if frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
             if frame.type is WSMsgType.BINARY:
                 await self._on_frame(frame.data)
             elif frame.type is WSMsgType.TEXT and self.handshake.authenticated:
@@ -95,6 +110,26 @@ class Session:
                 log.info("connection %s closed: %s", self.peer, frame.data)
             if self.handshake.exhausted:
                 await self.ws.close(code=4401, message=b"too many failed authentication attempts")
+
+    def _wait_s(self) -> float | None:
+        """How long the next frame may take: the rest of the auth timeout, then the idle timeout."""
+        if not self.handshake.authenticated:
+            return max(0.01, self._auth_deadline - time.monotonic())
+        return self.state.options.idle_timeout_s or None
+
+    async def _timed_out(self) -> bool:
+        """No frame came in time: close the connection (True), unless it is streaming a process."""
+        options = self.state.options
+        if not self.handshake.authenticated:
+            log.info("closing %s: not authenticated within %g s", self.peer, options.auth_timeout_s)
+            await self.ws.close(code=CLOSE_TIMEOUT, message=f"not authenticated within "
+                                f"{options.auth_timeout_s:g} s".encode())
+            return True
+        if self._pumps:  # waiting for a process's events is not idleness
+            return False
+        log.info("closing %s: idle for %g s", self.peer, options.idle_timeout_s)
+        await self.ws.close(code=CLOSE_TIMEOUT, message=f"idle for {options.idle_timeout_s:g} s".encode())
+        return True
 
     def _close(self) -> None:
         """Stop streaming; the processes run on, detached (the server reaps them if nobody attaches)."""
