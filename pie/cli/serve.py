@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 from pie.cli.args import fold_args
 from pie.cli.common import ConfigOption, fail, print_notes, set_debug
 from pie.config import Config, load_config
+from pie.mcp_link import McpServerSpec
 
 
 def serve(
@@ -32,6 +34,15 @@ def serve(
     raise typer.Exit(run_server(settings, debug=debug, monitor=monitor))
 
 
+def parse_mcp(text: str) -> McpServerSpec:
+    """`NAME=COMMAND ARGS...` (shell-quoted) -> a stdio MCP server spec."""
+    name, sep, command = text.partition("=")
+    words = shlex.split(command) if sep else []
+    if not name.strip() or not words:
+        fail(f"--mcp {text!r}: write NAME=COMMAND, e.g. --mcp 'calc=python calc_server.py'")
+    return McpServerSpec(name.strip(), "stdio", words[0], tuple(words[1:]))
+
+
 def run(
     words: Annotated[list[str] | None, typer.Argument(
         metavar="NAME[@VERSION] [-- ARGS...]", show_default=False,
@@ -46,6 +57,9 @@ def run(
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="The inferlet's Pie.toml when it "
                                                   "is not beside the program.", dir_okay=False)] = None,
     log: Annotated[Path | None, typer.Option(help="Write the server's log to this file.", dir_okay=False)] = None,
+    mcp: Annotated[list[str] | None, typer.Option(
+        "--mcp", metavar="NAME=COMMAND", help="Start a stdio MCP server here and offer it to the inferlet as "
+        "NAME (repeatable): --mcp 'calc=python calc_server.py'.")] = None,
 ) -> None:
     """Run one inferlet and stream its output; exits 0 when it returns, 1 when it fails, 130 on Ctrl-C."""
     words = list(words or [])
@@ -61,4 +75,4 @@ def run(
     from pie.client.run import run_inferlet
 
     raise typer.Exit(run_inferlet(settings, program, fold_args(words), server_url=server, path=path,
-                                  manifest=manifest, log=log))
+                                  manifest=manifest, log=log, mcp=[parse_mcp(m) for m in mcp or []]))

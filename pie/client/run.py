@@ -18,7 +18,7 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from pie.client.client import PieClient, Process
 from pie.client.signing import default_key_path
 from pie.errors import PieError, RequestError
+from pie.mcp_link import McpServerSpec
 from pie.runtime.api import FINAL_EVENTS, Event
 from pie.server.app import Server, capture_signals
 from pie.server.options import ServerOptions
@@ -36,12 +37,13 @@ EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 
 def run_inferlet(config: Any, program: str | None, input: Mapping[str, Any] | str, *,
                  server_url: str | None = None, path: Path | None = None, manifest: Path | None = None,
-                 log: Path | None = None) -> int:
-    """Run `program` (name[@version]), or the local inferlet at `path`, with `input` (a dict, or JSON text)."""
+                 log: Path | None = None, mcp: Sequence[McpServerSpec] = ()) -> int:
+    """Run `program` (name[@version]), or the local inferlet at `path`, with `input` (a dict, or JSON text);
+    `mcp`: MCP servers to start here and offer to the inferlet."""
     _setup_logging(log)
     input_json = input if isinstance(input, str) else json.dumps(dict(input))
     try:
-        return asyncio.run(_run(config, program, input_json, server_url, path, manifest))
+        return asyncio.run(_run(config, program, input_json, server_url, path, manifest, mcp))
     except (PieError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -50,7 +52,7 @@ def run_inferlet(config: Any, program: str | None, input: Mapping[str, Any] | st
 
 
 async def _run(config: Any, program: str | None, input_json: str, server_url: str | None,
-               path: Path | None, manifest: Path | None) -> int:
+               path: Path | None, manifest: Path | None, mcp: Sequence[McpServerSpec] = ()) -> int:
     async with AsyncExitStack() as stack:
         if server_url is None:
             server = await stack.enter_async_context(LocalServer(config))
@@ -63,6 +65,9 @@ async def _run(config: Any, program: str | None, input_json: str, server_url: st
             program = await install_local(client, path, manifest)
         if not program:
             raise RequestError("name an inferlet to run (`pie run NAME`) or a local one (`pie run --path DIR`)")
+        for spec in mcp:
+            await client.register_mcp_server(spec.name, spec.command, list(spec.args), transport=spec.transport,
+                                             url=spec.url or None)
         process = await client.launch(program, json.loads(input_json))
         return await stream(process, sys.stdout, sys.stderr)
     raise AssertionError("unreachable")

@@ -14,6 +14,7 @@ from typing import Any
 from pie import telemetry
 from pie.errors import RequestError
 from pie.runtime.api import ProcessAPI, ProgramInfo, RuntimeAPI
+from pie.runtime.mcp import McpRelay
 from pie.server.state import ServerState
 
 WASM_MAGIC = b"\0asm"
@@ -50,8 +51,9 @@ def manifest_identity(manifest: str) -> tuple[str, str]:
 
 
 async def launch(state: ServerState, program: str, input: str, *, username: str,
-                 token_budget: int | None = None) -> ProcessAPI:
-    """Launch `program` (name or name@version) with `input` (JSON text) for `username`."""
+                 token_budget: int | None = None, mcp_session: McpRelay | None = None) -> ProcessAPI:
+    """Launch `program` (name or name@version) with `input` (JSON text) for `username`; `mcp_session`: the
+    MCP servers of the launching connection."""
     check_input(input)
     runtime = state.runtime
     if not runtime.has_program(program):
@@ -59,7 +61,8 @@ async def launch(state: ServerState, program: str, input: str, *, username: str,
                            "or upload it first (add_program, or `pie run --path`)")
     if token_budget is not None and token_budget < 1:
         raise RequestError(f"token_budget is {token_budget}; give a positive number of tokens or none")
-    process = await runtime.launch(program, input, username=username, token_budget=token_budget)
+    process = await runtime.launch(program, input, username=username, token_budget=token_budget,
+                                   mcp_session=mcp_session)
     state.metrics.inc("pie_processes_launched_total", program=process.program)
     state.tasks.spawn(_trace_run(process), name=f"trace-{process.id}")
     return process
