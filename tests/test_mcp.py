@@ -143,3 +143,19 @@ def test_pie_run_mcp_starts_the_server_and_offers_it(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == USED
+
+
+async def test_agent_mcp_calls_the_servers_tools_with_arguments_that_fit_their_schemas() -> None:
+    async with running_server() as server, PieClient(server.url) as client:
+        await client.authenticate("erin")
+        await client.register_mcp_server("demo", sys.executable, [SERVER])
+        process = await client.launch("agent-mcp", {"question": "What is 2 plus 3?", "tools": "add,shout",
+                                                    "max_steps": 2})
+        out = json.loads(await process.result())
+    assert isinstance(out["answer"], str) and len(out["steps"]) <= 2
+    for step in out["steps"]:  # the tiny random model picks arbitrarily, but always a valid call
+        args = step["arguments"]
+        if step["action"] == "add":
+            assert step["observation"] == str(args["a"] + args["b"])
+        else:
+            assert step["action"] == "shout" and step["observation"] == args["text"].upper()
