@@ -70,7 +70,7 @@ async def test_native_matcher_forces_a_call_that_parses_and_fits_its_schema(tiny
                "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
                               "properties": {"city": {"enum": ["Paris", "Rome"]}}}}
 
-    async def body() -> tuple[object, object, str]:
+    async def body() -> tuple[object, str]:
         model = Model.load("")
         assert tools.native_matcher(model, []) is None
         matcher = tools.native_matcher(model, [weather])
@@ -82,10 +82,10 @@ async def test_native_matcher_forces_a_call_that_parses_and_fits_its_schema(tiny
                                   constrain=GrammarConstraint(matcher)).collect_text()
         decoder = tools.Decoder(model)
         event = decoder.feed(model.tokenizer().encode(text))
-        return event, decoder.calls, text
+        return event, text
 
     try:
-        event, calls, text = await run_sdk(rt, body)
+        event, text = await run_sdk(rt, body)
     finally:
         await rt.shutdown(0)
     assert isinstance(event, tools.Call), text

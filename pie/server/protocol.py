@@ -173,7 +173,7 @@ class RegisterMcpServer:
     name: str
     transport: str = "stdio"
     command: str | None = None
-    args: list | None = None  # type: ignore[type-arg]  # of str
+    args: list | None = None  # of str (a bare `list`: the codec checks isinstance against it)
     url: str | None = None
 
 
