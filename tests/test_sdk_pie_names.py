@@ -105,3 +105,27 @@ async def test_adapter_is_a_context_manager(tiny: Path) -> None:
         assert await run_sdk(rt, body) == "scoped"
     finally:
         await rt.shutdown(0)
+
+
+async def test_scheduling_reports_pages_and_latency_in_pies_units(tiny: Path) -> None:
+    from inferlet import scheduling
+
+    rt = await start_runtime(tiny)
+
+    async def body() -> dict[str, float]:
+        model = Model.load("")
+        before = scheduling.balance(model)
+        ctx = Context(model)
+        ctx.user("Hello there, how are you?")
+        await ctx.generate(Sampler.argmax(), max_tokens=4).collect_tokens()
+        return {"price": scheduling.price(), "before": before, "after": scheduling.balance(model),
+                "rent": scheduling.rent(ctx),
+                "dividend": scheduling.dividend(model), "latency": scheduling.latency(ctx)}
+
+    try:
+        got = await run_sdk(rt, body)
+    finally:
+        await rt.shutdown(0)
+    assert got["price"] == 1.0 and got["dividend"] == 0.0
+    assert got["rent"] >= 1.0 and got["before"] - got["after"] == got["rent"]  # pages now held by the context
+    assert got["latency"] > 0.0

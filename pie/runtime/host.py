@@ -259,6 +259,23 @@ class InstanceHost:
         with user_errors():
             m.adapters.save(a, path)
 
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def scheduling(self, model: str, ctx: int) -> dict[str, float]:
+        """Plain numbers for `inferlet.scheduling`: this instance's pages on the model against its limit,
+        the context's pages and the latency of the last batch on its scheduler."""
+        if ctx:
+            m, c, group = self._ctx(ctx)
+            groups, ctx_pages = [group], c.num_pages
+        else:
+            m, ctx_pages = self._model(model), 0
+            groups = list(m.groups)
+        held = sum(c.num_pages for cm, c, _ in self._contexts.values() if cm is m)
+        pool = sum(g.pool.num_pages for g in groups)
+        return {"pages_held": float(held), "page_limit": float(self.instance.limits.max_pages or pool),
+                "ctx_pages": float(ctx_pages), "pool_pages": float(pool),
+                "latency_s": max(g.scheduler.stats.last_batch_ms for g in groups) / 1e3}
+
     # -- MCP ------------------------------------------------------------------------------------
 
     def mcp_servers(self) -> list[str]:
