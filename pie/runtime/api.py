@@ -58,6 +58,8 @@ class ProcessAPI(Protocol):
     username: str
     status: ProcessStatus
     started_at: float  # time.time() at launch (list_processes reports elapsed_secs)
+    ended_at: float | None  # time.time() at the final event; None while running
+    input: str  # the launch input (JSON text)
 
     def events(self) -> AsyncIterator[Event]:
         """Events not yet delivered to any subscriber (buffered while detached), then live ones, ending after

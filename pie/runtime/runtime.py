@@ -204,8 +204,10 @@ class Runtime:
     async def launch(self, program: str, input: str, *, username: str, token_budget: int | None = None,
                      mcp_session: McpRelay | None = None) -> Instance:
         resolved = self.registry.resolve(program)
-        return self.spawn(_program_body(resolved, input, self.sandbox), program=resolved.spec,
-                          username=username, token_budget=token_budget, mcp_session=mcp_session)
+        instance = self.spawn(_program_body(resolved, input, self.sandbox), program=resolved.spec,
+                              username=username, token_budget=token_budget, mcp_session=mcp_session)
+        instance.input = input
+        return instance
 
     def spawn(self, body: Body, *, program: str, username: str, token_budget: int | None = None,
               mcp_session: McpRelay | None = None) -> Instance:

@@ -83,15 +83,37 @@ def installed(runtime: RuntimeAPI, limit: int = 20) -> str:
 
 
 def describe(process: ProcessAPI) -> dict[str, Any]:
-    """A `list_processes` row; pie-client documents id, username, program, arguments, elapsed_secs."""
+    """A `list_processes` row; pie-client documents id, username, program, arguments, elapsed_secs.
+    `arguments` is the input as Pie's argv (`--key value`), `input` the JSON text itself; a finished
+    process's elapsed time stops at its end."""
+    end = process.ended_at if process.ended_at is not None else time.time()
     return {
         "id": process.id,
         "username": process.username,
         "program": process.program,
         "status": process.status,
-        "arguments": [],
-        "elapsed_secs": round(time.time() - process.started_at, 3),
+        "arguments": as_arguments(process.input),
+        "input": process.input,
+        "elapsed_secs": round(end - process.started_at, 3),
     }
+
+
+def as_arguments(input: str) -> list[str]:
+    """A JSON input as the argv Pie's inferlets received: `{"max_tokens": 8, "stream": true}` ->
+    `["--max_tokens", "8", "--stream"]`; anything else as one word."""
+    try:
+        value = json.loads(input) if input else {}
+    except json.JSONDecodeError:
+        return [input]
+    if not isinstance(value, dict):
+        return [input]
+    words: list[str] = []
+    for key, item in value.items():
+        if item is True:
+            words.append(f"--{key}")
+        elif item is not False and item is not None:
+            words += [f"--{key}", item if isinstance(item, str) else json.dumps(item)]
+    return words
 
 
 async def _trace_run(process: ProcessAPI) -> None:

@@ -174,6 +174,11 @@ class Session:
     # -- programs -----------------------------------------------------------------------------------
 
     async def _query(self, m: Query) -> None:
+        if m.subject == "finished_processes":  # per user: answered here, where the user is known
+            rows = [processes.describe(p) for p in self.state.runtime.processes(self.username)
+                    if p.ended_at is not None]
+            await self._reply(m.corr_id, json.dumps(rows))
+            return
         await self._reply(m.corr_id, answer_query(self.state.runtime, m.subject, m.record))
 
     async def _check_program(self, m: CheckProgram) -> None:
@@ -209,7 +214,9 @@ class Session:
         self._stream(process)
 
     async def _list(self, m: ListProcesses) -> None:
-        rows = [processes.describe(p) for p in self.state.runtime.processes(self.username)]
+        # Live ones only, as in Pie; finished ones stay attachable for their retention time and are
+        # listed by `query finished_processes`.
+        rows = [processes.describe(p) for p in self.state.runtime.processes(self.username) if p.ended_at is None]
         await self._reply(m.corr_id, json.dumps(rows))
 
     async def _signal(self, m: SignalProcess) -> None:
