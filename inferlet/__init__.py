@@ -15,7 +15,7 @@ differences). Every call goes through the runtime's host interface
 
 from __future__ import annotations
 
-from inferlet import brle, chat, messaging, reasoning, runtime, session, tools
+from inferlet import brle, chat, mcp, messaging, reasoning, runtime, session, tools
 from inferlet._host import HostError
 from inferlet._instance import get_return_value, set_return
 from inferlet.adapter import Adapter
@@ -42,6 +42,6 @@ __all__ = [
     "Adapter", "AnyJson", "Constraint", "Context", "Distribution", "Ebnf", "Embedding", "Entropy", "Forward",
     "GenStep", "Generator", "Grammar", "GrammarConstraint", "GrammarError", "HostError", "JsonSchema", "Logits",
     "Logprob", "Logprobs", "Matcher", "Model", "NgramSpeculator", "Output", "ProbeHandle", "Regex",
-    "SampleHandle", "Sampler", "Schema", "Speculator", "Tokenizer", "brle", "chat", "get_return_value",
+    "SampleHandle", "Sampler", "Schema", "Speculator", "Tokenizer", "brle", "chat", "get_return_value", "mcp",
     "messaging", "reasoning", "runtime", "session", "set_return", "tools",
 ]

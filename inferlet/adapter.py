@@ -32,5 +32,12 @@ class Adapter:
     def save(self, path: str) -> None:
         get_host().adapter_save(self._handle, path)
 
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing to free: as in Pie, a named adapter stays resident until the server stops (a `with`
+        block only scopes the handle in the inferlet's code)."""
+
     def __repr__(self) -> str:
         return f"Adapter({self.name!r})"

@@ -126,6 +126,10 @@ class Event:
     Interrupt = Interrupt
 
 
+# What a Decoder's `feed` returns (Pie's name for the union).
+AnyEvent = Idle | Delta | Done | Interrupt
+
+
 class Decoder:
     def __init__(self, model: Model) -> None:
         self._model = model

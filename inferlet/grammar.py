@@ -70,9 +70,9 @@ class Grammar:
         return Grammar(llguidance.LLMatcher.grammar_from_regex(pattern))
 
     @staticmethod
-    def from_ebnf(source: str) -> Grammar:
+    def from_ebnf(ebnf: str) -> Grammar:
         """A Lark grammar (start rule `start`)."""
-        return Grammar(llguidance.LLMatcher.grammar_from_lark(source))
+        return Grammar(llguidance.LLMatcher.grammar_from_lark(ebnf))
 
     def to_string(self) -> str:
         return self._source
@@ -107,8 +107,8 @@ class _VocabView:
 class Matcher:
     """A grammar's state over one generation: accept tokens, ask for the next mask."""
 
-    def __init__(self, grammar: Grammar, model: Model | Tokenizer) -> None:
-        self._model = model if isinstance(model, Model) else model._model
+    def __init__(self, grammar: Grammar, tokenizer: Tokenizer | Model) -> None:
+        self._model = tokenizer if isinstance(tokenizer, Model) else tokenizer._model
         self._tok = grammar_tokenizer(self._model)
         self._vocab_size = min(self._tok.vocab_size, self._model.vocab_size)
         self._m = llguidance.LLMatcher(self._tok, grammar.to_string())
@@ -116,9 +116,9 @@ class Matcher:
             raise GrammarError(f"grammar does not compile for this tokenizer: {self._m.get_error()}")
         self._bitmask = allocate_token_bitmask(1, self._tok.vocab_size)
 
-    def accept_tokens(self, tokens: list[int]) -> None:
-        if tokens and not self._m.consume_tokens(list(tokens)):
-            raise GrammarError(f"tokens {list(tokens)} leave the grammar: {self._m.get_error()}")
+    def accept_tokens(self, token_ids: list[int]) -> None:
+        if token_ids and not self._m.consume_tokens(list(token_ids)):
+            raise GrammarError(f"tokens {list(token_ids)} leave the grammar: {self._m.get_error()}")
 
     def next_token_logit_mask(self) -> list[int]:
         """BRLE over the vocabulary; after the grammar completes only end-of-sequence tokens are allowed."""
@@ -131,7 +131,9 @@ class Matcher:
     def allowed(self) -> np.ndarray:
         return brle.decode(self.next_token_logit_mask(), self._vocab_size)
 
+    @property
     def is_terminated(self) -> bool:
+        """The grammar is complete and allows nothing more (a property, as in Pie)."""
         return bool(self._m.is_stopped())
 
     def is_accepting(self) -> bool:
@@ -168,8 +170,8 @@ class GrammarConstraint:
         return cls.from_grammar(Grammar.from_regex(pattern), model)
 
     @classmethod
-    def from_ebnf(cls, source: str, model: Model) -> GrammarConstraint:
-        return cls.from_grammar(Grammar.from_ebnf(source), model)
+    def from_ebnf(cls, ebnf: str, model: Model) -> GrammarConstraint:
+        return cls.from_grammar(Grammar.from_ebnf(ebnf), model)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ class Event:
     End = End
 
 
+# What a Decoder's `feed` returns (Pie's name for the union).
+AnyEvent = Idle | Start | Delta | End
+
+
 class Decoder:
     def __init__(self, model: Model, *, started: bool = False) -> None:
         tags = model.info.get("think_tags") or ["<think>", "</think>"]

@@ -97,7 +97,7 @@ class Logprob:
 class Logprobs:
     tokens: tuple[int, ...]
 
-    def __init__(self, tokens: list[int] | tuple[int, ...]) -> None:
+    def __init__(self, tokens: list[int] | tuple[int, ...] = ()) -> None:
         object.__setattr__(self, "tokens", tuple(tokens))
 
     def to_dict(self) -> dict[str, Any]:

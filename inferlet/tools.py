@@ -27,6 +27,7 @@ from typing import Any
 from inferlet._host import get_host
 from inferlet._tags import TagScanner
 from inferlet.chat import TextStream
+from inferlet.grammar import Grammar, Matcher
 from inferlet.model import Model
 
 
@@ -41,6 +42,23 @@ def answer_prefix(model: Model, name: str, value: str | dict[str, Any] | list[An
     """Tokens of the turn that hands tool `name`'s result back to the model."""
     content = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return get_host().chat_tokens(model.name, "tool", json.dumps({"name": name, "content": content}))
+
+
+def native_matcher(model: Model, tools: list[str | dict[str, Any]]) -> Matcher | None:
+    """A grammar matcher for one call of one of `tools` in the model's tool-call format: the call tags
+    around `{"name": <one of the tools>, "arguments": <that tool's parameters schema>}`, so the call always
+    parses and its arguments validate. None when `tools` is empty (nothing could be called)."""
+    schemas = [_as_tool(t)["function"] for t in tools]
+    if not schemas:
+        return None
+    start, end = model.info.get("tool_call_tags") or ["<tool_call>", "</tool_call>"]
+    call = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                       "properties": {"name": {"const": f["name"]},
+                                      "arguments": f.get("parameters") or {"type": "object"}}}
+                      for f in schemas],
+            "x-guidance": {"whitespace_flexible": False}}
+    lark = f"start: {json.dumps(start)} %json {json.dumps(call)} {json.dumps(end)}\n"
+    return Matcher(Grammar.from_ebnf(lark), model)
 
 
 def _as_tool(tool: str | dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +96,10 @@ class Event:
     Idle = Idle
     Start = Start
     Call = Call
+
+
+# What a Decoder's `feed` returns (Pie's name for the union).
+AnyEvent = Idle | Start | Call
 
 
 class Decoder:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pie.config_schema import Reader, field_names, join, option
 from pie.engine.config import ATTENTION_BACKENDS, DTYPES, WEIGHT_DTYPES
 from pie.errors import ConfigError
+from pie.mcp_link import McpServerSpec
 
 if TYPE_CHECKING:
     from pie.engine.config import EngineConfig
@@ -164,6 +165,32 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class McpConfig:
+    """`[mcp]`: how `pie serve` reaches the MCP servers of `[[mcp_server]]`."""
+
+    call_timeout_s: float = option(30.0, "an MCP call that takes longer fails (its inferlet gets an error)",
+                                   above=0.0)
+    allowed_urls: tuple[str, ...] = option(("http://127.0.0.1", "http://localhost"),
+                                           "URL prefixes an http [[mcp_server]] may use")
+
+
+@dataclass(frozen=True)
+class McpServerConfig:
+    """One `[[mcp_server]]`: an MCP server every inferlet may use, started (stdio) or reached (http) by
+    `pie serve`."""
+
+    name: str = option("", "the name inferlets connect to (inferlet.mcp.connect(name))")
+    transport: str = option("stdio", "stdio: start `command`; http: streamable HTTP at `url`",
+                            choices=("stdio", "http"))
+    command: str = option("", "the program to start (stdio)")
+    args: tuple[str, ...] = option((), "its arguments (stdio)")
+    url: str = option("", "the server's streamable-HTTP endpoint (http; must match [mcp] allowed_urls)")
+
+    def spec(self) -> McpServerSpec:
+        return McpServerSpec(self.name, self.transport, self.command, self.args, self.url)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = option("127.0.0.1", "interface to listen on")
     port: int = option(8080, "TCP port to listen on (0 = any free port)", min=0, max=65535)
@@ -173,6 +200,8 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    mcp: McpConfig = field(default_factory=McpConfig)
+    mcp_servers: tuple[McpServerConfig, ...] = ()  # the [[mcp_server]] tables
     pie_home: Path = field(default_factory=pie_home)
     source: Path | None = None  # the file read; None = built-in defaults (no file)
     notes: tuple[str, ...] = ()  # accepted-but-ignored keys and engine limits, for `pie config validate`
@@ -204,7 +233,7 @@ class Config:
 # -- loading ---------------------------------------------------------------------------------------
 
 _TOP_KEYS = ("host", "port", "enable_auth")
-_TABLES = ("model", "telemetry", "server", "runtime", "sandbox")
+_TABLES = ("model", "telemetry", "server", "runtime", "sandbox", "mcp", "mcp_server")
 _LEGACY_TOP = ("shutdown_timeout_s",)  # flat form of [server] shutdown_timeout_s
 _MODEL_KEYS = ("name", "hf_repo", "revision", "device", "tensor_parallel_size", "activation_dtype")
 _DRIVER_KEYS = ("type", "device", "tensor_parallel_size", "activation_dtype", "options")
@@ -241,9 +270,11 @@ def parse_config(data: Mapping[str, Any], *, source: Path | None, home: Path | N
     if not defaults.adapter_path:
         defaults = dataclasses.replace(defaults, adapter_path=str(home / "adapters"))
     models = _parse_models(reader, data.get("model"), defaults)
+    mcp = _section(reader, McpConfig, data, "mcp")
     return Config(**values, models=models, defaults=defaults,
                   telemetry=_section(reader, TelemetryConfig, data, "telemetry"),
                   server=_server(reader, data), runtime=_runtime(reader, data),
+                  mcp=mcp, mcp_servers=_mcp_servers(reader, data.get("mcp_server", []), mcp),
                   pie_home=home, source=source, notes=tuple(reader.notes))
 
 
@@ -251,6 +282,28 @@ def _section(reader: Reader, cls: type, data: Mapping[str, Any], name: str) -> A
     table = reader.table(data.get(name, {}), name)
     reader.check_keys(table, field_names(cls), name)
     return reader.build(cls, reader.values(cls, table, name), name)
+
+
+def _mcp_servers(reader: Reader, raw: Any, mcp: McpConfig) -> tuple[McpServerConfig, ...]:
+    if not isinstance(raw, list):
+        raise reader.error("mcp_server", "is not an array of tables", "write each server as [[mcp_server]]")
+    servers: list[McpServerConfig] = []
+    for i, entry in enumerate(raw):
+        key = f"mcp_server[{i}]"
+        table = reader.table(entry, key)
+        reader.check_keys(table, field_names(McpServerConfig), key)
+        server: McpServerConfig = reader.build(McpServerConfig, reader.values(McpServerConfig, table, key), key)
+        if not server.name:
+            raise reader.error(f"{key}.name", "is missing", 'name the server, e.g. name = "files"')
+        if server.name in (s.name for s in servers):
+            raise reader.error(f"{key}.name", f"= {server.name!r} is used twice", "give each server its own name")
+        if server.transport == "stdio" and not server.command:
+            raise reader.error(f"{key}.command", "is missing", 'a stdio server needs command = "..." (and args)')
+        if server.transport == "http" and not any(server.url.startswith(p) for p in mcp.allowed_urls):
+            raise reader.error(f"{key}.url", f"= {server.url!r} is not under [mcp] allowed_urls "
+                               f"({', '.join(mcp.allowed_urls) or 'none'})", "add its prefix to [mcp] allowed_urls")
+        servers.append(server)
+    return tuple(servers)
 
 
 def _server(reader: Reader, data: Mapping[str, Any]) -> ServerConfig:

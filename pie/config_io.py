@@ -42,6 +42,10 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     }
     if runtime.sandbox is not None:
         tables["sandbox"] = runtime.sandbox.to_dict()
+    tables["mcp"] = {"call_timeout_s": config.mcp.call_timeout_s, "allowed_urls": list(config.mcp.allowed_urls)}
+    if config.mcp_servers:
+        tables["mcp_server"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()}
+                                for s in config.mcp_servers]
     return top | tables | {"model": [_model_dict(m) for m in config.models]}
 
 

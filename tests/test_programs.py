@@ -13,7 +13,7 @@ from pie.errors import ProgramError
 from pie.runtime.programs import Manifest, ProgramRegistry, check_entry, default_search_paths, stdlib_path
 
 STANDARD = {"text-completion", "chat", "best-of-n", "beam-search", "constrained-json", "speculative-decoding",
-            "attention-sink", "modular-cache", "agent-react", "watermark", "tree-of-thought",
+            "attention-sink", "modular-cache", "agent-react", "agent-mcp", "watermark", "tree-of-thought",
             "messaging-producer", "messaging-consumer"}
 
 

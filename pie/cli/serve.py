@@ -8,6 +8,7 @@ built in, a folder, cached, or the hub is reachable to fetch it (pie.model_sourc
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ import typer
 from pie.cli.args import fold_args
 from pie.cli.common import ConfigOption, fail, print_notes, set_debug
 from pie.config import Config, load_config
+from pie.mcp_link import McpServerSpec
 
 ModelOption = Annotated[str | None, typer.Option(
     "--model", help="Serve this model for this run instead of the config's: a Hugging Face repo id "
@@ -46,6 +48,15 @@ def serve(
     raise typer.Exit(run_server(settings, debug=debug, monitor=monitor))
 
 
+def parse_mcp(text: str) -> McpServerSpec:
+    """`NAME=COMMAND ARGS...` (shell-quoted) -> a stdio MCP server spec."""
+    name, sep, command = text.partition("=")
+    words = shlex.split(command) if sep else []
+    if not name.strip() or not words:
+        fail(f"--mcp {text!r}: write NAME=COMMAND, e.g. --mcp 'calc=python calc_server.py'")
+    return McpServerSpec(name.strip(), "stdio", words[0], tuple(words[1:]))
+
+
 def run(
     words: Annotated[list[str] | None, typer.Argument(
         metavar="NAME[@VERSION] [-- ARGS...]", show_default=False,
@@ -63,6 +74,9 @@ def run(
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="The inferlet's Pie.toml when it "
                                                   "is not beside the program.", dir_okay=False)] = None,
     log: Annotated[Path | None, typer.Option(help="Write the server's log to this file.", dir_okay=False)] = None,
+    mcp: Annotated[list[str] | None, typer.Option(
+        "--mcp", metavar="NAME=COMMAND", help="Start a stdio MCP server here and offer it to the inferlet as "
+        "NAME (repeatable): --mcp 'calc=python calc_server.py'.")] = None,
 ) -> None:
     """Run one inferlet and stream its output; exits 0 when it returns, 1 when it fails, 130 on Ctrl-C."""
     words = list(words or [])
@@ -89,7 +103,8 @@ def run(
     from pie.client.run import run_inferlet
 
     raise typer.Exit(run_inferlet(settings, program, input, server_url=server, path=path, manifest=manifest,
-                                  log=log, check=check_served_input if server is not None else None))
+                                  log=log, check=check_served_input if server is not None else None,
+                                  mcp=[parse_mcp(m) for m in mcp or []]))
 
 
 def with_model(settings: Config, model: str | None) -> Config:

@@ -29,8 +29,10 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from pie.client.mcp import ClientMcpServers
 from pie.client.signing import PrivateKey, load_private_key, sign
 from pie.errors import AuthError, ProtocolError, RequestError
+from pie.mcp_link import McpServerSpec
 from pie.runtime.api import FINAL_EVENTS, Event
 from pie.server import protocol
 from pie.server.chunks import Reassembler, check_digest, digest, split
@@ -44,10 +46,12 @@ from pie.server.protocol import (
     FileChunk,
     LaunchProcess,
     ListProcesses,
+    McpRequest,
     Ping,
     ProcessEvent,
     ProtocolErrorMessage,
     Query,
+    RegisterMcpServer,
     Response,
     SignalProcess,
     TerminateProcess,
@@ -76,6 +80,7 @@ class PieClient:
         self._queues: defaultdict[str, asyncio.Queue[Event]] = defaultdict(asyncio.Queue)
         self._downloads = Reassembler(max_bytes=MAX_FILE_BYTES)
         self.protocol_errors: list[str] = []  # `protocol_error` frames the server sent (no corr_id to answer)
+        self.mcp = ClientMcpServers(self._send)  # the MCP servers this session offers its inferlets
 
     async def __aenter__(self) -> PieClient:
         await self.connect()
@@ -93,6 +98,7 @@ class PieClient:
         self._listener = asyncio.create_task(self._listen(), name="pie-client-listener")
 
     async def close(self) -> None:
+        await self.mcp.close()
         if self._ws is not None:
             await self._ws.close()
         if self._listener is not None:
@@ -152,6 +158,19 @@ class PieClient:
         for index, chunk in enumerate(chunks):
             await self._send(AddProgram(corr_id, digest(source), manifest, index, len(chunks), chunk, force))
         return _result(await future, RequestError)
+
+    # -- MCP servers --------------------------------------------------------------------------------
+
+    async def register_mcp_server(self, name: str, command: str | None = None, args: list[str] | None = None, *,
+                                  transport: str = "stdio", url: str | None = None) -> None:
+        """Start an MCP server here (stdio: `command` + `args`; http: `url`) and offer it to the inferlets
+        this connection launches from now on. Their calls are relayed here and answered by it."""
+        try:
+            spec = McpServerSpec(name, transport, command or "", tuple(args or ()), url or "")  # type: ignore[arg-type]
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        await self.mcp.start(spec)
+        await self._ok(RegisterMcpServer(0, name, transport, command, list(args or []), url))
 
     # -- processes ----------------------------------------------------------------------------------
 
@@ -226,6 +245,8 @@ class PieClient:
             if data is not None:
                 check_digest(data, message.file_hash, f"file from process {message.process_id}")
                 self._queues[message.process_id].put_nowait(Event("file", data))
+        elif isinstance(message, McpRequest):
+            self.mcp.answer(message)
         elif isinstance(message, ProtocolErrorMessage):
             log.warning("server refused a frame: %s", message.message)
             self.protocol_errors.append(message.message)

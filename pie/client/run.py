@@ -21,7 +21,7 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from pie.client.client import PieClient, Process
 from pie.client.signing import default_key_path
 from pie.errors import PieError, RequestError
+from pie.mcp_link import McpServerSpec
 from pie.runtime.api import FINAL_EVENTS, Event
 from pie.server.app import Server, capture_signals
 from pie.server.options import ServerOptions
@@ -44,13 +45,15 @@ InputCheck = Callable[[list[dict[str, Any]], str, dict[str, Any]], dict[str, Any
 
 def run_inferlet(config: Any, program: str | None, input: Mapping[str, Any] | str, *,
                  server_url: str | None = None, path: Path | None = None, manifest: Path | None = None,
-                 log: Path | None = None, check: InputCheck | None = None) -> int:
+                 log: Path | None = None, check: InputCheck | None = None,
+                 mcp: Sequence[McpServerSpec] = ()) -> int:
     """Run `program` (name[@version]), or the local inferlet at `path`, with `input` (a dict, or JSON text).
-    With `check` and a running server, a named program's input is checked before it is launched."""
+    With `check` and a running server, a named program's input is checked before it is launched; `mcp`:
+    MCP servers to start here and offer to the inferlet."""
     _setup_logging(log)
     input_json = input if isinstance(input, str) else json.dumps(dict(input))
     try:
-        return asyncio.run(_run(config, program, input_json, server_url, path, manifest, check))
+        return asyncio.run(_run(config, program, input_json, server_url, path, manifest, check, mcp))
     except (PieError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
@@ -59,7 +62,8 @@ def run_inferlet(config: Any, program: str | None, input: Mapping[str, Any] | st
 
 
 async def _run(config: Any, program: str | None, input_json: str, server_url: str | None,
-               path: Path | None, manifest: Path | None, check: InputCheck | None) -> int:
+               path: Path | None, manifest: Path | None, check: InputCheck | None,
+               mcp: Sequence[McpServerSpec] = ()) -> int:
     async with AsyncExitStack() as stack:
         if server_url is None:
             server = await stack.enter_async_context(LocalServer(config))
@@ -75,6 +79,9 @@ async def _run(config: Any, program: str | None, input_json: str, server_url: st
         input = json.loads(input_json)
         if check is not None and path is None and isinstance(input, dict):
             input = check(await client.programs(), program, input)
+        for spec in mcp:
+            await client.register_mcp_server(spec.name, spec.command, list(spec.args), transport=spec.transport,
+                                             url=spec.url or None)
         process = await client.launch(program, input)
         deltas = isinstance(input, dict) and input.get("stream") is True
         return await stream(process, sys.stdout, sys.stderr, deltas=deltas)

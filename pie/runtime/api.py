@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pie.engine.batch import BatchResult, ForwardBatch
+
+if TYPE_CHECKING:
+    from pie.runtime.mcp import McpRelay
 
 EventKind = Literal["stdout", "stderr", "message", "file", "return", "error"]
 FINAL_EVENTS: frozenset[str] = frozenset({"return", "error"})
@@ -55,6 +58,8 @@ class ProcessAPI(Protocol):
     username: str
     status: ProcessStatus
     started_at: float  # time.time() at launch (list_processes reports elapsed_secs)
+    ended_at: float | None  # time.time() at the final event; None while running
+    input: str  # the launch input (JSON text)
 
     def events(self) -> AsyncIterator[Event]:
         """Events not yet delivered to any subscriber (buffered while detached), then live ones, ending after
@@ -73,8 +78,8 @@ class RuntimeAPI(Protocol):
     def has_program(self, spec: str) -> bool: ...  # "name" or "name@version"
     def add_program(self, name: str, version: str, files: dict[str, bytes], manifest: str, *,
                     force: bool = False) -> ProgramInfo: ...
-    async def launch(self, program: str, input: str, *, username: str,
-                     token_budget: int | None = None) -> ProcessAPI: ...
+    async def launch(self, program: str, input: str, *, username: str, token_budget: int | None = None,
+                     mcp_session: McpRelay | None = None) -> ProcessAPI: ...
     def process(self, process_id: str) -> ProcessAPI | None: ...
     def processes(self, username: str | None = None) -> list[ProcessAPI]: ...
     async def shutdown(self, grace_s: float) -> None: ...

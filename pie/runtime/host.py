@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pie
 from inferlet._host import HostError, PassDict
 from pie.errors import PieError
+from pie.mcp_link import INTERNAL_ERROR, McpCallError
 from pie.runtime.context import Context
 from pie.runtime.forward_pass import PassReader, slot_values
 from pie.runtime.jobs import Job
@@ -32,6 +33,7 @@ from pie.runtime.jobs import Job
 if TYPE_CHECKING:
     from pie.runtime.adapters import NamedAdapter
     from pie.runtime.instance import Instance
+    from pie.runtime.mcp import McpRouter
     from pie.runtime.messaging import Mailbox
     from pie.runtime.model_runtime import EngineGroup, ModelRuntime
 
@@ -58,6 +60,7 @@ class InstanceHost:
         self.tokens_sampled = 0
         self.closed = False
         self._passes = PassReader()
+        self.mcp: McpRouter | None = None  # the MCP servers this instance may use (set at launch)
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
@@ -255,6 +258,38 @@ class InstanceHost:
         m, a = self._adapter(adapter)
         with user_errors():
             m.adapters.save(a, path)
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def scheduling(self, model: str, ctx: int) -> dict[str, float]:
+        """Plain numbers for `inferlet.scheduling`: this instance's pages on the model against its limit,
+        the context's pages and the latency of the last batch on its scheduler."""
+        if ctx:
+            m, c, group = self._ctx(ctx)
+            groups, ctx_pages = [group], c.num_pages
+        else:
+            m, ctx_pages = self._model(model), 0
+            groups = list(m.groups)
+        held = sum(c.num_pages for cm, c, _ in self._contexts.values() if cm is m)
+        pool = sum(g.pool.num_pages for g in groups)
+        return {"pages_held": float(held), "page_limit": float(self.instance.limits.max_pages or pool),
+                "ctx_pages": float(ctx_pages), "pool_pages": float(pool),
+                "latency_s": max(g.scheduler.stats.last_batch_ms for g in groups) / 1e3}
+
+    # -- MCP ------------------------------------------------------------------------------------
+
+    def mcp_servers(self) -> list[str]:
+        return self.mcp.servers() if self.mcp is not None else []
+
+    async def mcp_call(self, server: str, method: str, params: str) -> list[Any]:
+        if self.mcp is None:
+            return [False, McpCallError(INTERNAL_ERROR, "no MCP servers are available to this inferlet").to_json()]
+        if not isinstance(server, str) or not isinstance(method, str) or not isinstance(params, str):
+            raise HostError("mcp_call takes (server: str, method: str, params: JSON text)")
+        try:
+            return [True, await self.mcp.call(server, method, params)]
+        except McpCallError as error:
+            return [False, error.to_json()]
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -54,6 +54,8 @@ class Instance:
         self.limits = limits
         self.status: ProcessStatus = "running"
         self.started_at = time.time()
+        self.ended_at: float | None = None  # frozen at the final event (list_processes' elapsed_secs)
+        self.input = ""  # the launch input (JSON text), when launched from a program
         self.host: InstanceHost | None = None  # set by the runtime before start()
         self.messages: asyncio.Queue[str] = asyncio.Queue()  # client -> session.receive()
         self.files: asyncio.Queue[bytes] = asyncio.Queue()  # client -> session.receive_file()
@@ -152,6 +154,7 @@ class Instance:
             final, self.status = Event("error", describe_error(error)), "failed"
         finally:
             self._release()
+            self.ended_at = time.time()
             self._final = final
             self._events.append(final)
             self._ready.set()

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from pie.engine.config import EngineConfig
 from pie.errors import ConfigError, RequestError
+from pie.mcp_link import McpServerSpec
 from pie.runtime.api import EngineClient, ModelStatus, ProgramInfo
 from pie.runtime.host import InstanceHost
 from pie.runtime.instance import Body, Instance, InstanceLimits
+from pie.runtime.mcp import McpRelay, McpRouter, SharedMcpServers
 from pie.runtime.messaging import MessageBus
 from pie.runtime.model_runtime import EngineGroup, ModelRuntime
 
@@ -93,6 +95,8 @@ class RuntimeConfig:
     pie_home: Path | None = None
     sandbox: SandboxPolicy | None = None  # isolated mode: each launched program runs in a sandbox process
     freeze_gc: bool = True  # move startup objects out of the collector's sight (see Runtime.start)
+    mcp_servers: tuple[McpServerSpec, ...] = ()  # [[mcp_server]]: shared MCP servers (pie.runtime.mcp)
+    mcp_call_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -104,12 +108,14 @@ class RuntimeConfig:
 
 class Runtime:
     def __init__(self, models: Mapping[str, ModelRuntime], limits: RuntimeLimits,
-                 registry: ProgramRegistry | None = None, sandbox: SandboxPolicy | None = None) -> None:
+                 registry: ProgramRegistry | None = None, sandbox: SandboxPolicy | None = None,
+                 mcp: SharedMcpServers | None = None) -> None:
         assert models, "a runtime serves at least one model"
         self._models = dict(models)
         self.default_model = next(iter(self._models))
         self.limits = limits
         self.sandbox = sandbox
+        self.mcp = mcp  # the operator's shared MCP servers, if any
         self.bus = MessageBus()
         self._registry = registry
         self._processes: dict[str, Instance] = {}
@@ -156,7 +162,10 @@ class Runtime:
                         await client.close()
             raise
         registry = ProgramRegistry(default_search_paths(cfg.pie_home, cfg.inferlet_paths))
-        runtime = cls(models, cfg.limits, registry, cfg.sandbox)
+        shared = SharedMcpServers(cfg.mcp_servers, call_timeout_s=cfg.mcp_call_timeout_s) if cfg.mcp_servers else None
+        runtime = cls(models, cfg.limits, registry, cfg.sandbox, mcp=shared)
+        if shared is not None:
+            shared.start()
         if cfg.freeze_gc:
             # The hundreds of thousands of objects of torch, transformers and the model live as long as
             # the server; full collections scanning them cost ~40% of the per-step runtime overhead with
@@ -192,21 +201,26 @@ class Runtime:
 
     # -- processes ------------------------------------------------------------------------------
 
-    async def launch(self, program: str, input: str, *, username: str,
-                     token_budget: int | None = None) -> Instance:
+    async def launch(self, program: str, input: str, *, username: str, token_budget: int | None = None,
+                     mcp_session: McpRelay | None = None) -> Instance:
         resolved = self.registry.resolve(program)
-        return self.spawn(_program_body(resolved, input, self.sandbox), program=resolved.spec,
-                          username=username, token_budget=token_budget)
+        instance = self.spawn(_program_body(resolved, input, self.sandbox), program=resolved.spec,
+                              username=username, token_budget=token_budget, mcp_session=mcp_session)
+        instance.input = input
+        return instance
 
-    def spawn(self, body: Body, *, program: str, username: str, token_budget: int | None = None) -> Instance:
+    def spawn(self, body: Body, *, program: str, username: str, token_budget: int | None = None,
+              mcp_session: McpRelay | None = None) -> Instance:
         """Run `body(instance)` as a new instance with its own host; returns at once.
 
+        `mcp_session`: the MCP servers of the client session that launched it (pie.runtime.mcp).
         Past `max_concurrent_processes` running instances, the body waits for a slot (the instance is
         listed, attachable and terminable meanwhile; its `max_wall_time_s` counts from admission)."""
         if self._closing:
             raise RequestError("the server is shutting down; launch again once it is back")
         instance = Instance(str(uuid.uuid4()), program, username, self.limits.for_instance(token_budget))
         instance.host = InstanceHost(instance, self._models, self.default_model, self.bus.mailbox(username))
+        instance.host.mcp = McpRouter(mcp_session, self.mcp)
         self._processes[instance.id] = instance
         admission = self._admission
         instance.start(body if admission is None else _admitted(body, admission), on_exit=self._on_exit)
@@ -233,6 +247,8 @@ class Runtime:
             await p.terminate("the server is shutting down")
         for model in self._models.values():
             await model.close()
+        if self.mcp is not None:
+            await self.mcp.close()
         if self._froze_gc:
             gc.unfreeze()
             self._froze_gc = False
@@ -254,7 +270,10 @@ def runtime_config(config: Any) -> RuntimeConfig:
     fields = RuntimeLimits.__dataclass_fields__
     limits = RuntimeLimits(**{k: getattr(runtime, k) for k in fields if hasattr(runtime, k)})
     paths = tuple(Path(p) for p in getattr(runtime, "inferlet_paths", ()) or ())
-    return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None), sandbox=_sandbox(runtime))
+    mcp = getattr(config, "mcp", None)
+    return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None), sandbox=_sandbox(runtime),
+                         mcp_servers=tuple(s.spec() for s in getattr(config, "mcp_servers", ())),
+                         mcp_call_timeout_s=getattr(mcp, "call_timeout_s", 30.0))
 
 
 def _engine_configs(model: Any) -> tuple[EngineConfig, ...]:

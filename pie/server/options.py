@@ -34,6 +34,7 @@ class ServerOptions:
     telemetry_endpoint: str = "http://localhost:4317"
     telemetry_service_name: str = "pie"
     internal_token: str | None = None  # None = a fresh random token per start
+    mcp_call_timeout_s: float = 30.0  # a relayed MCP call the client does not answer in time fails
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -66,6 +67,9 @@ class ServerOptions:
             source = server if server is not None and hasattr(server, name) else config
             if hasattr(source, name):
                 values[name] = getattr(source, name)
+        mcp = getattr(config, "mcp", None)
+        if mcp is not None:
+            values["mcp_call_timeout_s"] = float(mcp.call_timeout_s)
         if telemetry is not None:
             values["telemetry_enabled"] = bool(getattr(telemetry, "enabled", False))
             values["telemetry_endpoint"] = getattr(telemetry, "endpoint", cls.telemetry_endpoint)

@@ -6,6 +6,7 @@ refuse bad input with the same messages and both count and trace launches.
 
 from __future__ import annotations
 
+import json
 import time
 import tomllib
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from pie import telemetry
 from pie.errors import InputError, RequestError
 from pie.runtime.api import ProcessAPI, ProgramInfo, RuntimeAPI
+from pie.runtime.mcp import McpRelay
 from pie.server.safe_json import loads_limited
 from pie.server.state import ServerState
 
@@ -50,8 +52,9 @@ def manifest_identity(manifest: str) -> tuple[str, str]:
 
 
 async def launch(state: ServerState, program: str, input: str, *, username: str,
-                 token_budget: int | None = None) -> ProcessAPI:
-    """Launch `program` (name or name@version) with `input` (JSON text) for `username`."""
+                 token_budget: int | None = None, mcp_session: McpRelay | None = None) -> ProcessAPI:
+    """Launch `program` (name or name@version) with `input` (JSON text) for `username`; `mcp_session`: the
+    MCP servers of the launching connection."""
     check_input(input)
     runtime = state.runtime
     if not runtime.has_program(program):
@@ -59,7 +62,8 @@ async def launch(state: ServerState, program: str, input: str, *, username: str,
                            "or upload it first (add_program, or `pie run --path`)")
     if token_budget is not None and token_budget < 1:
         raise RequestError(f"token_budget is {token_budget}; give a positive number of tokens or none")
-    process = await runtime.launch(program, input, username=username, token_budget=token_budget)
+    process = await runtime.launch(program, input, username=username, token_budget=token_budget,
+                                   mcp_session=mcp_session)
     state.metrics.inc("pie_processes_launched_total", program=process.program)
     state.tasks.spawn(_trace_run(process), name=f"trace-{process.id}")
     return process
@@ -80,15 +84,37 @@ def installed(runtime: RuntimeAPI, limit: int = 20) -> str:
 
 
 def describe(process: ProcessAPI) -> dict[str, Any]:
-    """A `list_processes` row; pie-client documents id, username, program, arguments, elapsed_secs."""
+    """A `list_processes` row; pie-client documents id, username, program, arguments, elapsed_secs.
+    `arguments` is the input as Pie's argv (`--key value`), `input` the JSON text itself; a finished
+    process's elapsed time stops at its end."""
+    end = process.ended_at if process.ended_at is not None else time.time()
     return {
         "id": process.id,
         "username": process.username,
         "program": process.program,
         "status": process.status,
-        "arguments": [],
-        "elapsed_secs": round(time.time() - process.started_at, 3),
+        "arguments": as_arguments(process.input),
+        "input": process.input,
+        "elapsed_secs": round(end - process.started_at, 3),
     }
+
+
+def as_arguments(input: str) -> list[str]:
+    """A JSON input as the argv Pie's inferlets received: `{"max_tokens": 8, "stream": true}` ->
+    `["--max_tokens", "8", "--stream"]`; anything else as one word."""
+    try:
+        value = json.loads(input) if input else {}
+    except json.JSONDecodeError:
+        return [input]
+    if not isinstance(value, dict):
+        return [input]
+    words: list[str] = []
+    for key, item in value.items():
+        if item is True:
+            words.append(f"--{key}")
+        elif item is not False and item is not None:
+            words += [f"--{key}", item if isinstance(item, str) else json.dumps(item)]
+    return words
 
 
 async def _trace_run(process: ProcessAPI) -> None:

@@ -169,9 +169,34 @@ class Ping:
     corr_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterMcpServer:
+    """An MCP server the client runs, offered to the inferlets this connection launches (Pie's wire form)."""
+
+    TYPE: ClassVar[str] = "register_mcp_server"
+    corr_id: int
+    name: str
+    transport: str = "stdio"
+    command: str | None = None
+    args: list | None = None  # of str (a bare `list`: the codec checks isinstance against it)
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class McpResponse:
+    """The client's answer to an `mcp_request`: the JSON-RPC result, or the error {code, message, data},
+    as JSON text."""
+
+    TYPE: ClassVar[str] = "mcp_response"
+    corr_id: int
+    ok: bool
+    result: str
+
+
 ClientMessage = (
     AuthIdentify | AuthProve | AuthByToken | Query | CheckProgram | AddProgram | LaunchProcess
     | LaunchDaemon | AttachProcess | ListProcesses | SignalProcess | TerminateProcess | TransferFile | Ping
+    | RegisterMcpServer | McpResponse
 )
 AUTH_MESSAGES = (AuthIdentify, AuthProve, AuthByToken)
 AUTH_TYPES = frozenset(cls.TYPE for cls in AUTH_MESSAGES)
@@ -214,7 +239,19 @@ class ProtocolErrorMessage:
     message: str
 
 
-ServerMessage = Response | ProcessEvent | FileChunk | ProtocolErrorMessage
+@dataclass(frozen=True, slots=True)
+class McpRequest:
+    """An inferlet's call to one of the client's MCP servers; answered by `mcp_response` with this corr_id
+    (the server's own numbering, apart from the client's). `params`: JSON text."""
+
+    TYPE: ClassVar[str] = "mcp_request"
+    corr_id: int
+    server_name: str
+    method: str
+    params: str
+
+
+ServerMessage = Response | ProcessEvent | FileChunk | ProtocolErrorMessage | McpRequest
 Message = ClientMessage | ServerMessage
 
 

@@ -27,6 +27,7 @@ from pie.runtime.api import FINAL_EVENTS, Event, ProcessAPI
 from pie.server import processes, protocol
 from pie.server.auth import Reply
 from pie.server.chunks import Reassembler, check_digest, digest, split
+from pie.server.mcp_relay import SessionMcpRelay
 from pie.server.protocol import (
     AddProgram,
     AttachProcess,
@@ -39,10 +40,12 @@ from pie.server.protocol import (
     LaunchDaemon,
     LaunchProcess,
     ListProcesses,
+    McpResponse,
     Ping,
     ProcessEvent,
     ProtocolErrorMessage,
     Query,
+    RegisterMcpServer,
     Response,
     ServerMessage,
     SignalProcess,
@@ -74,7 +77,9 @@ class Session:
             LaunchProcess: self._launch, LaunchDaemon: self._launch_daemon, AttachProcess: self._attach,
             ListProcesses: self._list, SignalProcess: self._signal, TerminateProcess: self._terminate,
             TransferFile: self._transfer_file, Ping: self._ping,
+            RegisterMcpServer: self._register_mcp_server, McpResponse: self._mcp_response,
         }
+        self.mcp = SessionMcpRelay(self.send, timeout_s=state.options.mcp_call_timeout_s)
 
     @property
     def username(self) -> str:
@@ -133,6 +138,7 @@ class Session:
 
     def _close(self) -> None:
         """Stop streaming; the processes run on, detached (the server reaps them if nobody attaches)."""
+        self.mcp.close()
         for process_id, pump in list(self._pumps.items()):
             pump.cancel()
             process = self.state.runtime.process(process_id)
@@ -203,6 +209,11 @@ class Session:
     # -- programs -----------------------------------------------------------------------------------
 
     async def _query(self, m: Query) -> None:
+        if m.subject == "finished_processes":  # per user: answered here, where the user is known
+            rows = [processes.describe(p) for p in self.state.runtime.processes(self.username)
+                    if p.ended_at is not None]
+            await self._reply(m.corr_id, json.dumps(rows))
+            return
         await self._reply(m.corr_id, answer_query(self.state.runtime, m.subject, m.record))
 
     async def _check_program(self, m: CheckProgram) -> None:
@@ -223,7 +234,7 @@ class Session:
         if self.state.shutting_down:
             raise RequestError("the server is shutting down and launches nothing new; retry on the next start")
         process = await processes.launch(self.state, m.inferlet, m.input, username=self.username,
-                                        token_budget=m.token_budget)
+                                        token_budget=m.token_budget, mcp_session=self.mcp)
         await self._reply(m.corr_id, process.id)
         if m.capture_outputs:
             self._stream(process)
@@ -238,7 +249,9 @@ class Session:
         self._stream(process)
 
     async def _list(self, m: ListProcesses) -> None:
-        rows = [processes.describe(p) for p in self.state.runtime.processes(self.username)]
+        # Live ones only, as in Pie; finished ones stay attachable for their retention time and are
+        # listed by `query finished_processes`.
+        rows = [processes.describe(p) for p in self.state.runtime.processes(self.username) if p.ended_at is None]
         await self._reply(m.corr_id, json.dumps(rows))
 
     async def _signal(self, m: SignalProcess) -> None:
@@ -254,6 +267,13 @@ class Session:
         if data is not None:
             check_digest(data, m.file_hash, f"file for process {m.process_id}")
             process.send_file(data)
+
+    async def _register_mcp_server(self, m: RegisterMcpServer) -> None:
+        self.mcp.register(m)
+        await self._reply(m.corr_id, f"registered MCP server {m.name}")
+
+    async def _mcp_response(self, m: McpResponse) -> None:
+        self.mcp.answer(m)
 
     async def _ping(self, m: Ping) -> None:
         await self._reply(m.corr_id, "Pong")
