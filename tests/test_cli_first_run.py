@@ -134,7 +134,7 @@ def test_inferlet_list_info_install_remove(home: Path, tmp_path: Path) -> None:
 # -- pie run: checked before anything loads ---------------------------------------------------------
 
 @pytest.mark.parametrize(("words", "expected"), [
-    (["no-such-inferlet", "--", "--prompt", "hi"], "no inferlet 'no-such-inferlet'; available: agent-react@"),
+    (["no-such-inferlet", "--", "--prompt", "hi"], "no inferlet 'no-such-inferlet'; available: agent-mcp@0.1.0, agent-react@"),
     (["text-complete", "--", "--prompt", "hi"], "Did you mean 'text-completion'?"),
     (["text-completion", "--", "--prompt", "hi", "--max-token", "3"], "did you mean --max-tokens?"),
     (["text-completion", "--", "--prompt", "hi", "--max-tokens", "lots"], "--max-tokens takes an int, got 'lots'"),
