@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 from inferlet._host import HostError
 from pie.errors import InferletError, PieError
 from pie.runtime.api import FINAL_EVENTS, Event, EventKind, ProcessStatus
+from pie.runtime.containment import ESCAPES
 
 if TYPE_CHECKING:
     from pie.runtime.host import InstanceHost
@@ -148,7 +149,7 @@ class Instance:
                                                 "max_wall_time_s, or make it finish sooner)"), "failed"
         except asyncio.CancelledError:
             final, self.status = Event("error", self._stop_reason or "terminated"), "terminated"
-        except Exception as error:
+        except (Exception, *ESCAPES) as error:  # a body's SystemExit & co end this instance, not the server
             final, self.status = Event("error", describe_error(error)), "failed"
         finally:
             self._release()
