@@ -172,14 +172,15 @@ class Session:
 
     async def _check_program(self, m: CheckProgram) -> None:
         spec = f"{m.name}@{m.version}" if m.version else m.name
-        await self._reply(m.corr_id, "true" if self.state.runtime.has_program(spec) else "false")
+        await self._reply(m.corr_id, "true" if self.state.runtime.has_program(spec, self.username) else "false")
 
     async def _add_program(self, m: AddProgram) -> None:
         data = self._uploads.feed(m.program_hash, m.chunk_index, m.total_chunks, m.chunk_data)
         if data is None:
             return  # pie-client expects one reply, after the last chunk
         check_digest(data, m.program_hash, "program upload")
-        info = processes.install(self.state.runtime, data, m.manifest, force=m.force_overwrite)
+        info = processes.install(self.state.runtime, data, m.manifest, owner=self.username,
+                                    force=m.force_overwrite)
         await self._reply(m.corr_id, f"added {info.name}@{info.version}")
 
     # -- processes ----------------------------------------------------------------------------------
