@@ -30,8 +30,8 @@ from pie.runtime.api import EngineClient, ModelStatus, ProgramInfo
 from pie.runtime.host import InstanceHost
 from pie.runtime.instance import Body, Instance, InstanceLimits
 from pie.runtime.messaging import MessageBus
-from pie.runtime.quotas import ByteQuota
 from pie.runtime.model_runtime import EngineGroup, ModelRuntime
+from pie.runtime.quotas import ByteQuota
 
 if TYPE_CHECKING:
     from pie.runtime.programs import Program, ProgramRegistry

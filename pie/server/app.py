@@ -37,6 +37,7 @@ from pie.server.http import build_app, close_sockets
 from pie.server.options import ServerOptions
 from pie.server.protocol import WS_PATH
 from pie.server.state import ServerState
+from pie.server.watchdog import watch_signals
 
 log = logging.getLogger("pie.server")
 
@@ -88,7 +89,9 @@ class Server:
     async def serve(self, *, handle_signals: bool = True) -> int:
         with self._telemetry():
             signals = capture_signals(self._on_signal) if handle_signals else contextlib.nullcontext()
-            with signals:
+            # A signal while an inferlet blocks the loop still ends the process (pie.server.watchdog).
+            watchdog = watch_signals(self.options.shutdown_timeout_s) if handle_signals else contextlib.nullcontext()
+            with signals, watchdog:
                 try:
                     await self.startup()
                 except (PieError, OSError) as error:
