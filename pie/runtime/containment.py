@@ -106,4 +106,4 @@ def _install(loop: asyncio.AbstractEventLoop) -> None:
         return task
 
     factory.contains_inferlets = True  # type: ignore[attr-defined]
-    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    loop.set_task_factory(factory)
