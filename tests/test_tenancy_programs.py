@@ -77,7 +77,7 @@ def test_a_pinned_spec_names_the_standard_inferlet_by_content(tmp_path: Path) ->
     registry = ProgramRegistry([tmp_path], standard=stdlib_path())
     pinned = registry.standard_spec("openai-compat")
     assert pinned.startswith("openai-compat@") and "#sha256=" in pinned
-    name, version = pinned.split("#")[0].split("@")
+    name = pinned.split("@")[0]
     registry.add(name, "9.9.9", says("hijacked"), manifest(name, "9.9.9"), owner="openai")
     assert registry.resolve(pinned, "openai").origin == str(stdlib_path() / "openai-compat")
     with pytest.raises(ProgramError, match="no standard inferlet"):
