@@ -3,10 +3,11 @@ task it spawned, end that instance only; the runtime serves the next inferlet no
 
 from __future__ import annotations
 
+import json
 import textwrap
-from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from inferlet_helpers import launch, start_runtime
 
 from pie.runtime.runtime import Runtime
@@ -50,18 +51,18 @@ PROGRAMS = {
 NEXT = ("text-completion", {"prompt": "Count to three.", "max_tokens": 4})
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.mktemp("pie-home"))
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest.fixture
-async def rt(tiny: Path, tmp_path: Path) -> Runtime:
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def rt(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    tiny = ensure_tiny_model(tmp_path_factory.mktemp("pie-home"))
+    programs = tmp_path_factory.mktemp("programs")
     for name, source in PROGRAMS.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "Pie.toml").write_text(f'[package]\nname = "{name}"\nversion = "0.1.0"\n')
-        (tmp_path / name / "main.py").write_text(source)
-    runtime_ = await start_runtime(tiny, paths=(tmp_path,))
+        (programs / name).mkdir()
+        (programs / name / "Pie.toml").write_text(f'[package]\nname = "{name}"\nversion = "0.1.0"\n')
+        (programs / name / "main.py").write_text(source)
+    runtime_ = await start_runtime(tiny, paths=(programs,))  # one runtime: each test checks it still serves
     yield runtime_
     await runtime_.shutdown(0)
 
@@ -78,11 +79,10 @@ async def rt(tiny: Path, tmp_path: Path) -> Runtime:
 ])
 async def test_base_exceptions_end_only_their_instance(rt: Runtime, program: str, kind: str | None,
                                                        expected: str) -> None:
-    final, _ = await launch(rt, program, {"kind": kind} if kind else {})
+    process = await rt.launch(program, json.dumps({"kind": kind} if kind else {}), username="alice")
+    final = await process.wait()
     assert final.kind == "error" and expected in str(final.value), final.value
-    assert "survived" not in str(final.value)
-    process = rt.processes()[0]
-    assert process.status == "failed"
+    assert "survived" not in str(final.value) and process.status == "failed"
     final, _ = await launch(rt, *NEXT)  # the runtime keeps serving
     assert final.kind == "return", final.value
 
