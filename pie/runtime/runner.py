@@ -11,7 +11,9 @@
   ""; an object with `model_dump_json()` -> that; anything else ->
   `json.dumps(value, default=str)`;
 - an exception -> `InferletError` whose message is the exception and the
-  last frames of the program's own code.
+  last frames of the program's own code. `SystemExit`, `KeyboardInterrupt`
+  and `GeneratorExit` too, raised in `main`, at import or in a task the
+  program spawned (`pie.runtime.containment`): they end this instance only.
 
 Output of `print` (and anything else writing to sys.stdout / sys.stderr)
 inside the run becomes stdout / stderr events of *this* instance: the
