@@ -150,14 +150,32 @@ class RuntimeConfig:
     """`[runtime]`: how inferlets run and what each may use; 0 = no limit. Limit names are those of
     pie.runtime.runtime.RuntimeLimits, which reads them from here."""
 
-    isolation: str = option("trusted", "trusted: inferlets run in the server process; isolated: one "
-                            "sandbox process each ([sandbox])", choices=("trusted", "isolated"))
+    isolation: str = option("auto", "trusted: inferlets run in the server process; isolated: one "
+                            "sandbox process each ([sandbox]); auto: isolated when enable_auth is on and "
+                            "more than one user is authorized, else trusted",
+                            choices=("auto", "trusted", "isolated"))
     max_concurrent_processes: int = option(0, "running inferlets at once; 0 = unlimited", min=0)
     max_pages_per_instance: int = option(0, "KV pages one inferlet may hold", min=0)
+    max_page_share_per_instance: float = option(0.5, "share of a KV pool one inferlet may hold; 0 = no "
+                                                "share limit", min=0.0, max=1.0)
+    max_contexts_per_instance: int = option(1024, "live contexts one inferlet may hold", min=0)
+    max_forks_per_s: float = option(1000.0, "context forks per second one inferlet may make", min=0.0)
+    max_fork_burst: int = option(2000, "forks one inferlet may make at once (token bucket depth)", min=1)
     max_tokens_per_instance: int = option(0, "tokens one inferlet may sample", min=0)
     max_wall_time_s: float = option(0.0, "seconds one inferlet may run", min=0.0)
     page_wait_timeout_s: float = option(30.0, "a pass waiting for pages fails after this", above=0.0)
     max_buffered_events: int = option(10_000, "events buffered per inferlet for slow clients", min=1)
+    max_buffered_event_bytes: int = option(16 * 1024 * 1024, "bytes of events buffered per inferlet", min=0)
+    max_buffered_event_bytes_per_user: int = option(64 * 1024 * 1024, "bytes of events buffered over all "
+                                                    "of one user's inferlets", min=0)
+    max_inbox_bytes: int = option(16 * 1024 * 1024, "bytes of client messages and files an inferlet has "
+                                  "not yet received", min=0)
+    max_message_bytes_per_user: int = option(16 * 1024 * 1024, "bytes of one user's queued messages and "
+                                             "broadcast backlogs", min=0)
+    max_upload_bytes_per_user: int = option(64 * 1024 * 1024, "bytes of one user's uploaded programs",
+                                            min=0)
+    finished_retention_s: float = option(600.0, "seconds a finished inferlet's events and result are kept "
+                                         "for late attach", min=0.0)
     max_finished_processes: int = option(1024, "finished inferlets kept for late attach", min=0)
     inferlet_paths: tuple[Path, ...] = option((), "extra folders searched for inferlets after "
                                               "the standard ones and $PIE_HOME/inferlets")
@@ -320,7 +338,7 @@ def _runtime(reader: Reader, data: Mapping[str, Any]) -> RuntimeConfig:
     table = reader.table(data.get("runtime", {}), "runtime")
     reader.check_keys(table, [k for k in field_names(RuntimeConfig) if k != "sandbox"], "runtime")
     values = reader.values(RuntimeConfig, table, "runtime")
-    if values.get("isolation") == "isolated":
+    if values.get("isolation", "auto") != "trusted":  # auto may turn out isolated (pie.runtime.isolation)
         values["sandbox"] = _sandbox(reader, data.get("sandbox", {}))
     elif "sandbox" in data:
         reader.notes.append("[sandbox] is ignored: inferlets run in the server process "

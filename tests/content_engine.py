@@ -77,7 +77,8 @@ class ContentEngine:
 
 
 def content_runtime(num_pages: int, page_size: int, **limits: Any) -> Runtime:
-    lim = RuntimeLimits(**limits)
+    # One instance drives suspension here, so it may hold the whole pool (no per-instance share).
+    lim = RuntimeLimits(**{"max_page_share_per_instance": 0.0, **limits})
     return Runtime({"m": ModelRuntime("m", ContentEngine(num_pages, page_size), lim)}, lim)
 
 

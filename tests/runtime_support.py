@@ -15,11 +15,13 @@ from pie.runtime.instance import Instance
 from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
 
 ARGMAX = {"kind": "argmax"}
+# These tests drive suspension and swapping from one instance: it may hold the whole pool.
+WHOLE_POOL = RuntimeLimits(max_page_share_per_instance=0.0)
 
 
 async def start_runtime(model_dir: Path | str, limits: RuntimeLimits | None = None, **engine: Any) -> Runtime:
     cfg = {"model": str(model_dir), "device": "cpu", "max_num_kv_pages": 256, **engine}
-    return await Runtime.start(RuntimeConfig((ModelSpec("tiny", EngineConfig(**cfg)),), limits or RuntimeLimits()))
+    return await Runtime.start(RuntimeConfig((ModelSpec("tiny", EngineConfig(**cfg)),), limits or WHOLE_POOL))
 
 
 def seq_len(host: Host, ctx: int) -> int:

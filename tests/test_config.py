@@ -240,7 +240,7 @@ def test_isolation_builds_the_sandbox_policy() -> None:
     sandbox = config.runtime.sandbox
     assert sandbox is not None
     assert (sandbox.memory_mb, sandbox.allow_network, sandbox.scratch_root) == (1024, True, Path("/srv/scratch"))
-    trusted = parse("[sandbox]\nmemory_mb = 1024\n")
+    trusted = parse('[runtime]\nisolation = "trusted"\n[sandbox]\nmemory_mb = 1024\n')
     assert trusted.runtime.sandbox is None and "[sandbox] is ignored" in trusted.notes[0]
 
 
@@ -271,7 +271,7 @@ def test_isolation_builds_the_sandbox_policy() -> None:
     ("shutdown_timeout_s = 1\n[server]\nshutdown_timeout_s = 2", "shutdown_timeout_s is set both at the top level"),
     ('[[model]]\nvenv = "x"\n[[model]]\nname = "b"\nvenv = 3', "model[1].venv = 3 is an integer, not a string"),
     ('venv = "/x"', "venv is not a known key"),  # a per-model key, not a default for all models
-    ('[runtime]\nisolation = "jail"', "runtime.isolation = 'jail' is not one of 'trusted', 'isolated'"),
+    ('[runtime]\nisolation = "jail"', "runtime.isolation = 'jail' is not one of 'auto', 'trusted', 'isolated'"),
     ('[runtime]\nisolation = "isolated"\n[sandbox]\nmemory_mb = 100', "[sandbox] memory_mb = 100 is too small"),
     ("model = 3", "model must be a [[model]] table or a list of them"),
     ("telemetry = 3", "telemetry is an integer, not a table"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pie.errors import ProgramError
-from pie.runtime.programs import Manifest, ProgramRegistry, check_entry, default_search_paths, stdlib_path
+from pie.runtime.programs import Manifest, ProgramRegistry, check_entry, operator_paths, stdlib_path
 
 STANDARD = {"text-completion", "chat", "best-of-n", "beam-search", "constrained-json", "speculative-decoding",
             "attention-sink", "modular-cache", "agent-react", "agent-mcp", "watermark", "tree-of-thought",
@@ -26,7 +26,7 @@ def package(folder: Path, name: str, version: str, body: str = "def main(input):
 
 
 def test_standard_library_is_complete_and_well_formed() -> None:
-    registry = ProgramRegistry([stdlib_path()])
+    registry = ProgramRegistry([], standard=stdlib_path())
     names = {p.name for p in registry.programs()}
     assert names >= STANDARD
     for info in registry.programs():
@@ -44,10 +44,11 @@ def test_versions_user_folders_and_precedence(tmp_path: Path, monkeypatch: pytes
     package(extra / "mine", "text-completion", "0.1.0", "def main(input):\n    return 'override'\n")
     (extra / "quick_hack.py").write_text('"""A one-file inferlet."""\n\ndef main(input):\n    return 1\n')
     monkeypatch.setenv("PIE_HOME", str(home))
-    registry = ProgramRegistry(default_search_paths(extra=[extra]))
+    registry = ProgramRegistry(operator_paths(extra=[extra]), standard=stdlib_path())
     assert registry.resolve("tool").manifest.version == "0.10.0"
     assert registry.resolve("tool@0.2.0").origin.endswith("tool-a")
-    assert "override" in registry.resolve("text-completion@0.1.0").source()  # later folders win
+    # The standard library comes before the operator's folders for the same name@version.
+    assert "override" not in registry.resolve("text-completion@0.1.0").source()
     single = registry.resolve("quick-hack")
     assert (single.manifest.version, single.info().description) == ("0.0.0", "A one-file inferlet.")
     assert registry.has("tool@0.10.0") and not registry.has("tool@9.9.9")
@@ -76,22 +77,23 @@ def test_uploads_check_manifest_entry_and_overwrites(tmp_path: Path) -> None:
     registry = ProgramRegistry([tmp_path])
     manifest = '[package]\nname = "up"\nversion = "1.0.0"\n[runtime]\nentry = "run"\ncall = "kwargs"\n'
     files = {"main.py": b"async def run(x=1):\n    return x\n"}
-    info = registry.add("up", "1.0.0", files, manifest)
+    info = registry.add("up", "1.0.0", files, manifest, owner="alice")
     assert (info.name, info.version) == ("up", "1.0.0")
-    assert registry.resolve("up").manifest == Manifest("up", "1.0.0", entry="run", call="kwargs")
-    registry.add("up", "1.0.0", files, manifest)  # the same bytes again: harmless
+    assert registry.resolve("up", "alice").manifest == Manifest("up", "1.0.0", entry="run", call="kwargs")
+    registry.add("up", "1.0.0", files, manifest, owner="alice")  # the same bytes again: harmless
     changed = {"main.py": b"async def run(x=2):\n    return x\n"}
     with pytest.raises(ProgramError, match="already installed with different files"):
-        registry.add("up", "1.0.0", changed, manifest)
-    registry.add("up", "1.0.0", changed, manifest, force=True)
-    assert "x=2" in registry.resolve("up@1.0.0").source()
+        registry.add("up", "1.0.0", changed, manifest, owner="alice")
+    registry.add("up", "1.0.0", changed, manifest, owner="alice", force=True)
+    assert "x=2" in registry.resolve("up@1.0.0", "alice").source()
 
     with pytest.raises(ProgramError, match=r"its Pie\.toml says up@1\.0\.0"):
-        registry.add("up", "2.0.0", files, manifest)
+        registry.add("up", "2.0.0", files, manifest, owner="alice")
     with pytest.raises(ProgramError, match=r"syntax error in main\.py line 1"):
-        registry.add("up", "1.0.0", {"main.py": b"def run(:\n"}, manifest, force=True)
+        registry.add("up", "1.0.0", {"main.py": b"def run(:\n"}, manifest, owner="alice", force=True)
     with pytest.raises(ProgramError, match=r"no top-level function run\(\); found \['other'\]"):
-        registry.add("up", "1.0.0", {"main.py": b"def other():\n    pass\n"}, manifest, force=True)
+        registry.add("up", "1.0.0", {"main.py": b"def other():\n    pass\n"}, manifest, owner="alice",
+                     force=True)
     with pytest.raises(ProgramError, match=r"call must be"):
         Manifest.parse('[package]\nname = "x"\nversion = "1"\n[runtime]\ncall = "argv"\n', "test")
     with pytest.raises(ProgramError, match="not valid TOML"):

@@ -223,7 +223,7 @@ async def test_terminating_or_failing_frees_every_page(tiny: Path) -> None:
 
 async def test_suspended_context_finishes_with_the_same_tokens(tiny: Path) -> None:
     # 24 pages of 16 slots: the two contexts (10 + 15 pages) cannot both be resident.
-    limits = RuntimeLimits(page_wait_timeout_s=20)
+    limits = RuntimeLimits(page_wait_timeout_s=20, max_page_share_per_instance=0.0)
     runtime = await start_runtime(tiny, limits, max_num_kv_pages=24, max_batch_tokens=64)
     low_prompt, high_prompt = prompts(2, 150, 200, seed=3)
     half = asyncio.Event()

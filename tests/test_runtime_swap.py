@@ -104,7 +104,7 @@ def solo_outputs(tiny: Path, workload: list[list[int]]) -> list[list[int]]:
 
 async def run_crowded(tiny: Path, workload: list[list[int]], swap_pool_size: int) -> tuple[list[Any], SchedulerStats]:
     """All inferlets at once on 12 pages (each needs up to 5): returns their final events and the stats."""
-    runtime = await start_runtime(tiny, RuntimeLimits(page_wait_timeout_s=60), max_num_kv_pages=12,
+    runtime = await start_runtime(tiny, RuntimeLimits(page_wait_timeout_s=60, max_page_share_per_instance=0.0), max_num_kv_pages=12,
                                   swap_pool_size=swap_pool_size)
     outs: dict[int, list[int]] = {}
 
@@ -167,7 +167,7 @@ class SwapContentEngine(ContentEngine):
 async def test_random_workloads_with_swap_keep_kv_consistent(seed: int) -> None:
     """Forks, truncations, snapshots, priorities and suspension to a small host pool never corrupt KV."""
     engine = SwapContentEngine(num_pages=40, page_size=4, num_swap_slots=12)
-    limits = RuntimeLimits(page_wait_timeout_s=5.0)
+    limits = RuntimeLimits(page_wait_timeout_s=5.0, max_page_share_per_instance=0.0)
     runtime = Runtime({"m": ModelRuntime("m", engine, limits)}, limits)
     assert await run_random_instances(runtime, seed) > 100
     stats = runtime.model().scheduler.stats
@@ -193,7 +193,8 @@ async def test_each_engine_batch_is_a_span_with_its_sizes_and_swaps() -> None:
     with telemetry.configured(enabled=True, exporter=exporter):
         engine = SwapContentEngine(num_pages=12, page_size=4, num_swap_slots=16)
         engine.info.model_name = "content"
-        runtime = Runtime({"m": ModelRuntime("m", engine, RuntimeLimits())}, RuntimeLimits())
+        whole_pool = RuntimeLimits(max_page_share_per_instance=0.0)  # one instance swaps against itself
+        runtime = Runtime({"m": ModelRuntime("m", engine, whole_pool)}, whole_pool)
 
         async def body(host: Any) -> None:
             old = host.ctx_create("")

@@ -144,9 +144,10 @@ async def shout(word: str, times: int = 2):  # type: ignore[no-untyped-def]
 
 async def test_pie_client_inferlet_upload_runs_with_keyword_arguments(rt: Runtime) -> None:
     """Exactly what pie-client's `@inferlet` uploads: the function's source and a manifest naming it."""
-    info = rt.add_program(shout.name, shout.version, {"main.py": shout.source.encode()}, shout.manifest_toml())
+    info = rt.add_program(shout.name, shout.version, {"main.py": shout.source.encode()}, shout.manifest_toml(),
+                          owner="zoe")
     assert info.description == "Repeat a word." and info.parameters["times"]["optional"]
     final, _ = await launch(rt, shout.program, {"word": "hey", "times": 3}, username="zoe")
     assert json.loads(final.value) == {"text": "HEY HEY HEY", "user": "zoe"}
-    final, _ = await launch(rt, "shout", {"word": "yo"})  # bare name: the latest version
+    final, _ = await launch(rt, "shout", {"word": "yo"}, username="zoe")  # bare name: the latest version
     assert json.loads(final.value)["text"] == "YO YO"

@@ -246,6 +246,7 @@ async def main(input: dict) -> str:
 async def test_one_user_cannot_open_another_users_snapshot(server: Server) -> None:
     alice, bob = await connect(server, "alice"), await connect(server, "bob")
     await alice.install_program(SNAPSHOTS, '[package]\nname = "snapshots"\nversion = "0.1.0"\n')
+    await bob.install_program(SNAPSHOTS, '[package]\nname = "snapshots"\nversion = "0.1.0"\n')  # uploads are per user
     assert await (await alice.launch("snapshots", {"op": "save", "name": "prefix"})).result() == "saved"
     assert await (await alice.launch("snapshots", {"op": "open", "name": "prefix"})).result() == "opened"
     refused = await (await bob.launch("snapshots", {"op": "open", "name": "prefix"})).result()

@@ -26,7 +26,7 @@ from pie.runtime.programs import (
     Program,
     ProgramRegistry,
     check_entry,
-    default_search_paths,
+    operator_paths,
     stdlib_path,
 )
 
@@ -36,13 +36,13 @@ NameArg = Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="An infer
 
 
 def user_dir(settings: Config) -> Path:
-    """Where `pie inferlet install` puts packages: `$PIE_HOME/inferlets` (the runtime's second folder)."""
-    return default_search_paths(settings.pie_home)[1]
+    """Where `pie inferlet install` puts packages: `$PIE_HOME/inferlets` (the first of the operator's folders)."""
+    return operator_paths(settings.pie_home)[0]
 
 
 def registry(settings: Config) -> ProgramRegistry:
     """The registry the server of `settings` would build (same folders, same order)."""
-    return ProgramRegistry(default_search_paths(settings.pie_home, settings.runtime.inferlet_paths))
+    return ProgramRegistry(operator_paths(settings.pie_home, settings.runtime.inferlet_paths), standard=stdlib_path())
 
 
 def resolve(settings: Config, spec: str) -> Program:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from pie.mcp_link import INTERNAL_ERROR, McpCallError
 from pie.runtime.context import Context
 from pie.runtime.forward_pass import PassReader, slot_values
 from pie.runtime.jobs import Job
+from pie.runtime.quotas import TokenBucket
 
 if TYPE_CHECKING:
     from pie.runtime.adapters import NamedAdapter
@@ -61,6 +62,8 @@ class InstanceHost:
         self.closed = False
         self._passes = PassReader()
         self.mcp: McpRouter | None = None  # the MCP servers this instance may use (set at launch)
+        limits = instance.limits
+        self._forks = TokenBucket(limits.forks_per_s, limits.fork_burst)
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
@@ -119,25 +122,36 @@ class InstanceHost:
 
     def ctx_create(self, model: str) -> int:
         m = self._model(model)
+        self._check_context_limit()
         group = m.place()
         return self._adopt(m, group, group.space.create(self.instance.id))
 
     def ctx_open(self, model: str, name: str) -> int:
         m = self._model(model)
+        self._check_context_limit()
         ctx = m.snapshots.open(self.instance.username, name, self.instance.id)
-        return self._adopt(m, m.group_of(ctx), ctx, check_pages=True)
+        return self._adopt(m, m.group_of(ctx), ctx, new_pages=ctx.num_pages)
 
     def ctx_take(self, model: str, name: str) -> int:
         m = self._model(model)
+        self._check_context_limit()
         ctx = m.snapshots.take(self.instance.username, name, self.instance.id)
-        return self._adopt(m, m.group_of(ctx), ctx, check_pages=True)
+        return self._adopt(m, m.group_of(ctx), ctx, new_pages=ctx.num_pages)
 
     def ctx_delete(self, model: str, name: str) -> None:
         self._model(model).snapshots.delete(self.instance.username, name)
 
     def ctx_fork(self, ctx: int) -> int:
         m, c, g = self._ctx(ctx)
-        return self._adopt(m, g, c.fork(self.instance.id), check_pages=True)
+        self._check_context_limit()
+        if not self._forks.try_take():
+            limits = self.instance.limits
+            raise HostError(f"this instance forks faster than its limit of {limits.forks_per_s:g} forks per "
+                            f"second (bursts of {limits.fork_burst}); slow down, or raise [runtime] "
+                            "max_forks_per_s / max_fork_burst")
+        child = c.fork(self.instance.id)
+        # Its committed pages are its parent's (held already); its working pages are its own.
+        return self._adopt(m, g, child, new_pages=child.num_pages - len(child.pages[:child.num_committed]))
 
     def ctx_save(self, ctx: int, name: str) -> None:
         m, c, _ = self._ctx(ctx)
@@ -160,9 +174,9 @@ class InstanceHost:
         return self._ctx(ctx)[0].page_size
 
     def ctx_reserve(self, ctx: int, num_pages: int) -> None:
-        c = self._ctx(ctx)[1]
+        _, c, g = self._ctx(ctx)
         _check_count("num_pages", num_pages)
-        self._check_page_limit(num_pages)
+        self._check_page_limit(num_pages, g)
         with user_errors():
             c.reserve(num_pages)
 
@@ -204,10 +218,10 @@ class InstanceHost:
         self.instance.emit("file", bytes(data))
 
     async def receive(self) -> str:
-        return await self.instance.messages.get()
+        return await self.instance.receive_message()
 
     async def receive_file(self) -> bytes:
-        return await self.instance.files.get()
+        return await self.instance.receive_file()
 
     # -- messaging ------------------------------------------------------------------------------
 
@@ -329,10 +343,11 @@ class InstanceHost:
         with user_errors():
             return m.adapters.slot_of(adapter)
 
-    def _adopt(self, model: ModelRuntime, group: EngineGroup, ctx: Context, *, check_pages: bool = False) -> int:
-        if check_pages:
+    def _adopt(self, model: ModelRuntime, group: EngineGroup, ctx: Context, *, new_pages: int | None = None) -> int:
+        """A handle for `ctx`; with `new_pages`, first check the page limits for that many more pages."""
+        if new_pages is not None:
             try:
-                self._check_page_limit(ctx.num_pages)
+                self._check_page_limit(new_pages, group)
             except HostError:
                 ctx.destroy()
                 raise
@@ -340,14 +355,34 @@ class InstanceHost:
         self._contexts[handle] = (model, ctx, group)
         return handle
 
-    def _check_page_limit(self, more: int) -> None:
-        limit = self.instance.limits.max_pages
-        if not limit or not more:
+    def _check_context_limit(self) -> None:
+        limit = self.instance.limits.max_contexts
+        if limit and len(self._contexts) >= limit:
+            raise HostError(f"this instance holds {len(self._contexts)} contexts, its limit "
+                            "([runtime] max_contexts_per_instance); destroy contexts it no longer needs, or "
+                            "raise the limit")
+
+    def _check_page_limit(self, more: int, group: EngineGroup) -> None:
+        """`more` pages on top of what the instance holds: within max_pages_per_instance (over all its
+        contexts) and max_page_share_per_instance (of `group`'s pool)? Committed pages the instance's
+        contexts share (forks) count once."""
+        limits = self.instance.limits
+        if more <= 0 or not (limits.max_pages or limits.max_page_share):
             return
-        held = sum(c.num_pages for _, c, _ in self._contexts.values())
-        if held + more > limit:
-            raise HostError(f"this instance would hold {held + more} KV pages, over its limit of {limit}; "
-                            "release or destroy contexts (or raise [runtime] max_pages_per_instance)")
+        if limits.max_pages:
+            held = _pages_held((c for _, c, _ in self._contexts.values()), limits.max_pages - more)
+            if held + more > limits.max_pages:
+                raise HostError(f"this instance would hold {held + more} KV pages, over its limit of "
+                                f"{limits.max_pages}; release or destroy contexts (or raise [runtime] "
+                                "max_pages_per_instance)")
+        if limits.max_page_share:
+            total = group.space.pool.num_pages
+            share = max(1, int(total * limits.max_page_share))
+            held = _pages_held((c for _, c, g in self._contexts.values() if g is group), share - more)
+            if held + more > share:
+                raise HostError(f"this instance would hold {held + more} of the KV pool's {total} pages, over "
+                                f"its share of {limits.max_page_share:g} ({share} pages); release or destroy "
+                                "contexts (or raise [runtime] max_page_share_per_instance)")
 
     def _job(self, m: ModelRuntime, c: Context, spec: PassDict) -> tuple[Job, list[tuple[int, int]]]:
         outputs = self._passes.outputs(spec, m)
@@ -358,6 +393,23 @@ class InstanceHost:
         job = self._passes.job(m, c, spec, outputs, self._adapter_slot(m, spec.get("adapter")))
         self.tokens_sampled += outputs.sampled
         return job, outputs.slot_rows
+
+def _pages_held(contexts: Iterable[Context], within: int) -> int:
+    """The pages `contexts` hold together: reserved capacity, with committed pages shared between them
+    (forks of one another) counted once. When their plain sum is at most `within`, that sum (the
+    common case; it saves the walk over every page)."""
+    contexts = list(contexts)
+    upper = sum(ctx.num_pages for ctx in contexts)
+    if upper <= within:
+        return upper
+    committed: set[int] = set()
+    held = 0
+    for ctx in contexts:
+        resident = ctx.pages[:ctx.num_committed]
+        committed.update(resident)
+        held += ctx.num_pages - len(resident)
+    return held + len(committed)
+
 
 def _check_count(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 0:

@@ -8,6 +8,10 @@ lost on shutdown (as in Pie).
 - broadcast/subscribe: every subscription of the topic gets its own copy. No
   backpressure: a subscription holds at most `max_subscription_backlog`
   messages and drops the oldest beyond that (counted in `dropped`).
+- bytes: everything one user's topics hold (queued messages and subscription
+  backlogs) counts against `[runtime] max_message_bytes_per_user`; a push over
+  it is refused with MessagingError naming the key, a broadcast drops the
+  subscription's oldest messages (or the new one).
 
 An instance talks through its `Mailbox` (`bus.mailbox(username)`), which
 owns its subscriptions as integer handles, the shape the Host API uses, and
@@ -22,24 +26,31 @@ import itertools
 from dataclasses import dataclass, field
 
 from pie.errors import MessagingError
+from pie.runtime.quotas import ByteQuota, size_of
 
 
 @dataclass(eq=False)
 class Subscription:
-    """One subscriber's copy of a topic's broadcasts."""
+    """One subscriber's copy of a topic's broadcasts; its backlog counts in its user's `quota`."""
 
     key: tuple[str, str]
     backlog: int
+    quota: ByteQuota
     messages: collections.deque[str] = field(default_factory=collections.deque)
     dropped: int = 0
     closed: bool = False
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     def deliver(self, message: str) -> None:
-        if len(self.messages) >= self.backlog:
-            self.messages.popleft()
+        user, n = self.key[0], size_of(message)
+        while self.messages and (len(self.messages) >= self.backlog or not self.quota.fits(user, n)):
+            self._pop()
             self.dropped += 1
+        if not self.quota.fits(user, n):
+            self.dropped += 1
+            return
         self.messages.append(message)
+        self.quota.take(user, n)
         self._wakeup.set()
 
     async def next(self) -> str | None:
@@ -49,17 +60,29 @@ class Subscription:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        return self.messages.popleft()
+        return self._pop()
 
     def close(self) -> None:
+        """Unsubscribed: the backlog stops counting in the quota (it goes with this object) but can still
+        be read to the end."""
+        if not self.closed:
+            self.quota.give(self.key[0], sum(size_of(m) for m in self.messages))
         self.closed = True
         self._wakeup.set()
 
+    def _pop(self) -> str:
+        message = self.messages.popleft()
+        if not self.closed:
+            self.quota.give(self.key[0], size_of(message))
+        return message
+
 
 class MessageBus:
-    def __init__(self, *, max_queue: int = 10_000, max_subscription_backlog: int = 1_000) -> None:
+    def __init__(self, *, max_queue: int = 10_000, max_subscription_backlog: int = 1_000,
+                 max_bytes_per_user: int = 0) -> None:
         self.max_queue = max_queue
         self.max_subscription_backlog = max_subscription_backlog
+        self.quota = ByteQuota(max_bytes_per_user, "max_message_bytes_per_user")
         self._queues: dict[tuple[str, str], collections.deque[str]] = {}
         self._pullers: dict[tuple[str, str], collections.deque[asyncio.Future[str]]] = {}
         self._subscribers: dict[tuple[str, str], set[Subscription]] = {}
@@ -80,13 +103,20 @@ class MessageBus:
         if len(queue) >= self.max_queue:
             raise MessagingError(f"topic {topic!r} holds {len(queue)} unpulled messages (the limit); "
                                  "pull them or use broadcast for fire-and-forget")
+        n = size_of(message)
+        if not self.quota.fits(username, n):
+            if not queue:
+                del self._queues[key]
+            raise MessagingError(self.quota.over(username, n, f"pushing a message to topic {topic!r}"))
         queue.append(message)
+        self.quota.take(username, n)
 
     async def pull(self, username: str, topic: str) -> str:
         key = (username, topic)
         queue = self._queues.get(key)
         if queue:
             message = queue.popleft()
+            self.quota.give(username, size_of(message))
             if not queue:
                 del self._queues[key]
             return message
@@ -98,6 +128,7 @@ class MessageBus:
             # Delivered just before the cancellation landed: give the message back, first in line.
             if puller.done() and not puller.cancelled():
                 self._queues.setdefault(key, collections.deque()).appendleft(puller.result())
+                self.quota.take(username, size_of(puller.result()))
             raise
         finally:
             waiting = self._pullers.get(key)
@@ -113,7 +144,7 @@ class MessageBus:
         return len(subscribers)
 
     def subscribe(self, username: str, topic: str) -> Subscription:
-        sub = Subscription((username, topic), self.max_subscription_backlog)
+        sub = Subscription((username, topic), self.max_subscription_backlog, self.quota)
         self._subscribers.setdefault(sub.key, set()).add(sub)
         return sub
 

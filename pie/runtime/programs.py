@@ -15,16 +15,31 @@ A package is a folder with `Pie.toml` and `main.py`:
 A single `foo_bar.py` file is a package too: name `foo-bar`, version 0.0.0,
 description from its docstring.
 
-Where programs come from, later sources winning for the same name@version:
-the standard library (`inferlets/` beside the `pie` package, also in the
-wheel), the user's folder (`$PIE_HOME/inferlets`, default `~/.pie/inferlets`),
-configured extra folders, and uploads (`add`: the files and manifest text a
-client sends). A bare name resolves to the highest version.
+Where programs come from, in three namespaces searched in this order for a
+user's launch:
+
+1. the user's own uploads (`add`: the files and manifest text a client sends);
+   they belong to the uploader and no other user ever sees or runs them;
+2. the standard library (`inferlets/` beside the `pie` package, also in the
+   wheel);
+3. what the operator installed: `$PIE_HOME/inferlets` (default
+   `~/.pie/inferlets`), then the configured extra folders (a later folder wins
+   for the same name@version).
+
+`name@version` is looked up in that order; a bare `name` takes the highest
+version of the first namespace that has the name. No upload can replace a
+standard inferlet (an upload of a standard name@version is refused unless it
+is byte-identical) and an upload lands only in its uploader's namespace, so
+`force_overwrite` can only ever replace the uploader's own program.
+`name@version#sha256=<hex>` pins a standard inferlet by its content hash
+(`ProgramRegistry.standard_spec`): what server-internal launches (the
+OpenAI-compatible API) use, so no upload can stand in for them.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import re
 import tomllib
@@ -111,6 +126,14 @@ class Program:
         return {p.relative_to(self.root).as_posix(): p.read_bytes() for p in sorted(self.root.rglob("*"))
                 if p.is_file() and not _SKIP_PARTS.intersection(p.parts)}
 
+    def digest(self) -> str:
+        """sha256 over the manifest and every file (path and bytes): what a pinned spec names."""
+        h = hashlib.sha256()
+        for path, data in sorted(self.files().items()):
+            h.update(f"{len(path)}:{path}:{len(data)}:".encode())
+            h.update(data)
+        return h.hexdigest()
+
     def source(self) -> str:
         files = self.files()
         if ENTRY_FILE not in files:
@@ -118,10 +141,10 @@ class Program:
         return files[ENTRY_FILE].decode("utf-8")
 
 
-def default_search_paths(pie_home: Path | None = None, extra: Iterable[Path] = ()) -> list[Path]:
-    """The standard library, then `$PIE_HOME/inferlets` (default ~/.pie/inferlets), then `extra`."""
+def operator_paths(pie_home: Path | None = None, extra: Iterable[Path] = ()) -> list[Path]:
+    """The operator's folders: `$PIE_HOME/inferlets` (default ~/.pie/inferlets), then `extra`."""
     home = pie_home or Path(os.environ.get("PIE_HOME", Path.home() / ".pie"))
-    return [stdlib_path(), home / "inferlets", *extra]
+    return [home / "inferlets", *extra]
 
 
 def stdlib_path() -> Path:
@@ -131,77 +154,151 @@ def stdlib_path() -> Path:
     return Path(pie.__file__).resolve().parent.parent / "inferlets"
 
 
+Key = tuple[str, str]  # (name, version)
+PIN = "#sha256="
+
+
 class ProgramRegistry:
-    def __init__(self, search_paths: Iterable[Path]) -> None:
+    """Installed and uploaded programs, resolved per user (see the module docstring for the order).
+
+    `search_paths` are the operator's folders; `standard` the standard library's (None: none, for tests
+    of a registry of one's own folders). `max_upload_bytes_per_user` caps what one user's uploads hold
+    in memory together (0 = no cap)."""
+
+    def __init__(self, search_paths: Iterable[Path], *, standard: Path | None = None,
+                 max_upload_bytes_per_user: int = 0) -> None:
         self.search_paths = [Path(p).expanduser() for p in search_paths]
-        self._uploaded: dict[tuple[str, str], Program] = {}
-        self._found: dict[tuple[str, str], Program] = {}
+        self.standard_path = standard
+        self.max_upload_bytes_per_user = max_upload_bytes_per_user
+        self._uploaded: dict[str, dict[Key, Program]] = {}  # owner -> that user's uploads
+        self._standard: dict[Key, Program] = {}
+        self._found: dict[Key, Program] = {}  # the operator's
         self.broken: dict[str, str] = {}  # folder -> why it is not a package (shown when a lookup fails)
         self.refresh()
 
     def refresh(self) -> None:
         """Rescan the folders (done again automatically when a name is not found)."""
-        found: dict[tuple[str, str], Program] = {}
         broken: dict[str, str] = {}
-        for folder in self.search_paths:
-            for item in _scan(folder):
-                if isinstance(item, ProgramError):
-                    broken[str(item.args[1])] = str(item.args[0])
-                else:
-                    found[(item.manifest.name, item.manifest.version)] = item
-        self._found, self.broken = found, broken
+        self._standard = _scan_all([self.standard_path] if self.standard_path else [], broken)
+        self._found = _scan_all(self.search_paths, broken)
+        self.broken = broken
 
-    def programs(self) -> list[ProgramInfo]:
-        return [p.info() for p in self._all().values()]
+    def programs(self, username: str | None = None) -> list[ProgramInfo]:
+        """What `username` can launch (None: the installed programs only), each name@version once."""
+        return [p.info() for p in self._visible(username).values()]
 
-    def has(self, spec: str) -> bool:
+    def has(self, spec: str, username: str | None = None) -> bool:
         try:
-            self.resolve(spec)
+            self.resolve(spec, username)
         except ProgramError:
             return False
         return True
 
-    def resolve(self, spec: str) -> Program:
-        """`name@version`, or `name` for its highest version."""
-        program = self._lookup(spec)
+    def resolve(self, spec: str, username: str | None = None) -> Program:
+        """`name@version`, `name` (its highest version) or a pinned `name@version#sha256=...`, as
+        `username` sees them: their own uploads, then the standard library, then the operator's."""
+        program = self._lookup(spec, username)
         if program is None:
             self.refresh()
-            program = self._lookup(spec)
+            program = self._lookup(spec, username)
         if program is None:
-            names = sorted(f"{n}@{v}" for n, v in self._all())
+            if PIN in spec:
+                raise ProgramError(f"no standard inferlet {spec!r}: the standard library changed since the "
+                                   "server started, or the pin is wrong; restart the server")
+            names = sorted(f"{n}@{v}" for n, v in self._visible(username))
             skipped = "".join(f"; skipped {path}: {why}" for path, why in self.broken.items())
             raise ProgramError(f"no inferlet {spec!r}; available: {', '.join(names) or 'none'}{skipped}. "
-                               f"Install it into {self.search_paths[min(1, len(self.search_paths) - 1)]} "
+                               f"Install it into {self.search_paths[0] if self.search_paths else 'a folder'} "
                                "or upload it")
         return program
 
-    def add(self, name: str, version: str, files: Mapping[str, bytes], manifest: str, *,
+    def standard_spec(self, name: str) -> str:
+        """The pinned spec (`name@version#sha256=<hex>`) of the highest version of standard inferlet `name`."""
+        versions = [v for (n, v) in self._standard if n == name]
+        if not versions:
+            self.refresh()
+            versions = [v for (n, v) in self._standard if n == name]
+        if not versions:
+            raise ProgramError(f"the standard library ({self.standard_path}) has no inferlet {name!r}; "
+                               "reinstall pie")
+        program = self._standard[(name, max(versions, key=_version_key))]
+        return f"{program.spec}{PIN}{program.digest()}"
+
+    def add(self, name: str, version: str, files: Mapping[str, bytes], manifest: str, *, owner: str,
             force: bool = False) -> ProgramInfo:
-        """Register an uploaded program. The same name@version again is refused unless `force` (or
-        unless it is byte-identical, which makes retries harmless)."""
+        """Register `owner`'s upload. Their own same name@version again is refused unless `force` (or
+        unless it is byte-identical, which makes retries harmless); a standard inferlet's name@version
+        is refused unless byte-identical (then the upload is a no-op)."""
         parsed = Manifest.parse(manifest, f"upload {name}@{version}")
         if (parsed.name, parsed.version) != (name, version):
             raise ProgramError(f"upload {name}@{version}: its Pie.toml says {parsed.spec}; make them agree")
-        program = Program(parsed, "uploaded", uploaded=MappingProxyType(dict(files)))
+        program = Program(parsed, f"uploaded by {owner}", uploaded=MappingProxyType(dict(files)))
         check_entry(program)
         key = (name, version)
-        existing = self._uploaded.get(key)
+        standard = self._standard.get(key)
+        if standard is not None:
+            if standard.files() != program.files():
+                raise ProgramError(f"{name}@{version} is a standard inferlet and cannot be replaced "
+                                   "(force_overwrite applies only to your own uploads); upload it under "
+                                   "another name or version")
+            return standard.info()
+        own = self._uploaded.setdefault(owner, {})
+        existing = own.get(key)
         if existing is not None and not force and existing.files() != program.files():
             raise ProgramError(f"{name}@{version} is already installed with different files; bump the "
                                "version or upload with force_overwrite")
-        self._uploaded[key] = program
+        self._check_upload_bytes(owner, program, existing)
+        own[key] = program
         return program.info()
 
-    def _all(self) -> dict[tuple[str, str], Program]:
-        return {**self._found, **self._uploaded}
+    def _check_upload_bytes(self, owner: str, program: Program, replaced: Program | None) -> None:
+        cap = self.max_upload_bytes_per_user
+        if not cap:
+            return
+        held = sum(_size(p) for p in self._uploaded.get(owner, {}).values()) - (_size(replaced) if replaced else 0)
+        if held + _size(program) > cap:
+            raise ProgramError(f"user {owner!r}'s uploads would hold {held + _size(program)} bytes, over the "
+                               f"limit of {cap} ([runtime] max_upload_bytes_per_user); re-upload with "
+                               "force_overwrite to replace an old version, or raise the limit")
 
-    def _lookup(self, spec: str) -> Program | None:
-        everything = self._all()
+    def _visible(self, username: str | None) -> dict[Key, Program]:
+        """Every name@version `username` can launch, each the one it resolves to."""
+        own = self._uploaded.get(username, {}) if username is not None else {}
+        return {**self._found, **self._standard, **own}
+
+    def _lookup(self, spec: str, username: str | None) -> Program | None:
+        spec, pin, digest = spec.partition(PIN)
         name, _, version = spec.partition("@")
-        if version:
-            return everything.get((name, version))
-        versions = [v for (n, v) in everything if n == name]
-        return everything[(name, max(versions, key=_version_key))] if versions else None
+        if pin:
+            program = self._standard.get((name, version))
+            return program if program is not None and program.digest() == digest else None
+        own = self._uploaded.get(username, {}) if username is not None else {}
+        for namespace in (own, self._standard, self._found):
+            if version:
+                if (name, version) in namespace:
+                    return namespace[(name, version)]
+                continue
+            versions = [v for (n, v) in namespace if n == name]
+            if versions:
+                return namespace[(name, max(versions, key=_version_key))]
+        return None
+
+
+def _size(program: Program) -> int:
+    return sum(len(data) for data in (program.uploaded or {}).values())
+
+
+def _scan_all(folders: Iterable[Path], broken: dict[str, str]) -> dict[Key, Program]:
+    """The packages of `folders` (a later folder wins for the same name@version); malformed ones go to
+    `broken` (folder -> why)."""
+    found: dict[Key, Program] = {}
+    for folder in folders:
+        for item in _scan(folder):
+            if isinstance(item, ProgramError):
+                broken[str(item.args[1])] = str(item.args[0])
+            else:
+                found[(item.manifest.name, item.manifest.version)] = item
+    return found
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:

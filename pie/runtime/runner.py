@@ -11,7 +11,9 @@
   ""; an object with `model_dump_json()` -> that; anything else ->
   `json.dumps(value, default=str)`;
 - an exception -> `InferletError` whose message is the exception and the
-  last frames of the program's own code.
+  last frames of the program's own code. `SystemExit`, `KeyboardInterrupt`
+  and `GeneratorExit` too, raised in `main`, at import or in a task the
+  program spawned (`pie.runtime.containment`): they end this instance only.
 
 Output of `print` (and anything else writing to sys.stdout / sys.stderr)
 inside the run becomes stdout / stderr events of *this* instance: the
@@ -25,6 +27,7 @@ mode for code you do not trust to behave).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import inspect
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from inferlet._host import Host
 from inferlet._instance import UNSET, InstanceState, use_instance
 from pie.errors import InferletError, ProgramError
+from pie.runtime.containment import contained_tasks
 from pie.runtime.programs import ENTRY_FILE, Program
 
 if TYPE_CHECKING:
@@ -90,7 +94,7 @@ def load_entry(program: Program, module_name: str) -> tuple[Callable[..., Any], 
     sys.modules[module_name] = module  # dataclasses and typing resolve names through sys.modules
     try:
         exec(code, module.__dict__)
-    except Exception as e:
+    except BaseException as e:  # sys.exit() at import time too: it ends this instance, not the server
         sys.modules.pop(module_name, None)
         raise InferletError(user_traceback(e, filename, f"{program.spec} failed while loading")) from None
     entry = module.__dict__.get(program.manifest.entry)
@@ -118,14 +122,30 @@ async def run_program(program: Program, input: str | dict[str, Any] | None, host
     data = parse_input(input)
     module_name = f"_inferlet_{host.instance_id().replace('-', '_')}"
     filename = f"{program.spec}/{ENTRY_FILE}"
-    with use_instance(host, state) as current, routed_output(emit):
+    main = asyncio.current_task()
+    escaped: list[BaseException] = []
+
+    def on_escape(error: BaseException) -> None:
+        """A task the inferlet spawned raised SystemExit & co: end this instance (and only it)."""
+        if not escaped and main is not None:
+            escaped.append(error)
+            main.cancel()
+
+    with use_instance(host, state) as current, routed_output(emit), contained_tasks(on_escape):
         entry, _ = load_entry(program, module_name)
         try:
             result = call_entry(entry, data, program.manifest.call)
             if inspect.isawaitable(result):
                 result = await result
             return convert_result(result, current)
-        except (Exception, SystemExit) as e:  # SystemExit too: sys.exit() must not stop the server
+        except asyncio.CancelledError:
+            if escaped:  # our own cancellation, on behalf of a spawned task
+                if main is not None:
+                    main.uncancel()
+                raise InferletError(user_traceback(escaped[0], filename,
+                                                   f"{program.spec}: a task it spawned raised")) from None
+            raise  # terminated, or past its wall time
+        except BaseException as e:  # SystemExit, KeyboardInterrupt, GeneratorExit too: never the server's
             raise InferletError(user_traceback(e, filename, f"{program.spec} raised")) from None
         finally:
             sys.modules.pop(module_name, None)

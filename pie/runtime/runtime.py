@@ -33,6 +33,7 @@ from pie.runtime.instance import Body, Instance, InstanceLimits
 from pie.runtime.mcp import McpRelay, McpRouter, SharedMcpServers
 from pie.runtime.messaging import MessageBus
 from pie.runtime.model_runtime import EngineGroup, ModelRuntime
+from pie.runtime.quotas import ByteQuota
 
 if TYPE_CHECKING:
     from pie.runtime.programs import Program, ProgramRegistry
@@ -43,15 +44,29 @@ __all__ = ["EngineGroup", "ModelRuntime", "ModelSpec", "Runtime", "RuntimeConfig
 log = logging.getLogger(__name__)
 
 
+MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class RuntimeLimits:
-    """[runtime] limits; 0 means no limit."""
+    """[runtime] limits; 0 means no limit. The tenancy limits are on by default, so that no one instance
+    or user can hold the whole pool, the loop or the server's memory (docs/configuration.md)."""
 
     max_pages_per_instance: int = 0
+    max_page_share_per_instance: float = 0.5  # of a pool's pages, held by one instance
+    max_contexts_per_instance: int = 1024
+    max_forks_per_s: float = 1000.0  # a token bucket per instance ...
+    max_fork_burst: int = 2000  # ... of this depth
     max_tokens_per_instance: int = 0  # sampled tokens; a launch's token_budget can only lower it
     max_wall_time_s: float = 0.0
     page_wait_timeout_s: float = 30.0  # a pass waiting for pages while nothing can run fails after this
     max_buffered_events: int = 10_000
+    max_buffered_event_bytes: int = 16 * MIB  # per instance: output waiting for its client
+    max_buffered_event_bytes_per_user: int = 64 * MIB  # the same, over all of a user's instances
+    max_inbox_bytes: int = 16 * MIB  # per instance: client messages and files not yet received
+    max_message_bytes_per_user: int = 16 * MIB  # queued push/pull messages and broadcast backlogs
+    max_upload_bytes_per_user: int = 64 * MIB  # uploaded programs held in memory
+    finished_retention_s: float = 600.0  # a finished instance (events, result) is forgotten after this
     max_finished_processes: int = 1024  # finished instances kept for late attach / wait
     max_concurrent_processes: int = 0  # instances running at once; launches past it wait for a slot
 
@@ -59,7 +74,12 @@ class RuntimeLimits:
         tokens = self.max_tokens_per_instance
         if token_budget is not None:
             tokens = min(tokens, token_budget) if tokens else token_budget
-        return InstanceLimits(self.max_pages_per_instance, tokens, self.max_wall_time_s, self.max_buffered_events)
+        return InstanceLimits(max_pages=self.max_pages_per_instance, max_page_share=self.max_page_share_per_instance,
+                              max_contexts=self.max_contexts_per_instance, forks_per_s=self.max_forks_per_s,
+                              fork_burst=self.max_fork_burst, max_tokens=tokens,
+                              max_wall_time_s=self.max_wall_time_s, max_buffered_events=self.max_buffered_events,
+                              max_buffered_event_bytes=self.max_buffered_event_bytes,
+                              max_inbox_bytes=self.max_inbox_bytes)
 
 
 @dataclass(frozen=True, init=False)
@@ -116,7 +136,8 @@ class Runtime:
         self.limits = limits
         self.sandbox = sandbox
         self.mcp = mcp  # the operator's shared MCP servers, if any
-        self.bus = MessageBus()
+        self.bus = MessageBus(max_bytes_per_user=limits.max_message_bytes_per_user)
+        self._event_bytes = ByteQuota(limits.max_buffered_event_bytes_per_user, "max_buffered_event_bytes_per_user")
         self._registry = registry
         self._processes: dict[str, Instance] = {}
         self._finished: collections.deque[str] = collections.deque()  # ids of ended instances, oldest first
@@ -131,7 +152,7 @@ class Runtime:
     async def start(cls, config: Any, *, engines: Mapping[str, EngineClient] | None = None) -> Runtime:
         """Build the runtime. `engines` (by model name) are used instead of starting in-process engines
         for those models (single-group models only); the caller keeps them (shutdown does not close them)."""
-        from pie.runtime.programs import ProgramRegistry, default_search_paths
+        from pie.runtime.programs import ProgramRegistry, operator_paths, stdlib_path
 
         cfg = runtime_config(config)
         given = dict(engines or {})
@@ -161,7 +182,8 @@ class Runtime:
                     for client in clients:
                         await client.close()
             raise
-        registry = ProgramRegistry(default_search_paths(cfg.pie_home, cfg.inferlet_paths))
+        registry = ProgramRegistry(operator_paths(cfg.pie_home, cfg.inferlet_paths), standard=stdlib_path(),
+                                   max_upload_bytes_per_user=cfg.limits.max_upload_bytes_per_user)
         shared = SharedMcpServers(cfg.mcp_servers, call_timeout_s=cfg.mcp_call_timeout_s) if cfg.mcp_servers else None
         runtime = cls(models, cfg.limits, registry, cfg.sandbox, mcp=shared)
         if shared is not None:
@@ -189,21 +211,27 @@ class Runtime:
             raise RequestError("this runtime has no program registry; launch bodies with `spawn`")
         return self._registry
 
-    def programs(self) -> list[ProgramInfo]:
-        return self.registry.programs()
+    def programs(self, username: str | None = None) -> list[ProgramInfo]:
+        """What `username` can launch (None: the installed programs only)."""
+        return self.registry.programs(username)
 
-    def has_program(self, spec: str) -> bool:
-        return self.registry.has(spec)
+    def has_program(self, spec: str, username: str | None = None) -> bool:
+        return self.registry.has(spec, username)
 
-    def add_program(self, name: str, version: str, files: dict[str, bytes], manifest: str, *,
+    def add_program(self, name: str, version: str, files: dict[str, bytes], manifest: str, *, owner: str,
                     force: bool = False) -> ProgramInfo:
-        return self.registry.add(name, version, files, manifest, force=force)
+        """`owner`'s upload: only `owner` ever resolves to it (pie.runtime.programs)."""
+        return self.registry.add(name, version, files, manifest, owner=owner, force=force)
+
+    def standard_program(self, name: str) -> str:
+        """The standard inferlet `name` pinned by its content hash: what server-internal launches use."""
+        return self.registry.standard_spec(name)
 
     # -- processes ------------------------------------------------------------------------------
 
     async def launch(self, program: str, input: str, *, username: str, token_budget: int | None = None,
                      mcp_session: McpRelay | None = None) -> Instance:
-        resolved = self.registry.resolve(program)
+        resolved = self.registry.resolve(program, username)
         instance = self.spawn(_program_body(resolved, input, self.sandbox), program=resolved.spec,
                               username=username, token_budget=token_budget, mcp_session=mcp_session)
         instance.input = input
@@ -218,7 +246,8 @@ class Runtime:
         listed, attachable and terminable meanwhile; its `max_wall_time_s` counts from admission)."""
         if self._closing:
             raise RequestError("the server is shutting down; launch again once it is back")
-        instance = Instance(str(uuid.uuid4()), program, username, self.limits.for_instance(token_budget))
+        instance = Instance(str(uuid.uuid4()), program, username, self.limits.for_instance(token_budget),
+                            self._event_bytes)
         instance.host = InstanceHost(instance, self._models, self.default_model, self.bus.mailbox(username))
         instance.host.mcp = McpRouter(mcp_session, self.mcp)
         self._processes[instance.id] = instance
@@ -235,7 +264,15 @@ class Runtime:
     def _on_exit(self, instance: Instance) -> None:
         self._finished.append(instance.id)
         while len(self._finished) > self.limits.max_finished_processes:
-            self._processes.pop(self._finished.popleft(), None)
+            self._forget(self._finished.popleft())
+        if self.limits.finished_retention_s:
+            asyncio.get_running_loop().call_later(self.limits.finished_retention_s, self._forget, instance.id)
+
+    def _forget(self, process_id: str) -> None:
+        """A finished instance leaves the listing and frees what it still buffers (retention is up)."""
+        instance = self._processes.pop(process_id, None)
+        if instance is not None:
+            instance.forget()
 
     async def shutdown(self, grace_s: float) -> None:
         """Let instances finish for up to `grace_s`, terminate the rest (freeing their pages), stop engines."""
@@ -271,7 +308,7 @@ def runtime_config(config: Any) -> RuntimeConfig:
     limits = RuntimeLimits(**{k: getattr(runtime, k) for k in fields if hasattr(runtime, k)})
     paths = tuple(Path(p) for p in getattr(runtime, "inferlet_paths", ()) or ())
     mcp = getattr(config, "mcp", None)
-    return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None), sandbox=_sandbox(runtime),
+    return RuntimeConfig(models, limits, paths, getattr(config, "pie_home", None), sandbox=_sandbox(config),
                          mcp_servers=tuple(s.spec() for s in getattr(config, "mcp_servers", ())),
                          mcp_call_timeout_s=getattr(mcp, "call_timeout_s", 30.0))
 
@@ -295,11 +332,14 @@ def _adapter_dir(config: Any, model: Any) -> Path | None:
     return Path(top) if top is not None else None
 
 
-def _sandbox(runtime: Any) -> SandboxPolicy | None:
-    """The sandbox policy when `[runtime] isolation = "isolated"` ([sandbox], or its defaults), else None."""
-    if getattr(runtime, "isolation", "trusted") != "isolated":
+def _sandbox(config: Any) -> SandboxPolicy | None:
+    """The sandbox policy when inferlets run isolated (pie.runtime.isolation decides `auto`): [sandbox],
+    or its defaults; None when trusted."""
+    from pie.runtime.isolation import effective_isolation
+
+    if effective_isolation(config) != "isolated":
         return None
-    policy = getattr(runtime, "sandbox", None)
+    policy = getattr(getattr(config, "runtime", None), "sandbox", None)
     if policy is None:
         from pie.runtime.sandbox.policy import SandboxPolicy
 

@@ -39,6 +39,7 @@ from pie.server.limits import RepeatFilter
 from pie.server.options import ServerOptions
 from pie.server.protocol import WS_PATH
 from pie.server.state import ServerState
+from pie.server.watchdog import watch_signals
 
 log = logging.getLogger("pie.server")
 
@@ -95,7 +96,9 @@ class Server:
     async def serve(self, *, handle_signals: bool = True) -> int:
         with self._telemetry(), quiet_repeats():
             signals = capture_signals(self._on_signal) if handle_signals else contextlib.nullcontext()
-            with signals:
+            # A signal while an inferlet blocks the loop still ends the process (pie.server.watchdog).
+            watchdog = watch_signals(self.options.shutdown_timeout_s) if handle_signals else contextlib.nullcontext()
+            with signals, watchdog:
                 try:
                     await self.startup()
                 except (PieError, OSError) as error:

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pie.errors import RequestError
+from pie.errors import ProgramError, RequestError
 from pie.runtime.api import ProcessAPI
 from pie.server import processes
 from pie.server.openai_schema import (
@@ -70,10 +70,12 @@ async def _generate(request: web.Request, parse: Parser, id_prefix: str) -> web.
         _check_auth(request, state)
         req = parse(await _json_body(request))
         _check_model(state, req.model)
-        process = await processes.launch(state, PROGRAM, req.inferlet_input(), username=USERNAME)
+        # The standard inferlet by its content hash: no upload of the same name@version can stand in.
+        program = state.runtime.standard_program(PROGRAM)
+        process = await processes.launch(state, program, req.inferlet_input(), username=USERNAME)
     except OpenAIError as error:
         return web.json_response(error.body(), status=error.status)
-    except RequestError as error:  # shutting down, openai-compat not installed, ...
+    except (RequestError, ProgramError) as error:  # shutting down, openai-compat not installed, ...
         return web.json_response(OpenAIError(str(error), kind="server_error").body(), status=503)
     rid, created = f"{id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
     try:

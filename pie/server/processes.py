@@ -22,9 +22,9 @@ WASM_MAGIC = b"\0asm"
 PYTHON_ENTRY_FILE = "main.py"
 
 
-def install(runtime: RuntimeAPI, data: bytes, manifest: str, *, force: bool) -> ProgramInfo:
-    """Install an uploaded program: Python source (a `main.py`, or one function from pie-client's
-    `@inferlet`) plus its `Pie.toml`."""
+def install(runtime: RuntimeAPI, data: bytes, manifest: str, *, owner: str, force: bool) -> ProgramInfo:
+    """Install `owner`'s uploaded program (only `owner` can launch it): Python source (a `main.py`, or
+    one function from pie-client's `@inferlet`) plus its `Pie.toml`."""
     name, version = manifest_identity(manifest)
     if data.startswith(WASM_MAGIC):
         raise RequestError(f"{name}@{version} is a WebAssembly component; this server runs Python inferlets. "
@@ -34,7 +34,7 @@ def install(runtime: RuntimeAPI, data: bytes, manifest: str, *, force: bool) -> 
     except UnicodeDecodeError as error:
         raise RequestError(f"{name}@{version}: the program is not UTF-8 Python source ({error}); "
                            "upload the text of main.py") from None
-    return runtime.add_program(name, version, {PYTHON_ENTRY_FILE: data}, manifest, force=force)
+    return runtime.add_program(name, version, {PYTHON_ENTRY_FILE: data}, manifest, owner=owner, force=force)
 
 
 def manifest_identity(manifest: str) -> tuple[str, str]:
@@ -57,9 +57,9 @@ async def launch(state: ServerState, program: str, input: str, *, username: str,
     MCP servers of the launching connection."""
     check_input(input)
     runtime = state.runtime
-    if not runtime.has_program(program):
-        raise RequestError(f"unknown inferlet {program!r}; installed: {installed(runtime)}. Check the name, "
-                           "or upload it first (add_program, or `pie run --path`)")
+    if not runtime.has_program(program, username):
+        raise RequestError(f"unknown inferlet {program!r}; installed: {installed(runtime, username)}. Check the "
+                           "name, or upload it first (add_program, or `pie run --path`)")
     if token_budget is not None and token_budget < 1:
         raise RequestError(f"token_budget is {token_budget}; give a positive number of tokens or none")
     process = await runtime.launch(program, input, username=username, token_budget=token_budget,
@@ -77,8 +77,8 @@ def check_input(input: str) -> None:
                          '{"prompt": "hello"}') from None
 
 
-def installed(runtime: RuntimeAPI, limit: int = 20) -> str:
-    names = sorted(f"{p.name}@{p.version}" for p in runtime.programs())
+def installed(runtime: RuntimeAPI, username: str | None = None, limit: int = 20) -> str:
+    names = sorted(f"{p.name}@{p.version}" for p in runtime.programs(username))
     shown = ", ".join(names[:limit]) or "none"
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 

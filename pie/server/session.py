@@ -14,6 +14,7 @@ nothing for `idle_timeout_s` while streaming no process, is closed with 4408.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -209,23 +210,29 @@ class Session:
     # -- programs -----------------------------------------------------------------------------------
 
     async def _query(self, m: Query) -> None:
-        if m.subject == "finished_processes":  # per user: answered here, where the user is known
+        # Per-user subjects are answered here, where the user is known.
+        if m.subject == "finished_processes":
             rows = [processes.describe(p) for p in self.state.runtime.processes(self.username)
                     if p.ended_at is not None]
             await self._reply(m.corr_id, json.dumps(rows))
+            return
+        if m.subject in ("programs", "inferlets"):  # what this user can launch, their own uploads included
+            infos = self.state.runtime.programs(self.username)
+            await self._reply(m.corr_id, json.dumps([dataclasses.asdict(p) for p in infos]))
             return
         await self._reply(m.corr_id, answer_query(self.state.runtime, m.subject, m.record))
 
     async def _check_program(self, m: CheckProgram) -> None:
         spec = f"{m.name}@{m.version}" if m.version else m.name
-        await self._reply(m.corr_id, "true" if self.state.runtime.has_program(spec) else "false")
+        await self._reply(m.corr_id, "true" if self.state.runtime.has_program(spec, self.username) else "false")
 
     async def _add_program(self, m: AddProgram) -> None:
         data = self._uploads.feed(m.program_hash, m.chunk_index, m.total_chunks, m.chunk_data)
         if data is None:
             return  # pie-client expects one reply, after the last chunk
         check_digest(data, m.program_hash, "program upload")
-        info = processes.install(self.state.runtime, data, m.manifest, force=m.force_overwrite)
+        info = processes.install(self.state.runtime, data, m.manifest, owner=self.username,
+                                    force=m.force_overwrite)
         await self._reply(m.corr_id, f"added {info.name}@{info.version}")
 
     # -- processes ----------------------------------------------------------------------------------
