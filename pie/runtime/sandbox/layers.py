@@ -82,7 +82,7 @@ def probe() -> tuple[Layer, ...]:
         missing = f"bubblewrap is not installed ({INSTALL_BWRAP})"
         return (Layer("bubblewrap", False, "not found on PATH", INSTALL_BWRAP),
                 *(Layer(name, False, missing, INSTALL_BWRAP) for name in _OS_LAYERS),
-                _limits_layer(own_uid=False))
+                _limits_layer(own_uid=False, fix=INSTALL_BWRAP))
     try:
         seccomp.compiled()
         filter_error = ""
@@ -93,7 +93,7 @@ def probe() -> tuple[Layer, ...]:
     except SandboxError as e:
         return (Layer("bubblewrap", False, f"{path} cannot start a sandbox here: {e}", _BWRAP_FIX),
                 *(Layer(name, False, "bubblewrap does not run", _BWRAP_FIX) for name in _OS_LAYERS),
-                _limits_layer(own_uid=False))
+                _limits_layer(own_uid=False, fix=_BWRAP_FIX))
     return _judge(path, inside, filter_error)
 
 
@@ -142,13 +142,13 @@ def _judge(path: str, inside: dict[str, object], filter_error: str) -> tuple[Lay
     )
 
 
-def _limits_layer(*, own_uid: bool) -> Layer:
+def _limits_layer(*, own_uid: bool, fix: str = RUN_AS_ROOT) -> Layer:
     v2 = _cgroup_v2_note()
     if own_uid:
         return Layer("resource limits", True, f"rlimits: address space, CPU time, processes (per own uid), "
                      f"open files, file size; {v2}")
     return Layer("resource limits", False, f"rlimits without a process limit (RLIMIT_NPROC counts per uid and "
-                 f"the sandbox has none of its own); {v2}", RUN_AS_ROOT)
+                 f"the sandbox has none of its own); {v2}", fix)
 
 
 def _cgroup_v2_note() -> str:
