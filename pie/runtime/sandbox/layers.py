@@ -22,6 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pie.errors import SandboxError
 from pie.runtime.sandbox import bwrap, seccomp
@@ -51,11 +52,11 @@ print(json.dumps({
     "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "pid": os.getpid(),
     "cap_eff": int(status["CapEff"], 16), "nnp": status.get("NoNewPrivs", "0").strip(),
     "seccomp": status.get("Seccomp", "0").strip(), "raw_socket": raw,
-    "ns": {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in %r},
+    "ns": {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in __NAMESPACES__},
     "shadow": os.path.exists("/etc/shadow"), "root": sorted(os.listdir("/")),
     "links": [l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]],
 }))
-""" % (NAMESPACES,)
+""".replace("__NAMESPACES__", repr(NAMESPACES))
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,9 @@ _BWRAP_FIX = ("allow unprivileged user namespaces (sysctl kernel.unprivileged_us
               "user.max_user_namespaces > 0), or run the server as root")
 
 
-def _judge(path: str, inside: dict[str, object], filter_error: str) -> tuple[Layer, ...]:
+def _judge(path: str, inside: dict[str, Any], filter_error: str) -> tuple[Layer, ...]:
     host = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in NAMESPACES}
     ns = inside["ns"]
-    assert isinstance(ns, dict)
 
     def own(name: str) -> bool:
         return ns.get(name) != host[name]
@@ -136,8 +136,8 @@ def _judge(path: str, inside: dict[str, object], filter_error: str) -> tuple[Lay
               f"interfaces: {', '.join(map(str, links))}" if isinstance(links, list) else "", _BWRAP_FIX),
         Layer("no_new_privs", inside["nnp"] == "1", f"NoNewPrivs: {inside['nnp']}", INSTALL_BWRAP),
         Layer("seccomp", seccomp_on,
-              f"filter mode {inside['seccomp']}; AF_PACKET socket: {inside['raw_socket']}"
-              if not filter_error else filter_error, INSTALL_SECCOMP),
+              filter_error or f"filter mode {inside['seccomp']}; AF_PACKET socket: {inside['raw_socket']}",
+              INSTALL_SECCOMP),
         _limits_layer(own_uid=user.present),
     )
 
@@ -170,7 +170,7 @@ def _version(path: str) -> str:
     return out.stdout.strip() or "version unknown"
 
 
-def _run_probe(*, use_seccomp: bool) -> dict[str, object]:
+def _run_probe(*, use_seccomp: bool) -> dict[str, Any]:
     policy = SandboxPolicy(cpu_time_s=10, memory_mb=0)
     scratch = Path(tempfile.mkdtemp(prefix="pie-sandbox-probe-"))
     uid = bwrap.acquire_uid(policy, f"probe-{os.getpid()}")

@@ -134,8 +134,13 @@ class _Namespace:
         try:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            exited = loop.create_future()
-            loop.add_reader(self.pidfd, lambda: exited.done() or exited.set_result(None))
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(self.pidfd, on_exit)
             try:
                 await exited
             finally:
