@@ -80,6 +80,7 @@ class Launch:
     _info_read: int = -1
     _block_write: int = -1
     _child_ends: list[int] = field(default_factory=list)
+    _start_begun: bool = False  # from then on `finish_start` owns (and closes) the pipes
 
     def spawned(self) -> None:
         """Close our copies of the descriptors only bwrap needs (call right after the spawn)."""
@@ -91,6 +92,7 @@ class Launch:
     def finish_start(self) -> int:
         """Blocking: a pidfd of the namespace's init, once the sandbox may run (root mode: after
         writing its uid map). SandboxError if bwrap ended before starting it. The caller closes it."""
+        self._start_begun = True
         try:
             info = _read_all(self._info_read)
             try:
@@ -114,7 +116,20 @@ class Launch:
             self.close()
 
     async def started(self) -> int:
-        return await asyncio.to_thread(self.finish_start)
+        """`finish_start` off the event loop. Cancelled meanwhile, the pidfd it still returns is closed
+        (the namespace then dies with bwrap: `--die-with-parent`)."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.finish_start))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_result)
+            raise
+
+    def close_unstarted(self) -> None:
+        """Close the pipes unless `finish_start` runs or ran (it closes them itself; closing them under a
+        reading thread could let it read a reused descriptor)."""
+        if not self._start_begun:
+            self.close()
 
     def close(self) -> None:
         for fd in (self._info_read, self._block_write, *self._child_ends):
@@ -222,6 +237,11 @@ def _root_links() -> list[str]:
         elif os.path.isdir(name):
             out += ["--ro-bind", name, name]
     return out
+
+
+def _close_result(task: asyncio.Future[int]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        os.close(task.result())
 
 
 def _read_all(fd: int) -> bytes:

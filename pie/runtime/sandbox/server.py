@@ -112,7 +112,7 @@ async def _spawn(policy: SandboxPolicy, mode: layers.Mode, scratch: Path, child:
                                                     **streams)
         launch.spawned()
     except BaseException:
-        launch.close()
+        launch.close_unstarted()
         raise
     return proc, _Namespace(launch)
 
@@ -127,7 +127,7 @@ class _Namespace:
         self.pidfd: int | None = None  # once bwrap reported the init
 
     async def kill(self) -> None:
-        self.launch.close()
+        self.launch.close_unstarted()
         if self.pidfd is None:
             return
         loop = asyncio.get_running_loop()
