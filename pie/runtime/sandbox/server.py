@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, str | bytes], None]
 EVENT_KINDS = frozenset({"stdout", "stderr", "message", "file"})
 STDERR_TAIL_BYTES = 4096
+NAMESPACE_EXIT_TIMEOUT_S = 10.0
 
 
 async def run_isolated(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit,
@@ -142,7 +143,9 @@ class _Namespace:
 
             loop.add_reader(self.pidfd, on_exit)
             try:
-                await exited
+                await asyncio.wait_for(exited, NAMESPACE_EXIT_TIMEOUT_S)
+            except TimeoutError:  # a process stuck in the kernel (D state): the kill lands when it returns
+                log.warning("a sandbox's processes did not exit within %g s of SIGKILL", NAMESPACE_EXIT_TIMEOUT_S)
             finally:
                 loop.remove_reader(self.pidfd)
         finally:
