@@ -16,7 +16,7 @@ import signal
 import socket
 import textwrap
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,30 @@ async def rt(home: Path, scratch_root: Path, tmp_path_factory: pytest.TempPathFa
                                                 pie_home=home, sandbox=policy))
     yield runtime
     await runtime.shutdown(0)
+
+
+@pytest.fixture(autouse=True)
+def nothing_survives(rt: Runtime) -> Iterator[None]:
+    """After every test: no process runs as a sandbox uid (root mode: each sandbox's uid is its own)."""
+    yield
+    if OWN_UID:
+        assert rt.sandbox is not None
+        low, high = rt.sandbox.uid_base, rt.sandbox.uid_base + rt.sandbox.uid_span
+        assert not [pid for pid, uid in process_uids().items() if low <= uid < high]
+
+
+def process_uids() -> dict[int, int]:
+    """Every process on this host and its real uid."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:  # it ended while we looked
+            continue
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                out[int(entry.name)] = int(line.split()[1])
+    return out
 
 
 async def run(rt: Runtime, program: str, inputs: dict[str, Any] | None = None) -> Any:
