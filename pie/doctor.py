@@ -35,6 +35,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
     hub_problem = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
     checks += [_hub(hub_problem), _cache()]
     checks += list(_config(config_path, hub_problem))
+    checks += list(_sandbox_layers(config_path))
     return checks
 
 
@@ -248,3 +249,23 @@ def _model(name: str, revision: str | None, hub_problem: str | None) -> Iterator
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _sandbox_layers(config_path: Path | None) -> Iterator[Check]:
+    """Isolated mode's OS sandbox layers on this host (found by starting one sandbox). A missing layer
+    fails (and stops `pie serve`) only when the config asks for isolated mode without allow_weaker."""
+    from pie.config import load_config
+    from pie.runtime.sandbox.layers import probe
+
+    try:
+        policy = load_config(config_path).runtime.sandbox
+    except PieError:
+        policy = None  # the config check above already reports it
+    strict = policy is not None and not policy.allow_weaker
+    used = "isolated" if policy is not None else "not used: isolation = trusted"
+    for layer in probe():
+        if layer.present:
+            yield Check("ok", f"sandbox layer {layer.name}: {layer.detail}")
+        else:
+            yield Check("fail" if strict else "warn", f"sandbox layer {layer.name} missing ({used}): {layer.detail}; "
+                        f"fix: {layer.fix}, or set [sandbox] allow_weaker = true", blocking=strict)

@@ -177,7 +177,7 @@ async def test_an_inferlet_uses_an_adapter_through_the_sdk(tmp_path: Path, isola
         "runtime": {"inferlet_paths": [str(tmp_path / "programs")], "isolation": isolation},
     }
     if isolation == "isolated":
-        data["sandbox"] = {"scratch_root": str(tmp_path / "scratch"), "cpu_time_s": 60}
+        data["sandbox"] = {"scratch_root": str(tmp_path / "scratch"), "cpu_time_s": 60, "allow_weaker": True}
     runtime = await Runtime.start(parse_config(data, source=None, home=tmp_path))
     prompt = [12, 40, 41, 7, 99]
     try:

@@ -155,6 +155,10 @@ class Runtime:
         from pie.runtime.programs import ProgramRegistry, operator_paths, stdlib_path
 
         cfg = runtime_config(config)
+        if cfg.sandbox is not None:  # isolated mode: refuse to start without every OS sandbox layer
+            from pie.runtime.sandbox.layers import require
+
+            await asyncio.to_thread(require, cfg.sandbox)
         given = dict(engines or {})
         started: dict[str, tuple[EngineClient, ...]] = {}
         models: dict[str, ModelRuntime] = {}

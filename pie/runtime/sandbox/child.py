@@ -1,34 +1,54 @@
-"""The sandbox process: `python -m pie.runtime.sandbox.child <fd>`, started by `pie.runtime.sandbox.server`.
+"""The sandbox process: `python -m pie.runtime.sandbox.child <fd> [--uid N]`, started by
+`pie.runtime.sandbox.server` (under bubblewrap, `pie.runtime.sandbox.bwrap`, or directly in the weaker
+mode).
 
-It reads one `start` frame from the socket at `fd` (the program's files and manifest, the input, the
+With `--uid N` (bubblewrap started by root) it first becomes uid/gid N with no groups: bwrap left it
+CAP_SETUID/CAP_SETGID for that alone, and the switch clears every capability. Then it reads one `start` frame from the socket at `fd` (the program's files and manifest, the input, the
 policy), imports everything the SDK needs, restricts itself (`guard.apply`), then runs the program
 with the same runner as trusted mode but with a `RemoteHost`, and ends with one `done` frame.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import sys
-import traceback
-from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+
+
+def become(uid: int) -> None:
+    """Switch to `uid`/`uid` for good (real, effective and saved ids) and check no capability is left."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    with open("/proc/self/status") as f:
+        caps = {k: v.strip() for k, _, v in (line.partition(":") for line in f) if k.startswith("Cap")}
+    if int(caps.get("CapEff", "1"), 16) or int(caps.get("CapPrm", "1"), 16):
+        raise SystemExit(f"sandbox: capabilities left after switching to uid {uid}: {caps}")
+
+
+# Before anything else is imported: the code below runs as the sandbox's own unprivileged user.
+if __name__ == "__main__" and "--uid" in sys.argv:
+    become(int(sys.argv[sys.argv.index("--uid") + 1]))
+
+import asyncio  # noqa: E402
+import socket  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import MappingProxyType  # noqa: E402
+from typing import Any  # noqa: E402
 
 # Imported before the guard: after it, reading files outside the Python installation is refused.
-import llguidance
-import numpy
+import llguidance  # noqa: E402
+import numpy  # noqa: E402
 
-import inferlet
-import inferlet.grammar
-from pie.errors import InferletError, PieError
-from pie.runtime import runner
-from pie.runtime.programs import Manifest, Program
-from pie.runtime.sandbox import guard
-from pie.runtime.sandbox.client import RemoteHost
-from pie.runtime.sandbox.policy import SandboxPolicy
-from pie.runtime.sandbox.wire import recv_frame
+import inferlet  # noqa: E402
+import inferlet.grammar  # noqa: E402
+from pie.errors import InferletError, PieError  # noqa: E402
+from pie.runtime import runner  # noqa: E402
+from pie.runtime.programs import Manifest, Program  # noqa: E402
+from pie.runtime.sandbox import guard  # noqa: E402
+from pie.runtime.sandbox.client import RemoteHost  # noqa: E402
+from pie.runtime.sandbox.policy import SandboxPolicy  # noqa: E402
+from pie.runtime.sandbox.wire import recv_frame  # noqa: E402
 
 PRELOADED = (inferlet, llguidance, numpy)  # kept referenced: imported for their side effect above
 
@@ -47,7 +67,8 @@ def run(sock: socket.socket) -> int:
     policy = SandboxPolicy.from_dict(start["policy"])
     loop = asyncio.new_event_loop()  # before the guard: the loop makes a socketpair for its wakeups
     asyncio.set_event_loop(loop)
-    applied = guard.apply(policy, Path(start["scratch"]), str(start["username"]))
+    applied = guard.apply(policy, Path(start["scratch"]), str(start["username"]), os_sandbox=bool(start.get("os")),
+                          own_uid=bool(start.get("own_uid")))
     host = RemoteHost(sock, loop)
     host.start()
     host.post({"t": "ready", "uid": applied.uid, "network": applied.network, "uid_note": applied.uid_note,

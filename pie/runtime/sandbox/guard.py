@@ -1,6 +1,12 @@
 """Restrictions a sandbox process applies to itself before it runs any inferlet code.
 
-In order, and what each one is worth:
+Under bubblewrap (`pie.runtime.sandbox.bwrap`, the normal isolated mode) the boundary is the
+operating system's: namespaces, its own uid, seccomp. Here only 2, 3 and 5 below apply, plus
+RLIMIT_NPROC when the sandbox has a uid of its own; the audit hook (5) is defence in depth only: an
+inferlet can neutralise it (it runs in the inferlet's own interpreter), and nothing relies on it.
+
+Without bubblewrap (`[sandbox] allow_weaker = true` on a host that lacks it) all of 1-5 apply, in
+order, and this is what each one is worth:
 
 1. Network namespace (`unshare(CLONE_NEWNET)`, when running as root and the network is not allowed):
    kernel-enforced; the process sees only a down loopback device. Without the privilege it is skipped
@@ -69,9 +75,20 @@ class Applied:
     rlimits: dict[str, int]
 
 
-def apply(policy: SandboxPolicy, scratch: Path, username: str) -> Applied:
+def apply(policy: SandboxPolicy, scratch: Path, username: str, *, os_sandbox: bool = False,
+          own_uid: bool = False) -> Applied:
+    """`os_sandbox`: running under bubblewrap (namespaces and uid are done); `own_uid`: the sandbox's
+    uid is its own outside the sandbox too, so a per-uid process limit counts only its processes."""
+    if os_sandbox:
+        network = "allowed" if policy.allow_network else "namespace"
+        rlimits = _set_rlimits(policy, nproc=own_uid)
+        uid_note = (f"own uid {os.getuid()} (bubblewrap)" if own_uid else
+                    f"uid {os.getuid()} in a user namespace, the server's user outside it (server not root)")
+        os.chdir(scratch)
+        sys.addaudithook(_make_hook(scratch, read_roots(), policy.allow_network))
+        return Applied(os.getuid(), network, uid_note, rlimits)
     network = _isolate_network(policy.allow_network)
-    rlimits = _set_rlimits(policy)
+    rlimits = _set_rlimits(policy, nproc=False)
     os.chdir(scratch)
     uid_note = _drop_uid(policy, scratch, username)
     sys.addaudithook(_make_hook(scratch, read_roots(), policy.allow_network))
@@ -87,7 +104,7 @@ def _isolate_network(allowed: bool) -> str:
     return "namespace" if libc.unshare(CLONE_NEWNET) == 0 else "audit-hook"
 
 
-def _set_rlimits(policy: SandboxPolicy) -> dict[str, int]:
+def _set_rlimits(policy: SandboxPolicy, *, nproc: bool) -> dict[str, int]:
     applied: dict[str, int] = {"RLIMIT_CORE": 0}
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     wanted = {
@@ -95,6 +112,8 @@ def _set_rlimits(policy: SandboxPolicy) -> dict[str, int]:
         "RLIMIT_AS": policy.memory_mb * 1024 * 1024,
         "RLIMIT_NOFILE": policy.max_open_files,
         "RLIMIT_FSIZE": policy.max_file_mb * 1024 * 1024,
+        # processes and threads of this uid; only meaningful when the uid is the sandbox's alone
+        "RLIMIT_NPROC": policy.max_processes if nproc else 0,
     }
     for name, value in wanted.items():
         if value:

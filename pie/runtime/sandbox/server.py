@@ -7,8 +7,9 @@ Calls are dispatched to the instance's own `InstanceHost` (only methods of the H
 sandbox can do exactly what a trusted inferlet of the same user could, no more. Asynchronous calls run
 as tasks, so the sandbox may have several in flight. Whatever happens to the process (a crash, the
 CPU or memory limit, a malformed frame) ends in `SandboxError` or `InferletError` with what happened;
-cancellation (terminate, wall-time limit) kills it. The process is always reaped and its scratch folder
-removed in one `finally`.
+cancellation (terminate, wall-time limit) kills it. The process and, under bubblewrap, its whole pid
+namespace (every process the inferlet started, setsid or not) are always killed and reaped, and the
+scratch folder removed, in one `finally`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from inferlet._host import Host, HostError
 from pie.errors import InferletError, ProtocolError, SandboxError
 from pie.runtime.programs import Program
+from pie.runtime.sandbox import bwrap, layers
 from pie.runtime.sandbox.client import HOST_METHODS
 from pie.runtime.sandbox.policy import SandboxPolicy
 from pie.runtime.sandbox.wire import pack, read_frame
@@ -37,34 +39,38 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, str | bytes], None]
 EVENT_KINDS = frozenset({"stdout", "stderr", "message", "file"})
 STDERR_TAIL_BYTES = 4096
+NAMESPACE_EXIT_TIMEOUT_S = 10.0
 
 
 async def run_isolated(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit,
                        policy: SandboxPolicy, *, username: str, instance_id: str,
                        on_ready: Callable[[dict[str, Any]], None] | None = None) -> str:
     """Run `program` in a new sandbox process; `on_ready` gets what the sandbox enforced (uid, network,
-    rlimits) once it has restricted itself."""
+    rlimits, and `sandbox`: "bwrap" or "weaker") once it has restricted itself."""
+    mode = layers.require(policy)  # SandboxError naming the missing layers unless allow_weaker
     scratch = policy.scratch_dir(username, instance_id)
     _make_scratch(scratch)
     parent, child = socket.socketpair()
+    uid = bwrap.acquire_uid(policy, instance_id) if mode.bwrap else -1
     proc: asyncio.subprocess.Process | None = None
+    namespace: _Namespace | None = None
     session: _Session | None = None
     stderr_tail: asyncio.Future[str] | None = None
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-B", "-m", "pie.runtime.sandbox.child", str(child.fileno()),
-            pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env=_child_env(str(scratch)), cwd=str(scratch),
-            start_new_session=True)
+        proc, namespace = await _spawn(policy, mode, scratch, child, uid)
         child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        session = _Session(host, writer, emit, on_ready)
+        host_uid = uid if namespace is not None and os.geteuid() == 0 else os.getuid()
+        session = _Session(host, writer, emit, _with_launch_facts(on_ready, mode, host_uid))
         stderr_tail = asyncio.ensure_future(_tail(proc.stderr))
+        if namespace is not None:
+            namespace.pidfd = await _namespace_pid(namespace, proc, stderr_tail, policy)
         writer.write(pack({"t": "start", "program": _program_dict(program), "input": input,
-                           "policy": policy.to_dict(), "scratch": str(scratch), "username": username}))
+                           "policy": policy.to_dict(), "scratch": str(scratch), "username": username,
+                           "os": namespace is not None, "own_uid": namespace is not None and os.geteuid() == 0}))
         outcome = await session.serve(reader)
         if outcome is None:
-            code = await proc.wait()
+            code = _child_code(await proc.wait(), under_bwrap=namespace is not None)
             raise SandboxError(_describe_exit(code, policy, await stderr_tail))
         ok, value = outcome
         if not ok:
@@ -74,13 +80,95 @@ async def run_isolated(program: Program, input: str | dict[str, Any] | None, hos
         child.close()
         if session is not None:
             session.close()
+        if namespace is not None:
+            await namespace.kill()
         if proc is not None:
             await _reap(proc)
         if stderr_tail is not None and not stderr_tail.done():
             stderr_tail.cancel()
         parent.close()
+        if uid >= 0:
+            bwrap.release_uid(uid)
         if not policy.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def _spawn(policy: SandboxPolicy, mode: layers.Mode, scratch: Path, child: socket.socket,
+                 uid: int) -> tuple[asyncio.subprocess.Process, _Namespace | None]:
+    """The sandbox process: under bubblewrap (with the namespace to kill at the end), or, in the
+    weaker mode, this Python directly (the guard then restricts it from inside)."""
+    command = [sys.executable, "-B", "-m", "pie.runtime.sandbox.child", str(child.fileno())]
+    streams: dict[str, Any] = {"stdin": asyncio.subprocess.DEVNULL, "stdout": asyncio.subprocess.DEVNULL,
+                               "stderr": asyncio.subprocess.PIPE, "start_new_session": True}
+    if not mode.bwrap:
+        proc = await asyncio.create_subprocess_exec(*command, pass_fds=(child.fileno(),), cwd=str(scratch),
+                                                    env=_child_env(str(scratch)), **streams)
+        return proc, None
+    if os.geteuid() == 0:
+        os.chown(scratch, uid, uid)
+    launch = bwrap.plan_launch(policy, scratch, child.fileno(), uid, command, use_seccomp=mode.seccomp)
+    try:
+        env = _child_env(str(scratch), bwrap.package_roots())
+        proc = await asyncio.create_subprocess_exec(*launch.argv, pass_fds=launch.pass_fds, cwd="/", env=env,
+                                                    **streams)
+        launch.spawned()
+    except BaseException:
+        launch.close_unstarted()
+        raise
+    return proc, _Namespace(launch)
+
+
+class _Namespace:
+    """The sandbox's pid namespace, through a pidfd of its init process: killing that init makes the
+    kernel kill every process inside (setsid or not), and the pidfd turns readable only once the init
+    has exited, which it does after all of them are gone."""
+
+    def __init__(self, launch: bwrap.Launch) -> None:
+        self.launch = launch
+        self.pidfd: int | None = None  # once bwrap reported the init
+
+    async def kill(self) -> None:
+        self.launch.close_unstarted()
+        if self.pidfd is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(self.pidfd, on_exit)
+            try:
+                await asyncio.wait_for(exited, NAMESPACE_EXIT_TIMEOUT_S)
+            except TimeoutError:  # a process stuck in the kernel (D state): the kill lands when it returns
+                log.warning("a sandbox's processes did not exit within %g s of SIGKILL", NAMESPACE_EXIT_TIMEOUT_S)
+            finally:
+                loop.remove_reader(self.pidfd)
+        finally:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+async def _namespace_pid(namespace: _Namespace, proc: asyncio.subprocess.Process,
+                         stderr_tail: asyncio.Future[str], policy: SandboxPolicy) -> int:
+    try:
+        return await namespace.launch.started()
+    except SandboxError as e:
+        code = _child_code(await proc.wait(), under_bwrap=True)
+        raise SandboxError(f"{e}; {_describe_exit(code, policy, await stderr_tail)}") from None
+
+
+def _with_launch_facts(on_ready: Callable[[dict[str, Any]], None] | None, mode: layers.Mode,
+                       host_uid: int) -> Callable[[dict[str, Any]], None] | None:
+    """`on_ready` given also how the sandbox was started and its uid as the host sees it."""
+    if on_ready is None:
+        return None
+    facts = {"sandbox": "bwrap" if mode.bwrap else "weaker", "seccomp": mode.seccomp, "host_uid": host_uid}
+    return lambda message: on_ready({**message, **facts})
 
 
 class _Session:
@@ -190,8 +278,10 @@ def _make_scratch(scratch: Path) -> None:
     scratch.mkdir(mode=0o700, exist_ok=True)
 
 
-def _child_env(scratch: str) -> dict[str, str]:
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
+def _child_env(scratch: str, paths: list[str] | None = None) -> dict[str, str]:
+    """The sandbox's environment; `paths`: its PYTHONPATH (default: every folder on ours)."""
+    if paths is None:
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
     return {"PATH": "/usr/bin:/bin", "HOME": scratch, "LANG": "C.UTF-8", "PYTHONPATH": os.pathsep.join(paths),
             "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -205,6 +295,13 @@ async def _tail(stream: asyncio.StreamReader | None) -> str:
     while chunk := await stream.read(65536):
         tail = (tail + chunk)[-STDERR_TAIL_BYTES:]
     return tail.decode("utf-8", "replace").strip()
+
+
+def _child_code(code: int, *, under_bwrap: bool) -> int:
+    """The sandboxed process's own exit status: bwrap exits with 128 + N when its child died of signal N."""
+    if under_bwrap and 128 < code < 128 + signal.NSIG:
+        return -(code - 128)
+    return code
 
 
 def _describe_exit(code: int, policy: SandboxPolicy, stderr: str) -> str:
