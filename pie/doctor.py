@@ -255,12 +255,17 @@ def _sandbox_layers(config_path: Path | None) -> Iterator[Check]:
     """Isolated mode's OS sandbox layers on this host (found by starting one sandbox). A missing layer
     fails (and stops `pie serve`) only when the config asks for isolated mode without allow_weaker."""
     from pie.config import load_config
+    from pie.runtime.isolation import effective_isolation
     from pie.runtime.sandbox.layers import probe
+    from pie.runtime.sandbox.policy import SandboxPolicy
 
     try:
-        policy = load_config(config_path).runtime.sandbox
+        config = load_config(config_path)
     except PieError:
         policy = None  # the config check above already reports it
+    else:  # "auto" is isolated on a multi-user server
+        isolated = effective_isolation(config) == "isolated"
+        policy = (config.runtime.sandbox or SandboxPolicy()) if isolated else None
     strict = policy is not None and not policy.allow_weaker
     used = "isolated" if policy is not None else "not used: isolation = trusted"
     for layer in probe():

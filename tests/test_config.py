@@ -15,6 +15,8 @@ import pytest
 from pie.config import (
     DEFAULT_MODEL,
     Config,
+    McpConfig,
+    McpServerConfig,
     ModelConfig,
     ModelOptions,
     RuntimeConfig,
@@ -371,9 +373,10 @@ def test_the_reference_documents_every_key() -> None:
     from pie.runtime.sandbox.policy import SandboxPolicy
 
     doc = (REPO / "docs" / "configuration.md").read_text()
-    for cls in (Config, ModelConfig, ModelOptions, TelemetryConfig, ServerConfig, RuntimeConfig, SandboxPolicy):
+    for cls in (Config, ModelConfig, ModelOptions, TelemetryConfig, ServerConfig, RuntimeConfig, SandboxPolicy,
+                McpConfig, McpServerConfig):
         for f in dataclasses.fields(cls):
             if f.name not in ("models", "defaults", "telemetry", "server", "runtime", "pie_home", "source",
-                              "notes", "sandbox", "options", "driver"):
+                              "notes", "sandbox", "options", "driver", "mcp", "mcp_servers"):
                 assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} is not in docs/configuration.md"
     assert "`driver.type`" in doc  # ModelConfig.driver: [model.driver] type
