@@ -2,7 +2,8 @@
 
 They are found where the server finds them (pie.runtime.programs): the standard library, the user's
 folder `$PIE_HOME/inferlets`, then the config's `[runtime] inferlet_paths`. `install` copies a
-package (a folder with Pie.toml and main.py, or one .py file) into the user's folder, `remove`
+package (a folder with Pie.toml and main.py, or one .py file) into the user's folder, with the
+dependencies its pyproject.toml declares (pie.runtime.deps), `remove`
 deletes it from there; the standard library is never written to.
 """
 
@@ -21,6 +22,7 @@ from pie.cli.common import ConfigOption, command_group, fail
 from pie.cli.params import describe
 from pie.config import Config, load_config
 from pie.errors import ProgramError
+from pie.runtime import deps
 from pie.runtime.programs import (
     MANIFEST_FILE,
     Program,
@@ -112,6 +114,10 @@ def install(
         staged = _copy(source, Path(staging))
         program = _only_program(Path(staging), source)
         check_entry(program)
+        if staged.is_dir():  # its pyproject.toml's dependencies, into the package's own .deps folder
+            installed = deps.install(staged)
+            if installed:
+                typer.echo(f"installed its dependencies: {', '.join(installed)}")
         target = target_dir / (program.manifest.name if source.is_dir() else staged.name)
         if target.exists() and not force:
             fail(f"{target} exists; pass --force to replace it, or `pie inferlet remove {program.manifest.name}`")
@@ -139,7 +145,7 @@ def _copy(source: Path, staging: Path) -> Path:
     if source.is_file():
         return Path(shutil.copy2(source, staging / source.name))
     target = staging / source.name
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", ".git", ".deps"))
     return target
 
 

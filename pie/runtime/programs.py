@@ -57,7 +57,7 @@ from pie.runtime.api import ProgramInfo
 ENTRY_FILE = "main.py"
 MANIFEST_FILE = "Pie.toml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SKIP_PARTS = {"__pycache__", ".git"}
+_SKIP_PARTS = {"__pycache__", ".git", ".deps"}  # .deps: installed dependencies (pie.runtime.deps)
 
 
 @dataclass(frozen=True)

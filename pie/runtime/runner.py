@@ -45,6 +45,7 @@ from inferlet._host import Host
 from inferlet._instance import UNSET, InstanceState, use_instance
 from pie.errors import InferletError, ProgramError
 from pie.runtime.containment import contained_tasks
+from pie.runtime.deps import import_path
 from pie.runtime.programs import ENTRY_FILE, Program
 
 if TYPE_CHECKING:
@@ -108,12 +109,17 @@ def load_entry(program: Program, module_name: str) -> tuple[Callable[..., Any], 
 async def run(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit, *,
               sandbox: SandboxPolicy | None = None) -> str:
     """Run `program` for one instance: trusted (in this event loop) or, with a policy, in a sandbox process."""
+    deps_path = import_path(program.root, program.spec)  # refused here when declared but not installed
     if sandbox is None:
+        if deps_path is not None and deps_path not in sys.path:
+            # Trusted inferlets share this interpreter, so its installed dependencies become importable
+            # by every trusted inferlet (isolated ones see only their own).
+            sys.path.append(deps_path)
         return await run_program(program, input, host, emit)
     from pie.runtime.sandbox.server import run_isolated
 
     return await run_isolated(program, input, host, emit, sandbox, username=host.username(),
-                              instance_id=host.instance_id())
+                              instance_id=host.instance_id(), import_paths=[deps_path] if deps_path else [])
 
 
 async def run_program(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit, *,

@@ -141,8 +141,9 @@ class Launch:
 
 
 def plan_launch(policy: SandboxPolicy, scratch: Path, sock_fd: int, uid: int, command: list[str], *,
-                use_seccomp: bool = True) -> Launch:
-    """The bwrap command running `command` for one sandbox, passing it `sock_fd` (-1: none). When
+                use_seccomp: bool = True, read_only: Iterable[str] = ()) -> Launch:
+    """The bwrap command running `command` for one sandbox, passing it `sock_fd` (-1: none);
+    `read_only`: more folders it may read (the program's installed dependencies). When
     the server is root, `--uid <uid>` is appended to `command`: the sandboxed process must switch to
     that uid itself, first thing (`child.become`)."""
     bwrap = bwrap_path()
@@ -160,7 +161,7 @@ def plan_launch(policy: SandboxPolicy, scratch: Path, sock_fd: int, uid: int, co
         argv += ["--uid", str(uid), "--gid", str(uid)]
     tmp_bytes = (policy.max_file_mb or 1024) * 1024 * 1024
     argv += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
-    read_only = list(read_only_paths())
+    read_only = [*read_only_paths(), *read_only]
     for directory in _ancestors([*read_only, str(scratch), "/etc/ld.so.cache"]):
         argv += ["--perms", "0755", "--dir", directory]  # bwrap would make missing parents 0700
     for path in read_only:

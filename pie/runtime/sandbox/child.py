@@ -67,8 +67,10 @@ def run(sock: socket.socket) -> int:
     policy = SandboxPolicy.from_dict(start["policy"])
     loop = asyncio.new_event_loop()  # before the guard: the loop makes a socketpair for its wakeups
     asyncio.set_event_loop(loop)
+    paths = [str(p) for p in start.get("paths") or []]  # the program's installed dependencies
+    sys.path.extend(p for p in paths if p not in sys.path)
     applied = guard.apply(policy, Path(start["scratch"]), str(start["username"]), os_sandbox=bool(start.get("os")),
-                          own_uid=bool(start.get("own_uid")))
+                          own_uid=bool(start.get("own_uid")), readable=paths)
     host = RemoteHost(sock, loop)
     host.start()
     host.post({"t": "ready", "uid": applied.uid, "network": applied.network, "uid_note": applied.uid_note,

@@ -76,22 +76,24 @@ class Applied:
 
 
 def apply(policy: SandboxPolicy, scratch: Path, username: str, *, os_sandbox: bool = False,
-          own_uid: bool = False) -> Applied:
+          own_uid: bool = False, readable: Iterable[str] = ()) -> Applied:
     """`os_sandbox`: running under bubblewrap (namespaces and uid are done); `own_uid`: the sandbox's
-    uid is its own outside the sandbox too, so a per-uid process limit counts only its processes."""
+    uid is its own outside the sandbox too, so a per-uid process limit counts only its processes;
+    `readable`: more folders it may read (the program's installed dependencies)."""
+    extra = [os.path.realpath(p) for p in readable]
     if os_sandbox:
         network = "allowed" if policy.allow_network else "namespace"
         rlimits = _set_rlimits(policy, nproc=own_uid)
         uid_note = (f"own uid {os.getuid()} (bubblewrap)" if own_uid else
                     f"uid {os.getuid()} in a user namespace, the server's user outside it (server not root)")
         os.chdir(scratch)
-        sys.addaudithook(_make_hook(scratch, read_roots(), policy.allow_network))
+        sys.addaudithook(_make_hook(scratch, [*read_roots(), *extra], policy.allow_network))
         return Applied(os.getuid(), network, uid_note, rlimits)
     network = _isolate_network(policy.allow_network)
     rlimits = _set_rlimits(policy, nproc=False)
     os.chdir(scratch)
     uid_note = _drop_uid(policy, scratch, username)
-    sys.addaudithook(_make_hook(scratch, read_roots(), policy.allow_network))
+    sys.addaudithook(_make_hook(scratch, [*read_roots(), *extra], policy.allow_network))
     return Applied(os.getuid(), network, uid_note, rlimits)
 
 

@@ -44,7 +44,8 @@ NAMESPACE_EXIT_TIMEOUT_S = 10.0
 
 async def run_isolated(program: Program, input: str | dict[str, Any] | None, host: Host, emit: Emit,
                        policy: SandboxPolicy, *, username: str, instance_id: str,
-                       on_ready: Callable[[dict[str, Any]], None] | None = None) -> str:
+                       on_ready: Callable[[dict[str, Any]], None] | None = None,
+                       import_paths: list[str] | None = None) -> str:
     """Run `program` in a new sandbox process; `on_ready` gets what the sandbox enforced (uid, network,
     rlimits, and `sandbox`: "bwrap" or "weaker") once it has restricted itself."""
     mode = layers.require(policy)  # SandboxError naming the missing layers unless allow_weaker
@@ -57,7 +58,7 @@ async def run_isolated(program: Program, input: str | dict[str, Any] | None, hos
     session: _Session | None = None
     stderr_tail: asyncio.Future[str] | None = None
     try:
-        proc, namespace = await _spawn(policy, mode, scratch, child, uid)
+        proc, namespace = await _spawn(policy, mode, scratch, child, uid, import_paths or [])
         child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         host_uid = uid if namespace is not None and os.geteuid() == 0 else os.getuid()
@@ -67,7 +68,8 @@ async def run_isolated(program: Program, input: str | dict[str, Any] | None, hos
             namespace.pidfd = await _namespace_pid(namespace, proc, stderr_tail, policy)
         writer.write(pack({"t": "start", "program": _program_dict(program), "input": input,
                            "policy": policy.to_dict(), "scratch": str(scratch), "username": username,
-                           "os": namespace is not None, "own_uid": namespace is not None and os.geteuid() == 0}))
+                           "os": namespace is not None, "own_uid": namespace is not None and os.geteuid() == 0,
+                           "paths": import_paths or []}))
         outcome = await session.serve(reader)
         if outcome is None:
             code = _child_code(await proc.wait(), under_bwrap=namespace is not None)
@@ -94,7 +96,7 @@ async def run_isolated(program: Program, input: str | dict[str, Any] | None, hos
 
 
 async def _spawn(policy: SandboxPolicy, mode: layers.Mode, scratch: Path, child: socket.socket,
-                 uid: int) -> tuple[asyncio.subprocess.Process, _Namespace | None]:
+                 uid: int, import_paths: list[str]) -> tuple[asyncio.subprocess.Process, _Namespace | None]:
     """The sandbox process: under bubblewrap (with the namespace to kill at the end), or, in the
     weaker mode, this Python directly (the guard then restricts it from inside)."""
     command = [sys.executable, "-B", "-m", "pie.runtime.sandbox.child", str(child.fileno())]
@@ -106,7 +108,8 @@ async def _spawn(policy: SandboxPolicy, mode: layers.Mode, scratch: Path, child:
         return proc, None
     if os.geteuid() == 0:
         os.chown(scratch, uid, uid)
-    launch = bwrap.plan_launch(policy, scratch, child.fileno(), uid, command, use_seccomp=mode.seccomp)
+    launch = bwrap.plan_launch(policy, scratch, child.fileno(), uid, command, use_seccomp=mode.seccomp,
+                               read_only=import_paths)
     try:
         env = _child_env(str(scratch), bwrap.package_roots())
         proc = await asyncio.create_subprocess_exec(*launch.argv, pass_fds=launch.pass_fds, cwd="/", env=env,
