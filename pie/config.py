@@ -130,6 +130,8 @@ class ServerConfig:
     shutdown_timeout_s: float = option(30.0, "graceful shutdown: seconds running inferlets may finish in",
                                        min=0.0)
     detach_timeout_s: float = option(600.0, "a process nobody is attached to is stopped after this", min=0.0)
+    api_keys: tuple[str, ...] = option((), "HTTP API keys: key, sha256:<hex>, or name=key (also PIE_API_KEY)")
+    metrics_public: bool = option(False, "serve /metrics without an API key when api_keys are set")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,11 @@
 - `GET /v1/ws`: the WebSocket protocol (`session.py`);
 - `GET /health`: 200 with a JSON summary while serving, 503 while shutting down;
 - `GET /metrics`: Prometheus text exposition;
-- `/v1/models`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible API (`openai.py`).
+- `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible
+  API (`openai.py`).
+
+Every error is a JSON body in the API's shape (`api/errors.py`); with API keys set, every route but
+`/health` (and the WebSocket, which has its own handshake) needs one (`api/auth.py`).
 
 aiohttp serves WebSockets, plain and streamed (SSE) HTTP on one port with
 one event loop and leaves signal handling to us, which is why it was chosen
@@ -20,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from pie.server import openai
+from pie.server.api import auth
+from pie.server.api.errors import json_errors
 from pie.server.metrics import CONTENT_TYPE
 from pie.server.protocol import WS_PATH
 from pie.server.session import Session
@@ -32,7 +38,9 @@ STARTED_AT = web.AppKey("started_at", float)
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[_count_requests])
+    ring = auth.KeyRing.from_entries(state.options.api_keys, enable_auth=state.options.enable_auth,
+                                     metrics_public=state.options.metrics_public)
+    app = web.Application(middlewares=[_count_requests, json_errors, auth.middleware(ring)])
     app[STATE] = state
     app[SOCKETS] = set()
     app[STARTED_AT] = time.time()
