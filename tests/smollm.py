@@ -52,3 +52,9 @@ def build_checkpoint(out: Path) -> Path:
     config["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The converted checkpoint, built once per test session (import this fixture into a test module)."""
+    return build_checkpoint(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")

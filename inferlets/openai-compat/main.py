@@ -10,10 +10,12 @@ The server validates a request and renders its prompt to token ids
      "logprobs": int | null, "constraint": null | {"json_schema": {...}} | {"lark": str},
      "render_special": bool, "stream": bool, "save": str | null}
 
+With `stream` it first sends `{"started": true}`, then one message per generation step.
+
 Every prompt is prefilled once (all but its last token) and forked `n`
 times, so `n` choices cost one prefill. Choice `p * n + j` is fork `j` of
 prompt `p`. While streaming it sends `{"i": choice, "delta": text,
-"logprobs": [...]}` messages; it returns `{"choices": [{"index", "text",
+"logprobs": [...]}` messages (one per step, `delta` may be empty); it returns `{"choices": [{"index", "text",
 "finish_reason", "completion_tokens", "logprobs"}], "prompt_tokens": [...]}`.
 A logprobs entry is `[token, logprob, [[token, logprob], ...]]` from the raw
 logits row (before temperature and masks), the row the sampler read.
@@ -76,6 +78,8 @@ class Choice:
 
 
 async def main(input: dict) -> str:
+    if input.get("stream"):
+        session.send(json.dumps({"started": True}))  # the server's queue-time metric ends here
     model = Model.load(input.get("model", ""))
     n = int(input.get("n", 1))
     prompts = [list(p) for p in input["prompts"]]
@@ -147,7 +151,7 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
                 send(index, text[sent:], new)
             break
         safe = len(text) - held_back(text, stop_strings)
-        if stream and (safe > sent or new):
+        if stream:  # every step, even without text: the server times tokens by these messages
             send(index, text[sent:safe], new)
         sent = max(sent, safe)
     if not stopped:
@@ -174,8 +178,7 @@ def token_logprobs(row: bytes, token: int, top: int) -> list[Any]:
 
 
 def send(index: int, piece: str, logprobs: list[Any]) -> None:
-    if piece or logprobs:
-        session.send(json.dumps({"i": index, "delta": piece, "logprobs": logprobs}))
+    session.send(json.dumps({"i": index, "delta": piece, "logprobs": logprobs}))
 
 
 def first_stop(text: str, stops: list[str]) -> int | None:

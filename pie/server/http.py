@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from pie.server import openai
+from pie.server import logs, openai
 from pie.server.api import auth
 from pie.server.api.errors import json_errors
 from pie.server.metrics import CONTENT_TYPE
@@ -39,7 +39,7 @@ STARTED_AT = web.AppKey("started_at", float)
 
 def build_app(state: ServerState) -> web.Application:
     ring = auth.KeyRing.from_entries(state.options.api_keys, enable_auth=state.options.enable_auth,
-                                     metrics_public=state.options.metrics_public)
+                                     metrics_public=state.options.metrics_public, internal_token=state.auth.token)
     app = web.Application(middlewares=[_count_requests, json_errors, auth.middleware(ring)])
     app[STATE] = state
     app[SOCKETS] = set()
@@ -97,7 +97,7 @@ async def metrics(request: web.Request) -> web.Response:
 @web.middleware
 async def _count_requests(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    status = 500
+    status, started = 500, time.monotonic()
     try:
         response = await handler(request)
         status = response.status
@@ -108,6 +108,9 @@ async def _count_requests(request: web.Request,
     finally:
         if request.path != WS_PATH:
             request.app[STATE].metrics.inc("pie_http_requests_total", path=_route(request), status=str(status))
+        user = request.get(auth.USER_KEY)
+        logs.access_line(request.method, request.path, status, time.monotonic() - started,
+                         user if isinstance(user, str) else None)
 
 
 def _route(request: web.Request) -> str:

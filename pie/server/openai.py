@@ -20,10 +20,12 @@ from aiohttp import web
 
 from pie.errors import RequestError
 from pie.server.api import auth, generation
+from pie.server.api.auth import ARRIVED_KEY
 from pie.server.api.generation import ChoiceResult, Delta, GenerationFailed, LogprobEntry, Outcome
 from pie.server.api.output import OutputSplitter, Split
 from pie.server.api.plan import Plan, build_plan
 from pie.server.api.served import ServedModel, served_model
+from pie.server.metrics import RequestTimer
 from pie.server.openai_schema import GenerationRequest, OpenAIError, parse_chat, parse_completion
 from pie.server.state import STATE, ServerState
 
@@ -77,6 +79,18 @@ def _error(error: OpenAIError) -> web.Response:
     return web.json_response(error.body(), status=error.status)
 
 
+def start_timer(request: web.Request, plan: Plan) -> RequestTimer:
+    return request.app[STATE].metrics.timer(plan.request.model, request.get(ARRIVED_KEY, time.monotonic()))
+
+
+def finish_timer(timer: RequestTimer, outcome: Outcome | None) -> None:
+    if outcome is None:
+        timer.finish()
+    else:
+        timer.finish(outcome.prompt_tokens, outcome.completion_tokens,
+                     tuple(c.finish_reason for c in outcome.choices))
+
+
 async def prepare(request: web.Request, parse: Parser, **plan_options: Any) -> tuple[Plan, str]:
     """Authenticate, validate, render and check a request: (its plan, the user it runs as)."""
     state = request.app[STATE]
@@ -96,15 +110,19 @@ async def _generate(request: web.Request, parse: Parser) -> web.StreamResponse:
     except RequestError as error:  # shutting down, openai-compat not installed, ...
         return _error(OpenAIError(str(error), status=503, kind="server_error"))
     rid, created = f"{'chatcmpl' if plan.request.mode == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+    timer = start_timer(request, plan)
+    outcome: Outcome | None = None
     try:
         if plan.request.stream:
-            return await _stream(request, plan, process, rid, created)
+            response, outcome = await _stream(request, plan, process, rid, created, timer)
+            return response
         try:
-            outcome = await generation.collect(process)
+            outcome = await generation.collect(process, timer)
         except GenerationFailed as error:
             return _error(OpenAIError(str(error), status=500, kind="server_error"))
         return web.json_response(full_response(plan, rid, created, outcome))
     finally:
+        finish_timer(timer, outcome)
         await generation.finished(process)
 
 
@@ -285,7 +303,8 @@ class _CompletionStream:
         return [self.chunk(result.index, "", result.finish_reason)]
 
 
-async def _stream(request: web.Request, plan: Plan, process: Any, rid: str, created: int) -> web.StreamResponse:
+async def _stream(request: web.Request, plan: Plan, process: Any, rid: str, created: int,
+                  timer: RequestTimer) -> tuple[web.StreamResponse, Outcome | None]:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
@@ -296,12 +315,14 @@ async def _stream(request: web.Request, plan: Plan, process: Any, rid: str, crea
                                                else _CompletionStream(plan, rid, created))
     for chunk in shaper.opening():
         await send(chunk)
+    outcome: Outcome | None = None
     try:
-        async for item in generation.run(process):
+        async for item in generation.run(process, timer):
             if isinstance(item, Delta):
                 for chunk in shaper.delta(item):
                     await send(chunk)
                 continue
+            outcome = item
             for result in item.choices:
                 for chunk in shaper.closing(result):
                     await send(chunk)
@@ -313,4 +334,4 @@ async def _stream(request: web.Request, plan: Plan, process: Any, rid: str, crea
         await send(OpenAIError(str(error), status=500, kind="server_error").body())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
-    return response
+    return response, outcome

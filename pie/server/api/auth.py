@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ ENV_KEY = "PIE_API_KEY"
 USER_KEY: Any = web.RequestKey("pie_user", str) if hasattr(web, "RequestKey") else "pie_user"
 _HASH = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 _NAME = re.compile(r"^[A-Za-z0-9_.@:\-]{1,64}$")
+ARRIVED_KEY: Any = web.RequestKey("pie_arrived", float) if hasattr(web, "RequestKey") else "pie_arrived"
 OPEN_PATHS = frozenset({"/health", WS_PATH})
 
 
@@ -46,20 +48,23 @@ class ApiKey:
 
 class KeyRing:
     def __init__(self, keys: Iterable[ApiKey], *, required_without_keys: bool = False,
-                 metrics_public: bool = False) -> None:
+                 metrics_public: bool = False, internal_token: str | None = None) -> None:
         self.keys = tuple(keys)
+        # The server's per-start token (what `pie run` holds) also gets in, as the anonymous HTTP user.
+        self._internal = hashlib.sha256(internal_token.encode()).digest() if internal_token else None
         self.required_without_keys = required_without_keys  # enable_auth with no keys: refuse HTTP
         self.metrics_public = metrics_public
 
     @classmethod
     def from_entries(cls, entries: Iterable[str], *, env: dict[str, str] | None = None,
-                     enable_auth: bool = False, metrics_public: bool = False) -> KeyRing:
+                     enable_auth: bool = False, metrics_public: bool = False,
+                     internal_token: str | None = None) -> KeyRing:
         values = list(entries)
         env_key = (env if env is not None else os.environ).get(ENV_KEY, "").strip()
         if env_key:
             values.append(env_key)
         return cls([parse_entry(v) for v in values], required_without_keys=enable_auth,
-                   metrics_public=metrics_public)
+                   metrics_public=metrics_public, internal_token=internal_token if enable_auth else None)
 
     @property
     def active(self) -> bool:
@@ -67,6 +72,8 @@ class KeyRing:
 
     def user_for(self, key: str) -> str | None:
         digest = hashlib.sha256(key.encode()).digest()
+        if self._internal is not None and hmac.compare_digest(self._internal, digest):
+            return ANONYMOUS_USER
         for entry in self.keys:
             if hmac.compare_digest(entry.digest, digest):
                 return entry.user
@@ -96,15 +103,16 @@ def _presented(request: web.Request) -> str | None:
 def middleware(ring: KeyRing) -> web.middleware:  # type: ignore[valid-type]
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[ARRIVED_KEY] = time.monotonic()  # the latency metrics count from here
         if request.path in OPEN_PATHS or not ring.active or (request.path == "/metrics" and ring.metrics_public):
             request[USER_KEY] = ANONYMOUS_USER
             return await handler(request)
-        if not ring.keys:
+        key = _presented(request)
+        user = ring.user_for(key) if key else None
+        if user is None and not ring.keys:
             return _refuse(request, "authentication is on (enable_auth) but no API keys are configured for "
                                     "HTTP: add `api_keys = [\"name=sk-...\"]` under [server] in config.toml, or "
                                     f"set {ENV_KEY}")
-        key = _presented(request)
-        user = ring.user_for(key) if key else None
         if user is None:
             what = "a wrong API key" if key else "no API key"
             return _refuse(request, f"{what}: send `Authorization: Bearer <key>` (or `x-api-key: <key>`) with "

@@ -18,6 +18,7 @@ from pie.errors import RequestError
 from pie.runtime.api import ProcessAPI
 from pie.server import processes
 from pie.server.api.plan import Plan
+from pie.server.metrics import RequestTimer
 from pie.server.state import ServerState
 
 PROGRAM = "openai-compat"
@@ -60,12 +61,19 @@ async def launch(state: ServerState, plan: Plan, username: str) -> ProcessAPI:
     return await processes.launch(state, PROGRAM, plan.inferlet_input(), username=username)
 
 
-async def run(process: ProcessAPI) -> AsyncIterator[Delta | Outcome]:
+async def run(process: ProcessAPI, timer: RequestTimer | None = None) -> AsyncIterator[Delta | Outcome]:
+    """The process's deltas, then its outcome; `timer` sees the start and every step."""
     async for event in process.events():
         if event.kind == "message":
             delta = _delta(event.value)
-            if delta is not None:
-                yield delta
+            if delta is None:
+                if timer is not None:
+                    timer.started()
+            else:
+                if timer is not None:
+                    timer.token()
+                if delta.text or delta.logprobs:
+                    yield delta
         elif event.kind == "return":
             yield _outcome(event.value)
             return
@@ -78,8 +86,8 @@ async def run(process: ProcessAPI) -> AsyncIterator[Delta | Outcome]:
         raise _failure(process, final.value)
 
 
-async def collect(process: ProcessAPI) -> Outcome:
-    async for item in run(process):
+async def collect(process: ProcessAPI, timer: RequestTimer | None = None) -> Outcome:
+    async for item in run(process, timer):
         if isinstance(item, Outcome):
             return item
     raise GenerationFailed("the generation ended without a result")
@@ -99,8 +107,8 @@ def _delta(value: str | bytes) -> Delta | None:
         message = json.loads(_text(value))
     except json.JSONDecodeError:
         return None
-    if not isinstance(message, dict):
-        return None
+    if not isinstance(message, dict) or "i" not in message:
+        return None  # {"started": true}
     return Delta(int(message.get("i", 0)), str(message.get("delta", "")), list(message.get("logprobs") or []))
 
 

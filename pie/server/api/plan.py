@@ -33,7 +33,7 @@ class Plan:
             "seed": req.seed, "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
             "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logprobs": req.logprobs,
             "constraint": self.constraint, "render_special": self.parse_tools or self.model.reasoning,
-            "stream": req.stream, "save": self.save,
+            "stream": True, "save": self.save,  # always: the server times every step (metrics)
         })
 
     @property

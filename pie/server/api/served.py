@@ -171,8 +171,8 @@ class ServedModel:
 
     @cached_property
     def _native_tool_calls(self) -> bool:
-        conversation = [{"role": "user", "content": "A"},
-                        {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
+        conversation: list[dict[str, Any]] = [{"role": "user", "content": "A"},
+                                              {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}]
         return self._renders(conversation, "pie_probe_fn")
 
     @cached_property
