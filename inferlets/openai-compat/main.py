@@ -16,7 +16,7 @@ Every prompt is prefilled once (all but its last token) and forked `n`
 times, so `n` choices cost one prefill. Choice `p * n + j` is fork `j` of
 prompt `p`. While streaming it sends `{"i": choice, "delta": text,
 "logprobs": [...]}` messages (one per step, `delta` may be empty); it returns `{"choices": [{"index", "text",
-"finish_reason", "completion_tokens", "logprobs"}], "prompt_tokens": [...]}`.
+"finish_reason", "completion_tokens", "logprobs", "stop_string"}], "prompt_tokens": [...]}`.
 A logprobs entry is `[token, logprob, [[token, logprob], ...]]` from the raw
 logits row (before temperature and masks), the row the sampler read.
 `save` names a snapshot to keep the first choice's context under (the
@@ -75,6 +75,7 @@ class Choice:
     finish_reason: str = "stop"
     completion_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
+    stop_string: str | None = None  # the stop string that ended the text, if one did
 
 
 async def main(input: dict) -> str:
@@ -146,6 +147,7 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
         text += decoder.push(out.tokens)
         cut = first_stop(text, stop_strings)
         if cut is not None:
+            choice.stop_string = next(s for s in stop_strings if text.find(s) == cut)
             text, stopped = text[:cut], True
             if stream:
                 send(index, text[sent:], new)

@@ -4,7 +4,7 @@
 - `GET /health`: 200 with a JSON summary while serving, 503 while shutting down;
 - `GET /metrics`: Prometheus text exposition;
 - `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible
-  API (`openai.py`).
+  API (`openai.py`); `/v1/messages`, `/v1/messages/count_tokens`: Anthropic's (`api/anthropic.py`).
 
 Every error is a JSON body in the API's shape (`api/errors.py`); with API keys set, every route but
 `/health` (and the WebSocket, which has its own handshake) needs one (`api/auth.py`).
@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from pie.server import logs, openai
-from pie.server.api import auth
+from pie.server.api import anthropic, auth
 from pie.server.api.errors import json_errors
 from pie.server.metrics import CONTENT_TYPE
 from pie.server.protocol import WS_PATH
@@ -48,6 +48,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     openai.add_routes(app.router)
+    anthropic.add_routes(app.router)
     return app
 
 
