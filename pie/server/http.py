@@ -4,7 +4,8 @@
 - `GET /health`: 200 with a JSON summary while serving, 503 while shutting down;
 - `GET /metrics`: Prometheus text exposition;
 - `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible
-  API (`openai.py`); `/v1/messages`, `/v1/messages/count_tokens`: Anthropic's (`api/anthropic.py`).
+  API (`openai.py`); `/v1/messages`, `/v1/messages/count_tokens`: Anthropic's (`api/anthropic.py`);
+  `/v1/responses`: OpenAI's Responses API (`api/responses.py`).
 
 Every error is a JSON body in the API's shape (`api/errors.py`); with API keys set, every route but
 `/health` (and the WebSocket, which has its own handshake) needs one (`api/auth.py`).
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from pie.server import logs, openai
-from pie.server.api import anthropic, auth
+from pie.server.api import anthropic, auth, responses
 from pie.server.api.errors import json_errors
 from pie.server.metrics import CONTENT_TYPE
 from pie.server.protocol import WS_PATH
@@ -49,6 +50,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     openai.add_routes(app.router)
     anthropic.add_routes(app.router)
+    responses.add_routes(app)
     return app
 
 
