@@ -45,11 +45,13 @@ async def test_greedy_answer(client: openai.AsyncOpenAI) -> None:
     assert reply.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("stream", [False, True])
+# Streamed and not; the streamed loop costs the same again on a 2-core host, so the tiny model covers it
+# (test_openai_params.py::test_two_turn_tool_loop_streams).
+@pytest.mark.parametrize("stream", [False])
 async def test_two_turn_tool_loop(client: openai.AsyncOpenAI, stream: bool) -> None:
     messages: list[dict] = [{"role": "user", "content": "What is the weather in Paris?"}]
-    call = await _chat(client, stream, messages=messages, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
-                       max_tokens=60, temperature=0)
+    call = await _chat(client, stream, messages=messages, tools=[WEATHER], tool_choice="required",
+                       parallel_tool_calls=False, max_tokens=40, temperature=0)
     assert call["finish_reason"] == "tool_calls" and len(call["tool_calls"]) == 1
     tool_call = call["tool_calls"][0]
     assert tool_call["function"]["name"] == "get_weather"
@@ -57,7 +59,7 @@ async def test_two_turn_tool_loop(client: openai.AsyncOpenAI, stream: bool) -> N
     jsonschema.validate(arguments, WEATHER["function"]["parameters"])
     messages += [{"role": "assistant", "content": None, "tool_calls": [tool_call]},
                  {"role": "tool", "tool_call_id": tool_call["id"], "content": "sunny, 24 degrees Celsius"}]
-    answer = await _chat(client, stream, messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
+    answer = await _chat(client, stream, messages=messages, tools=[WEATHER], max_tokens=16, temperature=0)
     assert answer["finish_reason"] in ("stop", "length") and not answer["tool_calls"]
     assert answer["content"].strip()
 

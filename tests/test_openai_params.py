@@ -277,3 +277,21 @@ async def test_streamed_n_and_usage(client: openai.AsyncOpenAI) -> None:
         assert text == whole.choices[index].message.content
     assert chunks[-1].usage is not None and whole.usage is not None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+async def test_two_turn_tool_loop_streams(client: openai.AsyncOpenAI) -> None:
+    messages: list[dict] = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
+    stream = await client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,  # type: ignore[arg-type]
+                                                  tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                                  max_tokens=160, temperature=0, stream=True)
+    calls = [tc for c in [c async for c in stream] if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].function is not None
+    call = {"id": calls[0].id, "type": "function",
+            "function": {"name": calls[0].function.name, "arguments": calls[0].function.arguments}}
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"}]
+    answer = await client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,  # type: ignore[arg-type]
+                                                  tool_choice="none", max_tokens=6, temperature=0, stream=True)
+    chunks = [c async for c in answer]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
