@@ -116,3 +116,22 @@ def _open_websocket_auth():  # type: ignore[no-untyped-def]
             return False
 
     return Authenticator(enabled=True, keys=NoKeys(), challenger=Nonces(), token="t")
+
+
+async def test_banner_access_log_and_json_lines(caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from pie.server.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO)
+    async with running_server() as server:  # noqa: SIM117
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            await http.get("/v1/nothing")
+    banner = next(r for r in caplog.records if r.name == "pie.server" and r.getMessage().startswith("model "))
+    assert "device cpu" in banner.getMessage() and "KV 256 pages" in banner.getMessage()
+    assert "CUDA graphs off" in banner.getMessage()
+    access = next(r for r in caplog.records if r.name == "pie.access" and "/v1/nothing" in r.getMessage())
+    line = json.loads(JsonFormatter().format(access))
+    assert (line["method"], line["path"], line["status"], line["level"]) == ("GET", "/v1/nothing", 404, "info")
+    assert line["user"] == "openai" and line["duration_ms"] >= 0

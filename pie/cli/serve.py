@@ -38,7 +38,8 @@ def serve(
     print_notes(settings.notes)
     from pie.server.app import run_server
 
-    raise typer.Exit(run_server(settings, debug=debug, monitor=monitor, log_level=log_level, log_format=log_format))
+    logging = {k: v for k, v in (("log_level", log_level), ("log_format", log_format)) if v not in (None, "text")}
+    raise typer.Exit(run_server(settings, debug=debug, monitor=monitor, **logging))  # unset: the server's defaults
 
 
 def run(
