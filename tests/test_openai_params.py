@@ -295,3 +295,21 @@ async def test_two_turn_tool_loop_streams(client: openai.AsyncOpenAI) -> None:
     chunks = [c async for c in answer]
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+
+
+async def test_echo_scores_the_prompt(client: openai.AsyncOpenAI) -> None:
+    prompt = [31, 47, 112, 9]
+    free = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=3)
+    assert free.choices[0].logprobs is not None and free.choices[0].logprobs.token_logprobs is not None
+    greedy = free.choices[0].logprobs.token_logprobs[0]
+    # Score the prompt and one more token without generating. The alternatives after the prompt (from the
+    # prompt pass's probes) match what the decode step reported when it sampled greedily there.
+    scored = await client.completions.create(model=MODEL, prompt=[*prompt, 5], max_tokens=0, echo=True,
+                                             logprobs=3)
+    lp = scored.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert max(lp.top_logprobs[4].values()) == pytest.approx(greedy, abs=1e-4)
+    # (keyed by token text: tokens whose bytes decode alike share a key, so up to 3)
+    assert lp.token_logprobs[4] <= greedy + 1e-4 and all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+    assert scored.usage is not None and scored.usage.completion_tokens == 0

@@ -117,8 +117,13 @@ def test_neutral_values_of_refused_parameters_pass() -> None:
 
 def test_completion_parameters() -> None:
     with pytest.raises(OpenAIError, match="echo") as caught:
-        parse_completion({"model": "m", "prompt": "x", "echo": True, "logprobs": 2})
+        parse_completion({"model": "m", "prompt": "x", "echo": True, "logprobs": 2, "stream": True})
     assert caught.value.param == "echo"
+    scoring = parse_completion({"model": "m", "prompt": "x", "echo": True, "logprobs": 2, "max_tokens": 0})
+    assert scoring.max_tokens == 0 and scoring.echo and scoring.logprobs == 2
+    with pytest.raises(OpenAIError) as caught:  # max_tokens 0 only scores the prompt: it needs echo
+        parse_completion({"model": "m", "prompt": "x", "max_tokens": 0})
+    assert caught.value.param == "max_tokens"
     for bad in ([], [[]], [1, "a"], 5, [True]):
         with pytest.raises(OpenAIError) as caught:
             parse_completion({"model": "m", "prompt": bad})

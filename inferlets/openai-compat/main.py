@@ -8,7 +8,7 @@ The server validates a request and renders its prompt to token ids
      "sampler": {"temperature", "top_p", "top_k", "min_p"}, "seed": int | null,
      "stop": [str], "stop_token_ids": [int], "ignore_eos": bool, "min_tokens": int,
      "logprobs": int | null, "constraint": null | {"json_schema": {...}} | {"lark": str},
-     "render_special": bool, "stream": bool, "save": str | null}
+     "render_special": bool, "stream": bool, "save": str | null, "prompt_logprobs": int | null}
 
 With `stream` it first sends `{"started": true}`, then one message per generation step.
 
@@ -20,7 +20,9 @@ prompt `p`. While streaming it sends `{"i": choice, "delta": text,
 A logprobs entry is `[token, logprob, [[token, logprob], ...]]` from the raw
 logits row (before temperature and masks), the row the sampler read.
 `save` names a snapshot to keep the first choice's context under (the
-Responses API continues a conversation from it).
+Responses API continues a conversation from it). `prompt_logprobs` scores the
+prompt tokens too (completions' `echo` with `logprobs`); `max_tokens` 0 then
+only scores.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from inferlet import Context, Ebnf, JsonSchema, Logits, Model, brle, chat, session
+from inferlet import Context, Distribution, Ebnf, JsonSchema, Logits, Logprob, Model, brle, chat, session
+
+PROMPT_CHUNK = 128  # prompt rows scored per pass (echo with logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class Choice:
     completion_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
     stop_string: str | None = None  # the stop string that ended the text, if one did
+    prompt_logprobs: list[Any] = field(default_factory=list)  # entries for prompt tokens 1.. (echo)
 
 
 async def main(input: dict) -> str:
@@ -91,8 +96,16 @@ async def main(input: dict) -> str:
 
 async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n: int) -> list[Choice]:
     base = Context(model)
-    base.append(tokens[:-1])
-    await base.flush()  # the prefill, once for all n choices
+    top = input.get("prompt_logprobs")
+    if top is None:
+        base.append(tokens[:-1])
+        await base.flush()  # the prefill, once for all n choices
+        prompt_logprobs: list[Any] = []
+    else:
+        prompt_logprobs = await prefill_scored(base, tokens, int(top))
+    if int(input["max_tokens"]) == 0:  # scoring only (echo): nothing to generate
+        base.release()
+        return [Choice(first + j, finish_reason="length", prompt_logprobs=prompt_logprobs) for j in range(n)]
     contexts = [base] if n == 1 else [base.fork() for _ in range(n)]
     for ctx in contexts:
         ctx.append(tokens[-1:])
@@ -100,6 +113,8 @@ async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n
     results = await asyncio.gather(*(
         generate(ctx, input, first + j, None if seed is None else int(seed) + j)
         for j, ctx in enumerate(contexts)))
+    for result in results:
+        result.prompt_logprobs = prompt_logprobs
     if input.get("save"):
         contexts[0].save(str(input["save"]))
     for ctx in contexts:
@@ -164,6 +179,28 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
     choice.completion_tokens = gen.tokens_generated
     choice.finish_reason = "length" if not stopped and gen.tokens_generated >= max_tokens else "stop"
     return choice
+
+
+async def prefill_scored(ctx: Context, tokens: list[int], top: int) -> list[Any]:
+    """Prefill all but the last prompt token, scoring each prompt token after the first: row i's
+    distribution gives token i + 1 its logprob (and the `top` most likely there). In passes of
+    PROMPT_CHUNK rows, so no pass carries more output slots than a decode batch would."""
+    entries: list[Any] = []
+    body = tokens[:-1]
+    for start in range(0, len(body), PROMPT_CHUNK):
+        rows = body[start:start + PROMPT_CHUNK]
+        fwd = ctx.forward().input(rows)
+        scored = [(fwd.probe(i, Logprob(tokens[start + i + 1])),
+                   fwd.probe(i, Distribution(1.0, top)) if top > 0 else None) for i in range(len(rows))]
+        out = await fwd.execute()
+        for i, (lp, dist) in enumerate(scored):
+            value = out.logprobs(lp)
+            best: list[list[Any]] = []
+            if dist is not None:
+                ids, probs = out.distribution(dist) or ([], [])
+                best = [[int(t), math.log(max(p, 1e-45))] for t, p in zip(ids, probs, strict=True)]  # JSON: no -inf
+            entries.append([tokens[start + i + 1], float(value[0]) if value else None, best])
+    return entries
 
 
 def token_logprobs(row: bytes, token: int, top: int) -> list[Any]:

@@ -169,10 +169,14 @@ def full_response(plan: Plan, rid: str, created: int, outcome: Outcome) -> dict[
                             else None})
         else:
             prompt_text = _echo_text(plan, result.index)
+            entries = result.logprobs
+            if req.echo:  # the prompt's tokens first: the very first has no logprob (nothing before it)
+                first = plan.prompts[result.index // req.n][0]
+                entries = [[first, None, None], *result.prompt_logprobs, *entries]
             choices.append({"index": result.index, "text": prompt_text + result.text,
                             "finish_reason": result.finish_reason,
-                            "logprobs": completion_logprobs(plan.model, result.logprobs)
-                            if req.logprobs is not None else None})
+                            "logprobs": completion_logprobs(plan.model, entries) if req.logprobs is not None
+                            else None})
     kind = "chat.completion" if req.mode == "chat" else "text_completion"
     return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices,
             "usage": usage(outcome)}
@@ -223,7 +227,7 @@ def completion_logprobs(model: ServedModel, entries: list[LogprobEntry], offset:
         text = _token_text(model, token)[0]
         tokens.append(text)
         logprobs.append(logprob)
-        tops.append({_token_text(model, alt)[0]: alt_logprob for alt, alt_logprob in top})
+        tops.append(None if top is None else {_token_text(model, alt)[0]: alt_logprob for alt, alt_logprob in top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}

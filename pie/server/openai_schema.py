@@ -315,9 +315,9 @@ def parse_completion(body: Any) -> GenerationRequest:
     if logprobs is not None:
         logprobs = _int(logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)
     echo = _bool(body.get("echo") or False, "echo")
-    if echo and logprobs is not None:
-        raise OpenAIError("`echo` with `logprobs` would need the prompt's logprobs, which pie does not return "
-                          "yet; send one of them", param="echo")
+    if echo and logprobs is not None and body.get("stream"):
+        raise OpenAIError("`echo` with `logprobs` is not supported when streaming (the prompt's logprobs come "
+                          "with the whole response); send stream=false", param="echo")
     return GenerationRequest(mode="completion", prompts=prompts, logprobs=logprobs, echo=echo,
                              **common(body, tokens_keys=("max_tokens",)))
 
@@ -358,7 +358,8 @@ def common(body: dict[str, Any], tokens_keys: tuple[str, ...]) -> dict[str, Any]
         raise OpenAIError("`model` must name a served model (GET /v1/models lists them)", param="model")
     given = [k for k in tokens_keys if body.get(k) is not None]
     key = given[0] if given else tokens_keys[-1]
-    max_tokens = _int(body[key], key, 1, 1 << 31) if given else None
+    scoring = body.get("echo") is True  # completions' echo may score the prompt only (max_tokens 0)
+    max_tokens = _int(body[key], key, 0 if scoring else 1, 1 << 31) if given else None
     stream_options = body.get("stream_options")
     stream = _bool(body.get("stream") or False, "stream")
     if stream_options is not None:

@@ -46,6 +46,7 @@ class ChoiceResult:
     completion_tokens: int
     logprobs: list[LogprobEntry]
     stop_string: str | None = None
+    prompt_logprobs: list[LogprobEntry] = field(default_factory=list)  # prompt tokens 1.. (echo)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def _delta(value: str | bytes) -> Delta | None:
 def _outcome(value: str | bytes) -> Outcome:
     result = json.loads(_text(value))
     choices = [ChoiceResult(int(c["index"]), str(c["text"]), str(c["finish_reason"]), int(c["completion_tokens"]),
-                            list(c.get("logprobs") or []), c.get("stop_string")) for c in result["choices"]]
+                            list(c.get("logprobs") or []), c.get("stop_string"), list(c.get("prompt_logprobs") or []))
+               for c in result["choices"]]
     return Outcome(sorted(choices, key=lambda c: c.index), sum(int(p) for p in result["prompt_tokens"]))
 
 

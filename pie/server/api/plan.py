@@ -34,6 +34,7 @@ class Plan:
             "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logprobs": req.logprobs,
             "constraint": self.constraint, "render_special": self.parse_tools or self.model.reasoning,
             "stream": True, "save": self.save,  # always: the server times every step (metrics)
+            "prompt_logprobs": req.logprobs if req.echo else None,
         })
 
     @property
