@@ -131,6 +131,8 @@ async def json_body(request: web.Request) -> Any:
         return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise OpenAIError(f"the request body is not JSON: {error}") from None
+    except RecursionError:  # json's own depth limit (the interpreter's stack), not a server failure
+        raise OpenAIError("the request body nests too deeply to parse") from None
 
 
 def check_model(state: ServerState, model_name: str) -> None:
