@@ -41,6 +41,9 @@ STARTED_AT = web.AppKey("started_at", float)
 def build_app(state: ServerState) -> web.Application:
     ring = auth.KeyRing.from_entries(state.options.api_keys, enable_auth=state.options.enable_auth,
                                      metrics_public=state.options.metrics_public, internal_token=state.auth.token)
+    if ring.keys and not state.options.enable_auth:
+        log.warning("api_keys protect the HTTP routes, but enable_auth is off: the WebSocket (%s) takes anyone "
+                    "who can reach the port. Set enable_auth = true to require its SSH-key handshake", WS_PATH)
     app = web.Application(middlewares=[_count_requests, json_errors, auth.middleware(ring)])
     app[STATE] = state
     app[SOCKETS] = set()
