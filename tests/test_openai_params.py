@@ -129,6 +129,41 @@ async def test_json_schema_output_always_parses_and_validates(client: openai.Asy
         jsonschema.validate(json.loads(choice.message.content or ""), schema)
 
 
+def random_schema(rng: random.Random, depth: int = 0) -> dict:
+    """A random JSON schema with bounded sizes (every value fits in a few dozen tokens)."""
+    kinds = ["string", "integer", "boolean", "enum", "number"] + (["object", "array"] if depth < 2 else [])
+    kind = rng.choice(kinds)
+    if kind == "string":
+        return {"type": "string", "maxLength": rng.randint(1, 8)}
+    if kind == "integer":
+        low = rng.randint(-50, 50)
+        return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 100)}
+    if kind == "number":
+        return {"type": "number", "minimum": 0, "maximum": 10}
+    if kind == "boolean":
+        return {"type": "boolean"}
+    if kind == "enum":
+        return {"enum": rng.sample(["red", "green", "blue", 1, 2, None, True], rng.randint(1, 4))}
+    if kind == "array":
+        return {"type": "array", "items": random_schema(rng, depth + 1), "maxItems": rng.randint(0, 3)}
+    names = rng.sample(["a", "b", "c", "d", "e"], rng.randint(1, 3))
+    return {"type": "object", "properties": {n: random_schema(rng, depth + 1) for n in names},
+            "required": names, "additionalProperties": False}
+
+
+@pytest.mark.parametrize("seed", [101, 202, 303, 404, 505])
+async def test_random_json_schemas_always_validate(client: openai.AsyncOpenAI, seed: int) -> None:
+    rng = random.Random(seed)
+    schema = {"type": "object", "properties": {"x": random_schema(rng), "y": random_schema(rng)},
+              "required": ["x", "y"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+    for sample_seed in (seed, seed + 1):
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO, response_format=fmt,  # type: ignore[arg-type]
+                                                     max_tokens=300, temperature=1.0, seed=sample_seed)
+        assert reply.choices[0].finish_reason == "stop", (schema, reply.choices[0].message.content)
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+
 async def test_json_object_is_an_object(client: openai.AsyncOpenAI) -> None:
     reply = await client.chat.completions.create(model=MODEL, messages=HELLO, response_format={"type": "json_object"},
                                                  max_tokens=120, temperature=0.7, seed=3)
