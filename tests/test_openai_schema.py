@@ -211,3 +211,70 @@ def test_api_key_entries() -> None:
     assert ring.user_for("sk-a") == "alice"
     assert ring.user_for("sk-secret") == f"key:{digest[:12]}"  # the first entry with that hash
     assert ring.user_for("sk-env") == parse_entry("sk-env").user and ring.user_for("nope") is None
+
+
+# -- chat templates that know tools ----------------------------------------------------------------
+
+# A small ChatML template in the Hermes/Qwen style (written for this test): tools in the system turn,
+# assistant calls as <tool_call> JSON, results as a user turn of <tool_response> blocks.
+TOOL_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}Tools:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}{% continue %}{% endif %}
+{%- if message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role == 'assistant' %}<|im_start|>assistant
+{{ message.content }}
+{%- for call in message.tool_calls or [] %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_native_tool_templates_render_the_whole_agent_history(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pie.runtime.tokenizer import ModelTokenizer
+    from pie.server.api.served import ServedModel
+    from pie.tiny_model import write_tokenizer_files
+
+    write_tokenizer_files(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    tok = ModelTokenizer(tmp_path)
+    model = ServedModel("m", None, tok, {"vocab_size": tok.vocab_size})
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "",
+                                               "parameters": {"type": "object"}}}]
+    history = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "rain"}]
+    text = tok.decode(model.render_chat(history, tools))
+    assert model.tool_format.name == "hermes"
+    assert "Be exact.\n\nTools:\n<tools>\n" in text and '"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+    assert "<tool_response>\nrain\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+    # The plain ChatML template knows no tools: pie's convention lists them in the system turn instead,
+    # and the assistant's call is written in the format the convention asks for.
+    write_tokenizer_files(tmp_path / "plain")
+    plain_tok = ModelTokenizer(tmp_path / "plain")
+    plain = ServedModel("p", None, plain_tok, {"vocab_size": plain_tok.vocab_size})
+    text = plain_tok.decode(plain.render_chat(history, tools))
+    assert "Be exact.\n\nYou can call these tools" in text and "get_weather" in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
