@@ -40,8 +40,8 @@ from pie.server.openai_schema import (
 from pie.server.state import STATE, ServerState
 
 log = logging.getLogger("pie.server.api")
-STORE_TTL_S = 3600.0
-MAX_STORED_PER_USER = 64
+STORE_TTL_S = 600.0  # a stored response pins KV pages: keep them for a conversation's pace, not for days
+MAX_STORED_PER_USER = 16
 SUPPORTED = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
                        "tools", "tool_choice", "parallel_tool_calls", "previous_response_id", "store", "text",
                        "metadata", "user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier",
@@ -76,12 +76,13 @@ def _error(error: OpenAIError) -> web.Response:
 
 
 def _user_store(request: web.Request, user: str) -> OrderedDict[str, Stored]:
+    """The user's stored responses, after dropping every user's expired ones (and their snapshots)."""
     stores: dict[str, OrderedDict[str, Stored]] = request.app[STORE]
-    store = stores.setdefault(user, OrderedDict())
     now = time.monotonic()
-    for rid in [rid for rid, s in store.items() if s.expires < now]:
-        _drop(request.app[STATE], user, store.pop(rid))
-    return store
+    for owner, entries in stores.items():
+        for rid in [rid for rid, s in entries.items() if s.expires < now]:
+            _drop(request.app[STATE], owner, entries.pop(rid))
+    return stores.setdefault(user, OrderedDict())
 
 
 def _drop(state: ServerState, user: str, stored: Stored) -> None:
