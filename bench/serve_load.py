@@ -13,7 +13,11 @@ the time to first token (request sent -> first streamed text) and tokens/s
 
 Prints a table per endpoint and two ratios: aggregate tokens/s at N clients
 over 1 client (batching gain), and OpenAI over WebSocket (the HTTP path's
-overhead), both measured in this run.
+overhead), both measured in this run. For the OpenAI endpoint the client's
+TTFT and TPOT (time per output token after the first) percentiles stand beside
+the server's own `pie:time_to_first_token_seconds` and
+`pie:inter_token_latency_seconds` histograms, scraped from /metrics before and
+after each level (percentiles interpolated within the buckets).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,25 +47,75 @@ from pie.client.client import http_url
 PROMPT = "The history of the city begins with a small market by the river, where"
 
 
+TTFT, ITL = "pie:time_to_first_token_seconds", "pie:inter_token_latency_seconds"
+
+
 @dataclass(frozen=True)
 class Sample:
     ttft_s: float
     total_s: float
     tokens: int
 
+    @property
+    def tpot_s(self) -> float:
+        return (self.total_s - self.ttft_s) / max(self.tokens - 1, 1)
 
-@dataclass(frozen=True)
+
+def _pct(values: list[float], q: float) -> float:
+    return values[int(q * (len(values) - 1))] if values else float("nan")
+
+
+async def scrape(http: httpx.AsyncClient) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts of the server's TTFT and ITL histograms (summed over models)."""
+    text = (await http.get("/metrics")).text
+    out: dict[str, dict[float, float]] = {TTFT: {}, ITL: {}}
+    for family in text_string_to_metric_families(text):
+        if family.name in out:
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    bound = float(sample.labels["le"])
+                    out[family.name][bound] = out[family.name].get(bound, 0.0) + sample.value
+    return out
+
+
+def quantile(buckets: dict[float, float], q: float) -> float:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket that holds the rank."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] == 0:
+        return float("nan")
+    rank, previous_bound, previous_count = q * buckets[bounds[-1]], 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return previous_bound
+            width = count - previous_count
+            return previous_bound + (bound - previous_bound) * ((rank - previous_count) / width if width else 0.0)
+        previous_bound, previous_count = bound, count
+    return previous_bound
+
+
+@dataclass
 class Row:
     clients: int
     samples: list[Sample]
     wall_s: float
 
+    server: dict[str, dict[float, float]] | None = None  # histogram -> bucket bound -> count (this level)
+
     def line(self) -> str:
         ttfts = sorted(s.ttft_s * 1000 for s in self.samples)
+        tpots = sorted(s.tpot_s * 1000 for s in self.samples if s.tokens > 1)
         per_client = [s.tokens / s.total_s for s in self.samples if s.total_s > 0]
         tokens = sum(s.tokens for s in self.samples)
-        return (f"{self.clients:>7} {statistics.median(ttfts):>10.1f} {ttfts[int(0.95 * (len(ttfts) - 1))]:>10.1f} "
+        line = (f"{self.clients:>7} {statistics.median(ttfts):>10.1f} {_pct(ttfts, 0.95):>10.1f} "
+                f"{_pct(tpots, 0.5):>10.1f} {_pct(tpots, 0.95):>10.1f} "
                 f"{statistics.mean(per_client):>12.1f} {tokens / self.wall_s:>12.1f}")
+        if self.server:
+            ttft, itl = self.server.get(TTFT, {}), self.server.get(ITL, {})
+            line += (f"   server ttft p50/p95 {quantile(ttft, 0.5) * 1000:.1f}/{quantile(ttft, 0.95) * 1000:.1f}"
+                     f"  itl p50/p95 {quantile(itl, 0.5) * 1000:.1f}/{quantile(itl, 0.95) * 1000:.1f}")
+        return line
 
     @property
     def aggregate(self) -> float:
@@ -135,7 +190,14 @@ async def measure(url: str, model: str, levels: list[int], max_tokens: int) -> d
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(levels))
     async with httpx.AsyncClient(base_url=http_url(url), timeout=600, limits=limits) as http:
         await openai_client(http, model, 4)
-        results["openai"] = [await run_level(lambda: openai_client(http, model, max_tokens), n) for n in levels]
+        rows = []
+        for n in levels:
+            before = await scrape(http)
+            row = await run_level(lambda: openai_client(http, model, max_tokens), n)
+            after = await scrape(http)
+            row.server = {name: {b: c - before[name].get(b, 0.0) for b, c in after[name].items()} for name in after}
+            rows.append(row)
+        results["openai"] = rows
     return results
 
 
@@ -143,7 +205,8 @@ def report(results: dict[str, list[Row]], device: str, max_tokens: int) -> None:
     print(f"\nserve_load: {max_tokens} tokens per client, greedy, device {device}")
     for name, rows in results.items():
         print(f"\n[{name}]")
-        print(f"{'clients':>7} {'ttft p50':>10} {'ttft p95':>10} {'tok/s/client':>12} {'tok/s total':>12}  (ms)")
+        print(f"{'clients':>7} {'ttft p50':>10} {'ttft p95':>10} {'tpot p50':>10} {'tpot p95':>10} "
+              f"{'tok/s/client':>12} {'tok/s total':>12}  (ms)")
         for row in rows:
             print(row.line())
         base = rows[0].aggregate
@@ -151,6 +214,14 @@ def report(results: dict[str, list[Row]], device: str, max_tokens: int) -> None:
     ws, oa = results["websocket"], results["openai"]
     print("\nopenai / websocket aggregate tok/s: " +
           ", ".join(f"{a.clients}: {b.aggregate / a.aggregate:.2f}x" for a, b in zip(ws, oa, strict=True)))
+    for a, b in zip(ws, oa, strict=True):
+        ttft = sorted(x.ttft_s for x in b.samples)
+        server = b.server or {}
+        print(f"RESULT clients={b.clients} openai_tok_s={b.aggregate:.1f} websocket_tok_s={a.aggregate:.1f} "
+              f"openai_over_ws={b.aggregate / a.aggregate:.3f} client_ttft_p50_ms={_pct(ttft, 0.5) * 1000:.1f} "
+              f"server_ttft_p50_ms={quantile(server.get(TTFT, {}), 0.5) * 1000:.1f} "
+              f"client_tpot_p50_ms={_pct(sorted(x.tpot_s for x in b.samples), 0.5) * 1000:.1f} "
+              f"server_itl_p50_ms={quantile(server.get(ITL, {}), 0.5) * 1000:.1f}")
 
 
 def start_server(model: str, device: str) -> tuple[subprocess.Popen[bytes], str, Path]:

@@ -143,6 +143,8 @@ class ServerConfig:
     auth_address_failures_burst: int = option(50, "refused auth attempts one address may make at once", min=1)
     auth_address_failures_per_s: float = option(1.0, "refused auth attempts forgiven per second per address",
                                                 min=0.0)
+    api_keys: tuple[str, ...] = option((), "HTTP API keys: key, sha256:<hex>, or name=key (also PIE_API_KEY)")
+    metrics_public: bool = option(False, "serve /metrics without an API key when api_keys are set")
 
 
 @dataclass(frozen=True)

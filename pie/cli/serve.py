@@ -36,16 +36,26 @@ def serve(
     debug: Annotated[bool, typer.Option("--debug", help="Debug logging; tracebacks on errors.")] = False,
     monitor: Annotated[bool, typer.Option("--monitor", "-m", help="Live view of running inferlets, batches "
                                           "and KV usage.")] = False,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error (default info; "
+                                                  "--debug = debug).")] = None,
+    log_format: Annotated[str, typer.Option(help="text, or json (one object per line).")] = "text",
 ) -> None:
     """Start the server with the config; flags override it for this run. Stop with Ctrl-C (twice: at once)."""
     set_debug(ctx, debug)
+    from pie.server.logs import LOG_FORMATS, LOG_LEVELS
+
+    if log_level is not None and log_level not in LOG_LEVELS:
+        fail(f"--log-level {log_level}: use one of {', '.join(LOG_LEVELS)}")
+    if log_format not in LOG_FORMATS:
+        fail(f"--log-format {log_format}: use one of {', '.join(LOG_FORMATS)}")
     settings = load_config(config).with_overrides(host=host, port=port, enable_auth=False if no_auth else None)
     settings = with_model(settings, model)
     print_notes(settings.notes)
     check_models(settings)
     from pie.server.app import run_server
 
-    raise typer.Exit(run_server(settings, debug=debug, monitor=monitor))
+    logging = {k: v for k, v in (("log_level", log_level), ("log_format", log_format)) if v not in (None, "text")}
+    raise typer.Exit(run_server(settings, debug=debug, monitor=monitor, **logging))  # unset: the server's defaults
 
 
 def parse_mcp(text: str) -> McpServerSpec:

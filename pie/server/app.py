@@ -32,6 +32,7 @@ from aiohttp import web
 from pie import telemetry
 from pie.errors import PieError
 from pie.runtime.api import RuntimeAPI
+from pie.server import logs
 from pie.server.auth import Authenticator, AuthLimits, new_internal_token
 from pie.server.connections import GUARD, ConnectionGuard, GuardedSite, fit_fd_limit
 from pie.server.http import build_app, close_sockets
@@ -135,6 +136,7 @@ class Server:
         self._site = GuardedSite(self._runner, self._sock, guard)
         await self._site.start()
         auth = "on" if self.options.enable_auth else "off"
+        logs.banner(runtime, self.config)
         log.info("pie serving on %s (HTTP %s), auth %s", self.url, self.http_url, auth)
         if not self.options.enable_auth and not _is_loopback(self.options.host):
             log.warning("authentication is off and the server listens on %s: anyone who can reach this port "
@@ -271,10 +273,10 @@ async def _start_runtime(config: Any) -> RuntimeAPI:
     return cast(RuntimeAPI, runtime)  # Runtime implements RuntimeAPI (its list[Instance] is a list of ProcessAPI)
 
 
-def run_server(config: Any, *, debug: bool = False, monitor: bool = False) -> int:
+def run_server(config: Any, *, debug: bool = False, monitor: bool = False, log_level: str | None = None,
+               log_format: str = "text") -> int:
     """Entry point of `pie serve`: serve until SIGINT/SIGTERM; returns the process exit code."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level or ("debug" if debug else "info"), log_format)
     options = ServerOptions.from_config(config)
     server = Server(config, options)
 

@@ -4,7 +4,12 @@
 - `GET /health`: 200 `{"status": "ok"}` while serving (plus a summary, when auth is off or the
   caller sends the internal token), 503 while shutting down;
 - `GET /metrics`: Prometheus text exposition;
-- `/v1/models`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible API (`openai.py`).
+- `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible
+  API (`openai.py`); `/v1/messages`, `/v1/messages/count_tokens`: Anthropic's (`api/anthropic.py`);
+  `/v1/responses`: OpenAI's Responses API (`api/responses.py`).
+
+Every error is a JSON body in the API's shape (`api/errors.py`); with API keys set, every route but
+`/health` (and the WebSocket, which has its own handshake) needs one (`api/auth.py`).
 
 aiohttp serves WebSockets, plain and streamed (SSE) HTTP on one port with
 one event loop and leaves signal handling to us, which is why it was chosen
@@ -21,7 +26,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from pie.errors import InputError
-from pie.server import openai
+from pie.server import logs, openai
+from pie.server.api import anthropic, auth, responses
+from pie.server.api.errors import json_errors
 from pie.server.auth import bearer_matches
 from pie.server.connections import first_request
 from pie.server.metrics import CONTENT_TYPE
@@ -36,7 +43,13 @@ STARTED_AT = web.AppKey("started_at", float)
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[first_request, _count_requests, _input_errors])
+    ring = auth.KeyRing.from_entries(state.options.api_keys, enable_auth=state.options.enable_auth,
+                                     metrics_public=state.options.metrics_public, internal_token=state.auth.token)
+    if ring.keys and not state.options.enable_auth:
+        log.warning("api_keys protect the HTTP routes, but enable_auth is off: the WebSocket (%s) takes anyone "
+                    "who can reach the port. Set enable_auth = true to require its SSH-key handshake", WS_PATH)
+    app = web.Application(middlewares=[first_request, _count_requests, json_errors, _input_errors,
+                                       auth.middleware(ring)])
     app[STATE] = state
     app[SOCKETS] = set()
     app[STARTED_AT] = time.time()
@@ -44,6 +57,8 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     openai.add_routes(app.router)
+    anthropic.add_routes(app.router)
+    responses.add_routes(app)
     return app
 
 
@@ -98,7 +113,7 @@ async def metrics(request: web.Request) -> web.Response:
 @web.middleware
 async def _count_requests(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    status = 500
+    status, started = 500, time.monotonic()
     try:
         response = await handler(request)
         status = response.status
@@ -109,6 +124,9 @@ async def _count_requests(request: web.Request,
     finally:
         if request.path != WS_PATH:
             request.app[STATE].metrics.inc("pie_http_requests_total", path=_route(request), status=str(status))
+        user = request.get(auth.USER_KEY)
+        logs.access_line(request.method, request.path, status, time.monotonic() - started,
+                         user if isinstance(user, str) else None)
 
 
 @web.middleware

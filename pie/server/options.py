@@ -35,6 +35,8 @@ class ServerOptions:
     telemetry_service_name: str = "pie"
     internal_token: str | None = None  # None = a fresh random token per start
     mcp_call_timeout_s: float = 30.0  # a relayed MCP call the client does not answer in time fails
+    api_keys: tuple[str, ...] = ()  # HTTP API keys (pie.server.api.auth); PIE_API_KEY adds one
+    metrics_public: bool = False  # /metrics without a key when keys are set
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,7 +65,7 @@ class ServerOptions:
             if hasattr(config, name):
                 values[name] = getattr(config, name)
         for name in ("max_frame_bytes", "max_upload_bytes", "shutdown_timeout_s", "detach_timeout_s",
-                     *CONNECTION_KEYS):
+                     *CONNECTION_KEYS, "api_keys", "metrics_public"):
             source = server if server is not None and hasattr(server, name) else config
             if hasattr(source, name):
                 values[name] = getattr(source, name)

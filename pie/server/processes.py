@@ -7,6 +7,7 @@ refuse bad input with the same messages and both count and trace launches.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import tomllib
 from typing import Any
@@ -18,6 +19,7 @@ from pie.runtime.mcp import McpRelay
 from pie.server.safe_json import loads_limited
 from pie.server.state import ServerState
 
+log = logging.getLogger("pie.access")
 WASM_MAGIC = b"\0asm"
 PYTHON_ENTRY_FILE = "main.py"
 
@@ -64,6 +66,8 @@ async def launch(state: ServerState, program: str, input: str, *, username: str,
         raise RequestError(f"token_budget is {token_budget}; give a positive number of tokens or none")
     process = await runtime.launch(program, input, username=username, token_budget=token_budget,
                                    mcp_session=mcp_session)
+    log.info("launched %s as process %s for user %s (input %d bytes)", process.program, process.id, username,
+             len(input))
     state.metrics.inc("pie_processes_launched_total", program=process.program)
     state.tasks.spawn(_trace_run(process), name=f"trace-{process.id}")
     return process

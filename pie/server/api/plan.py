@@ -1,0 +1,115 @@
+"""A validated request + its model -> the `openai-compat` inferlet's input, with the checks that need
+the model: prompt tokens, the context length, token ids in the vocabulary, forced tool-call grammars.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pie.errors import RequestError
+from pie.server.api.served import ServedModel
+from pie.server.openai_schema import MAX_TOKENS_DEFAULT, GenerationRequest, OpenAIError
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: GenerationRequest
+    model: ServedModel
+    prompts: tuple[tuple[int, ...], ...]
+    max_tokens: int
+    constraint: dict[str, Any] | None
+    parse_tools: bool  # read tool calls back out of the text
+    save: str | None = None
+
+    def inferlet_input(self) -> str:
+        req = self.request
+        return json.dumps({
+            "model": req.model, "prompts": [list(p) for p in self.prompts], "n": req.n,
+            "max_tokens": self.max_tokens,
+            "sampler": {"temperature": req.sampling.temperature, "top_p": req.sampling.top_p,
+                        "top_k": req.sampling.top_k, "min_p": req.sampling.min_p},
+            "seed": req.seed, "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
+            "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logprobs": req.logprobs,
+            "constraint": self.constraint, "render_special": self.parse_tools or self.model.reasoning,
+            "stream": True, "save": self.save,  # always: the server times every step (metrics)
+            "prompt_logprobs": req.logprobs if req.echo else None,
+        })
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None = None) -> Plan:
+    try:
+        prompts = _prompt_tokens(req, model)
+    except RequestError as error:
+        if isinstance(error, OpenAIError):
+            raise
+        raise OpenAIError(str(error), param="messages" if req.mode == "chat" else "prompt") from None
+    max_tokens = _max_tokens(req, model, prompts)
+    bad = [t for t in req.stop_token_ids if model.vocab_size and t >= model.vocab_size]
+    if bad:
+        raise OpenAIError(f"`stop_token_ids` has {bad[0]}, outside the vocabulary [0, {model.vocab_size})",
+                          param="stop_token_ids")
+    if req.min_tokens > max_tokens:
+        raise OpenAIError(f"`min_tokens` is {req.min_tokens}, more than the {max_tokens} tokens to generate",
+                          param="min_tokens")
+    tools = req.tools
+    constraint: dict[str, Any] | None = None
+    if req.json_schema is not None:
+        constraint = {"json_schema": req.json_schema}
+    if tools is not None and tools.forced:
+        if constraint is not None:
+            raise OpenAIError("`response_format` and a forced `tool_choice` both constrain the output; send one",
+                              param="response_format")
+        grammar = model.tool_format.grammar(tools.allowed(), tools.parallel, model.special_token_id)
+        constraint = {"lark": grammar}
+    if constraint is not None and req.ignore_eos:
+        raise OpenAIError("`ignore_eos` cannot be combined with a constrained output (response_format or a "
+                          "forced tool_choice ends at end-of-sequence)", param="ignore_eos")
+    parse = tools is not None and tools.choice != "none"
+    return Plan(req, model, prompts, max_tokens, constraint, parse, save)
+
+
+def _prompt_tokens(req: GenerationRequest, model: ServedModel) -> tuple[tuple[int, ...], ...]:
+    if req.mode == "chat":
+        declared = list(req.tools.declared) if req.tools is not None else None
+        return (tuple(model.render_chat(list(req.messages), declared)),)
+    prompts: list[tuple[int, ...]] = []
+    for i, prompt in enumerate(req.prompts):
+        ids = tuple(model.encode(prompt)) if isinstance(prompt, str) else prompt
+        if not ids:
+            raise OpenAIError(f"prompt {i} is empty: give at least one token", param="prompt")
+        bad = [t for t in ids if model.vocab_size and t >= model.vocab_size]
+        if bad:
+            raise OpenAIError(f"prompt {i} has token id {bad[0]}, outside the vocabulary [0, {model.vocab_size})",
+                              param="prompt")
+        prompts.append(ids)
+    return tuple(prompts)
+
+
+def _max_tokens(req: GenerationRequest, model: ServedModel, prompts: tuple[tuple[int, ...], ...]) -> int:
+    """The completion budget; a prompt plus it beyond the context is a 400 with the numbers."""
+    limit = model.max_model_len
+    longest = max(len(p) for p in prompts)
+    if not limit:
+        return req.max_tokens or MAX_TOKENS_DEFAULT
+    left = limit - longest
+    if req.max_tokens is None:
+        if left < 1:
+            raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, your prompt is "
+                              f"{longest} tokens, which leaves no room for a completion. Please reduce the length "
+                              "of the messages or prompt.", param="messages" if req.mode == "chat" else "prompt",
+                              code="context_length_exceeded")
+        return min(MAX_TOKENS_DEFAULT, left)
+    if longest + req.max_tokens > limit:
+        where = "messages" if req.mode == "chat" else "prompt"
+        raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                          f"{longest + req.max_tokens} tokens ({longest} in the {where}, {req.max_tokens} in the "
+                          f"completion). Please reduce the length of the {where} or `{req.max_tokens_param}`.",
+                          param=where if longest >= limit else req.max_tokens_param,
+                          code="context_length_exceeded")
+    return req.max_tokens
