@@ -108,14 +108,7 @@ def _open_websocket_auth():  # type: ignore[no-untyped-def]
         def verify(self, username: str, message: bytes, signature: bytes) -> bool:
             return False
 
-    class Nonces:
-        def issue(self) -> bytes:
-            return b"0" * 48
-
-        def consume(self, nonce: bytes) -> bool:
-            return False
-
-    return Authenticator(enabled=True, keys=NoKeys(), challenger=Nonces(), token="t")
+    return Authenticator(enabled=True, keys=NoKeys(), token="t")
 
 
 async def test_banner_access_log_and_json_lines(caplog: pytest.LogCaptureFixture) -> None:

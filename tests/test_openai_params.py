@@ -51,8 +51,8 @@ async def test_unknown_routes_and_methods_are_json_errors(server: Server) -> Non
         deep = await http.post("/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong.status_code == 405 and "POST" in wrong.json()["error"]["message"]
-    assert broken.status_code == 400 and "not JSON" in broken.json()["error"]["message"]
-    assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"]["message"]
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+    assert deep.status_code == 400 and "nested too deep" in deep.json()["error"]["message"]
     for response in (missing, wrong, broken, deep):
         assert response.headers["Content-Type"].startswith("application/json")
         assert "Traceback" not in response.text

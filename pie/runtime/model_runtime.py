@@ -87,6 +87,12 @@ class ModelRuntime:
         self.max_batch_tokens: int = info.max_batch_tokens
         self.max_dist_size: int = info.max_dist_size
         self.max_num_embeds: int = info.max_num_embeds
+        # What one instance may hold on one group (the per-instance limits): a context can grow no further.
+        pool = min(g.pool.num_pages for g in self.groups)
+        shares = [n for n in (limits.max_pages_per_instance,
+                              max(1, int(pool * limits.max_page_share_per_instance))
+                              if limits.max_page_share_per_instance else 0) if n]
+        self.max_pages_per_instance: int = min([pool, *shares])
         self.snapshots = SnapshotStore(name)
         # LoRA adapters by (user, name), on every group's engine (a context on any group may use one).
         self.adapters = AdapterStore([g.engine for g in self.groups], adapter_dir or pie_home() / "adapters",
@@ -154,6 +160,7 @@ class ModelRuntime:
             "vocab_size": self.vocab_size, "num_pages": min(g.pool.num_pages for g in self.groups),
             "max_batch_tokens": self.max_batch_tokens, "max_dist_size": self.max_dist_size,
             "max_num_embeds": self.max_num_embeds, "system_speculation": False,
+            "max_pages_per_instance": self.max_pages_per_instance,
         }
 
     def status(self) -> ModelStatus:

@@ -54,7 +54,9 @@ class ServedModel:
         self.name = name
         self.tokenizer = tokenizer
         self.vocab_size = int(facts.get("vocab_size") or (tokenizer.vocab_size if tokenizer else 0))
-        pool_tokens = int(facts.get("num_pages", 0)) * int(facts.get("page_size", 0))
+        # One request's context lives on one group, within one instance's page limit.
+        pages = int(facts.get("max_pages_per_instance") or facts.get("num_pages", 0))
+        pool_tokens = pages * int(facts.get("page_size", 0))
         positions = _max_positions(model_dir)
         limits = [n for n in (positions, pool_tokens) if n > 0]
         self.max_model_len = min(limits) if limits else 0
