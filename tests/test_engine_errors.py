@@ -28,7 +28,7 @@ def _req(**kw: object) -> Request:
 
 
 BAD = {
-    "page id out of range": (_req(page_ids=[64]), "uses page id 64, out of range: the pool has pages 0..63"),
+    "page id out of range": (_req(page_ids=[64]), "page id 64 is out of range: the pool has pages 0..63"),
     "negative page id": (_req(page_ids=[-1]), "out of range"),
     "positions/tokens mismatch": (_req(positions=[0, 1]), "3 tokens but 2 positions"),
     "no tokens": (_req(tokens=[], positions=[]), "no input tokens"),
