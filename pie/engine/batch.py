@@ -103,6 +103,9 @@ class Request:
     seed: makes this request's random draws a function of (seed, position,
       draw) only, so its tokens do not depend on what else is in the batch.
     adapter: a resident LoRA slot, or None for the base model.
+    page_ids (and tokens, positions) may also be 1-D numpy int arrays, e.g. a
+      runtime's incremental page table: the engine concatenates arrays without
+      converting Python ints one by one (the wire sends them as lists).
     """
 
     tokens: list[int]

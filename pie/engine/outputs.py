@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pie.engine import brle, sampling
-from pie.engine.batch import OutputValue, Request
+from pie.engine.batch import OutputValue, Probe, Request, Sampler
 from pie.engine.models.decoder import CausalLM
 from pie.engine.packing import Packer, ResultPacker, Results, Sections
 from pie.engine.validate import InvalidValue, check_logit_mask
@@ -47,6 +47,29 @@ class OutputPlan:
     has_bias: bool = False
 
 
+_SamplerRow = tuple[tuple[float, int, float, float, float, float, float], int, bool]
+_sampler_rows: dict[int, tuple[Sampler, _SamplerRow]] = {}
+_MAX_CACHED = 4096
+
+
+def _sampler_row(s: Sampler) -> _SamplerRow:
+    """(temperature, top_k, top_p, min_p, presence, frequency, repetition), draws, penalized: the parameters
+    its kind uses. Cached by identity: the runtime reuses one Sampler object for a decode loop's steps."""
+    hit = _sampler_rows.get(id(s))
+    if hit is not None and hit[0] is s:
+        return hit[1]
+    row = ((0.0 if s.kind == "argmax" else s.temperature,
+            s.top_k if s.kind in ("top_k", "top_k_top_p") else 0,
+            s.top_p if s.kind in ("top_p", "top_k_top_p") else 1.0,
+            s.min_p if s.kind == "min_p" else 0.0,
+            s.presence_penalty, s.frequency_penalty, s.repetition_penalty),
+           s.draws if s.kind == "multinomial" else 1, s.penalized)
+    if len(_sampler_rows) >= _MAX_CACHED:
+        _sampler_rows.clear()
+    _sampler_rows[id(s)] = (s, row)  # holding `s` keeps its id from being reused while cached
+    return row
+
+
 class _Builder:
     """Collects the per-output host lists in one pass over the requests."""
 
@@ -67,51 +90,51 @@ class _Builder:
         self.logits: list[int] = []
         self.embed_rows: list[int] = []
 
+    def sampler(self, i: int, row: int, s: Sampler) -> None:
+        par, draws, penalized = _sampler_row(s)
+        n = len(self.s_row)
+        self.kinds.append("sampler")
+        self.s_out.append(len(self.logit_row))
+        self.logit_row.append(row)
+        self.s_req.append(i)
+        self.s_row.append(row)
+        self.s_par.append(par)
+        self.draws.append(draws)
+        if penalized:
+            self.pen_pairs.append((n, s.penalty_tokens))
+        if s.logit_bias:
+            self.bias += [(n, t, v) for t, v in s.logit_bias]
+
+    def probe(self, row: int, p: Probe, vocab_size: int, max_dist_size: int) -> None:
+        self.kinds.append(p.kind)
+        if p.kind == "embedding":
+            self.embed_rows.append(row)
+            return
+        li = len(self.logit_row)
+        self.logit_row.append(row)
+        if p.kind == "distribution":
+            k = 1 if p.temperature <= 0.0 else min(p.k or max_dist_size, vocab_size)
+            self.dist.append((li, p.temperature, k))
+        elif p.kind in ("logprob", "logprobs"):
+            self.logprob.append((li, p.tokens[:1] if p.kind == "logprob" else p.tokens))
+        elif p.kind == "entropy":
+            self.entropy.append(li)
+        else:
+            self.logits.append(li)
+
 
 def plan_outputs(reqs: list[Request], qo_indptr: np.ndarray, positions: np.ndarray, seeds: list[int],
                  vocab_size: int, max_dist_size: int, packer: Packer) -> OutputPlan:
     """Every output's parameters into `packer`'s sections; `seeds` has one int64 seed per request."""
     b = _Builder()
-    for i, r in enumerate(reqs):
-        base = int(qo_indptr[i])
-        b.num_outputs.append(len(r.outputs))
+    b.num_outputs = [len(r.outputs) for r in reqs]
+    for i, (r, base) in enumerate(zip(reqs, qo_indptr.tolist(), strict=False)):
         for o in r.outputs:
-            row = base + o.index
-            s, p = o.sampler, o.probe
-            if s is not None:
-                b.kinds.append("sampler")
-                b.s_out.append(len(b.logit_row))
-                b.logit_row.append(row)
-                n = len(b.s_row)
-                b.s_req.append(i)
-                b.s_row.append(row)
-                greedy = s.kind == "argmax"
-                b.s_par.append((0.0 if greedy else s.temperature,
-                                s.top_k if s.kind in ("top_k", "top_k_top_p") else 0,
-                                s.top_p if s.kind in ("top_p", "top_k_top_p") else 1.0,
-                                s.min_p if s.kind == "min_p" else 0.0,
-                                s.presence_penalty, s.frequency_penalty, s.repetition_penalty))
-                b.draws.append(s.draws if s.kind == "multinomial" else 1)
-                if s.penalized:
-                    b.pen_pairs.append((n, s.penalty_tokens))
-                b.bias += [(n, t, v) for t, v in s.logit_bias]
-                continue
-            assert p is not None
-            b.kinds.append(p.kind)
-            if p.kind == "embedding":
-                b.embed_rows.append(row)
-                continue
-            li = len(b.logit_row)
-            b.logit_row.append(row)
-            if p.kind == "distribution":
-                k = 1 if p.temperature <= 0.0 else min(p.k or max_dist_size, vocab_size)
-                b.dist.append((li, p.temperature, k))
-            elif p.kind in ("logprob", "logprobs"):
-                b.logprob.append((li, p.tokens[:1] if p.kind == "logprob" else p.tokens))
-            elif p.kind == "entropy":
-                b.entropy.append(li)
+            if o.sampler is not None:
+                b.sampler(i, base + o.index, o.sampler)
             else:
-                b.logits.append(li)
+                assert o.probe is not None
+                b.probe(base + o.index, o.probe, vocab_size, max_dist_size)
     plan = OutputPlan(b.num_outputs, b.kinds)
     _pack_logit_rows(b, plan, packer)
     _pack_samplers(b, reqs, positions, seeds, vocab_size, plan, packer)
@@ -134,16 +157,13 @@ def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seed
     if not b.s_row:
         return
     par = np.asarray(b.s_par, np.float64).reshape(-1, 7)
-    packer.add("s_logit", np.asarray(b.logit_row, np.int64)[b.s_out])
-    packer.add_floats("s_temperature", par[:, 0])
-    top_k = par[:, 1].astype(np.int64)
-    packer.add("s_top_k", top_k)
-    packer.add_floats("s_top_p", par[:, 2])
-    packer.add_floats("s_min_p", par[:, 3])
     s_seeds = np.asarray(seeds, np.int64)[b.s_req]
-    packer.add("s_seed_lo", (s_seeds & _MASK32).astype(np.uint32).view(np.int32))
-    packer.add("s_seed_hi", (s_seeds >> 32).astype(np.int32))
-    packer.add("s_position", positions[b.s_row])
+    ints = np.stack([np.asarray(b.logit_row, np.int64)[b.s_out], par[:, 1].astype(np.int64),
+                     (s_seeds & _MASK32).astype(np.uint32).view(np.int32), s_seeds >> 32, positions[b.s_row]], 1)
+    packer.add_columns(("s_logit", "s_top_k", "s_seed_lo", "s_seed_hi", "s_position"), ints)
+    packer.add_columns(("s_temperature", "s_top_p", "s_min_p", "pen_presence", "pen_frequency", "pen_repetition"),
+                       par[:, [0, 2, 3, 4, 5, 6]].astype(np.float32))
+    top_k = ints[:, 1]
     draws = np.asarray(b.draws, np.int64)
     draw_row = np.repeat(np.arange(draws.size), draws)
     starts = np.cumsum(draws) - draws
@@ -158,9 +178,6 @@ def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seed
         plan.has_penalties = True
         packer.add("pen_row", np.repeat([n for n, _ in b.pen_pairs], [len(h) for _, h in b.pen_pairs]))
         packer.add("pen_token", np.fromiter((t for _, h in b.pen_pairs for t in h), np.int64))
-        packer.add_floats("pen_presence", par[:, 4])
-        packer.add_floats("pen_frequency", par[:, 5])
-        packer.add_floats("pen_repetition", par[:, 6])
     if b.bias:
         plan.has_bias = True
         bias = np.asarray(b.bias, np.float64)

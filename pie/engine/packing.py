@@ -34,14 +34,20 @@ class Packer:
     def add(self, name: str, values: np.ndarray) -> None:
         """Append `values` (any int dtype within int32, or float32) as section `name`."""
         assert name not in self._sections, name
-        a = np.ascontiguousarray(values).ravel()
-        a = a.view(np.int32) if a.dtype == np.float32 else a.astype(np.int32, copy=False)
+        a = values.reshape(-1)
+        if a.dtype != np.int32:
+            a = a.view(np.int32) if a.dtype == np.float32 else a.astype(np.int32)
         self._sections[name] = (self._size, a.size)
         self._parts.append(a)
         self._size += a.size
 
     def add_floats(self, name: str, values: np.ndarray | list[float]) -> None:
         self.add(name, np.asarray(values, np.float32))
+
+    def add_columns(self, names: tuple[str, ...], matrix: np.ndarray) -> None:
+        """matrix [n, len(names)]: each column becomes its own (contiguous) section."""
+        for name, column in zip(names, np.ascontiguousarray(matrix.T), strict=True):
+            self.add(name, column)
 
     def finish(self) -> Packed:
         host = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)

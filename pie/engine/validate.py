@@ -61,7 +61,7 @@ def seed64(seed: int) -> int:
 
 def check_ids(values: Sequence[int], bound: int, what: str) -> None:
     """Every value in [0, bound); `what` names them ("token id", "position")."""
-    if values and (min(values) < 0 or max(values) >= bound):
+    if len(values) and (min(values) < 0 or max(values) >= bound):
         bad = next(v for v in values if not 0 <= v < bound)
         raise InvalidValue(f"{what} {bad} is outside [0, {bound})")
 
@@ -158,36 +158,50 @@ def kv_len_of(r: Request, page_size: int) -> int:
     return (len(r.page_ids) - 1) * page_size + r.last_page_len
 
 
-def check_request(i: int, r: Request, limits: Limits) -> None:
-    """Everything about one request the engine relies on; the message starts with "request i: "."""
+def check_request(i: int, r: Request, limits: Limits, arrays: bool = True) -> None:
+    """Everything about one request the engine relies on; the message starts with "request i: ".
+
+    arrays=False leaves out the O(length) ranges of page ids, token ids and positions, which the engine
+    checks vectorised over the whole batch (and then calls this, with arrays, on the request at fault)."""
     try:
-        _check_request(r, limits)
+        _check_shape(r, limits)
+        if arrays:
+            _check_ids(r, limits)
+        _check_values(r, limits)
     except InvalidValue as e:
         raise InvalidValue(f"request {i}: {e}") from None
 
 
-def _check_request(r: Request, limits: Limits) -> None:
+def _check_shape(r: Request, limits: Limits) -> None:
     q_len = len(r.tokens)
     if q_len == 0:
         raise InvalidValue("no input tokens")
     if len(r.positions) != q_len:
         raise InvalidValue(f"{q_len} tokens but {len(r.positions)} positions; they must match")
-    if not r.page_ids:
+    if len(r.page_ids) == 0:
         raise InvalidValue("no KV pages")
-    if min(r.page_ids) < 0 or max(r.page_ids) >= limits.num_pages:
-        bad = next(p for p in r.page_ids if not 0 <= p < limits.num_pages)
-        raise InvalidValue(f"page id {bad} is out of range: the pool has pages 0..{limits.num_pages - 1}")
     if not 1 <= r.last_page_len <= limits.page_size:
         raise InvalidValue(f"last_page_len = {r.last_page_len} is out of range 1..{limits.page_size}")
     kv_len = kv_len_of(r, limits.page_size)
     if kv_len < q_len:
         raise InvalidValue(f"{q_len} tokens to write but its pages hold only {kv_len} slots "
                            "(pages * page_size, with the last page filled to last_page_len)")
+
+
+def _check_ids(r: Request, limits: Limits) -> None:
+    try:
+        check_ids(r.page_ids, limits.num_pages, "page id")
+    except InvalidValue:
+        bad = next(p for p in r.page_ids if not 0 <= p < limits.num_pages)
+        raise InvalidValue(f"page id {bad} is out of range: the pool has pages 0..{limits.num_pages - 1}") from None
     check_ids(r.tokens, limits.vocab_size, "token id")
     check_ids(r.positions, limits.max_position, "position")
-    check_outputs(r.outputs, q_len, limits)
+
+
+def _check_values(r: Request, limits: Limits) -> None:
+    check_outputs(r.outputs, len(r.tokens), limits)
     if r.attention_mask is not None:
-        check_attention_mask(r.attention_mask, q_len, kv_len)
+        check_attention_mask(r.attention_mask, len(r.tokens), kv_len_of(r, limits.page_size))
     if r.logit_mask:
         check_logit_mask(r.logit_mask, limits.vocab_size)
     if r.seed is not None and not isinstance(r.seed, int | np.integer):
