@@ -40,7 +40,7 @@ BAD = {
     "distribution too large": (_req(outputs=[OutputSpec(0, probe=Probe("distribution", k=9))]), "max_dist_size = 8"),
     "too many embeddings": (_req(outputs=[OutputSpec(0, probe=Probe("embedding")), OutputSpec(1, probe=Probe("embedding"))]),
                             "max_num_embeds = 1"),
-    "mask row count": (_req(attention_mask=[[0, 1]]), "3 tokens but 1 attention-mask rows"),
+    "mask row count": (_req(attention_mask=[[0, 1]]), "attention mask has 1 rows for 3 input tokens"),
     "mask length": (_req(attention_mask=[[0, 1], [0, 2], [0, 2]]), "cover the kv length 3"),
     "mask attends nothing": (_req(attention_mask=[[0, 1, 2], [3], [0, 3]]), "attends to nothing"),
     "logit mask allows nothing": (_req(logit_mask=[10]), "allows no token"),

@@ -166,5 +166,5 @@ def _attention_masks(reqs: list[Request], q_lens: np.ndarray, kv_lens: np.ndarra
             check_attention_mask(r.attention_mask, int(q_lens[i]), int(kv_lens[i]))
             masks[i] = np.stack([brle.decode(row, int(kv_lens[i])) for row in r.attention_mask])
         except InvalidValue as e:
-            raise InvalidValue(f"request {i}: {e}") from None
+            raise InvalidValue(f"request {i}: attention mask {e}") from None
     return masks

@@ -167,8 +167,7 @@ def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seed
     draws = np.asarray(b.draws, np.int64)
     draw_row = np.repeat(np.arange(draws.size), draws)
     starts = np.cumsum(draws) - draws
-    packer.add("draw_row", draw_row)
-    packer.add("draw_index", np.arange(draw_row.size) - starts[draw_row])
+    packer.add_columns(("draw_row", "draw_index"), np.stack([draw_row, np.arange(draw_row.size) - starts[draw_row]], 1))
     plan.draws = b.draws
     greedy = par[:, 0] <= 0.0
     plan.sampler_flags = (int(top_k.max()), bool((par[:, 2] < 1.0).any()), bool((par[:, 3] > 0.0).any()),
@@ -199,7 +198,7 @@ def _pack_masks(b: _Builder, reqs: list[Request], vocab_size: int, plan: OutputP
             check_logit_mask(runs, vocab_size)
             allowed = brle.decode(runs)
         except (InvalidValue, ValueError) as e:
-            raise InvalidValue(f"request {i}: {e}") from None
+            raise InvalidValue(f"request {i}: logit mask {e}") from None
         # Shorter masks (tokenizer vocab < embedding rows) leave the padding ids disallowed.
         bits = np.packbits(allowed, bitorder="little")
         mask_of[i] = len(words)

@@ -34,9 +34,7 @@ class Packer:
     def add(self, name: str, values: np.ndarray) -> None:
         """Append `values` (any int dtype within int32, or float32) as section `name`."""
         assert name not in self._sections, name
-        a = values.reshape(-1)
-        if a.dtype != np.int32:
-            a = a.view(np.int32) if a.dtype == np.float32 else a.astype(np.int32)
+        a = _as_int32(values.reshape(-1))
         self._sections[name] = (self._size, a.size)
         self._parts.append(a)
         self._size += a.size
@@ -45,13 +43,24 @@ class Packer:
         self.add(name, np.asarray(values, np.float32))
 
     def add_columns(self, names: tuple[str, ...], matrix: np.ndarray) -> None:
-        """matrix [n, len(names)]: each column becomes its own (contiguous) section."""
-        for name, column in zip(names, np.ascontiguousarray(matrix.T), strict=True):
-            self.add(name, column)
+        """matrix [n, len(names)] (one dtype): each column becomes its own contiguous section, in one copy."""
+        block = _as_int32(np.ascontiguousarray(matrix.T))  # [len(names), n]
+        n = block.shape[1]
+        for j, name in enumerate(names):
+            assert name not in self._sections, name
+            self._sections[name] = (self._size + j * n, n)
+        self._parts.append(block.reshape(-1))
+        self._size += block.size
 
     def finish(self) -> Packed:
         host = np.concatenate(self._parts) if self._parts else np.zeros(0, np.int32)
         return Packed(host, self._sections)
+
+
+def _as_int32(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.int32:
+        return a
+    return a.view(np.int32) if a.dtype == np.float32 else a.astype(np.int32)
 
 
 class Sections:

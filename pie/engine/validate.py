@@ -59,11 +59,11 @@ def seed64(seed: int) -> int:
     return s - _SEED_MOD if s >= 2**63 else s
 
 
-def check_ids(values: Sequence[int], bound: int, what: str) -> None:
-    """Every value in [0, bound); `what` names them ("token id", "position")."""
+def check_ids(values: Sequence[int], bound: int, what: str, range_name: str = "") -> None:
+    """Every value in [0, bound); `what` names them ("token id"), `range_name` the range ("the vocabulary")."""
     if len(values) and (min(values) < 0 or max(values) >= bound):
         bad = next(v for v in values if not 0 <= v < bound)
-        raise InvalidValue(f"{what} {bad} is outside [0, {bound})")
+        raise InvalidValue(f"{what} {bad} is outside {range_name + ' ' if range_name else ''}[0, {bound})")
 
 
 def check_sampler(s: Sampler, vocab_size: int, max_draws: int = MAX_DRAWS) -> None:
@@ -90,14 +90,14 @@ def check_sampler(s: Sampler, vocab_size: int, max_draws: int = MAX_DRAWS) -> No
         if not -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS:
             raise InvalidValue(f"logit_bias {bias} for token {token} is out of range "
                                f"[-{MAX_ABS_LOGIT_BIAS}, {MAX_ABS_LOGIT_BIAS}]")
-    check_ids(s.penalty_tokens, vocab_size, "penalty token")
+    check_ids(s.penalty_tokens, vocab_size, "penalty token", "the vocabulary")
 
 
 def check_probe(p: Probe, vocab_size: int, max_dist_size: int) -> None:
     if not (math.isfinite(p.temperature) and p.temperature >= 0.0):
         raise InvalidValue(f"probe temperature must be a finite number >= 0, got {p.temperature}")
     if p.kind == "distribution" and not 0 <= p.k <= max_dist_size:
-        raise InvalidValue(f"a distribution of {p.k} entries is out of range: max_dist_size = {max_dist_size}; "
+        raise InvalidValue(f"a distribution of {p.k} entries is over max_dist_size = {max_dist_size}; "
                            "ask for fewer or raise max_dist_size (k = 0 gives the most allowed)")
     if p.kind in ("logprob", "logprobs"):
         if not p.tokens:
@@ -110,27 +110,28 @@ def check_probe(p: Probe, vocab_size: int, max_dist_size: int) -> None:
 
 
 def check_logit_mask(runs: Sequence[int], vocab_size: int) -> None:
-    """A BRLE over (a prefix of) the vocabulary that allows at least one token."""
+    """A BRLE over (a prefix of) the vocabulary that allows at least one token; the message follows the
+    mask's name ("logit mask ...")."""
     if any(r < 0 for r in runs):
-        raise InvalidValue("logit mask has a negative run length")
+        raise InvalidValue("has a negative run length")
     if sum(runs) > vocab_size:
-        raise InvalidValue(f"logit mask covers {sum(runs)} tokens, over the vocabulary of {vocab_size}")
+        raise InvalidValue(f"covers {sum(runs)} tokens, over the vocabulary of {vocab_size}")
     if not any(runs[1::2]):
-        raise InvalidValue("logit mask allows no token; at least one must be allowed")
+        raise InvalidValue("allows no token; at least one must be allowed")
 
 
 def check_attention_mask(rows: Sequence[Sequence[int]], q_len: int, kv_len: int) -> None:
-    """One BRLE row per input token, each covering exactly kv_len slots and attending to at least one."""
+    """One BRLE row per input token, each covering exactly kv_len slots and attending to at least one; the
+    message follows the mask's name ("attention mask ...")."""
     if len(rows) != q_len:
-        raise InvalidValue(f"{q_len} tokens but {len(rows)} attention-mask rows; give one BRLE per token")
+        raise InvalidValue(f"has {len(rows)} rows for {q_len} input tokens; give one BRLE per token")
     for i, row in enumerate(rows):
         if any(r < 0 for r in row):
-            raise InvalidValue(f"attention mask row {i} has a negative run length")
+            raise InvalidValue(f"row {i} has a negative run length")
         if sum(row) != kv_len:
-            raise InvalidValue(f"attention mask row {i} covers {sum(row)} slots; each row must cover the kv "
-                               f"length {kv_len}")
+            raise InvalidValue(f"row {i} covers {sum(row)} slots; each row must cover the kv length {kv_len}")
         if not any(row[1::2]):
-            raise InvalidValue(f"attention mask row {i} attends to nothing; every token must see at least one slot")
+            raise InvalidValue(f"row {i} attends to nothing; every token must see at least one slot")
 
 
 def check_outputs(outputs: Sequence[OutputSpec], q_len: int, limits: Limits) -> None:
@@ -194,15 +195,21 @@ def _check_ids(r: Request, limits: Limits) -> None:
     except InvalidValue:
         bad = next(p for p in r.page_ids if not 0 <= p < limits.num_pages)
         raise InvalidValue(f"page id {bad} is out of range: the pool has pages 0..{limits.num_pages - 1}") from None
-    check_ids(r.tokens, limits.vocab_size, "token id")
+    check_ids(r.tokens, limits.vocab_size, "token id", "the vocabulary")
     check_ids(r.positions, limits.max_position, "position")
 
 
 def _check_values(r: Request, limits: Limits) -> None:
     check_outputs(r.outputs, len(r.tokens), limits)
-    if r.attention_mask is not None:
-        check_attention_mask(r.attention_mask, len(r.tokens), kv_len_of(r, limits.page_size))
-    if r.logit_mask:
-        check_logit_mask(r.logit_mask, limits.vocab_size)
+    try:
+        if r.attention_mask is not None:
+            check_attention_mask(r.attention_mask, len(r.tokens), kv_len_of(r, limits.page_size))
+    except InvalidValue as e:
+        raise InvalidValue(f"attention mask {e}") from None
+    try:
+        if r.logit_mask:
+            check_logit_mask(r.logit_mask, limits.vocab_size)
+    except InvalidValue as e:
+        raise InvalidValue(f"logit mask {e}") from None
     if r.seed is not None and not isinstance(r.seed, int | np.integer):
         raise InvalidValue(f"seed {r.seed!r} is not an integer")

@@ -80,10 +80,10 @@ class PassReader:
         if not all(type(t) is int for t in tokens) or not all(type(p) is int for p in positions):
             raise HostError("tokens and positions must be lists of integers")
         try:
-            validate.check_ids(tokens, m.vocab_size, "token id")
-            validate.check_ids(positions, validate.MAX_POSITION, "position")
+            validate.check_ids(tokens, m.vocab_size, "token id", "the model's vocabulary")
+            validate.check_ids(positions, validate.MAX_POSITION, "position", "the positions the engine runs")
         except validate.InvalidValue as e:
-            raise HostError(f"{e} (token ids: the model's vocabulary; positions: int32)") from None
+            raise HostError(str(e)) from None
         return self._slots(spec.get("slots") or [], n, m)
 
     def _slots(self, slots: list[SlotDict], n: int, m: ModelRuntime) -> Outputs:
@@ -147,7 +147,7 @@ def _check_attention_mask(mask: list[list[int]], n: int, kv_len: int, max_rows: 
     try:
         validate.check_attention_mask(mask, n, kv_len)
     except validate.InvalidValue as e:
-        raise HostError(f"attention_mask: {e}") from None
+        raise HostError(f"attention_mask {e}") from None
 
 
 def _check_logit_mask(mask: list[int], vocab: int) -> None:
@@ -156,7 +156,7 @@ def _check_logit_mask(mask: list[int], vocab: int) -> None:
     try:
         validate.check_logit_mask(mask, vocab)
     except validate.InvalidValue as e:
-        raise HostError(f"logit_mask: {e}") from None
+        raise HostError(f"logit_mask {e}") from None
 
 
 def _row(k: int, index: int, n: int) -> int:
