@@ -232,3 +232,20 @@ def test_huge_seed_is_reduced_mod_2_64(engine) -> None:  # type: ignore[no-untyp
 def test_validate_is_torch_free() -> None:
     code = "import sys, pie.engine.validate; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_fused_add_rmsnorm_matches_the_torch_path() -> None:
+    """FlashInfer's fused residual add + RMSNorm (CUDA, bf16) against the add and norm it replaces."""
+    pytest.importorskip("flashinfer")
+    from pie.engine.layers.norm import RMSNorm
+
+    norm = RMSNorm(256, 1e-6).to("cuda", torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    delta = torch.randn(37, 256, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(37, 256, device="cuda", dtype=torch.bfloat16)
+    want_sum = residual + delta
+    want = norm(want_sum)
+    got, got_sum = norm.add_and_norm(delta.clone(), residual.clone())
+    torch.testing.assert_close(got_sum, want_sum)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -58,8 +58,8 @@ class Sampler:
     penalty_tokens: tuple[int, ...] = ()
 
     @property
-    def penalized(self) -> bool:
-        """Whether any penalty changes the logits (the bias is separate)."""
+    def penalizes(self) -> bool:
+        """Whether a penalty changes the logits: one is on and there is a history (the bias is separate)."""
         return bool(self.penalty_tokens) and (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                                               or self.repetition_penalty != 1.0)
 

@@ -63,7 +63,7 @@ def _sampler_row(s: Sampler) -> _SamplerRow:
             s.top_p if s.kind in ("top_p", "top_k_top_p") else 1.0,
             s.min_p if s.kind == "min_p" else 0.0,
             s.presence_penalty, s.frequency_penalty, s.repetition_penalty),
-           s.draws if s.kind == "multinomial" else 1, s.penalized)
+           s.draws if s.kind == "multinomial" else 1, s.penalizes)
     if len(_sampler_rows) >= _MAX_CACHED:
         _sampler_rows.clear()
     _sampler_rows[id(s)] = (s, row)  # holding `s` keeps its id from being reused while cached
