@@ -249,3 +249,15 @@ def test_fused_add_rmsnorm_matches_the_torch_path() -> None:
     got, got_sum = norm.add_and_norm(delta.clone(), residual.clone())
     torch.testing.assert_close(got_sum, want_sum)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cached_rope_table_equals_the_computed_values() -> None:
+    from pie.engine.layers.rotary import CACHED_POSITIONS, Rotary
+
+    rotary = Rotary(1.0 / (10000.0 ** (torch.arange(0, 64, 2, device="cuda").float() / 64)), 1.1)
+    positions = torch.tensor([0, 5, 4095, CACHED_POSITIONS - 1], device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        cached = rotary.cos_sin(positions, dtype, int(positions.max()))
+        computed = rotary.cos_sin(positions, dtype)
+        assert all(torch.equal(a, b) for a, b in zip(cached, computed, strict=True))

@@ -227,7 +227,8 @@ class Engine:
             tokens, positions, w_page, w_off = packed.unbind(0)
             self.backend.plan(prep.layout)
             fwd = ForwardContext(self.backend, kv, positions, w_page, w_off,
-                                 self.model.batch_extras(prep.positions, prep.layout, self.device))
+                                 self.model.batch_extras(prep.positions, prep.layout, self.device),
+                                 max_position=int(prep.positions.max()))
             if lora is not None:
                 fwd.extras[LORA_EXTRAS] = lora
             hidden = self.model(tokens, fwd)

@@ -382,7 +382,7 @@ class CausalLM(nn.Module):
     def ropes(self, fwd: ForwardContext, dtype: torch.dtype) -> dict[str, Rope]:
         """(cos, sin) of this batch's positions for every RoPE table."""
         assert self.rotaries, "prepare() must run before forward"
-        return {k: r.cos_sin(fwd.positions, dtype) for k, r in self.rotaries.items()}
+        return {k: r.cos_sin(fwd.positions, dtype, fwd.max_position) for k, r in self.rotaries.items()}
 
     def forward(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
         """input_ids: [num_tokens] -> final hidden states [num_tokens, hidden] (after the last norm)."""
