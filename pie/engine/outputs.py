@@ -144,12 +144,17 @@ def plan_outputs(reqs: list[Request], qo_indptr: np.ndarray, positions: np.ndarr
 
 def _pack_logit_rows(b: _Builder, plan: OutputPlan, packer: Packer) -> None:
     """Distinct rows through the LM head, and each output's index among them."""
-    rows, inverse = np.unique(np.asarray(b.logit_row, np.int64), return_inverse=True)
+    rows = np.asarray(b.logit_row, np.int64)
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():  # some rows repeat (or come out of order)
+        rows, inverse = np.unique(rows, return_inverse=True)
+        b.logit_row = inverse.tolist()  # output's logit index -> distinct row index
+    else:  # one output per row, in order (every decode step): the rows are already distinct
+        b.logit_row = list(range(rows.size))
     plan.num_logit_rows = rows.size
     packer.add("logit_rows", rows)
-    b.logit_row = inverse.tolist()  # output's logit index -> distinct row index
-    packer.add("embed_rows", np.asarray(b.embed_rows, np.int64))
-    plan.num_embeddings = len(b.embed_rows)
+    if b.embed_rows:
+        packer.add("embed_rows", np.asarray(b.embed_rows, np.int64))
+        plan.num_embeddings = len(b.embed_rows)
 
 
 def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seeds: list[int], vocab_size: int,
@@ -164,10 +169,15 @@ def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seed
     packer.add_columns(("s_temperature", "s_top_p", "s_min_p", "pen_presence", "pen_frequency", "pen_repetition"),
                        par[:, [0, 2, 3, 4, 5, 6]].astype(np.float32))
     top_k = ints[:, 1]
-    draws = np.asarray(b.draws, np.int64)
-    draw_row = np.repeat(np.arange(draws.size), draws)
-    starts = np.cumsum(draws) - draws
-    packer.add_columns(("draw_row", "draw_index"), np.stack([draw_row, np.arange(draw_row.size) - starts[draw_row]], 1))
+    num_rows, num_draws = len(b.draws), sum(b.draws)
+    if num_draws == num_rows:  # one draw per row
+        packer.add_columns(("draw_row", "draw_index"), np.stack([np.arange(num_rows), np.zeros(num_rows, np.int64)], 1))
+    else:
+        draws = np.asarray(b.draws, np.int64)
+        draw_row = np.repeat(np.arange(num_rows), draws)
+        starts = np.cumsum(draws) - draws
+        packer.add_columns(("draw_row", "draw_index"),
+                           np.stack([draw_row, np.arange(num_draws) - starts[draw_row]], 1))
     plan.draws = b.draws
     greedy = par[:, 0] <= 0.0
     plan.sampler_flags = (int(top_k.max()), bool((par[:, 2] < 1.0).any()), bool((par[:, 3] > 0.0).any()),
