@@ -37,6 +37,12 @@ class SamplerDict(TypedDict, total=False):
     top_p: float
     min_p: float
     draws: int
+    # Penalties (see inferlet.sample.Sampler): over the tokens in penalty_tokens; logit_bias as [token, bias] pairs.
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: list[list[float]]
+    penalty_tokens: list[int]
 
 
 class ProbeDict(TypedDict, total=False):

@@ -7,19 +7,51 @@ temperature; a logit mask restricts samplers only, never probes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
 class Sampler:
-    """`k` is top-k (0 = off); `p` is the nucleus mass for top_p / top_k_top_p and the floor for min_p."""
+    """`k` is top-k (0 = off); `p` is the nucleus mass for top_p / top_k_top_p and the floor for min_p.
+
+    Penalties (OpenAI's and vLLM's definitions; applied to the logits before the logit mask, temperature
+    and filters, greedy included): `logit_bias` adds a bias per token; `repetition_penalty` divides a
+    positive logit of a token in `penalty_tokens` by it and multiplies a negative one; `presence_penalty`
+    subtracts once per distinct token of `penalty_tokens`, `frequency_penalty` once per occurrence.
+    `penalty_tokens` is the history they count, usually the tokens generated so far:
+
+        s = Sampler.top_p(0.7, 0.9).penalized(presence=0.5, frequency=0.2, logit_bias={50256: -100})
+        fwd.sample([row], s.with_history(generated))
+    """
 
     kind: str = "argmax"
     temperature: float = 0.0
     k: int = 0
     p: float = 1.0
     draws: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    penalty_tokens: tuple[int, ...] = ()
+
+    def penalized(self, *, presence: float = 0.0, frequency: float = 0.0, repetition: float = 1.0,
+                  logit_bias: Mapping[int, float] | None = None) -> Sampler:
+        """This sampler with penalties (presence/frequency in [-2, 2], repetition > 0, biases in [-100, 100])."""
+        bias = tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items()))
+        return replace(self, presence_penalty=float(presence), frequency_penalty=float(frequency),
+                       repetition_penalty=float(repetition), logit_bias=bias)
+
+    def with_history(self, tokens: Iterable[int]) -> Sampler:
+        """This sampler counting `tokens` for its penalties (a no-op copy when it has none)."""
+        return replace(self, penalty_tokens=tuple(int(t) for t in tokens)) if self.penalizes else self
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether the presence, frequency or repetition penalty is on (they need `with_history`)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @staticmethod
     def argmax() -> Sampler:
@@ -63,6 +95,11 @@ class Sampler:
             out["top_p"] = self.p
         if self.kind == "min_p":
             out["min_p"] = self.p
+        if self.penalizes:
+            out |= {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                    "repetition_penalty": self.repetition_penalty, "penalty_tokens": list(self.penalty_tokens)}
+        if self.logit_bias:
+            out["logit_bias"] = [[t, b] for t, b in self.logit_bias]
         return out
 
 

@@ -28,7 +28,7 @@ def _req(**kw: object) -> Request:
 
 
 BAD = {
-    "page id out of range": (_req(page_ids=[64]), "uses page id 64, out of range: the pool has pages 0..63"),
+    "page id out of range": (_req(page_ids=[64]), "page id 64 is out of range: the pool has pages 0..63"),
     "negative page id": (_req(page_ids=[-1]), "out of range"),
     "positions/tokens mismatch": (_req(positions=[0, 1]), "3 tokens but 2 positions"),
     "no tokens": (_req(tokens=[], positions=[]), "no input tokens"),
@@ -40,7 +40,7 @@ BAD = {
     "distribution too large": (_req(outputs=[OutputSpec(0, probe=Probe("distribution", k=9))]), "max_dist_size = 8"),
     "too many embeddings": (_req(outputs=[OutputSpec(0, probe=Probe("embedding")), OutputSpec(1, probe=Probe("embedding"))]),
                             "max_num_embeds = 1"),
-    "mask row count": (_req(attention_mask=[[0, 1]]), "3 tokens but 1 attention-mask rows"),
+    "mask row count": (_req(attention_mask=[[0, 1]]), "attention mask has 1 rows for 3 input tokens"),
     "mask length": (_req(attention_mask=[[0, 1], [0, 2], [0, 2]]), "cover the kv length 3"),
     "mask attends nothing": (_req(attention_mask=[[0, 1, 2], [3], [0, 3]]), "attends to nothing"),
     "logit mask allows nothing": (_req(logit_mask=[10]), "allows no token"),

@@ -31,6 +31,18 @@ class Sampler:
 
     `temperature == 0` (or kind "argmax") is exact argmax. `draws > 1` only
     applies to "multinomial": that many independent draws from one row.
+
+    Penalties and the logit bias change the row's logits before the logit
+    mask, temperature and filters (greedy rows included), in this order:
+    - logit_bias: (token, bias) pairs added to those logits (OpenAI's `logit_bias`);
+    - repetition_penalty (1 = off): each token in `penalty_tokens` has its
+      logit divided by it when positive, multiplied when negative (HF / vLLM);
+    - presence_penalty: subtracted once from each token in `penalty_tokens`;
+    - frequency_penalty: subtracted once per occurrence in `penalty_tokens`.
+    `penalty_tokens` is the history they count (for OpenAI's definitions: the
+    tokens generated so far). It lives on the sampler, not the request, so it
+    reaches the engine unchanged through the scheduler, and each sampled row
+    (a speculative draft's, say) can count its own history.
     """
 
     kind: SamplerKind = "argmax"
@@ -39,6 +51,17 @@ class Sampler:
     top_p: float = 1.0
     min_p: float = 0.0
     draws: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    penalty_tokens: tuple[int, ...] = ()
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether a penalty changes the logits: one is on and there is a history (the bias is separate)."""
+        return bool(self.penalty_tokens) and (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                                              or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +103,9 @@ class Request:
     seed: makes this request's random draws a function of (seed, position,
       draw) only, so its tokens do not depend on what else is in the batch.
     adapter: a resident LoRA slot, or None for the base model.
+    page_ids (and tokens, positions) may also be 1-D numpy int arrays, e.g. a
+      runtime's incremental page table: the engine concatenates arrays without
+      converting Python ints one by one (the wire sends them as lists).
     """
 
     tokens: list[int]
@@ -102,12 +128,18 @@ class ForwardBatch:
     page_copies: (src_page, dst_page) pairs copied whole, e.g. the working page of a forked context.
 
     A batch may carry page operations and no requests.
+
+    validated: the runtime built it from passes it checked with
+    `pie.engine.validate` against this engine's limits, so the engine skips
+    the per-request checks (the O(1) limits, the page ids and the token and
+    position ranges, checked vectorised, stay).
     """
 
     requests: list[Request]
     page_copies: list[tuple[int, int]] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    validated: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,14 @@
     result = engine.forward_batch(ForwardBatch([...]))
 
 A bad batch raises `BatchError` before any device work, and the engine keeps
-serving. The runtime decides every page; the engine only reads and writes the
+serving. Every problem that belongs to one request (a value out of range, a
+malformed mask, a value the host cannot even convert) is a `BatchError` whose
+message starts with "request i": the runtime retries such a batch's passes one
+by one, so only the culprit fails. Any other exception is the engine's own
+fault, not a request's.
+
+A step synchronises with the device once: its inputs go up in one packed
+int32 copy, its results come down in one (`pie.engine.transfer`). The runtime decides every page; the engine only reads and writes the
 slots it is told.
 
 With `tensor_parallel_size > 1` one Engine runs on every rank of a
@@ -22,7 +29,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pie.engine import memory
@@ -43,8 +49,10 @@ from pie.engine.layers.quant import QUANT_MODES
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
 from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
-from pie.engine.outputs import compute_outputs
+from pie.engine.outputs import compute_outputs, decode_outputs
+from pie.engine.packing import Results, Sections
 from pie.engine.parallel import SINGLE, TPGroup
+from pie.engine.transfer import Staging
 from pie.errors import BatchError, ConfigError
 from pie.model_source import resolve_model_dir
 
@@ -83,6 +91,7 @@ class Engine:
                                     config.kv_page_size, self.dtype, self.device)
         self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
         self._rng = random.Random(config.seed)
+        self.staging = Staging(self.device)
         self.graphs: GraphRunner | None = None  # captured after the pool exists; the sizing dry run is eager
         num_pages = self._size_kv_pool()
         # One page more than the runtime sees: the scratch page that CUDA-graph padding rows write to.
@@ -177,7 +186,7 @@ class Engine:
         limits = Limits(kv.num_pages, ps, self.model.spec.vocab_size, n, cfg.max_batch_size,
                         cfg.max_dist_size, cfg.max_num_embeds)
         for batch in (ForwardBatch([prefill]), ForwardBatch(decode)):
-            self._execute(prepare(batch, limits, self._rng), kv, len(batch.requests))
+            self._execute(prepare(batch, limits, self._rng), kv)
 
     @torch.inference_mode()
     def forward_batch(self, batch: ForwardBatch) -> BatchResult:
@@ -192,7 +201,7 @@ class Engine:
         lora = self.adapters.batch([r.adapter for r in batch.requests], prep.layout.qo_indptr)  # empty slot: BatchError
         self._page_ops(batch)
         t1 = time.perf_counter()
-        outputs = self._execute(prep, self.kv, len(batch.requests), lora)
+        outputs = self._execute(prep, self.kv, lora)
         t2 = time.perf_counter()
         return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3})
 
@@ -206,11 +215,10 @@ class Engine:
             self.kv.copy_pages(list(src), list(dst))
 
     @torch.inference_mode()
-    def _execute(self, prep: PreparedBatch, kv: KVCache, num_requests: int,
-                 lora: LoRABatch | None = None) -> list[list[OutputValue]]:
-        # One host->device copy for the per-token index arrays.
-        host = np.stack([prep.tokens, prep.positions, prep.write_page, prep.write_offset])
-        packed = torch.from_numpy(host).to(self.device, non_blocking=True)
+    def _execute(self, prep: PreparedBatch, kv: KVCache, lora: LoRABatch | None = None) -> list[list[OutputValue]]:
+        # The step's one upload: token rows and every output parameter, split by views on the device.
+        inp = Sections(prep.packed, self.staging.upload(prep.packed.host))
+        packed = inp.longs("token_rows").view(4, -1)  # tokens, positions, write page, write offset
         bucket = self.graphs.bucket_for(prep, lora is not None) if self.graphs and kv is self.kv else None
         if bucket is not None:
             assert self.graphs is not None
@@ -219,11 +227,16 @@ class Engine:
             tokens, positions, w_page, w_off = packed.unbind(0)
             self.backend.plan(prep.layout)
             fwd = ForwardContext(self.backend, kv, positions, w_page, w_off,
-                                 self.model.batch_extras(prep.positions, prep.layout, self.device))
+                                 self.model.batch_extras(prep.positions, prep.layout, self.device),
+                                 max_position=int(prep.positions.max()))
             if lora is not None:
                 fwd.extras[LORA_EXTRAS] = lora
             hidden = self.model(tokens, fwd)
-        return compute_outputs(self.model, hidden, prep, num_requests, self.config.max_dist_size)
+        results = compute_outputs(self.model, hidden, prep.outputs, inp)
+        # The step's one download (and its one sync).
+        host = self.staging.download(results.tensor(self.device))
+        return decode_outputs(prep.outputs, Results(results.sections, host), self.model.spec.vocab_size,
+                              self.model.spec.hidden_size)
 
     # -- LoRA adapters (PEFT directories), selected per request by `Request.adapter` --
 

@@ -24,6 +24,8 @@ class ForwardContext:
     write_offset: torch.Tensor  # [num_tokens] slot within that page
     # Extra per-batch inputs some layers read (e.g. LoRA row->adapter index); keyed by feature name.
     extras: dict[str, Any] = field(default_factory=dict)
+    # The batch's largest position, known on the host (None inside captured graphs, whose replays see any).
+    max_position: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from pie import errors
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, Probe, Request, Sampler
@@ -32,9 +33,11 @@ _TAG = {cls: i for i, cls in enumerate(_TYPES)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES}
 
 
-def _default(obj: Any) -> msgpack.ExtType:
+def _default(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return msgpack.ExtType(_TUPLE, _pack(list(obj)))
+    if isinstance(obj, np.ndarray) and obj.ndim == 1 and obj.dtype.kind in "iu":
+        return obj.tolist()  # a Request's page ids / tokens held as an array: a list on the wire
     tag = _TAG.get(type(obj))
     if tag is None:
         raise TypeError(f"{type(obj).__name__} cannot cross the engine wire (plain data and the batch "

@@ -2,7 +2,9 @@
 
 Everything the engine would refuse is refused here, per pass, with the
 numbers and the fix: the engine checks a whole batch at once, so one bad pass
-would otherwise fail every pass batched with it.
+would otherwise fail every pass batched with it. The range checks are the
+engine's own (`pie.engine.validate`), so a batch built from passes read here
+can go to the engine marked `validated`.
 
 Output values, one per slot (`slot_values`):
 - sampler slot: the engine's value for its row (an int, or a list of ints for
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from inferlet._host import HostError, PassDict, SlotDict
+from pie.engine import validate
 from pie.engine.batch import PROBE_KINDS, SAMPLER_KINDS, OutputSpec, Probe, Sampler
 from pie.runtime.context import Context
 from pie.runtime.jobs import Job
@@ -57,10 +60,12 @@ class PassReader:
         if logit_mask is not None:
             _check_logit_mask(logit_mask, m.vocab_size)
         seed = spec.get("seed")
+        if seed is not None and (type(seed) is not int):
+            raise HostError(f"seed must be an integer, got {seed!r}")
         # KV written under an adapter is not the base model's: like a masked pass, never shared or recomputed.
         c.append(tokens, positions, custom_kv=mask is not None or adapter is not None)
         return Job(c, kv_len, kv_len + n, outputs.specs, attention_mask=mask, logit_mask=logit_mask,
-                   adapter=adapter, seed=None if seed is None else int(seed))
+                   adapter=adapter, seed=None if seed is None else validate.seed64(seed))
 
     def outputs(self, spec: PassDict, m: ModelRuntime) -> Outputs:
         """Check the inputs' shape and the slots; the engine outputs they ask for."""
@@ -74,11 +79,11 @@ class PassReader:
             raise HostError(f"the pass has {n} tokens but {len(positions)} positions; give one position per token")
         if not all(type(t) is int for t in tokens) or not all(type(p) is int for p in positions):
             raise HostError("tokens and positions must be lists of integers")
-        if min(tokens) < 0 or max(tokens) >= m.vocab_size:
-            bad = next(t for t in tokens if not 0 <= t < m.vocab_size)
-            raise HostError(f"token id {bad} is outside the model's vocabulary [0, {m.vocab_size})")
-        if min(positions) < 0:
-            raise HostError("positions must be >= 0")
+        try:
+            validate.check_ids(tokens, m.vocab_size, "token id", "the model's vocabulary")
+            validate.check_ids(positions, validate.MAX_POSITION, "position", "the positions the engine runs")
+        except validate.InvalidValue as e:
+            raise HostError(str(e)) from None
         return self._slots(spec.get("slots") or [], n, m)
 
     def _slots(self, slots: list[SlotDict], n: int, m: ModelRuntime) -> Outputs:
@@ -91,7 +96,7 @@ class PassReader:
             if not isinstance(slot, Mapping):
                 raise HostError(f"slot {k} must be a dict with `sampler` + `indices` or `probe` + `index`")
             if "sampler" in slot:
-                sampler = self._sampler(k, slot["sampler"])
+                sampler = self._sampler(k, slot["sampler"], m.vocab_size)
                 indices = slot.get("indices") or []
                 if not indices:
                     raise HostError(f"slot {k}: a sampler slot needs at least one row in `indices`")
@@ -108,16 +113,16 @@ class PassReader:
             raise HostError(f"the pass asks for {embeds} embeddings, over max_num_embeds = {m.max_num_embeds}")
         return Outputs(outputs, slot_rows, sampled)
 
-    def _sampler(self, k: int, d: Mapping[str, Any]) -> Sampler:
+    def _sampler(self, k: int, d: Mapping[str, Any], vocab_size: int) -> Sampler:
         try:
             key = tuple(d.items())
             sampler = self._samplers.get(key)
-        except (TypeError, AttributeError):  # not a flat dict of numbers: let the checks say what is wrong
-            return _sampler(k, d)
+        except (TypeError, AttributeError):  # not a flat dict of numbers (a history, a bias): read it each time
+            return _sampler(k, d, vocab_size)
         if sampler is None:
             if len(self._samplers) >= MAX_CACHED_SAMPLERS:
                 self._samplers.clear()
-            sampler = self._samplers[key] = _sampler(k, d)
+            sampler = self._samplers[key] = _sampler(k, d, vocab_size)
         return sampler
 
 
@@ -136,30 +141,22 @@ def _flat(values: list[Any]) -> list[Any]:
 def _check_attention_mask(mask: list[list[int]], n: int, kv_len: int, max_rows: int) -> None:
     if not isinstance(mask, list) or not all(_is_int_list(row) for row in mask):
         raise HostError("attention_mask must be a list of BRLE rows (lists of run lengths)")
-    if len(mask) != n:
-        raise HostError(f"attention_mask has {len(mask)} rows for {n} input tokens; give one BRLE per token")
-    if n > max_rows:
+    if len(mask) == n and n > max_rows:
         raise HostError(f"a masked pass of {n} tokens is over max_batch_tokens = {max_rows} (masked passes are "
                         "not split into chunks); send it in smaller passes")
-    for i, row in enumerate(mask):
-        if any(r < 0 for r in row):
-            raise HostError(f"attention_mask row {i} has a negative run length")
-        if sum(row) != kv_len:
-            raise HostError(f"attention_mask row {i} covers {sum(row)} slots; it must cover the kv length after "
-                            f"the pass, {kv_len}")
-        if not any(row[1::2]):
-            raise HostError(f"attention_mask row {i} attends to nothing; every token must see at least itself")
+    try:
+        validate.check_attention_mask(mask, n, kv_len)
+    except validate.InvalidValue as e:
+        raise HostError(f"attention_mask {e}") from None
 
 
 def _check_logit_mask(mask: list[int], vocab: int) -> None:
     if not _is_int_list(mask):
         raise HostError("logit_mask must be a BRLE: a list of run lengths")
-    if any(r < 0 for r in mask):
-        raise HostError("logit_mask has a negative run length")
-    if sum(mask) > vocab:
-        raise HostError(f"logit_mask covers {sum(mask)} tokens, more than the vocabulary of {vocab}")
-    if not any(mask[1::2]):
-        raise HostError("logit_mask allows no token; at least one must be allowed")
+    try:
+        validate.check_logit_mask(mask, vocab)
+    except validate.InvalidValue as e:
+        raise HostError(f"logit_mask {e}") from None
 
 
 def _row(k: int, index: int, n: int) -> int:
@@ -168,7 +165,7 @@ def _row(k: int, index: int, n: int) -> int:
     return index
 
 
-def _sampler(k: int, d: Mapping[str, Any]) -> Sampler:
+def _sampler(k: int, d: Mapping[str, Any], vocab_size: int) -> Sampler:
     if not isinstance(d, Mapping):
         raise HostError(f"slot {k}: `sampler` must be a dict such as {{'kind': 'argmax'}}, got {d!r}")
     kind = d.get("kind", "argmax")
@@ -176,13 +173,31 @@ def _sampler(k: int, d: Mapping[str, Any]) -> Sampler:
         raise HostError(f"slot {k}: unknown sampler {kind!r}; use one of {sorted(SAMPLER_KINDS)}")
     try:
         s = Sampler(kind, float(d.get("temperature", 1.0)), int(d.get("top_k", 0)), float(d.get("top_p", 1.0)),
-                    float(d.get("min_p", 0.0)), int(d.get("draws", 1)))
-    except (TypeError, ValueError) as error:
-        raise HostError(f"slot {k}: sampler parameters must be numbers: {error}") from None
-    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0 or not 0.0 <= s.min_p <= 1.0 or s.draws < 1:
-        raise HostError(f"slot {k}: sampler parameters out of range (temperature >= 0, top_k >= 0, "
-                        f"0 < top_p <= 1, 0 <= min_p <= 1, draws >= 1): {dict(d)}")
+                    float(d.get("min_p", 0.0)), int(d.get("draws", 1)),
+                    float(d.get("presence_penalty", 0.0)), float(d.get("frequency_penalty", 0.0)),
+                    float(d.get("repetition_penalty", 1.0)), _logit_bias(d.get("logit_bias")),
+                    tuple(_int(t) for t in d.get("penalty_tokens") or ()))
+        validate.check_sampler(s, vocab_size)
+    except (TypeError, ValueError, OverflowError) as error:  # InvalidValue is a ValueError
+        raise HostError(f"slot {k}: sampler {dict(d)}: {error}") from None
     return s
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """{token: bias} (JSON keys may be strings) or [[token, bias], ...] -> sorted (token, bias) pairs."""
+    if not value:
+        return ()
+    pairs = value.items() if isinstance(value, Mapping) else value
+    return tuple(sorted((_int(t), float(b)) for t, b in pairs))
+
+
+def _int(value: Any) -> int:
+    """An int, or a str of one (JSON object keys); never a float or a bool."""
+    if type(value) is int:
+        return value
+    if isinstance(value, str):
+        return int(value)
+    raise TypeError(f"expected an integer, got {value!r}")
 
 
 def _probe(k: int, d: Mapping[str, Any], m: ModelRuntime) -> Probe:
@@ -194,19 +209,9 @@ def _probe(k: int, d: Mapping[str, Any], m: ModelRuntime) -> Probe:
     try:
         tokens = tuple(int(t) for t in d.get("tokens") or ())
         probe = Probe(kind, float(d.get("temperature", 1.0)), int(d.get("k", 0)), tokens)
-    except (TypeError, ValueError) as error:
-        raise HostError(f"slot {k}: probe parameters must be numbers: {error}") from None
-    if kind == "distribution" and not 0 <= probe.k <= m.max_dist_size:
-        raise HostError(f"slot {k}: a distribution of {probe.k} entries is over max_dist_size = "
-                        f"{m.max_dist_size}; ask for fewer (k = 0 gives the most allowed)")
-    if kind == "distribution" and probe.temperature <= 0:
-        raise HostError(f"slot {k}: distribution temperature must be > 0, got {probe.temperature}")
-    if kind in ("logprob", "logprobs"):
-        if not tokens:
-            raise HostError(f"slot {k}: a {kind} probe needs the token ids to score in `tokens`")
-        bad = [t for t in tokens if not 0 <= t < m.vocab_size]
-        if bad:
-            raise HostError(f"slot {k}: token {bad[0]} is outside the vocabulary [0, {m.vocab_size})")
+        validate.check_probe(probe, m.vocab_size, m.max_dist_size)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise HostError(f"slot {k}: probe {dict(d)}: {error}") from None
     return probe
 
 

@@ -35,23 +35,24 @@ class TorchRefBackend(AttentionBackend):
 
     def plan(self, layout: BatchLayout) -> None:
         self._groups: list[_Group] = []
-        qo_lens = np.diff(layout.qo_indptr)
-        decode = [r for r in range(layout.num_requests) if qo_lens[r] == 1 and layout.custom_masks[r] is None]
-        if decode:
+        is_decode = np.diff(layout.qo_indptr) == 1
+        if layout.has_custom_mask:
+            is_decode &= np.array([m is None for m in layout.custom_masks])
+        decode = np.flatnonzero(is_decode)
+        if decode.size:
             self._groups.append(self._decode_group(layout, decode))
-        decode_set = set(decode)
-        for r in range(layout.num_requests):
-            if r not in decode_set:
-                self._groups.append(self._request_group(layout, r))
+        for r in np.flatnonzero(~is_decode).tolist():
+            self._groups.append(self._request_group(layout, r))
 
     def _pages(self, layout: BatchLayout, r: int) -> np.ndarray:
         return layout.kv_page_indices[layout.kv_page_indptr[r]: layout.kv_page_indptr[r + 1]]
 
-    def _decode_group(self, layout: BatchLayout, reqs: list[int]) -> _Group:
-        page_lists = [self._pages(layout, r) for r in reqs]
-        max_pages = max(len(p) for p in page_lists)
-        # Pad each page list by repeating its first page: gathered, then masked out.
-        pages = np.stack([np.pad(p, (0, max_pages - len(p)), mode="edge") for p in page_lists])
+    def _decode_group(self, layout: BatchLayout, reqs: np.ndarray) -> _Group:
+        first = layout.kv_page_indptr[reqs].astype(np.int64)
+        counts = layout.kv_page_indptr[reqs + 1] - first
+        max_pages = int(counts.max())
+        # [n, max_pages] page table in one gather; short lists repeat their last page (gathered, masked out).
+        pages = layout.kv_page_indices[first[:, None] + np.minimum(np.arange(max_pages)[None, :], counts[:, None] - 1)]
         kv_lens = layout.kv_lens[reqs]
         kv_slots = max_pages * self.shape.page_size
         valid = np.arange(kv_slots)[None, None, :] < kv_lens[:, None, None]  # [n, 1, kv_slots]

@@ -32,6 +32,11 @@ def rope_inv_freq(hf_config: Any, device: torch.device, layer_type: str | None =
     return inv_freq.to(device), float(scaling)
 
 
+# Positions below this read cos/sin from a table cached per dtype on CUDA (one gather instead of about six
+# kernels per table per step); 2 x 32768 x rotary_dim values, 16 MiB for rotary_dim 128 in bf16.
+CACHED_POSITIONS = 1 << 15
+
+
 class Rotary:
     """cos/sin for a batch of positions; applied in the non-interleaved (rotate-half) layout."""
 
@@ -39,8 +44,26 @@ class Rotary:
         self.inv_freq = inv_freq.float()  # [rotary_dim // 2]
         self.scaling = attention_scaling
         self.rotary_dim = inv_freq.numel() * 2
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """max_position: the batch's largest position, known on the host (None: unknown, e.g. in a captured
+        graph); below CACHED_POSITIONS on CUDA the values are gathered from the cached table (the same
+        elementwise computation, so equal)."""
+        if max_position is not None and max_position < CACHED_POSITIONS and positions.is_cuda:
+            cos, sin = self._table(dtype)
+            return cos[positions], sin[positions]
+        return self._compute(positions, dtype)
+
+    def _table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._tables.get(dtype)
+        if table is None:
+            positions = torch.arange(CACHED_POSITIONS, device=self.inv_freq.device)
+            table = self._tables[dtype] = self._compute(positions, dtype)
+        return table
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, rotary_dim]
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)

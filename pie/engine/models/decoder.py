@@ -260,6 +260,9 @@ class DecoderLayer(nn.Module):
         return x if name is None else getattr(self, name)(x)
 
     def forward(self, x: torch.Tensor, rope: Rope, fwd: ForwardContext) -> torch.Tensor:
+        if self.norm_names[1] is None and self.norm_names[2] is not None:  # pre-norm: the add and norm fuse
+            h, x = getattr(self, self.norm_names[2]).add_and_norm(self.self_attn(self._norm(0, x), rope, fwd), x)
+            return x + self._norm(3, self.mlp(h, lora_of(fwd)))
         x = x + self._norm(1, self.self_attn(self._norm(0, x), rope, fwd))
         return x + self._norm(3, self.mlp(self._norm(2, x), lora_of(fwd)))
 
@@ -379,7 +382,7 @@ class CausalLM(nn.Module):
     def ropes(self, fwd: ForwardContext, dtype: torch.dtype) -> dict[str, Rope]:
         """(cos, sin) of this batch's positions for every RoPE table."""
         assert self.rotaries, "prepare() must run before forward"
-        return {k: r.cos_sin(fwd.positions, dtype) for k, r in self.rotaries.items()}
+        return {k: r.cos_sin(fwd.positions, dtype, fwd.max_position) for k, r in self.rotaries.items()}
 
     def forward(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
         """input_ids: [num_tokens] -> final hidden states [num_tokens, hidden] (after the last norm)."""
