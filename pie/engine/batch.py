@@ -108,6 +108,7 @@ class ForwardBatch:
     page_copies: list[tuple[int, int]] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    validated: bool = False
 
     @property
     def num_tokens(self) -> int:

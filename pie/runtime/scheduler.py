@@ -1,7 +1,9 @@
 """One model's batcher: the pending passes of every instance -> one engine batch per step.
 
-Each step takes the pending passes by priority, then queue order, and admits
-each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
+Each step takes the pending passes by priority, then queue order (one FIFO
+queue per priority, so no sort per step; most of the time there is one), and
+admits each one's next chunk of rows within `max_batch_tokens` /
+`max_batch_size`:
 
 - rows a context must (re)compute come first: after a suspension, the slots
   before the pass are re-prefilled from the context's record;
@@ -9,7 +11,10 @@ each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
   instead of computed (`Context.attach_cached`), unless an output reads them;
 - long prefills are chunked, leaving at least one token of budget for every
   pass behind them so decodes are never starved by a prefill; a served pass
-  goes to the back of the queue (round robin);
+  goes to the back of the queue (round robin); the rows of multi-row chunks
+  (prefills) in one batch are capped at `max_prefill_tokens` (default: half of
+  `max_batch_tokens`), so a huge prompt holds decode rows back by at most that
+  much compute per step;
 - a pass resolves when its last chunk is back; outputs ride with the chunk
   that holds their rows.
 
@@ -18,6 +23,14 @@ short, victims are suspended until the chunk fits (`pie.runtime.suspension`:
 which contexts, and swap to host vs drop and recompute); otherwise the pass
 waits. A pass that waits while nothing at all can run for
 `page_wait_timeout_s` fails with an error saying why.
+
+Between batches the scheduler waits only for the instances whose passes just
+resolved to submit their next ones (`_gather`): until as many passes as it
+woke are back, or a round of the event loop brings none. Run-ahead streams
+(`pie.runtime.runahead`) resubmit synchronously from `_complete`, so a batch of
+streams alone waits for nothing. A batch the runtime built from checked
+passes says so (`ForwardBatch.validated`). When the engine raises anything for
+a batch, its requests are retried one by one, so only the culprit fails.
 
 One batch is in flight per engine; nothing changes page contents between
 batches, so freeing, copying-on-write and suspending at build time is safe.
@@ -50,16 +63,19 @@ from pie.runtime.suspension import Suspender
 
 log = logging.getLogger(__name__)
 
-GATHER_ROUNDS = 8  # event-loop turns to let woken instances submit before a batch is built
+GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
+STEP_OUTPUT = [0]  # the output ids of a stream step's chunk (`_admit_step`); never mutated
 
 
 class Scheduler:
     def __init__(self, engine: EngineClient, space: ContextSpace, *, max_batch_tokens: int, max_batch_size: int,
-                 page_wait_timeout_s: float = 30.0) -> None:
+                 page_wait_timeout_s: float = 30.0, max_prefill_tokens: int = 0) -> None:
         self.engine = engine
         self.space = space
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        # 0: half the batch, so decode rows keep the other half whatever prompts are queued.
+        self.max_prefill_tokens = max_prefill_tokens or max(1, max_batch_tokens // 2)
         self.page_wait_timeout_s = page_wait_timeout_s
         self.stats = SchedulerStats()
         self._suspender = Suspender(space, self.stats)
@@ -69,7 +85,9 @@ class Scheduler:
         if num_slots > 0 and space.host is None:
             space.host = HostSlotPool(num_slots)
         self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
-        self._jobs: dict[int, Job] = {}  # context id -> its pending pass; insertion order = queue order
+        self._jobs: dict[int, Job] = {}  # context id -> its pending pass
+        self._queues: dict[float, dict[int, Job]] = {}  # priority -> its passes by context id, in queue order
+        self._woken = 0  # instances whose passes the last batch resolved (they may submit again)
         self._computing: dict[PageKey, Job] = {}  # uncached page key -> the pass computing it
         self._submissions = 0
         self._wake = asyncio.Event()
@@ -83,27 +101,45 @@ class Scheduler:
     # -- the instances' side --------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        assert job.ctx.id not in self._jobs, "one pending pass per context"
-        job.ctx.pending = True
-        job.ctx.last_used = self.space.tick()
-        self._jobs[job.ctx.id] = job
+        ctx = job.ctx
+        assert ctx.id not in self._jobs, "one pending pass per context"
+        ctx.pending = True
+        ctx.last_used = self.space.tick()
+        self._jobs[ctx.id] = job
+        self._enqueue(job)
         self._submissions += 1
         self._wake.set()
 
     def withdraw(self, ctx: Context, error: BaseException | None) -> None:
-        """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`.
+        """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`; an
+        owner's job is cancelled (the owner asked, or is told through `failed`).
 
-        A pass in the batch in flight is dropped when that batch lands."""
+        Queued, the pass is dropped (and its rows rolled back) now; in the batch in flight, when that batch
+        lands (within one step), and its pages go with the context when the caller destroys it."""
         job = self._jobs.get(ctx.id)
         if job is None:
             return
-        if not job.future.done():
+        future = job.future
+        if future is None:
+            job.cancelled = True
+            if error is not None and job.owner is not None:
+                job.owner.failed(job, error)
+        elif not future.done():
             if error is None:
-                job.future.cancel()
+                future.cancel()
             else:
-                job.future.set_exception(error)
+                future.set_exception(error)
         if not ctx.in_batch:
             self._drop(job)
+
+    def forget(self, job: Job) -> None:
+        """An owner gives up its job and undoes the context itself: the job is gone now, even in flight
+        (its landing then changes nothing), so the context may take a new pass at once."""
+        job.cancelled = True
+        if self._jobs.get(job.ctx.id) is job:
+            self._release_key(job)
+            self._unqueue(job)
+            job.ctx.pending = False
 
     @property
     def num_pending(self) -> int:
@@ -115,6 +151,31 @@ class Scheduler:
             await self._task
         for job in list(self._jobs.values()):
             self._fail(job, HostError("the runtime is shutting down"))
+
+    def _enqueue(self, job: Job) -> None:
+        """To the back of the queue of its context's priority."""
+        priority = job.ctx.priority
+        queue = self._queues.get(priority)
+        if queue is None:
+            queue = self._queues[priority] = {}
+        queue[job.ctx.id] = job
+        job.queued_at = priority
+
+    def _unqueue(self, job: Job) -> None:
+        """Out of `_jobs` and its queue."""
+        cid = job.ctx.id
+        del self._jobs[cid]
+        queue = self._queues[job.queued_at]
+        del queue[cid]
+        if not queue:
+            del self._queues[job.queued_at]
+
+    def _order(self) -> list[Job]:
+        """Every pending pass: higher priority first, queue order within one."""
+        queues = self._queues
+        if len(queues) == 1:
+            return list(next(iter(queues.values())).values())
+        return [job for p in sorted(queues, reverse=True) for job in queues[p].values()]
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -138,11 +199,21 @@ class Scheduler:
                 await self._fire(*built)
 
     async def _gather(self) -> None:
-        """Let instances woken by the last batch submit their next passes, so they share the next batch."""
-        for _ in range(GATHER_ROUNDS):
+        """Let instances woken by the last batch submit their next passes, so they share the next batch.
+
+        Waits until as many passes arrived as the last batch resolved for instances (streams resubmit
+        synchronously and are not counted), or a turn of the event loop brings none, or a short
+        deadline: an instance that is done, or busy with other work, must not hold everyone back."""
+        woken, self._woken = self._woken, 0
+        if not woken:
+            return
+        start = self._submissions
+        deadline = time.perf_counter() + GATHER_DEADLINE_S
+        while True:
             before = self._submissions
             await asyncio.sleep(0)
-            if self._submissions == before:
+            if (self._submissions - start >= woken or self._submissions == before
+                    or time.perf_counter() >= deadline):
                 return
 
     async def _wait_for_pages(self) -> None:
@@ -173,30 +244,51 @@ class Scheduler:
         self._lead_known = False
         if self.space.host is not None:
             self.space.host.settle()  # the last batch has landed: the slots it swapped in may be reused
-        order = sorted(self._jobs.values(), key=_priority)  # stable: queue order within a priority
-        tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
+        order = self._order()
+        tokens_left, reqs_left, prefill_left = self.max_batch_tokens, self.max_batch_size, self.max_prefill_tokens
         requests: list[Request] = []
         ops = PageOps()
         chunks: list[Chunk] = []
+        n = len(order)
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
                 break
-            if job.future.done() or job.ctx.closed:  # cancelled while queued
+            ctx = job.ctx
+            if job.settled or ctx.closed:  # cancelled while queued
                 self._drop(job)
                 continue
-            reserve = min(len(order) - i - 1, reqs_left - 1)  # a token for each pass behind this one
-            chunk = self._admit(job, max(1, tokens_left - reserve), tokens_left, ops)
+            if job.owner is not None and job.end - job.start == 1 and ctx.computed_len == job.start \
+                    and not ctx.swapped and job.attention_mask is None:
+                step = self._admit_step(job)  # a stream's decode step: the common case, kept short
+                if step is not None:
+                    requests.append(step)
+                    chunks.append(Chunk(job, job.start, job.end, STEP_OUTPUT))
+                    tokens_left -= 1
+                    reqs_left -= 1
+                    continue
+            reserve = min(n - i - 1, reqs_left - 1)  # a token for each pass behind this one
+            budget = max(1, tokens_left - reserve)
+            if job.end - job.ctx.computed_len > 1:  # a prefill (or a re-prefill): within the prefill budget
+                if prefill_left <= 0:
+                    continue
+                budget = min(budget, prefill_left)
+            chunk = self._admit(job, budget, tokens_left, ops)
             if chunk is None:
                 continue
             requests.append(self._request(chunk))
             chunks.append(chunk)
-            tokens_left -= chunk.end - chunk.start
+            rows = chunk.end - chunk.start
+            tokens_left -= rows
+            if rows > 1:
+                prefill_left -= rows
             reqs_left -= 1
         if requests:
             self._stalled_since = None
         elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
-        return ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in), chunks
+        batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in)
+        batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
+        return batch, chunks
 
     def _admit(self, job: Job, budget: int, tokens_left: int, ops: PageOps) -> Chunk | None:
         """The job's next chunk of at most `budget` rows, with its pages in place; None if it must wait.
@@ -206,7 +298,9 @@ class Scheduler:
         swapped-out context computes up to its swapped pages, then gets them
         back by swap-in with the chunk after them."""
         ctx = job.ctx
-        if not self._lookup_prefix(job):
+        # A prefix lookup can only attach full pages below the first output row: skip it when none fits
+        # (every decode step).
+        if job.next_output_slot() - ctx.computed_len >= self.space.page_size and not self._lookup_prefix(job):
             return None
         restore = ctx.restorable
         start = ctx.swapped_len if restore else ctx.computed_len
@@ -244,9 +338,46 @@ class Scheduler:
         while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
             ids.append(job._order[job._next])
             job._next += 1
-        del self._jobs[ctx.id]  # to the back of the queue
-        self._jobs[ctx.id] = job
+        queue = self._queues[job.queued_at]  # to the back of the queue (of the context's priority now)
+        if job.queued_at == ctx.priority:
+            del queue[ctx.id]
+            queue[ctx.id] = job
+        else:
+            self._unqueue(job)
+            self._jobs[ctx.id] = job
+            self._enqueue(job)
         return Chunk(job, start, end, ids)
+
+    def _admit_step(self, job: Job) -> Request | None:
+        """`_admit` + `_request` for a one-row pass at the context's computed end (a stream's step), when
+        it needs no copy-on-write and at most one fresh page that the pool has; None: take the long way.
+
+        No prefix lookup (a row with an output is never served from the cache), no restore (not swapped
+        out), no suspension (the page is there)."""
+        ctx, start, space = job.ctx, job.start, self.space
+        ps, pages, pool = space.page_size, job.ctx.pages, space.pool
+        j = start // ps
+        if j < len(pages):
+            page = pages[j]
+            if pool.refcount(page) > 1 or space.trie.holds(page):
+                return None
+        elif j == len(pages) and pool.can_allocate(1):
+            pages.append(pool.allocate(1)[0])
+        else:
+            return None
+        ctx.in_batch = True
+        job.admitted_build = self._this_build
+        job._next = len(job.outputs)
+        queue = self._queues[job.queued_at]  # to the back of the queue (round robin)
+        if job.queued_at == ctx.priority:
+            del queue[ctx.id]
+            queue[ctx.id] = job
+        else:
+            self._unqueue(job)
+            self._jobs[ctx.id] = job
+            self._enqueue(job)
+        return Request([ctx.tokens[start]], [ctx.positions[start]], pages[:j + 1], start % ps + 1, job.outputs,
+                       logit_mask=job.logit_mask, adapter=job.adapter, seed=job.seed)
 
     def _lookup_prefix(self, job: Job) -> bool:
         """Attach the job's cached leading pages; False if another pass is computing its next page.
@@ -317,9 +448,9 @@ class Scheduler:
             log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
             outputs = await self._fire_singly(batch)
             result = BatchResult([])
-        except Exception as error:
-            log.exception("engine failed on a batch of %d requests", len(chunks))
-            outputs = [HostError(f"the engine failed: {error!r}")] * len(chunks)
+        except Exception:  # a request the checks missed, or an engine bug: never fail the batch for everyone
+            log.exception("engine failed on a batch of %d requests; retrying them one by one", len(chunks))
+            outputs = await self._fire_singly(batch)
             result = BatchResult([])
         finally:
             for chunk in chunks:
@@ -335,27 +466,33 @@ class Scheduler:
         for chunk, out in zip(chunks, outputs, strict=True):
             if isinstance(out, BaseException):
                 self._fail(chunk.job, out)
+            elif chunk.output_ids is STEP_OUTPUT:
+                self._finish_step(chunk.job, out)
             else:
                 self._finish_chunk(chunk, out)
 
     async def _fire_singly(self, batch: ForwardBatch) -> list[list[OutputValue] | BaseException]:
         if batch.page_copies or batch.swap_out or batch.swap_in:
             try:
-                await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in))
-            except BatchError as error:  # a runtime bug: the runtime chose these pages and slots
-                log.error("engine rejected a batch's page operations: %s", error)
-                return [HostError(f"the engine rejected this batch's page operations: {error}")] * len(batch.requests)
+                await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in,
+                                                       validated=batch.validated))
+            except Exception as error:  # a runtime bug: the runtime chose these pages and slots
+                log.error("engine failed on a batch's page operations: %r", error)
+                return [HostError(f"the engine failed on this batch's page operations: {error}")] * len(batch.requests)
         outs: list[list[OutputValue] | BaseException] = []
         for req in batch.requests:
             try:
-                outs.append((await self.engine.forward(ForwardBatch([req]))).outputs[0])
+                outs.append((await self.engine.forward(ForwardBatch([req], validated=batch.validated))).outputs[0])
             except BatchError as error:
                 outs.append(HostError(f"the engine rejected this forward pass: {error}"))
+            except Exception as error:
+                log.exception("engine failed on a single forward pass")
+                outs.append(HostError(f"the engine failed on this forward pass: {error!r}"))
         return outs
 
     def _finish_chunk(self, chunk: Chunk, values: list[OutputValue]) -> None:
         job = chunk.job
-        if job.future.done() or job.ctx.closed:  # withdrawn while in flight
+        if job.settled or job.ctx.closed:  # withdrawn while in flight
             self._drop(job)
             return
         job.ctx.mark_computed(chunk.end)
@@ -364,29 +501,57 @@ class Scheduler:
         if chunk.end == job.end:
             self._complete(job)
 
-    def _complete(self, job: Job) -> None:
-        if job.future.done():  # cancelled meanwhile: the pass never happened
+    def _finish_step(self, job: Job, values: list[OutputValue]) -> None:
+        """`_finish_chunk` + `_complete` for a chunk of `_admit_step` (its owner's job, whole)."""
+        ctx = job.ctx
+        if job.cancelled or ctx.closed:
             self._drop(job)
             return
-        del self._jobs[job.ctx.id]
+        # mark_computed without the trie: a stream writes after its context's committed pages
+        ctx.computed_len = job.end
+        self._unqueue(job)
+        ctx.pending = False
+        ctx.last_used = self.space.tick()
+        job.owner.completed(job, values)  # type: ignore[union-attr]
+
+    def _complete(self, job: Job) -> None:
+        if job.settled:  # cancelled meanwhile: the pass never happened
+            self._drop(job)
+            return
+        self._unqueue(job)
         self._release_key(job)
-        job.ctx.pending = False
-        job.ctx.last_used = self.space.tick()
-        job.future.set_result(job.results)  # type: ignore[arg-type]
+        ctx = job.ctx
+        ctx.pending = False
+        ctx.last_used = self.space.tick()
+        if job.owner is not None:
+            job.owner.completed(job, job.results)  # type: ignore[arg-type]  # may submit its next pass now
+        else:
+            job.future.set_result(job.results)  # type: ignore[union-attr,arg-type]
+            self._woken += 1
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        if not job.future.done():
-            job.future.set_exception(error)
+        future = job.future
+        if future is None:
+            if not job.cancelled and job.owner is not None:
+                job.cancelled = True
+                self._drop(job)
+                job.owner.failed(job, error)  # the owner rolls the context back
+                return
+        elif not future.done():
+            future.set_exception(error)
+            self._woken += 1
         self._drop(job)
 
     def _drop(self, job: Job) -> None:
-        """Forget a job that will not complete; its context goes back to before the pass."""
+        """Forget a job that will not complete; its context goes back to before the pass (an owner's job:
+        the owner does that)."""
         ctx = job.ctx
         self._release_key(job)
-        if self._jobs.get(ctx.id) is job:
-            del self._jobs[ctx.id]
+        if self._jobs.get(ctx.id) is not job:  # forgotten already (`forget`), or another pass took its place
+            return
+        self._unqueue(job)
         ctx.pending = False
-        if not ctx.closed and ctx.kv_len >= job.end:
+        if job.owner is None and not ctx.closed and ctx.kv_len >= job.end:
             ctx.rollback(job.start)
 
     def _release_key(self, job: Job) -> None:
@@ -394,6 +559,3 @@ class Scheduler:
             del self._computing[job.computing]
         job.computing = None
 
-
-def _priority(job: Job) -> float:
-    return -job.ctx.priority
