@@ -24,8 +24,10 @@ TOKEN_STRIDE = 7919  # a prime: consecutive positions give well-spread tokens
 
 
 def fake_info(*, num_pages: int = 4096, page_size: int = 16, vocab_size: int = 32_000,
-              max_batch_tokens: int = 8192, max_batch_size: int = 1024, name: str = "fake") -> EngineInfo:
-    return EngineInfo(model_name=name, model_dir="", model_type="fake", device="none", dtype="float32",
+              max_batch_tokens: int = 8192, max_batch_size: int = 1024, name: str = "fake",
+              model_dir: str = "") -> EngineInfo:
+    """`model_dir`: where a config.json gives the context length (none: no limit but the pool)."""
+    return EngineInfo(model_name=name, model_dir=model_dir, model_type="fake", device="none", dtype="float32",
                       attention_backend="none", num_pages=num_pages, page_size=page_size, vocab_size=vocab_size,
                       num_layers=0, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
                       max_dist_size=32, max_num_embeds=64, kv_bytes_per_page=0)

@@ -11,10 +11,10 @@ admits each one's next chunk of rows within `max_batch_tokens` /
   instead of computed (`Context.attach_cached`), unless an output reads them;
 - long prefills are chunked, leaving at least one token of budget for every
   pass behind them so decodes are never starved by a prefill; a served pass
-  goes to the back of the queue (round robin); the rows of multi-row chunks
-  (prefills) in one batch are capped at `max_prefill_tokens` (default: half of
-  `max_batch_tokens`), so a huge prompt holds decode rows back by at most that
-  much compute per step;
+  goes to the back of the queue (round robin); while other passes wait, the
+  rows of multi-row chunks (prefills) in one batch are capped at
+  `max_prefill_tokens` (default: half of `max_batch_tokens`), so a huge prompt
+  holds decode rows back by at most that much compute per step;
 - a pass resolves when its last chunk is back; outputs ride with the chunk
   that holds their rows.
 
@@ -64,6 +64,7 @@ from pie.runtime.suspension import Suspender
 log = logging.getLogger(__name__)
 
 GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
+MAX_STEPS_WITHOUT_TURN = 8  # batches in a row an engine that never yields (a fake) may run before a yield
 STEP_OUTPUT = [0]  # the output ids of a stream step's chunk (`_admit_step`); never mutated
 
 
@@ -88,6 +89,8 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}  # context id -> its pending pass
         self._queues: dict[float, dict[int, Job]] = {}  # priority -> its passes by context id, in queue order
         self._woken = 0  # instances whose passes the last batch resolved (they may submit again)
+        self._turns = 0  # event-loop turns seen by `_tick` (did the engine call yield?)
+        self._idle_steps = 0
         self._computing: dict[PageKey, Job] = {}  # uncached page key -> the pass computing it
         self._submissions = 0
         self._wake = asyncio.Event()
@@ -195,8 +198,16 @@ class Scheduler:
                 continue
             if built is None:
                 await self._wait_for_pages()
+                continue
+            turned = self._turns
+            await self._fire(*built)
+            if self._turns == turned:  # the engine answered without the event loop turning once
+                self._idle_steps += 1
+                if self._idle_steps >= MAX_STEPS_WITHOUT_TURN:  # let instances, timers and cancels run
+                    self._idle_steps = 0
+                    await asyncio.sleep(0)
             else:
-                await self._fire(*built)
+                self._idle_steps = 0
 
     async def _gather(self) -> None:
         """Let instances woken by the last batch submit their next passes, so they share the next batch.
@@ -245,11 +256,12 @@ class Scheduler:
         if self.space.host is not None:
             self.space.host.settle()  # the last batch has landed: the slots it swapped in may be reused
         order = self._order()
-        tokens_left, reqs_left, prefill_left = self.max_batch_tokens, self.max_batch_size, self.max_prefill_tokens
+        n = len(order)
+        tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
+        prefill_left = self.max_prefill_tokens if n > 1 else tokens_left  # a prompt alone gets the whole batch
         requests: list[Request] = []
         ops = PageOps()
         chunks: list[Chunk] = []
-        n = len(order)
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
                 break
@@ -435,8 +447,12 @@ class Scheduler:
 
     # -- running it and handing results back ----------------------------------------------------
 
+    def _tick(self) -> None:
+        self._turns += 1
+
     async def _fire(self, batch: ForwardBatch, chunks: list[Chunk]) -> None:
         t0 = time.perf_counter()
+        asyncio.get_running_loop().call_soon(self._tick)  # runs only if the loop turns while we await
         num_tokens = batch.num_tokens
         try:
             with telemetry.span("engine.batch", model=self._model_name, num_requests=len(chunks),
