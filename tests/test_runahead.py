@@ -297,6 +297,7 @@ async def test_generate_loops_match_step_by_step_on_the_tiny_model(rt: Runtime, 
     assert pages_in_use(rt) == 0
 
 
+# agent-react is left out: it only generates under a JSON schema (never a stream), as constrained-json does.
 STANDARD: list[tuple[str, dict[str, Any]]] = [
     ("text-completion", {"prompt": "Name a color.", "system": "Be terse.", "max_tokens": 12}),
     ("text-completion", {"prompt": "Say something.", "max_tokens": 10, "temperature": 1.0, "seed": 7}),
@@ -305,7 +306,6 @@ STANDARD: list[tuple[str, dict[str, Any]]] = [
                           "schema": json.dumps({"type": "object", "properties": {"name": {"type": "string"}},
                                                 "required": ["name"]})}),
     ("modular-cache", {"modules": ["Doc one.", "Doc two."], "prompt": "Color of grass?", "max_tokens": 6}),
-    ("agent-react", {"question": "What is 6*7?", "max_steps": 1}),
     ("watermark", {"prompt": "Write.", "max_tokens": 16, "delta": 4.0, "seed": 1}),
     ("tree-of-thought", {"problem": "2+2?", "depth": 1, "breadth": 2, "keep": 1, "thought_tokens": 6,
                          "answer_tokens": 6}),
@@ -321,7 +321,8 @@ STANDARD: list[tuple[str, dict[str, Any]]] = [
 @pytest.mark.parametrize(("name", "inputs"), STANDARD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(STANDARD)])
 async def test_standard_inferlets_match_step_by_step(rt: Runtime, name: str, inputs: dict[str, Any]) -> None:
     async def run() -> tuple[str, list[Any]]:
-        final, events = await launch(rt, name, inputs)
+        # a user each: snapshots (modular-cache) are per user, so the second run starts as cold as the first
+        final, events = await launch(rt, name, inputs, username=f"user-{inferlet.generation.RUNAHEAD}")
         assert final.kind == "return", final.value
         return final.value, [(e.kind, e.value) for e in events]
 
