@@ -169,6 +169,7 @@ async def test_random_loops_match_step_by_step_on_the_null_engine(null_rt: Runti
         null_rt.check_integrity()
         assert pages_in_use(null_rt) == 0
     assert len(streams) >= 40  # run-ahead served most of these loops
+    assert null_rt.model().scheduler.stats.chained_steps > 0  # and pipelined steps
 
 
 async def test_stream_is_refused_calls_while_it_runs_and_stops_exactly(null_rt: Runtime) -> None:

@@ -80,6 +80,9 @@ class Request:
     seed: makes this request's random draws a function of (seed, position,
       draw) only, so its tokens do not depend on what else is in the batch.
     adapter: a resident LoRA slot, or None for the base model.
+    token_from: (request j, output k) of the batch run just before this one: the one input token is that
+      output's sampled token, filled in by the engine client before the engine sees the request
+      (`pie.runtime.engine_client.resolve_chained`); the engine itself never sees it set.
     """
 
     tokens: list[int]
@@ -91,6 +94,7 @@ class Request:
     logit_mask: list[int] | None = None
     adapter: int | None = None
     seed: int | None = None
+    token_from: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)

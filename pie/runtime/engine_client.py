@@ -5,6 +5,13 @@ never blocks on device work (torch releases the GIL inside its kernels) and
 the engine is only ever touched by one thread. `pie.engine.engine` (and with
 it torch) is imported on the worker thread when the client starts, never by
 the runtime's own modules.
+
+Chained batches (`chains_tokens`): the scheduler may submit batch N+1 before
+batch N has returned, with rows whose input token is one N samples
+(`Request.token_from`). Batches run in submission order on the one thread,
+so right before running N+1 the client substitutes N's sampled values
+(`resolve_chained`); the engine needs no change. The engine thread waits in
+torch kernels and in the executor's queue, neither of which holds the GIL.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pie.engine.batch import BatchResult, ForwardBatch
+from pie.engine.batch import BatchResult, ForwardBatch, OutputValue
 
 if TYPE_CHECKING:
     from pie.engine.config import EngineConfig
@@ -23,13 +30,33 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class ChainError(RuntimeError):
+    """A chained row's source batch failed: it has no token to run with (the scheduler retries it)."""
+
+
+def resolve_chained(batch: ForwardBatch, previous: list[list[OutputValue]] | None) -> None:
+    """Fill every `token_from` row of `batch` with the token the batch run before it sampled."""
+    for r in batch.requests:
+        src = r.token_from
+        if src is not None:
+            if previous is None:
+                raise ChainError("a chained row follows a batch that failed")
+            value = previous[src[0]][src[1]]
+            assert isinstance(value, int), "a chained row reads a one-draw sampler's token"
+            r.tokens = [value]
+            r.token_from = None
+
+
 class InProcessEngine:
     """Implements `pie.runtime.api.EngineClient`. Calls are serialised by the single worker thread."""
+
+    chains_tokens = True  # see the module docstring
 
     def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
         self._engine: Engine | None = engine
         self._executor = executor
         self._info = engine.info
+        self._previous: list[list[OutputValue]] | None = None  # the last batch's outputs (engine thread only)
 
     @classmethod
     async def start(cls, config: EngineConfig, name: str = "") -> InProcessEngine:
@@ -59,7 +86,18 @@ class InProcessEngine:
         return self._engine
 
     async def forward(self, batch: ForwardBatch) -> BatchResult:
-        return await self._call(self.engine.forward_batch, batch)
+        return await self._call(self._forward, batch)
+
+    def _forward(self, batch: ForwardBatch) -> BatchResult:
+        """On the engine thread, in submission order."""
+        try:
+            resolve_chained(batch, self._previous)
+            result = self.engine.forward_batch(batch)
+        except BaseException:
+            self._previous = None
+            raise
+        self._previous = result.outputs
+        return result
 
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         await self._call(self.engine.copy_pages, src, dst)

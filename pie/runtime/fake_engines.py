@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request
 from pie.engine.info import EngineInfo
+from pie.runtime.engine_client import resolve_chained
 
 TOKEN_STRIDE = 7919  # a prime: consecutive positions give well-spread tokens
 
@@ -39,21 +40,32 @@ def null_token(position: int, vocab_size: int, draw: int = 0) -> int:
 
 
 class NullEngine:
-    """Implements EngineClient; answers at once."""
+    """Implements EngineClient (with chained batches, as `InProcessEngine`); answers at once."""
+
+    chains_tokens = True
 
     def __init__(self, info: EngineInfo | None = None) -> None:
         self.info = info or fake_info()
         self.batches = 0
         self.rows = 0
+        self._previous: list[list[OutputValue]] | None = None
 
     async def forward(self, batch: ForwardBatch) -> BatchResult:
         return self.answer(batch)
 
     def answer(self, batch: ForwardBatch) -> BatchResult:
+        """The outputs, after filling chained rows from the previous batch (called in submission order)."""
+        try:
+            resolve_chained(batch, self._previous)
+        except BaseException:
+            self._previous = None
+            raise
         self.batches += 1
         self.rows += len(batch.requests)
         vocab = self.info.vocab_size
-        return BatchResult([[_value(r, o, vocab) for o in r.outputs] for r in batch.requests])
+        result = BatchResult([[_value(r, o, vocab) for o in r.outputs] for r in batch.requests])
+        self._previous = result.outputs
+        return result
 
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         return None

@@ -110,3 +110,4 @@ class SchedulerStats:
     swapped_out_pages: int = 0  # pages suspensions copied to the host swap pool
     swapped_in_pages: int = 0  # pages copied back from it
     recomputed_suspensions: int = 0  # suspensions that dropped computed KV the context must recompute
+    chained_steps: int = 0  # stream steps built while their previous step was in flight (pipelining)

@@ -10,6 +10,11 @@ The inferlet reads the tokens with `stream_next` (every token produced so far, a
 stream with `stream_stop(consumed)`: the runtime drops what it ran ahead and cuts the context back to
 exactly the state of the step-by-step loop after `consumed` steps (`TokenStream.stop`).
 
+Chaining: with a pipelining scheduler, while a step is in flight the scheduler asks for the step after
+it (`chain`) and runs it in the next batch with its token read from the step's output; when the step
+lands, the chained step becomes the stream's pending pass, or, if the token was a stop token, is
+cancelled and its slot cut back.
+
 Bounds: a stream runs at most `depth` steps ahead of what `stream_next` delivered, and stops by itself
 after a stop token or `max_tokens` tokens, so it never computes far past the end. Pages come from the
 context's own reservation, grown one page at a time under the instance's page limit as the step-by-step
@@ -60,6 +65,9 @@ class TokenStream:
         self._error: BaseException | None = None
         self._ended = False  # no more steps will be produced (stop token, limit, error or stop())
         self._waiter: asyncio.Future[None] | None = None
+        self._chained: Job | None = None  # the step after the one in flight, already in the next batch
+        self._spare = Job(ctx, 0, 0, self._step_outputs, logit_mask=job.logit_mask, adapter=job.adapter,
+                          seed=job.seed, owner=self)  # the job the next chained step reuses
         job.owner = self
         scheduler.submit(job)
 
@@ -70,18 +78,68 @@ class TokenStream:
         assert isinstance(token, int), "a stream samples one token per step"
         tokens = self.tokens
         tokens.append(token)
-        if token in self._stop or len(tokens) >= self._max_tokens:
+        chained = self._chained
+        if chained is not None:  # the next step runs already, reading this token
+            self._chained = None
+            ctx = self.ctx
+            ctx.tokens[chained.start] = token
+            if token in self._stop:
+                self._ended = True
+                chained.cancelled = True
+                ctx.rollback(chained.start)
+            else:
+                self._job, self._spare = chained, job
+                self._scheduler.submit(chained)
+        elif token in self._stop or len(tokens) >= self._max_tokens:
             self._ended = True
         elif len(tokens) - self._delivered < self._depth:
             self._next_pass()
         if self._waiter is not None:
             self._wake()
 
+    def chain(self, job: Job) -> Job | None:
+        """The step after `job` (in flight), recorded with a placeholder token, to run in the next batch
+        reading `job`'s output; None if the stream stops after `job` whatever it samples."""
+        if self._ended or job is not self._job or self._chained is not None:
+            return None
+        n = len(self.tokens) + 1  # tokens once `job` lands
+        if n >= self._max_tokens or n - self._delivered >= self._depth:
+            return None
+        ctx = self.ctx
+        slot = len(ctx.tokens)
+        try:
+            self._charge(1)
+            if slot >= ctx.num_pages * ctx.space.page_size:
+                self._grow(ctx, 1)
+        except HostError:
+            self._charge(-1)
+            return None  # the step after `job` reports it (`_next_pass`)
+        self._charged += 1
+        if job.adapter is None:
+            ctx.tokens.append(0)  # the placeholder, filled in `completed`
+            ctx.positions.append(slot)
+        else:
+            ctx.append((0,), (slot,), custom_kv=True)
+        nxt = self._spare
+        nxt.reset(slot, slot + 1, None if nxt.outputs is self._step_outputs else self._step_outputs)
+        self._chained = nxt
+        return nxt
+
+    def unchain(self, nxt: Job) -> None:
+        """The scheduler could not place the chained step: undo `chain`."""
+        self._chained = None
+        self.ctx.rollback(nxt.start)
+        self._charge(-1)
+        self._charged -= 1
+
     def failed(self, job: Job, error: BaseException) -> None:
         """The step's pass failed (engine error, shutdown): undo its input; deliver the error after the
         tokens produced before it."""
+        if job is self._chained:
+            self._chained = None
         if not self.ctx.closed and self.ctx.kv_len > job.start:
             self.ctx.rollback(job.start)
+        self._drop_chained()
         self._end_with(error)
 
     # -- the inferlet's side --------------------------------------------------------------------
@@ -113,6 +171,7 @@ class TokenStream:
             raise HostError(f"stream_stop: consumed {consumed} steps, but the stream produced {len(self.tokens)}")
         self._ended = True
         self._scheduler.forget(self._job)
+        self._drop_chained()
         ctx = self.ctx
         self._charge(consumed - self._charged)
         self._charged = consumed
@@ -131,7 +190,13 @@ class TokenStream:
         """End the stream without touching the context (it is being destroyed with its instance)."""
         self._ended = True
         self._scheduler.forget(self._job)
+        self._drop_chained()
         self._wake()
+
+    def _drop_chained(self) -> None:
+        if self._chained is not None:
+            self._chained.cancelled = True  # its batch lands without effect
+            self._chained = None
 
     # -- helpers --------------------------------------------------------------------------------
 

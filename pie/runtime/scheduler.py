@@ -32,7 +32,19 @@ streams alone waits for nothing. A batch the runtime built from checked
 passes says so (`ForwardBatch.validated`). When the engine raises anything for
 a batch, its requests are retried one by one, so only the culprit fails.
 
-One batch is in flight per engine; nothing changes page contents between
+Pipelining: with an engine client that chains batches (`chains_tokens`),
+while batch N is in flight the scheduler already builds and submits N+1
+when N holds stream steps: each such stream's next step is a row whose input
+token is "output k of request j of the previous batch" (`Request.token_from`,
+resolved by the engine client right before N+1 runs), at the slot after its
+step in N, with its page in place. When N lands the stream learns its token;
+if it stopped there, the chained row is wasted and cut back like any
+run-ahead. Passes of other contexts join N+1 too (a context in flight is
+never admitted twice). Without streams in flight nothing is built early, so
+step-by-step inferlets batch as before.
+
+At most two batches are in flight; the engine runs them in order, so nothing
+changes page contents between
 batches, so freeing, copying-on-write and suspending at build time is safe.
 Within a batch the engine runs swap-outs, then swap-ins, then page copies,
 then the forward; so a page freed by a swap-out may be reused at once, while
@@ -48,6 +60,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from inferlet._host import HostError
 from pie import telemetry
@@ -62,6 +75,15 @@ from pie.runtime.prefix_trie import PageKey
 from pie.runtime.suspension import Suspender
 
 log = logging.getLogger(__name__)
+
+
+class Flight(NamedTuple):
+    """A batch handed to the engine and not yet landed."""
+
+    task: asyncio.Task[BatchResult]
+    batch: ForwardBatch
+    chunks: list[Chunk]
+    id: int  # the `Context.in_batch` value of its contexts
 
 GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
 MAX_STEPS_WITHOUT_TURN = 8  # batches in a row an engine that never yields (a fake) may run before a yield
@@ -91,6 +113,10 @@ class Scheduler:
         self._woken = 0  # instances whose passes the last batch resolved (they may submit again)
         self._turns = 0  # event-loop turns seen by `_tick` (did the engine call yield?)
         self._idle_steps = 0
+        self.pipeline = bool(getattr(engine, "chains_tokens", False))  # build N+1 while N is in flight
+        self._batch_ids = 0
+        self._building = 0  # id of the batch being built
+        self._flights: list[Flight] = []  # in flight, oldest first (at most two)
         self._computing: dict[PageKey, Job] = {}  # uncached page key -> the pass computing it
         self._submissions = 0
         self._wake = asyncio.Event()
@@ -152,6 +178,10 @@ class Scheduler:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        for flight in self._flights:  # let the engine finish what it has; nobody reads the results
+            with contextlib.suppress(BaseException):
+                await flight.task
+        self._flights.clear()
         for job in list(self._jobs.values()):
             self._fail(job, HostError("the runtime is shutting down"))
 
@@ -183,24 +213,26 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        flights = self._flights
         while True:
-            if not self._jobs:
+            if not flights:
+                if not self._jobs:
+                    self._wake.clear()
+                    await self._wake.wait()
+                await self._gather()
                 self._wake.clear()
-                await self._wake.wait()
-            await self._gather()
-            self._wake.clear()
-            try:
-                built = self._build()
-            except Exception:  # a runtime bug: fail what is queued rather than hang every instance
-                log.exception("building a batch failed")
-                for job in list(self._jobs.values()):
-                    self._fail(job, HostError("internal runtime error while scheduling; see the server log"))
-                continue
-            if built is None:
-                await self._wait_for_pages()
-                continue
+                built = self._safe_build(None)
+                if built is None:
+                    await self._wait_for_pages()
+                    continue
+                flights.append(self._launch(*built))
             turned = self._turns
-            await self._fire(*built)
+            if self.pipeline and any(c.output_ids is STEP_OUTPUT for c in flights[0].chunks):
+                built = self._safe_build(flights[0])  # N+1 while N runs: its streams' next steps, chained
+                if built is not None:
+                    flights.append(self._launch(*built))
+            await self._land(flights[0], flights[1] if len(flights) > 1 else None)
+            del flights[0]
             if self._turns == turned:  # the engine answered without the event loop turning once
                 self._idle_steps += 1
                 if self._idle_steps >= MAX_STEPS_WITHOUT_TURN:  # let instances, timers and cancels run
@@ -208,6 +240,16 @@ class Scheduler:
                     await asyncio.sleep(0)
             else:
                 self._idle_steps = 0
+
+    def _safe_build(self, chain: Flight | None) -> tuple[ForwardBatch, list[Chunk]] | None:
+        try:
+            return self._build(chain)
+        except Exception:  # a runtime bug: fail what is queued rather than hang every instance
+            log.exception("building a batch failed")
+            for job in list(self._jobs.values()):
+                if not job.ctx.in_batch:
+                    self._fail(job, HostError("internal runtime error while scheduling; see the server log"))
+            return None
 
     async def _gather(self) -> None:
         """Let instances woken by the last batch submit their next passes, so they share the next batch.
@@ -250,11 +292,15 @@ class Scheduler:
 
     # -- building a batch -----------------------------------------------------------------------
 
-    def _build(self) -> tuple[ForwardBatch, list[Chunk]] | None:
+    def _build(self, chain: Flight | None = None) -> tuple[ForwardBatch, list[Chunk]] | None:
+        """The next batch; with `chain` (the batch in flight), its streams' next steps come first."""
         self._previous_build, self._this_build = self._this_build, self.space.tick()
         self._lead_known = False
+        self._batch_ids += 1
+        self._building = self._batch_ids
         if self.space.host is not None:
-            self.space.host.settle()  # the last batch has landed: the slots it swapped in may be reused
+            # The batch before has landed, or runs before this one: the slots it swapped in may be reused.
+            self.space.host.settle()
         order = self._order()
         n = len(order)
         tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
@@ -262,10 +308,24 @@ class Scheduler:
         requests: list[Request] = []
         ops = PageOps()
         chunks: list[Chunk] = []
+        if chain is not None:
+            for j, chunk in enumerate(chain.chunks):
+                if reqs_left <= 0 or tokens_left <= 0:
+                    break
+                if chunk.output_ids is not STEP_OUTPUT:
+                    continue
+                step = self._admit_chained(chunk.job, j)
+                if step is not None:
+                    requests.append(step[0])
+                    chunks.append(step[1])
+                    tokens_left -= 1
+                    reqs_left -= 1
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
                 break
             ctx = job.ctx
+            if ctx.in_batch:  # in the batch in flight: its next rows are admitted once it lands
+                continue
             if job.settled or ctx.closed:  # cancelled while queued
                 self._drop(job)
                 continue
@@ -296,7 +356,7 @@ class Scheduler:
             reqs_left -= 1
         if requests:
             self._stalled_since = None
-        elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
+        elif not ops.swap_out or chain is not None:  # swap-outs alone: copy them now (never chained)
             return None
         batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in)
         batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
@@ -344,7 +404,7 @@ class Scheduler:
             # swap-ins run before copies. Without a host pool nothing writes before the copies.
             pool.incref(src for src, _ in copies)
         ops.copies += copies
-        ctx.in_batch = True
+        ctx.in_batch = self._building
         job.admitted_build = self._this_build
         ids = []
         while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
@@ -377,7 +437,7 @@ class Scheduler:
             pages.append(pool.allocate(1)[0])
         else:
             return None
-        ctx.in_batch = True
+        ctx.in_batch = self._building
         job.admitted_build = self._this_build
         job._next = len(job.outputs)
         queue = self._queues[job.queued_at]  # to the back of the queue (round robin)
@@ -390,6 +450,37 @@ class Scheduler:
             self._enqueue(job)
         return Request([ctx.tokens[start]], [ctx.positions[start]], pages[:j + 1], start % ps + 1, job.outputs,
                        logit_mask=job.logit_mask, adapter=job.adapter, seed=job.seed)
+
+    def _admit_chained(self, job: Job, j: int) -> tuple[Request, Chunk] | None:
+        """The next step of the stream whose step `job` is request `j` of the batch in flight, as a row
+        reading its token from that request's output; None when the stream will not go on regardless of
+        the token, or its page needs a copy or is not there."""
+        owner = job.owner
+        if job.cancelled or owner is None or job.ctx.closed:
+            return None
+        nxt = owner.chain(job)  # type: ignore[attr-defined]  # a TokenStream (only streams make STEP_OUTPUT)
+        if nxt is None:
+            return None
+        ctx, start, space = nxt.ctx, nxt.start, self.space
+        ps, pages, pool = space.page_size, ctx.pages, space.pool
+        k = start // ps
+        if k < len(pages):
+            page = pages[k]
+            if pool.refcount(page) > 1 or space.trie.holds(page):
+                owner.unchain(nxt)  # type: ignore[attr-defined]
+                return None
+        elif k == len(pages) and pool.can_allocate(1):
+            pages.append(pool.allocate(1)[0])
+        else:
+            owner.unchain(nxt)  # type: ignore[attr-defined]
+            return None
+        ctx.in_batch = self._building
+        self.stats.chained_steps += 1
+        nxt.admitted_build = self._this_build
+        nxt._next = len(nxt.outputs)
+        request = Request([0], [ctx.positions[start]], pages[:k + 1], start % ps + 1, nxt.outputs,
+                          logit_mask=nxt.logit_mask, adapter=nxt.adapter, seed=nxt.seed, token_from=(j, 0))
+        return request, Chunk(nxt, start, start + 1, STEP_OUTPUT)
 
     def _lookup_prefix(self, job: Job) -> bool:
         """Attach the job's cached leading pages; False if another pass is computing its next page.
@@ -450,27 +541,39 @@ class Scheduler:
     def _tick(self) -> None:
         self._turns += 1
 
-    async def _fire(self, batch: ForwardBatch, chunks: list[Chunk]) -> None:
+    def _launch(self, batch: ForwardBatch, chunks: list[Chunk]) -> Flight:
+        task = asyncio.get_running_loop().create_task(self._run_engine(batch, len(chunks)))
+        return Flight(task, batch, chunks, self._building)
+
+    async def _run_engine(self, batch: ForwardBatch, num_requests: int) -> BatchResult:
+        with telemetry.span("engine.batch", model=self._model_name, num_requests=num_requests,
+                            num_tokens=batch.num_tokens, num_swap_out=len(batch.swap_out),
+                            num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
+            return await self.engine.forward(batch)
+
+    async def _land(self, flight: Flight, after: Flight | None) -> None:
+        """Wait for a batch and hand its results back (`after`: the batch chained behind it, if any)."""
+        batch, chunks = flight.batch, flight.chunks
         t0 = time.perf_counter()
         asyncio.get_running_loop().call_soon(self._tick)  # runs only if the loop turns while we await
         num_tokens = batch.num_tokens
         try:
-            with telemetry.span("engine.batch", model=self._model_name, num_requests=len(chunks),
-                                num_tokens=num_tokens, num_swap_out=len(batch.swap_out),
-                                num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
-                result = await self.engine.forward(batch)
+            result = await flight.task
             outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
         except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
             log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
-            outputs = await self._fire_singly(batch)
+            outputs = await self._fire_singly(batch, chunks)
             result = BatchResult([])
         except Exception:  # a request the checks missed, or an engine bug: never fail the batch for everyone
             log.exception("engine failed on a batch of %d requests; retrying them one by one", len(chunks))
-            outputs = await self._fire_singly(batch)
+            outputs = await self._fire_singly(batch, chunks)
             result = BatchResult([])
         finally:
+            fid = flight.id
             for chunk in chunks:
-                chunk.job.ctx.in_batch = False
+                ctx = chunk.job.ctx
+                if ctx.in_batch == fid:  # not in the batch chained behind this one
+                    ctx.in_batch = 0
             if batch.page_copies and self.space.host is not None:  # the copy sources pinned in `_admit`
                 self.space.pool.decref(src for src, _ in batch.page_copies)
         elapsed = time.perf_counter() - t0
@@ -487,7 +590,7 @@ class Scheduler:
             else:
                 self._finish_chunk(chunk, out)
 
-    async def _fire_singly(self, batch: ForwardBatch) -> list[list[OutputValue] | BaseException]:
+    async def _fire_singly(self, batch: ForwardBatch, chunks: list[Chunk]) -> list[list[OutputValue] | BaseException]:
         if batch.page_copies or batch.swap_out or batch.swap_in:
             try:
                 await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in,
@@ -496,7 +599,13 @@ class Scheduler:
                 log.error("engine failed on a batch's page operations: %r", error)
                 return [HostError(f"the engine failed on this batch's page operations: {error}")] * len(batch.requests)
         outs: list[list[OutputValue] | BaseException] = []
-        for req in batch.requests:
+        for req, chunk in zip(batch.requests, chunks, strict=True):
+            if req.token_from is not None:  # chained: its source has landed, so the record holds the token
+                job = chunk.job
+                if job.cancelled or job.ctx.closed:
+                    outs.append(HostError("the stream stopped"))
+                    continue
+                req.tokens, req.token_from = [job.ctx.tokens[chunk.start]], None
             try:
                 outs.append((await self.engine.forward(ForwardBatch([req], validated=batch.validated))).outputs[0])
             except BatchError as error:
