@@ -81,6 +81,7 @@ class StreamDict(TypedDict, total=False):
     tokens: the buffered tokens to run first (at least one; the first token is sampled at the last).
     sampler: one token per step (draws = 1). stop: token ids that end it (the stop token is produced).
     logit_mask: a fixed BRLE for every step. depth: most steps produced ahead of `stream_next` (default 8).
+    batch: `stream_next` waits for this many tokens (fewer only at the end; default 1, at most depth).
     """
 
     tokens: list[int]
@@ -91,6 +92,7 @@ class StreamDict(TypedDict, total=False):
     adapter: int | None
     seed: int | None
     depth: int | None
+    batch: int | None
 
 
 class Host(Protocol):

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 RUNAHEAD = True  # serve eligible steps from a runtime stream (benchmarks switch it off to compare)
 RUNAHEAD_DEPTH = 8  # steps the runtime may run ahead of what this loop has read
+COLLECT_BATCH = 4  # the collectors take a stream's tokens this many at a time (fewer wake-ups)
 UNLIMITED = 1 << 30  # max_tokens of a stream without a limit (the depth bounds the waste)
 AUTO_SAMPLER = SampleHandle(0, 1)
 
@@ -79,6 +80,7 @@ class Generator:
         self._ctx = ctx
         self._sampler = sampler
         self._stream: _Stream | None = None  # the runtime stream serving the steps, if any
+        self._collecting = False  # a collector drives the loop: no one reads the steps as they come
         self._stop = set(stop or ())
         self._max_tokens = max_tokens
         self._constraints: list[Constraint] = []
@@ -204,7 +206,7 @@ class Generator:
         spec = {"tokens": pending, "sampler": self._sampler.to_dict(), "stop": sorted(self._stop),
                 "max_tokens": max(remaining, 1), "logit_mask": mask,
                 "adapter": self._adapter._handle if self._adapter is not None else None,
-                "seed": self._seed, "depth": RUNAHEAD_DEPTH}
+                "seed": self._seed, "depth": RUNAHEAD_DEPTH, "batch": COLLECT_BATCH if self._collecting else 1}
         stream = self._stream = _Stream(ctx._host.ctx_generate_start(ctx._handle, spec))  # type: ignore[arg-type]
         ctx._stream = self
         return stream
@@ -306,6 +308,7 @@ class Generator:
     # -- collectors (they read a stream's delivered tokens in bulk: the same steps, fewer objects) --
     async def collect_tokens(self) -> list[int]:
         out: list[int] = []
+        self._collecting = True
         async for step in self:
             out += (await step.execute()).tokens
             out += self._take_all_streamed()
@@ -314,6 +317,7 @@ class Generator:
     async def collect_text(self) -> str:
         decoder = chat.Decoder(self._ctx.model)
         parts: list[str] = []
+        self._collecting = True
         async for step in self:
             tokens: list[int] | None = (await step.execute()).tokens
             while tokens is not None:

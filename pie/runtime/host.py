@@ -208,6 +208,7 @@ class InstanceHost:
                             "(or fork the context to run passes side by side)")
         job, slot_rows = self._job(m, c, spec)
         g.scheduler.submit(job)
+        assert job.future is not None, "a pass without an owner has a future"
         try:
             values = await job.future
         except asyncio.CancelledError:
@@ -224,11 +225,13 @@ class InstanceHost:
         tokens = spec.get("tokens") or []
         if not isinstance(tokens, list) or not tokens:
             raise HostError("ctx_generate_start needs the buffered tokens to start from (at least one)")
-        max_tokens, depth = spec.get("max_tokens"), spec.get("depth") or DEFAULT_DEPTH
+        max_tokens, depth, batch = spec.get("max_tokens"), spec.get("depth") or DEFAULT_DEPTH, spec.get("batch") or 1
         if type(max_tokens) is not int or max_tokens < 1:
             raise HostError(f"ctx_generate_start: max_tokens must be an integer >= 1, got {max_tokens!r}")
         if type(depth) is not int or not 1 <= depth <= MAX_STREAM_DEPTH:
             raise HostError(f"ctx_generate_start: depth must be an integer in [1, {MAX_STREAM_DEPTH}], got {depth!r}")
+        if type(batch) is not int or not 1 <= batch <= depth:
+            raise HostError(f"ctx_generate_start: batch must be an integer in [1, depth = {depth}], got {batch!r}")
         stop = spec.get("stop") or []
         if not isinstance(stop, list) or not all(type(t) is int for t in stop):
             raise HostError("ctx_generate_start: stop must be a list of token ids")
@@ -249,7 +252,7 @@ class InstanceHost:
         job.future = None  # the stream owns it
         handle = next(self._handles)
         stream = TokenStream(c, g.scheduler, job, sampler, stop=frozenset(stop), max_tokens=max_tokens,
-                             depth=depth, base_len=base_len, base_pages=base_pages, grow=self._grow,
+                             depth=depth, base_len=base_len, base_pages=base_pages, batch=batch, grow=self._grow,
                              charge=self._charge)
         self._streams[handle] = (ctx, stream)
         self._streaming[ctx] = handle
@@ -440,7 +443,9 @@ def _context_length(model_dir: str) -> int:
         config = json.loads((Path(model_dir) / "config.json").read_text()) if model_dir else {}
     except (OSError, ValueError):
         return 0
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if not isinstance(config, dict):
+        return 0
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     value = text.get("max_position_embeddings", 0)
     return value if type(value) is int and value > 0 else 0
 

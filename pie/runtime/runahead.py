@@ -42,7 +42,7 @@ class TokenStream:
     """One run-ahead loop on one context. Implements `pie.runtime.jobs.JobOwner`."""
 
     def __init__(self, ctx: Context, scheduler: Scheduler, job: Job, sampler: Sampler, *, stop: frozenset[int],
-                 max_tokens: int, depth: int, base_len: int, base_pages: int,
+                 max_tokens: int, depth: int, base_len: int, base_pages: int, batch: int = 1,
                  grow: Callable[[Context, int], None], charge: Callable[[int], None]) -> None:
         """`job`: the first pass (the buffered tokens, already recorded on `ctx`, sampling at its last row).
         `grow(ctx, n)`: make room for n more slots (reserve under the instance's limits, or raise HostError);
@@ -54,6 +54,7 @@ class TokenStream:
         self._stop = stop
         self._max_tokens = max_tokens
         self._depth = max(1, depth)
+        self._batch = min(max(1, batch), self._depth)  # tokens per delivery (fewer only at the end)
         self._base_len = base_len  # kv_len before the stream's first pass
         self._prompt_len = job.end - job.start
         self._base_pages = base_pages  # pages reserved before the stream: never released by stop
@@ -94,7 +95,7 @@ class TokenStream:
             self._ended = True
         elif len(tokens) - self._delivered < self._depth:
             self._next_pass()
-        if self._waiter is not None:
+        if self._waiter is not None and (self._ended or len(tokens) - self._delivered >= self._batch):
             self._wake()
 
     def chain(self, job: Job) -> Job | None:
@@ -145,10 +146,13 @@ class TokenStream:
     # -- the inferlet's side --------------------------------------------------------------------
 
     async def next(self) -> list[int]:
-        """Every token produced since the last call (at least one, waiting if none); [] once the stream
-        ended and everything was delivered; raises the error that ended it after its tokens."""
-        while self._delivered == len(self.tokens):
+        """Every token produced since the last call (at least `batch`, or what is left at the end, waiting
+        for them); [] once the stream ended and everything was delivered; raises the error that ended it
+        after its tokens."""
+        while len(self.tokens) - self._delivered < self._batch:
             if self._ended:
+                if self._delivered < len(self.tokens):
+                    break
                 if self._error is not None:
                     raise self._error
                 return []

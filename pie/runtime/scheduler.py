@@ -314,10 +314,10 @@ class Scheduler:
                     break
                 if chunk.output_ids is not STEP_OUTPUT:
                     continue
-                step = self._admit_chained(chunk.job, j)
-                if step is not None:
-                    requests.append(step[0])
-                    chunks.append(step[1])
+                chained = self._admit_chained(chunk.job, j)
+                if chained is not None:
+                    requests.append(chained[0])
+                    chunks.append(chained[1])
                     tokens_left -= 1
                     reqs_left -= 1
         for i, job in enumerate(order):
@@ -344,9 +344,10 @@ class Scheduler:
                 if prefill_left <= 0:
                     continue
                 budget = min(budget, prefill_left)
-            chunk = self._admit(job, budget, tokens_left, ops)
-            if chunk is None:
+            admitted = self._admit(job, budget, tokens_left, ops)
+            if admitted is None:
                 continue
+            chunk = admitted
             requests.append(self._request(chunk))
             chunks.append(chunk)
             rows = chunk.end - chunk.start
@@ -478,8 +479,8 @@ class Scheduler:
         self.stats.chained_steps += 1
         nxt.admitted_build = self._this_build
         nxt._next = len(nxt.outputs)
-        request = Request([0], [ctx.positions[start]], pages[:k + 1], start % ps + 1, nxt.outputs,
-                          logit_mask=nxt.logit_mask, adapter=nxt.adapter, seed=nxt.seed, token_from=(j, 0))
+        request = Request([0], [start], pages[:k + 1], start % ps + 1, nxt.outputs, None, nxt.logit_mask,
+                          nxt.adapter, nxt.seed, (j, 0))
         return request, Chunk(nxt, start, start + 1, STEP_OUTPUT)
 
     def _lookup_prefix(self, job: Job) -> bool:
