@@ -253,7 +253,7 @@ class InstanceHost:
         handle = next(self._handles)
         stream = TokenStream(c, g.scheduler, job, sampler, stop=frozenset(stop), max_tokens=max_tokens,
                              depth=depth, base_len=base_len, base_pages=base_pages, batch=batch, grow=self._grow,
-                             charge=self._charge)
+                             charge=self._charge if self.instance.limits.max_tokens else None)
         self._streams[handle] = (ctx, stream)
         self._streaming[ctx] = handle
         return handle

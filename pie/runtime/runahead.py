@@ -43,10 +43,11 @@ class TokenStream:
 
     def __init__(self, ctx: Context, scheduler: Scheduler, job: Job, sampler: Sampler, *, stop: frozenset[int],
                  max_tokens: int, depth: int, base_len: int, base_pages: int, batch: int = 1,
-                 grow: Callable[[Context, int], None], charge: Callable[[int], None]) -> None:
+                 grow: Callable[[Context, int], None], charge: Callable[[int], None] | None) -> None:
         """`job`: the first pass (the buffered tokens, already recorded on `ctx`, sampling at its last row).
         `grow(ctx, n)`: make room for n more slots (reserve under the instance's limits, or raise HostError);
-        `charge(n)`: count n sampled tokens against the token budget (negative: refund), or raise."""
+        `charge(n)`: count n sampled tokens against the token budget (negative: refund), or raise; None
+        when the instance has no budget (nothing to count)."""
         self.ctx = ctx
         self._scheduler = scheduler
         self._job = job
@@ -59,7 +60,7 @@ class TokenStream:
         self._prompt_len = job.end - job.start
         self._base_pages = base_pages  # pages reserved before the stream: never released by stop
         self._grow = grow
-        self._charge = charge
+        self._charge = charge or _no_budget
         self.tokens: list[int] = []  # token sampled at each step, in order
         self._delivered = 0  # tokens handed out by `next`
         self._charged = 1  # tokens charged: the first pass's
@@ -90,7 +91,7 @@ class TokenStream:
                 ctx.rollback(chained.start)
             else:
                 self._job, self._spare = chained, job
-                self._scheduler.submit(chained)
+                self._scheduler.resubmit(chained)
         elif token in self._stop or len(tokens) >= self._max_tokens:
             self._ended = True
         elif len(tokens) - self._delivered < self._depth:
@@ -108,13 +109,12 @@ class TokenStream:
             return None
         ctx = self.ctx
         slot = len(ctx.tokens)
-        try:
-            self._charge(1)
+        try:  # a failure is reported by the step after `job` (`_next_pass`), once `job` lands
             if slot >= ctx.num_pages * ctx.space.page_size:
                 self._grow(ctx, 1)
+            self._charge(1)
         except HostError:
-            self._charge(-1)
-            return None  # the step after `job` reports it (`_next_pass`)
+            return None
         self._charged += 1
         if job.adapter is None:
             ctx.tokens.append(0)  # the placeholder, filled in `completed`
@@ -122,7 +122,12 @@ class TokenStream:
         else:
             ctx.append((0,), (slot,), custom_kv=True)
         nxt = self._spare
-        nxt.reset(slot, slot + 1, None if nxt.outputs is self._step_outputs else self._step_outputs)
+        if nxt.outputs is self._step_outputs:
+            nxt.start, nxt.end = slot, slot + 1
+            nxt.results[0] = None
+            nxt.cancelled = False
+        else:  # the first pass's job, now the spare: one row, sampled at row 0
+            nxt.reset(slot, slot + 1, self._step_outputs)
         self._chained = nxt
         return nxt
 
@@ -209,13 +214,13 @@ class TokenStream:
         ctx, token, job = self.ctx, self.tokens[-1], self._job
         slot = len(ctx.tokens)
         try:
-            self._charge(1)
-            self._charged += 1
             if slot >= ctx.num_pages * ctx.space.page_size:
                 self._grow(ctx, 1)
+            self._charge(1)
         except HostError as error:
             self._end_with(error)
             return
+        self._charged += 1
         if job.adapter is None:  # sequential positions, base-model KV: nothing for `append` to mark
             ctx.tokens.append(token)
             ctx.positions.append(slot)
@@ -225,9 +230,10 @@ class TokenStream:
             job.start, job.end = slot, slot + 1
             job.results[0] = None
             job._next = 0
+            self._scheduler.resubmit(job)
         else:  # after the first pass: one row, sampled at row 0
             job.reset(slot, slot + 1, self._step_outputs)
-        self._scheduler.submit(job)
+            self._scheduler.submit(job)
 
     def _end_with(self, error: BaseException) -> None:
         self._ended = True
@@ -239,3 +245,7 @@ class TokenStream:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _no_budget(n: int) -> None:
+    """The charge of an instance without a token budget: nothing to count."""

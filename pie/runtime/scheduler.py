@@ -139,6 +139,19 @@ class Scheduler:
         self._submissions += 1
         self._wake.set()
 
+    def resubmit(self, job: Job) -> None:
+        """`submit` for an owner's job it just got back (`JobOwner.completed`): the context was touched."""
+        ctx = job.ctx
+        ctx.pending = True
+        self._jobs[ctx.id] = job
+        priority = ctx.priority
+        queue = self._queues.get(priority)
+        if queue is None:
+            queue = self._queues[priority] = {}
+        queue[ctx.id] = job
+        job.queued_at = priority
+        self._wake.set()
+
     def withdraw(self, ctx: Context, error: BaseException | None) -> None:
         """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`; an
         owner's job is cancelled (the owner asked, or is told through `failed`).
@@ -334,7 +347,7 @@ class Scheduler:
                 step = self._admit_step(job)  # a stream's decode step: the common case, kept short
                 if step is not None:
                     requests.append(step)
-                    chunks.append(Chunk(job, job.start, job.end, STEP_OUTPUT))
+                    chunks.append(job.step_chunk or _step_chunk(job))
                     tokens_left -= 1
                     reqs_left -= 1
                     continue
@@ -481,7 +494,7 @@ class Scheduler:
         nxt._next = len(nxt.outputs)
         request = Request([0], [start], pages[:k + 1], start % ps + 1, nxt.outputs, None, nxt.logit_mask,
                           nxt.adapter, nxt.seed, (j, 0))
-        return request, Chunk(nxt, start, start + 1, STEP_OUTPUT)
+        return request, nxt.step_chunk or _step_chunk(nxt)
 
     def _lookup_prefix(self, job: Job) -> bool:
         """Attach the job's cached leading pages; False if another pass is computing its next page.
@@ -606,7 +619,7 @@ class Scheduler:
                 if job.cancelled or job.ctx.closed:
                     outs.append(HostError("the stream stopped"))
                     continue
-                req.tokens, req.token_from = [job.ctx.tokens[chunk.start]], None
+                req.tokens, req.token_from = [job.ctx.tokens[job.start]], None
             try:
                 outs.append((await self.engine.forward(ForwardBatch([req], validated=batch.validated))).outputs[0])
             except BatchError as error:
@@ -685,3 +698,9 @@ class Scheduler:
             del self._computing[job.computing]
         job.computing = None
 
+
+def _step_chunk(job: Job) -> Chunk:
+    """The chunk a stream step's job is batched as, made once per job (its start/end fields are unused:
+    a step is always the job's whole pass)."""
+    chunk = job.step_chunk = Chunk(job, 0, 0, STEP_OUTPUT)
+    return chunk
