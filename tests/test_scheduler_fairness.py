@@ -157,3 +157,45 @@ async def test_cancelling_mid_prefill_frees_its_pages_within_a_step(stream: bool
     runtime.check_integrity()
     await runtime.shutdown(0)
     await engine.close()
+
+
+class PoisonAnswers(NullEngine):
+    """Chains batches like the real client; any batch holding a POISON token raises a plain exception."""
+
+    def answer(self, batch: ForwardBatch) -> BatchResult:
+        if any(POISON in r.tokens for r in batch.requests):
+            raise RuntimeError("index out of range in some kernel")
+        return super().answer(batch)
+
+
+async def test_a_failed_batch_under_pipelining_loses_no_stream_step() -> None:
+    engine = PoisonAnswers(fake_info(num_pages=256, page_size=16, vocab_size=VOCAB))
+    runtime = runtime_on(engine)
+    streaming = asyncio.Event()
+
+    async def streamer(host: Any) -> list[int]:
+        ctx = host.ctx_create("")
+        handle = host.ctx_generate_start(ctx, {"tokens": [1, 2, 3], "sampler": {"kind": "argmax"}, "stop": [],
+                                               "max_tokens": 40, "depth": 40})
+        tokens: list[int] = []
+        while len(tokens) < 40:
+            tokens += await host.stream_next(handle)
+            streaming.set()
+        host.stream_stop(handle, 40)
+        return tokens
+
+    async def culprit(host: Any) -> str:
+        await streaming.wait()
+        try:
+            await forward(host, host.ctx_create(""), [POISON, 5], [argmax_at(1)])
+        except HostError as error:
+            return str(error)
+        return "accepted"
+
+    *streams, message = await asyncio.gather(*(run(runtime, streamer) for _ in range(3)), run(runtime, culprit))
+    assert "engine failed" in message
+    for tokens in streams:
+        assert tokens == [null_token(2 + i, VOCAB) for i in range(40)]
+    assert runtime.model().scheduler.stats.chained_steps > 0
+    runtime.check_integrity()
+    await runtime.shutdown(0)

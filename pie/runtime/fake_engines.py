@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request
 from pie.engine.info import EngineInfo
-from pie.runtime.engine_client import resolve_chained
+from pie.runtime.engine_client import ChainSource
 
 TOKEN_STRIDE = 7919  # a prime: consecutive positions give well-spread tokens
 
@@ -48,24 +48,19 @@ class NullEngine:
         self.info = info or fake_info()
         self.batches = 0
         self.rows = 0
-        self._previous: list[list[OutputValue]] | None = None
+        self.chain = ChainSource()
 
     async def forward(self, batch: ForwardBatch) -> BatchResult:
-        return self.answer(batch)
+        return self.chain.run(self.answer, batch, None)
+
+    async def forward_chained(self, batch: ForwardBatch, source: ForwardBatch) -> BatchResult:
+        return self.chain.run(self.answer, batch, source)
 
     def answer(self, batch: ForwardBatch) -> BatchResult:
-        """The outputs, after filling chained rows from the previous batch (called in submission order)."""
-        try:
-            resolve_chained(batch, self._previous)
-        except BaseException:
-            self._previous = None
-            raise
         self.batches += 1
         self.rows += len(batch.requests)
         vocab = self.info.vocab_size
-        result = BatchResult([[_value(r, o, vocab) for o in r.outputs] for r in batch.requests])
-        self._previous = result.outputs
-        return result
+        return BatchResult([[_value(r, o, vocab) for o in r.outputs] for r in batch.requests])
 
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         return None
@@ -83,7 +78,12 @@ class SleepEngine(NullEngine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-sleep-engine")
 
     async def forward(self, batch: ForwardBatch) -> BatchResult:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.chain.run, self._run, batch,
+                                                                None)
+
+    async def forward_chained(self, batch: ForwardBatch, source: ForwardBatch) -> BatchResult:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.chain.run, self._run, batch,
+                                                                source)
 
     def _run(self, batch: ForwardBatch) -> BatchResult:
         time.sleep(self.seconds)

@@ -91,7 +91,7 @@ class TokenStream:
                 ctx.rollback(chained.start)
             else:
                 self._job, self._spare = chained, job
-                self._scheduler.resubmit(chained)
+                self._scheduler.adopt(chained)
         elif token in self._stop or len(tokens) >= self._max_tokens:
             self._ended = True
         elif len(tokens) - self._delivered < self._depth:

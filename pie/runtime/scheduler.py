@@ -108,8 +108,8 @@ class Scheduler:
         if num_slots > 0 and space.host is None:
             space.host = HostSlotPool(num_slots)
         self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
-        self._jobs: dict[int, Job] = {}  # context id -> its pending pass
-        self._queues: dict[float, dict[int, Job]] = {}  # priority -> its passes by context id, in queue order
+        self._jobs: dict[int, Job] = {}  # context id -> its pending pass (waiting, or with a chunk in flight)
+        self._queues: dict[float, dict[int, Job]] = {}  # priority -> the passes waiting for a batch, in order
         self._woken = 0  # instances whose passes the last batch resolved (they may submit again)
         self._turns = 0  # event-loop turns seen by `_tick` (did the engine call yield?)
         self._idle_steps = 0
@@ -151,6 +151,11 @@ class Scheduler:
         queue[ctx.id] = job
         job.queued_at = priority
         self._wake.set()
+
+    def adopt(self, job: Job) -> None:
+        """Register an owner's job that is in flight already (a chained step): pending, not waiting."""
+        job.ctx.pending = True
+        self._jobs[job.ctx.id] = job
 
     def withdraw(self, ctx: Context, error: BaseException | None) -> None:
         """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`; an
@@ -208,16 +213,18 @@ class Scheduler:
         job.queued_at = priority
 
     def _unqueue(self, job: Job) -> None:
-        """Out of `_jobs` and its queue."""
-        cid = job.ctx.id
-        del self._jobs[cid]
-        queue = self._queues[job.queued_at]
-        del queue[cid]
-        if not queue:
+        """Out of `_jobs` and, if it waits, its queue."""
+        del self._jobs[job.ctx.id]
+        self._dequeue(job)
+
+    def _dequeue(self, job: Job) -> None:
+        """Out of its queue, if it is in one (admitted into a batch: it comes back when the chunk lands)."""
+        queue = self._queues.get(job.queued_at)
+        if queue is not None and queue.pop(job.ctx.id, None) is not None and not queue:
             del self._queues[job.queued_at]
 
     def _order(self) -> list[Job]:
-        """Every pending pass: higher priority first, queue order within one."""
+        """Every waiting pass: higher priority first, queue order within one."""
         queues = self._queues
         if len(queues) == 1:
             return list(next(iter(queues.values())).values())
@@ -243,7 +250,7 @@ class Scheduler:
             if self.pipeline and any(c.output_ids is STEP_OUTPUT for c in flights[0].chunks):
                 built = self._safe_build(flights[0])  # N+1 while N runs: its streams' next steps, chained
                 if built is not None:
-                    flights.append(self._launch(*built))
+                    flights.append(self._launch(*built, source=flights[0]))
             await self._land(flights[0], flights[1] if len(flights) > 1 else None)
             del flights[0]
             if self._turns == turned:  # the engine answered without the event loop turning once
@@ -370,7 +377,7 @@ class Scheduler:
             reqs_left -= 1
         if requests:
             self._stalled_since = None
-        elif not ops.swap_out or chain is not None:  # swap-outs alone: copy them now (never chained)
+        elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
         batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in)
         batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
@@ -424,14 +431,7 @@ class Scheduler:
         while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
             ids.append(job._order[job._next])
             job._next += 1
-        queue = self._queues[job.queued_at]  # to the back of the queue (of the context's priority now)
-        if job.queued_at == ctx.priority:
-            del queue[ctx.id]
-            queue[ctx.id] = job
-        else:
-            self._unqueue(job)
-            self._jobs[ctx.id] = job
-            self._enqueue(job)
+        self._dequeue(job)  # back of the queue when the chunk lands, if rows are left (round robin)
         return Chunk(job, start, end, ids)
 
     def _admit_step(self, job: Job) -> Request | None:
@@ -454,14 +454,7 @@ class Scheduler:
         ctx.in_batch = self._building
         job.admitted_build = self._this_build
         job._next = len(job.outputs)
-        queue = self._queues[job.queued_at]  # to the back of the queue (round robin)
-        if job.queued_at == ctx.priority:
-            del queue[ctx.id]
-            queue[ctx.id] = job
-        else:
-            self._unqueue(job)
-            self._jobs[ctx.id] = job
-            self._enqueue(job)
+        self._dequeue(job)
         return Request([ctx.tokens[start]], [ctx.positions[start]], pages[:j + 1], start % ps + 1, job.outputs,
                        logit_mask=job.logit_mask, adapter=job.adapter, seed=job.seed)
 
@@ -555,15 +548,19 @@ class Scheduler:
     def _tick(self) -> None:
         self._turns += 1
 
-    def _launch(self, batch: ForwardBatch, chunks: list[Chunk]) -> Flight:
-        task = asyncio.get_running_loop().create_task(self._run_engine(batch, len(chunks)))
+    def _launch(self, batch: ForwardBatch, chunks: list[Chunk], source: Flight | None = None) -> Flight:
+        """Hand a batch to the engine; `source`: the batch in flight its chained rows read."""
+        task = asyncio.get_running_loop().create_task(
+            self._run_engine(batch, len(chunks), source.batch if source is not None else None))
         return Flight(task, batch, chunks, self._building)
 
-    async def _run_engine(self, batch: ForwardBatch, num_requests: int) -> BatchResult:
+    async def _run_engine(self, batch: ForwardBatch, num_requests: int, source: ForwardBatch | None) -> BatchResult:
         with telemetry.span("engine.batch", model=self._model_name, num_requests=num_requests,
                             num_tokens=batch.num_tokens, num_swap_out=len(batch.swap_out),
                             num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
-            return await self.engine.forward(batch)
+            if source is None:
+                return await self.engine.forward(batch)
+            return await self.engine.forward_chained(batch, source)  # type: ignore[attr-defined]
 
     async def _land(self, flight: Flight, after: Flight | None) -> None:
         """Wait for a batch and hand its results back (`after`: the batch chained behind it, if any)."""
@@ -639,6 +636,8 @@ class Scheduler:
             job.results[i] = v
         if chunk.end == job.end:
             self._complete(job)
+        else:
+            self._enqueue(job)  # its next chunk waits at the back of the queue
 
     def _finish_step(self, job: Job, values: list[OutputValue]) -> None:
         """`_finish_chunk` + `_complete` for a chunk of `_admit_step` (its owner's job, whole)."""
