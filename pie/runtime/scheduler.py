@@ -248,6 +248,8 @@ class Scheduler:
                 flights.append(self._launch(*built))
             turned = self._turns
             if self.pipeline and any(c.output_ids is STEP_OUTPUT for c in flights[0].chunks):
+                if self._woken:  # instances the last landing woke join this batch, not the one after
+                    await self._gather()
                 built = self._safe_build(flights[0])  # N+1 while N runs: its streams' next steps, chained
                 if built is not None:
                     flights.append(self._launch(*built, source=flights[0]))
