@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
@@ -73,7 +74,8 @@ async def generate(prompt: list[int], steps: int, ready: list[int], go: asyncio.
     return await ctx.generate(Sampler.argmax(), max_tokens=steps, stop=[], auto_flush=False).collect_tokens()
 
 
-async def measure(runtime: Runtime, count: int, steps: int) -> tuple[float, float, float, float, list[ForwardBatch]]:
+async def measure(runtime: Runtime, count: int, steps: int,
+                  keep: bool = False) -> tuple[float, float, float, float, list[ForwardBatch]]:
     """Seconds per decode step (wall, CPU), of which in the engine, batches per step, and the batches fired."""
     fired: list[ForwardBatch] = []
     in_engine = [0.0]
@@ -81,6 +83,9 @@ async def measure(runtime: Runtime, count: int, steps: int) -> tuple[float, floa
 
     def on_batch(batch: ForwardBatch, _result: object, seconds: float) -> None:
         if phase["decode"]:
+            if keep:  # stream steps reuse their Request objects: keep what this batch held for the replay
+                batch = ForwardBatch([dataclasses.replace(r, tokens=list(r.tokens), positions=list(r.positions))
+                                      for r in batch.requests], batch.page_copies, batch.swap_out, batch.swap_in)
             fired.append(batch)
             in_engine[0] += seconds
 
@@ -155,7 +160,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
         for count in args.counts:
             runs = []  # runtime and direct alternate, so load changes on a shared host hit both alike
             for _ in range(args.repeats):
-                per_step, cpu, in_engine, per_step_batches, batches = await measure(runtime, count, args.steps)
+                per_step, cpu, in_engine, per_step_batches, batches = await measure(runtime, count, args.steps,
+                                                                                    keep=engine is not None)
                 direct = replay(engine, batches, args.steps) if engine is not None else 0.0
                 runs.append((per_step, cpu, in_engine, direct, per_step_batches))
             best = min(runs, key=lambda r: r[1] if args.engine == "null" else r[0])  # load only ever adds time

@@ -457,8 +457,7 @@ class Scheduler:
         job.admitted_build = self._this_build
         job._next = len(job.outputs)
         self._dequeue(job)
-        return Request([ctx.tokens[start]], [ctx.positions[start]], pages[:j + 1], start % ps + 1, job.outputs,
-                       logit_mask=job.logit_mask, adapter=job.adapter, seed=job.seed)
+        return _step_request(job, ctx.tokens[start], ctx.positions[start], pages[:j + 1], start % ps + 1, None)
 
     def _admit_chained(self, job: Job, j: int) -> tuple[Request, Chunk] | None:
         """The next step of the stream whose step `job` is request `j` of the batch in flight, as a row
@@ -487,8 +486,7 @@ class Scheduler:
         self.stats.chained_steps += 1
         nxt.admitted_build = self._this_build
         nxt._next = len(nxt.outputs)
-        request = Request([0], [start], pages[:k + 1], start % ps + 1, nxt.outputs, None, nxt.logit_mask,
-                          nxt.adapter, nxt.seed, (j, 0))
+        request = _step_request(nxt, 0, start, pages[:k + 1], start % ps + 1, (j, 0))
         return request, nxt.step_chunk or _step_chunk(nxt)
 
     def _lookup_prefix(self, job: Job) -> bool:
@@ -705,3 +703,22 @@ def _step_chunk(job: Job) -> Chunk:
     a step is always the job's whole pass)."""
     chunk = job.step_chunk = Chunk(job, 0, 0, STEP_OUTPUT)
     return chunk
+
+
+def _step_request(job: Job, token: int, position: int, page_ids: list[int], last_page_len: int,
+                  token_from: tuple[int, int] | None) -> Request:
+    """A stream step's Request: the job's own, refilled. A job's previous step has landed by the time it is
+    admitted again, so nothing reads the old values any more; reusing it keeps the per-step allocations (and
+    with them the collector's work on objects that live for a batch) down."""
+    r = job.step_request
+    if r is None:
+        r = job.step_request = Request([token], [position], page_ids, last_page_len, job.outputs, None,
+                                       job.logit_mask, job.adapter, job.seed, token_from)
+        return r
+    r.tokens[0] = token
+    r.positions[0] = position
+    r.page_ids = page_ids
+    r.last_page_len = last_page_len
+    r.outputs = job.outputs
+    r.token_from = token_from
+    return r
