@@ -1,23 +1,31 @@
-"""Per-step runtime overhead: N inferlets decoding through the Host API vs the engine driven directly.
+"""Per-step runtime overhead: N inferlets decoding through the SDK's `ctx.generate`, on three engines.
 
-Each of N instances prefills a short prompt, waits until all have, then
-decodes `--steps` tokens greedily the way the SDK does it (reserve, forward,
-commit through `InstanceHost`), so every step is one engine batch of N rows.
-The runtime's per-step time is the wall time of that decode phase over the
-steps. The baseline replays exactly the batches the runtime fired, straight on
-`Engine.forward_batch` in this thread. The difference is what the runtime adds
-per step: host calls, scheduling, page bookkeeping, the event loop, the hop to
-the engine thread.
+Each of N in-process (trusted) instances fills a short prompt, waits until all have, then generates
+`--steps` tokens greedily with `ctx.generate(...).collect_tokens()` the way real inferlets do, so every
+decode step is one engine batch of N rows. Engines (`--engine`):
 
-    python bench/runtime_overhead.py                 # CPU, the small model (hidden 512, 8 layers)
-    python bench/runtime_overhead.py --counts 1 32 256 --steps 32
+- `null`: answers at once with valid outputs (`pie.runtime.fake_engines.NullEngine`); every microsecond
+  of a step is the runtime's and the SDK's: `host_ms_per_step` is the decode phase's CPU time per step
+  (this process's `time.process_time`, so a loaded shared host does not inflate it; `wall_ms_per_step`
+  beside it is the wall time).
+- `sleep:MS`: takes MS per batch in a thread without the GIL, like a device. The bound is N tokens per
+  MS (every step full, no host time visible); `tok_s` / `bound_tok_s` is how much of it the runtime keeps.
+- `real`: the small model (hidden 512, 8 layers) on `--device`; the same batches replayed straight on
+  `Engine.forward_batch` give the baseline, the difference is the runtime's share.
+
+    python bench/runtime_overhead.py --engine null
+    python bench/runtime_overhead.py --engine sleep:5 --counts 256
+    python bench/runtime_overhead.py --engine real --counts 1 32 256 --steps 32
+
+`--no-runahead` makes the SDK take one host call per step (the step-by-step loop) for comparison.
+Each configuration ends with a `RESULT` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import dataclasses
 import sys
 import tempfile
 import time
@@ -28,136 +36,181 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_throughput import write_config
-
+import inferlet.generation
+from inferlet import Context, Model, Sampler
+from inferlet._instance import use_instance
 from pie.engine.batch import ForwardBatch
-from pie.engine.config import EngineConfig
-from pie.runtime.engine_client import InProcessEngine
+from pie.runtime.api import EngineClient
+from pie.runtime.fake_engines import NullEngine, SleepEngine, fake_info
 from pie.runtime.instance import Instance
 from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
 
 PROMPT_LEN = 24
-ARGMAX = [{"indices": [0], "sampler": {"kind": "argmax"}}]
+PAGE_SIZE = 16
 
 
 @dataclass
 class Row:
     count: int
-    runtime_us: float  # wall time per decode step through the runtime
-    in_engine_us: float  # of which: the engine call (forward on the engine thread, hop included)
-    direct_us: float  # the same batches on Engine.forward_batch, no runtime
+    step_us: float  # wall time per decode step through the runtime
+    cpu_us: float  # this process's CPU time per decode step
+    in_engine_us: float  # of which: the engine calls
+    direct_us: float  # real engine only: the same batches on Engine.forward_batch, no runtime
+    batches_per_step: float
 
     @property
     def host_us(self) -> float:
-        """What the runtime adds around the engine call, measured within the same run."""
-        return self.runtime_us - self.in_engine_us
+        """What the runtime adds around the engine calls, measured within the same run."""
+        return self.step_us - self.in_engine_us
 
 
-async def decode(instance: Instance, prompt: list[int], steps: int, ready: list[int], go: asyncio.Event) -> str:
-    """The SDK's calls for a prompt and `steps` greedy tokens (Forward.execute: reserve, forward, commit)."""
-    host = instance.host
-    assert host is not None
-    ctx = host.ctx_create("")
-    ps = host.ctx_page_size(ctx)
-    token = await step(host, ctx, prompt, ps, [{"indices": [len(prompt) - 1], "sampler": {"kind": "argmax"}}])
+async def generate(prompt: list[int], steps: int, ready: list[int], go: asyncio.Event) -> list[int]:
+    """An inferlet's decode loop: prefill all but the last prompt token, then `ctx.generate`."""
+    ctx = Context(Model.load(""))
+    await ctx.append(prompt[:-1]).flush()
+    ctx.append(prompt[-1:])
     ready.append(1)
     await go.wait()
-    for _ in range(steps):
-        token = await step(host, ctx, [token], ps, ARGMAX)
-    return "ok"
+    return await ctx.generate(Sampler.argmax(), max_tokens=steps, stop=[], auto_flush=False).collect_tokens()
 
 
-async def step(host: Any, ctx: int, tokens: list[int], ps: int, slots: list[dict[str, Any]]) -> int:
-    committed, working, working_tokens = host.ctx_state(ctx)
-    need = -(-(working_tokens + len(tokens)) // ps) - working
-    if need > 0:
-        host.ctx_reserve(ctx, need)
-    start = committed * ps + working_tokens
-    values = await host.ctx_forward(ctx, {"tokens": tokens, "positions": list(range(start, start + len(tokens))),
-                                          "slots": slots})
-    _, _, working_tokens = host.ctx_state(ctx)
-    if working_tokens >= ps:
-        host.ctx_commit(ctx, working_tokens // ps)
-    return int(values[0])
-
-
-async def measure(client: InProcessEngine, count: int, steps: int) -> tuple[float, float, list[ForwardBatch]]:
-    """Seconds per decode step through the runtime, of which in the engine call, and the batches fired."""
-    config = RuntimeConfig((ModelSpec("bench", client.engine.config),), RuntimeLimits())
-    runtime = await Runtime.start(config, engines={"bench": client})
+async def measure(runtime: Runtime, count: int, steps: int,
+                  keep: bool = False) -> tuple[float, float, float, float, list[ForwardBatch]]:
+    """Seconds per decode step (wall, CPU), of which in the engine, batches per step, and the batches fired."""
     fired: list[ForwardBatch] = []
     in_engine = [0.0]
     phase = {"decode": False}
 
     def on_batch(batch: ForwardBatch, _result: object, seconds: float) -> None:
         if phase["decode"]:
+            if keep:  # stream steps reuse their Request objects: keep what this batch held for the replay
+                batch = ForwardBatch([dataclasses.replace(r, tokens=list(r.tokens), positions=list(r.positions))
+                                      for r in batch.requests], batch.page_copies, batch.swap_out, batch.swap_in)
             fired.append(batch)
             in_engine[0] += seconds
 
     runtime.model().scheduler.on_batch = on_batch
     ready: list[int] = []
     go = asyncio.Event()
-    vocab = client.info.vocab_size
-    procs = [runtime.spawn(lambda inst, i=i: decode(inst, [(i * 7 + j) % vocab for j in range(PROMPT_LEN)],
-                                                     steps, ready, go), program="bench", username="bench")
-             for i in range(count)]
+    vocab = runtime.model().vocab_size
+
+    def body(i: int) -> Any:
+        async def run(instance: Instance) -> str:
+            assert instance.host is not None
+            with use_instance(instance.host):
+                out = await generate([(i * 7 + j) % vocab for j in range(PROMPT_LEN)], steps, ready, go)
+            assert len(out) == steps, (len(out), steps)
+            return "ok"
+        return run
+
+    procs = [runtime.spawn(body(i), program="bench", username="bench") for i in range(count)]
     while len(ready) < count:
         await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)  # the last prefills' schedulers settle
     phase["decode"] = True
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     go.set()
     finals = [await p.wait() for p in procs]
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    phase["decode"] = False
     assert all(f.kind == "return" for f in finals), finals[0]
-    await runtime.shutdown(0)
-    return elapsed / steps, in_engine[0] / steps, fired
+    runtime.check_integrity()
+    return elapsed / steps, cpu / steps, in_engine[0] / steps, len(fired) / steps, fired
 
 
-def replay(client: InProcessEngine, batches: list[ForwardBatch], steps: int) -> float:
+def replay(engine: Any, batches: list[ForwardBatch], steps: int) -> float:
     """Seconds per step driving the engine directly with the same batches."""
-    engine = client.engine
     t0 = time.perf_counter()
     for batch in batches:
         engine.forward_batch(batch)
     return (time.perf_counter() - t0) / steps
 
 
+async def start_engine(kind: str, args: argparse.Namespace, tmp: Path) -> tuple[EngineClient, Any, Any]:
+    """(client, the real Engine or None, its EngineConfig or None)."""
+    pages = max(args.counts) * (-(-(PROMPT_LEN + args.steps + 1) // PAGE_SIZE) + 1) + 16
+    if kind == "null" or kind.startswith("sleep:"):
+        info = fake_info(num_pages=pages, page_size=PAGE_SIZE, max_batch_size=max(args.counts),
+                         max_batch_tokens=max(8192, max(args.counts)))
+        client: EngineClient = NullEngine(info) if kind == "null" else SleepEngine(float(kind[6:]), info)
+        return client, None, None
+    if kind != "real":
+        raise SystemExit(f"--engine must be null, sleep:MS or real, got {kind!r}")
+    from engine_throughput import write_config
+
+    from pie.engine.config import EngineConfig
+    from pie.runtime.engine_client import InProcessEngine
+
+    model_dir = write_config(tmp, "small", "float32")
+    config = EngineConfig(model=str(model_dir), device=args.device, dummy_weights=True,
+                          max_batch_size=max(args.counts), max_num_kv_pages=pages, cpu_kv_budget_gb=8.0)
+    real = await InProcessEngine.start(config)
+    return real, real.engine, config
+
+
 async def run(args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_config(Path(tmp), "small", "float32")
-        pages = max(args.counts) * (-(-(PROMPT_LEN + args.steps + 1) // 16) + 1) + 16
-        client = await InProcessEngine.start(EngineConfig(
-            model=str(model_dir), device=args.device, dummy_weights=True, max_batch_size=max(args.counts),
-            max_num_kv_pages=pages, cpu_kv_budget_gb=8.0))
-        await measure(client, 4, 4)  # warm up allocator and kernels
+        client, engine, config = await start_engine(args.engine, args, Path(tmp))
+        from pie.engine.config import EngineConfig
+
+        spec = ModelSpec("bench", config or EngineConfig(model="pie/tiny-random"))
+        runtime = await Runtime.start(RuntimeConfig((spec,), RuntimeLimits()), engines={"bench": client})
+        await measure(runtime, 4, 4)  # warm up
         rows = []
         for count in args.counts:
             runs = []  # runtime and direct alternate, so load changes on a shared host hit both alike
             for _ in range(args.repeats):
-                per_step, in_engine, batches = await measure(client, count, args.steps)
-                runs.append((per_step, in_engine, replay(client, batches, args.steps)))
-            rows.append(Row(count, *(statistics.median(r[i] for r in runs) * 1e6 for i in range(3))))
+                per_step, cpu, in_engine, per_step_batches, batches = await measure(runtime, count, args.steps,
+                                                                                    keep=engine is not None)
+                direct = replay(engine, batches, args.steps) if engine is not None else 0.0
+                runs.append((per_step, cpu, in_engine, direct, per_step_batches))
+            best = min(runs, key=lambda r: r[1] if args.engine == "null" else r[0])  # load only ever adds time
+            rows.append(Row(count, best[0] * 1e6, best[1] * 1e6, best[2] * 1e6, best[3] * 1e6, best[4]))
+            report(args, rows[-1])
+        await runtime.shutdown(0)
         await client.close()
     return rows
 
 
+def report(args: argparse.Namespace, r: Row) -> None:
+    tok_s = r.count / (r.step_us / 1e6)
+    if args.engine == "null":
+        print(f"RESULT engine=null inferlets={r.count} host_ms_per_step={r.cpu_us / 1e3:.3f} "
+              f"wall_ms_per_step={r.step_us / 1e3:.3f} us_per_inferlet={r.cpu_us / r.count:.2f} tok_s={tok_s:.0f} "
+              f"runahead={int(not args.no_runahead)}", flush=True)
+    elif args.engine.startswith("sleep:"):
+        ms = float(args.engine[6:])
+        bound = r.count / (ms / 1e3)
+        print(f"RESULT engine={args.engine} inferlets={r.count} tok_s={tok_s:.0f} bound_tok_s={bound:.0f} "
+              f"of_bound={tok_s / bound:.3f} runahead={int(not args.no_runahead)}", flush=True)
+    else:
+        print(f"RESULT engine=real inferlets={r.count} step_ms={r.step_us / 1e3:.3f} "
+              f"host_ms_per_step={r.host_us / 1e3:.3f} direct_ms_per_step={r.direct_us / 1e3:.3f} "
+              f"ratio={r.step_us / r.direct_us:.3f} runahead={int(not args.no_runahead)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--counts", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--engine", default="null", help="null | sleep:MS | real")
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 32, 256, 1024])
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per count; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per count; the best is reported")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-runahead", action="store_true", help="the SDK's step-by-step loop (one host call/step)")
     args = ap.parse_args()
+    if args.no_runahead:
+        inferlet.generation.RUNAHEAD = False
     rows = asyncio.run(run(args))
-    print(f"\nruntime overhead per decode step: small model (hidden 512, 8 layers), {args.device}, "
-          f"{args.steps} steps, median of {args.repeats} runs")
-    print(f"{'inferlets':>10}{'runtime us/step':>17}{'in engine':>11}{'host us':>9}{'us/inferlet':>13}"
-          f"{'host %':>8}{'direct us/step':>16}{'ratio':>7}")
+    print(f"\nruntime overhead per decode step through ctx.generate: engine {args.engine}, {args.steps} steps, "
+          f"best of {args.repeats} runs, run-ahead {'off' if args.no_runahead else 'on'}")
+    print(f"{'inferlets':>10}{'us/step':>10}{'cpu us':>9}{'in engine':>11}{'host us':>9}{'us/inferlet':>13}"
+          f"{'batches/step':>14}{'tok/s':>10}{'direct us/step':>16}")
     for r in rows:
-        print(f"{r.count:>10}{r.runtime_us:>17.0f}{r.in_engine_us:>11.0f}{r.host_us:>9.0f}"
-              f"{r.host_us / r.count:>13.1f}{100 * r.host_us / r.in_engine_us:>7.1f}%"
-              f"{r.direct_us:>16.0f}{r.runtime_us / r.direct_us:>7.3f}")
-    print("host us: runtime wall time per step minus its engine calls (same run); ratio: runtime / direct")
+        print(f"{r.count:>10}{r.step_us:>10.0f}{r.cpu_us:>9.0f}{r.in_engine_us:>11.0f}{r.host_us:>9.0f}"
+              f"{r.host_us / r.count:>13.2f}{r.batches_per_step:>14.2f}{r.count / (r.step_us / 1e6):>10.0f}"
+              f"{r.direct_us:>16.0f}")
+    print("host us: wall time per step minus its engine calls (same run); cpu us: this process's CPU time per "
+          "step; direct: the same batches, no runtime")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,27 @@ class PassDict(TypedDict, total=False):
     seed: int | None
 
 
+class StreamDict(TypedDict, total=False):
+    """A run-ahead generation loop (`ctx_generate_start`): the runtime samples, appends and runs the next
+    one-token pass by itself until a stop token, `max_tokens` tokens, or `stream_stop`.
+
+    tokens: the buffered tokens to run first (at least one; the first token is sampled at the last).
+    sampler: one token per step (draws = 1). stop: token ids that end it (the stop token is produced).
+    logit_mask: a fixed BRLE for every step. depth: most steps produced ahead of `stream_next` (default 8).
+    batch: `stream_next` waits for this many tokens (fewer only at the end; default 1, at most depth).
+    """
+
+    tokens: list[int]
+    sampler: SamplerDict
+    stop: list[int]
+    max_tokens: int
+    logit_mask: list[int] | None
+    adapter: int | None
+    seed: int | None
+    depth: int | None
+    batch: int | None
+
+
 class Host(Protocol):
     # -- runtime --
     def version(self) -> str: ...
@@ -113,6 +134,10 @@ class Host(Protocol):
     def ctx_truncate(self, ctx: int, num_tokens: int) -> None: ...
     def ctx_set_priority(self, ctx: int, priority: float) -> None: ...
     async def ctx_forward(self, ctx: int, spec: PassDict) -> list[Any]: ...  # one value per slot
+    # run-ahead generation: the runtime keeps the loop going; the context is the stream's until stream_stop
+    def ctx_generate_start(self, ctx: int, spec: StreamDict) -> int: ...  # -> stream handle
+    async def stream_next(self, stream: int) -> list[int]: ...  # tokens so far (>= 1, waits); [] when it ended
+    def stream_stop(self, stream: int, consumed: int) -> None: ...  # context = step-by-step after `consumed`
 
     # -- session: this instance's client --
     def send(self, message: str) -> None: ...

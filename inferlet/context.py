@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 class Context:
     __slots__ = ("__weakref__", "_bid", "_fresh", "_handle", "_host", "_model", "_page_size", "_pending",
-                 "_released")
+                 "_released", "_stream")
 
     def __init__(self, model: Model) -> None:
         host = get_host()
@@ -54,6 +54,13 @@ class Context:
         self._fresh = fresh  # nothing filled yet: a first user turn gets the template's preamble
         self._released = False
         self._bid = 0.0
+        self._stream: Generator | None = None  # a generator whose runtime stream owns this context
+
+    def _settle(self) -> None:
+        """Stop a run-ahead stream on this context before anything reads or changes it: the context is
+        then exactly what the step-by-step generation loop leaves."""
+        if self._stream is not None:
+            self._stream.end_stream()
 
     @classmethod
     def _wrap(cls, model: Model, handle: int, pending: list[int] | None = None) -> Context:
@@ -78,14 +85,17 @@ class Context:
 
     def save(self, name: str) -> None:
         """Save the KV sequence under `name` (fails if the name exists). The buffer is not saved."""
+        self._settle()
         self._host.ctx_save(self._handle, name)
 
     def snapshot(self) -> str:
         """Save under a runtime-chosen name and return it."""
+        self._settle()
         return self._host.ctx_snapshot(self._handle)
 
     def fork(self) -> Context:
         """A copy sharing every committed page (O(1)); the buffer is copied too."""
+        self._settle()
         return Context._wrap(self._model, self._host.ctx_fork(self._handle), self._pending)
 
     # -- lifecycle --
@@ -93,6 +103,7 @@ class Context:
         """Free this context's pages now (idempotent). The instance's end frees the rest."""
         if not self._released:
             self._released = True
+            self._stream = None  # destroying the context ends its stream
             self._host.ctx_destroy(self._handle)
 
     def __enter__(self) -> Context:
@@ -129,6 +140,7 @@ class Context:
 
     @property
     def seq_len(self) -> int:
+        self._settle()
         committed, _, working_tokens = self._host.ctx_state(self._handle)
         return committed * self._page_size + working_tokens
 
@@ -137,6 +149,7 @@ class Context:
 
     def page_counts(self) -> tuple[int, int, int]:
         """(committed pages, working pages, tokens in working pages)."""
+        self._settle()
         committed, working, tokens = self._host.ctx_state(self._handle)
         return int(committed), int(working), int(tokens)
 
@@ -175,6 +188,7 @@ class Context:
     # -- execution --
     async def flush(self) -> None:
         """Run the buffered tokens through a pass (no outputs) so they are in the KV cache."""
+        self._settle()
         if not self._pending:
             return
         tokens, self._pending = self._pending, []
@@ -187,9 +201,11 @@ class Context:
     def truncate(self, n: int) -> None:
         """Drop the last `n` tokens of the working pages (committed pages cannot be truncated)."""
         if n > 0:
+            self._settle()
             self._host.ctx_truncate(self._handle, int(n))
 
     def forward(self) -> Forward:
+        self._settle()
         return Forward(self)
 
     def generate(self, sampler: Sampler, *, max_tokens: int | None = None, stop: Iterable[int] | None = None,
@@ -202,6 +218,7 @@ class Context:
         accepted for compatibility and has no effect here."""
         from inferlet.generation import Generator
 
+        self._settle()
         if auto_flush:
             self.cue()
             if stop is None:
@@ -228,6 +245,7 @@ class Context:
 
     # -- page bookkeeping (spec 1.4 steps 1 and 5) --
     def _reserve_for(self, num_tokens: int) -> None:
+        self._settle()
         _, working_pages, working_tokens = self._host.ctx_state(self._handle)
         needed = -(-(working_tokens + num_tokens) // self._page_size) - working_pages
         if needed > 0:

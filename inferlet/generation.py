@@ -16,6 +16,20 @@ pass (so `seal()` or a new turn appends after it).
 
 Manual sampling: `step.clear_sampler()`, read a probe from the output, then
 `g.accept([token])`.
+
+Run-ahead: a step that needs no Python between steps (a sampler with one
+draw, stop tokens and `max_tokens`, at most a fixed logit mask, seed and
+adapter; no constraint that changes per step, no speculator or system
+speculation, no `probe_each_step`, and the step left as `__anext__` made it:
+no `probe`, no `clear_sampler`, no new `mask`, the buffer holding only the
+last kept token) is served from a runtime stream (`Host.ctx_generate_start`):
+the runtime samples and feeds the next pass by itself, at most `RUNAHEAD_DEPTH`
+steps ahead, and this loop reads the tokens in order. Anything else, and any
+call on the context between steps (`seq_len`, `fork`, `forward`, ...), first
+stops the stream (`Host.stream_stop`), which leaves the context exactly as
+this step-by-step loop would have; the next plain step starts a new stream.
+Observable results are the same either way; only the number of host calls
+and where the loop waits differ.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from inferlet import brle, chat
-from inferlet.forward import Output, ProbeHandle
+from inferlet.forward import Output, ProbeHandle, SampleHandle
 from inferlet.grammar import AnyJson, Constraint, JsonSchema, Schema, StaticMask
 from inferlet.sample import probe_kind
 from inferlet.spec import NgramSpeculator, Speculator
@@ -34,6 +48,25 @@ if TYPE_CHECKING:
     from inferlet.adapter import Adapter
     from inferlet.context import Context
     from inferlet.sample import Sampler
+
+RUNAHEAD = True  # serve eligible steps from a runtime stream (benchmarks switch it off to compare)
+RUNAHEAD_DEPTH = 8  # steps the runtime may run ahead of what this loop has read
+COLLECT_BATCH = 4  # the collectors take a stream's tokens this many at a time (fewer wake-ups)
+UNLIMITED = 1 << 30  # max_tokens of a stream without a limit (the depth bounds the waste)
+AUTO_SAMPLER = SampleHandle(0, 1)
+
+
+class _Stream:
+    """The SDK's side of a runtime stream: tokens received, and how many steps were consumed."""
+
+    __slots__ = ("consumed", "fed", "handle", "next", "tokens")
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self.tokens: list[int] = []  # the last batch received; tokens[next:] are not consumed yet
+        self.next = 0
+        self.consumed = 0
+        self.fed: int | None = None  # the last consumed token, which the runtime ran as the next input
 
 
 class Generator:
@@ -46,6 +79,8 @@ class Generator:
             raise ValueError("speculator and system_speculation=True are mutually exclusive; pick one")
         self._ctx = ctx
         self._sampler = sampler
+        self._stream: _Stream | None = None  # the runtime stream serving the steps, if any
+        self._collecting = False  # a collector drives the loop: no one reads the steps as they come
         self._stop = set(stop or ())
         self._max_tokens = max_tokens
         self._constraints: list[Constraint] = []
@@ -67,21 +102,25 @@ class Generator:
         self._done = False
         self._open_step: GenStep | None = None  # handed out by __anext__, not executed yet
 
-    # -- chain configuration --
+    # -- chain configuration (each ends a running stream: its rules change) --
     def max_tokens(self, n: int) -> Generator:
+        self.end_stream()
         self._max_tokens = n
         return self
 
     def stop(self, tokens: Iterable[int]) -> Generator:
+        self.end_stream()
         self._stop = set(tokens)
         return self
 
     def add_stop(self, tokens: Iterable[int]) -> Generator:
+        self.end_stream()
         self._stop |= set(tokens)
         return self
 
     def constrain(self, c: Schema | Constraint) -> Generator:
         """Add a constraint (or a schema that builds one); several are AND-ed."""
+        self.end_stream()
         if isinstance(c, Schema):
             self._constraints.append(c.build_constraint(self._ctx.model))
         elif isinstance(c, Constraint):
@@ -96,6 +135,7 @@ class Generator:
         return self
 
     def adapter(self, a: Adapter) -> Generator:
+        self.end_stream()
         self._adapter = a
         return self
 
@@ -109,6 +149,7 @@ class Generator:
     def probe_each_step(self, index: int, probe: Any) -> ProbeHandle:
         """A probe on every step at row `index` of the step's inputs (-1: the row the sampler reads).
         Per-generator probes take the first output slots, so the handle is valid on every step."""
+        self.end_stream()
         self._step_probes.append((index, probe))
         return ProbeHandle(len(self._step_probes) - 1, probe_kind(probe))
 
@@ -126,6 +167,7 @@ class Generator:
             # finish (an `async for` that forgets `execute()` would loop until memory runs out).
             raise RuntimeError("call `await step.execute()` on each step before asking for the next one")
         if self.is_done:
+            self.end_stream()
             raise StopAsyncIteration
         pending, self._ctx._pending = self._ctx._pending, []
         drafts, positions = self._drafts(pending)
@@ -150,6 +192,39 @@ class Generator:
         if remaining is not None:
             drafts = drafts[:max(remaining, 0)]
         return list(drafts), list(positions)[:len(drafts)]
+
+    # -- run-ahead streams --
+    def _can_stream(self) -> bool:
+        """No per-step Python hook: the runtime can run the loop (see the module docstring)."""
+        return (RUNAHEAD and self._speculator is None and self._system_drafter is None and not self._step_probes
+                and self._sampler.draws == 1 and all(isinstance(c, StaticMask) for c in self._constraints)
+                and hasattr(self._ctx._host, "ctx_generate_start"))
+
+    def _start_stream(self, pending: list[int], mask: list[int] | None) -> _Stream:
+        ctx = self._ctx
+        remaining = UNLIMITED if self._max_tokens is None else self._max_tokens - self.tokens_generated
+        spec = {"tokens": pending, "sampler": self._sampler.to_dict(), "stop": sorted(self._stop),
+                "max_tokens": max(remaining, 1), "logit_mask": mask,
+                "adapter": self._adapter._handle if self._adapter is not None else None,
+                "seed": self._seed, "depth": RUNAHEAD_DEPTH, "batch": COLLECT_BATCH if self._collecting else 1}
+        stream = self._stream = _Stream(ctx._host.ctx_generate_start(ctx._handle, spec))  # type: ignore[arg-type]
+        ctx._stream = self
+        return stream
+
+    def end_stream(self) -> None:
+        """Stop the runtime stream, if one runs: the context becomes exactly what the step-by-step loop
+        leaves after the steps consumed so far (full pages committed). Idempotent."""
+        stream = self._stream
+        if stream is None:
+            return
+        self._stream = None
+        ctx = self._ctx
+        if ctx._stream is self:
+            ctx._stream = None
+        if ctx._released:
+            return
+        ctx._host.stream_stop(stream.handle, stream.consumed)
+        ctx._commit_full_pages()
 
     # -- manual sampling --
     def accept(self, tokens: list[int]) -> list[int]:
@@ -177,22 +252,81 @@ class Generator:
                 self._done = True
         return tokens
 
-    # -- collectors --
+    def _take_streamed(self) -> list[int] | None:
+        """Consume the next token the stream already delivered, exactly as a plain step would (buffer,
+        stop/max, counters), without the step objects; its kept tokens, or None if there is none at hand."""
+        stream, ctx = self._stream, self._ctx
+        if (stream is None or stream.next == len(stream.tokens) or self._open_step is not None or self.is_done
+                or ctx._pending != [stream.fed]):
+            return None
+        token = stream.tokens[stream.next]
+        stream.next += 1
+        stream.consumed += 1
+        ctx._pending = []
+        self._last_buffered = False
+        self._constraint_pending.append(token)
+        kept = self._truncate([token])
+        self.tokens_generated += len(kept)
+        if kept:
+            ctx._pending.append(token)
+            self._last_buffered = True
+        stream.fed = kept[-1] if kept else None
+        if self.is_done:
+            self.end_stream()
+        return kept
+
+    def _take_all_streamed(self) -> list[int]:
+        """`_take_streamed` for every delivered token at once (up to a stop token or the limit): the kept
+        tokens, in order. The same steps and the same state, with list operations instead of a loop."""
+        stream, ctx = self._stream, self._ctx
+        if (stream is None or stream.next == len(stream.tokens) or self._open_step is not None or self.is_done
+                or ctx._pending != [stream.fed]):
+            return []
+        tokens = stream.tokens[stream.next:]
+        n = len(tokens)
+        if self._stop and not self._stop.isdisjoint(tokens):
+            n = next(i for i, t in enumerate(tokens) if t in self._stop) + 1  # the stop token's step
+        if self._max_tokens is not None:
+            n = min(n, self._max_tokens - self.tokens_generated)
+        steps = tokens[:n]
+        stream.next += n
+        stream.consumed += n
+        self._constraint_pending.extend(steps)
+        kept = steps[:-1] if steps[-1] in self._stop else steps
+        if len(kept) < len(steps) or (self._max_tokens is not None
+                                      and self.tokens_generated + len(kept) >= self._max_tokens):
+            self._done = True
+        self.tokens_generated += len(kept)
+        last_kept = len(kept) == n  # a stop token's step keeps nothing: the buffer ends empty
+        ctx._pending = kept[-1:] if last_kept else []
+        self._last_buffered = last_kept
+        stream.fed = kept[-1] if last_kept else None
+        if self.is_done:
+            self.end_stream()
+        return kept
+
+    # -- collectors (they read a stream's delivered tokens in bulk: the same steps, fewer objects) --
     async def collect_tokens(self) -> list[int]:
         out: list[int] = []
+        self._collecting = True
         async for step in self:
             out += (await step.execute()).tokens
+            out += self._take_all_streamed()
         return out
 
     async def collect_text(self) -> str:
         decoder = chat.Decoder(self._ctx.model)
         parts: list[str] = []
+        self._collecting = True
         async for step in self:
-            event = decoder.feed((await step.execute()).tokens)
-            if isinstance(event, chat.Done):
-                return event.text
-            if isinstance(event, chat.Delta):
-                parts.append(event.text)
+            tokens: list[int] | None = (await step.execute()).tokens
+            while tokens is not None:
+                event = decoder.feed(tokens)
+                if isinstance(event, chat.Done):
+                    return event.text
+                if isinstance(event, chat.Delta):
+                    parts.append(event.text)
+                tokens = self._take_streamed()
         parts.append(decoder.finish())
         return "".join(parts)
 
@@ -216,11 +350,42 @@ class GenStep:
         self.mask = mask
         self._probes: list[tuple[int, Any]] = []
         self._sampler_cleared = False
+        self._made_mask = mask  # what __anext__ computed (a caller may replace `mask`)
 
     def clear_sampler(self) -> GenStep:
         """Sample by hand: no token is drawn this step; read a probe and call `Generator.accept`."""
         self._sampler_cleared = True
         return self
+
+    def _plain(self) -> bool:
+        """Left as __anext__ made it, with no drafts: a step a runtime stream can serve."""
+        return (not self._sampler_cleared and not self._probes and not self.drafts and self.mask is self._made_mask
+                and bool(self.pending))
+
+    async def _from_stream(self) -> Output:
+        """The next step of the generator's stream (started here if none runs)."""
+        gen = self._gen
+        stream = gen._stream
+        if stream is None:
+            stream = gen._start_stream(self.pending, self.mask)
+        if stream.next == len(stream.tokens):
+            try:
+                stream.tokens = await gen._ctx._host.stream_next(stream.handle)
+                stream.next = 0
+                if not stream.tokens:
+                    raise RuntimeError("the runtime stream ended before the generator did")  # a runtime bug
+            except BaseException:
+                gen.end_stream()  # the context as after the steps consumed; this step's tokens go back
+                gen._ctx._pending = self.pending + gen._ctx._pending
+                raise
+        token = stream.tokens[stream.next]
+        stream.next += 1
+        stream.consumed += 1
+        kept = self._settle([token], [])
+        stream.fed = kept[-1] if kept else None
+        if gen.is_done:
+            gen.end_stream()
+        return Output([token], tokens=kept, auto_sampler=AUTO_SAMPLER)
 
     def probe(self, index: int, probe: Any) -> ProbeHandle:
         """A probe at row `index` of this step's inputs (-1: the row the sampler reads)."""
@@ -234,6 +399,14 @@ class GenStep:
         if not self.pending:
             raise ValueError("nothing to generate from: the context's buffer is empty. Fill it (user(), "
                              "append()) or keep the last token buffered instead of calling flush()")
+        stream = gen._stream
+        if stream is not None:
+            # The stream fed back the last token it produced: the step must start from exactly that.
+            if self._plain() and self.pending == [stream.fed]:
+                return await self._from_stream()
+            gen.end_stream()
+        elif self._plain() and gen._can_stream():
+            return await self._from_stream()
         drafts = [] if self._sampler_cleared else self.drafts
         if self._sampler_cleared and self.drafts and gen._speculator is not None:
             gen._speculator.rollback(len(self.drafts))

@@ -166,6 +166,8 @@ class RuntimeConfig:
     max_tokens_per_instance: int = option(0, "tokens one inferlet may sample", min=0)
     max_wall_time_s: float = option(0.0, "seconds one inferlet may run", min=0.0)
     page_wait_timeout_s: float = option(30.0, "a pass waiting for pages fails after this", above=0.0)
+    max_prefill_tokens_per_step: int = option(0, "prompt rows per batch while other passes wait; "
+                                              "0 = half of max_batch_tokens", min=0)
     max_buffered_events: int = option(10_000, "events buffered per inferlet for slow clients", min=1)
     max_buffered_event_bytes: int = option(16 * 1024 * 1024, "bytes of events buffered per inferlet", min=0)
     max_buffered_event_bytes_per_user: int = option(64 * 1024 * 1024, "bytes of events buffered over all "

@@ -106,6 +106,9 @@ class Request:
     page_ids (and tokens, positions) may also be 1-D numpy int arrays, e.g. a
       runtime's incremental page table: the engine concatenates arrays without
       converting Python ints one by one (the wire sends them as lists).
+    token_from: (request j, output k) of the batch run just before this one: the one input token is that
+      output's sampled token, filled in by the engine client before the engine sees the request
+      (`pie.runtime.engine_client.resolve_chained`); the engine itself never sees it set.
     """
 
     tokens: list[int]
@@ -117,6 +120,7 @@ class Request:
     logit_mask: list[int] | None = None
     adapter: int | None = None
     seed: int | None = None
+    token_from: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)

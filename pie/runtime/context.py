@@ -77,7 +77,7 @@ class Context:
         self.priority = 0.0
         self.last_used = space.tick()
         self.pending = False  # a pass was submitted and has not resolved
-        self.in_batch = False  # part of the batch being built or in flight: pages pinned
+        self.in_batch = 0  # id of the last batch being built or in flight that holds it (0: none): pages pinned
         self.closed = False
 
     # -- the logical view -----------------------------------------------------------------------

@@ -5,6 +5,15 @@ never blocks on device work (torch releases the GIL inside its kernels) and
 the engine is only ever touched by one thread. `pie.engine.engine` (and with
 it torch) is imported on the worker thread when the client starts, never by
 the runtime's own modules.
+
+Chained batches (`chains_tokens`): the scheduler may submit batch N+1 before
+batch N has returned (`forward_chained(N+1, N)`), with rows whose input token
+is one N samples (`Request.token_from`). Batches run in submission order on
+the one thread, so right before running N+1 the client substitutes N's
+sampled values (`resolve_chained`); the engine needs no change. If the batch
+run just before N+1 is not N (N failed, or retries ran in between), N+1
+fails with `ChainError` and the scheduler retries its rows one by one. The engine thread waits in
+torch kernels and in the executor's queue, neither of which holds the GIL.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pie.engine.batch import BatchResult, ForwardBatch
+from pie.engine.batch import BatchResult, ForwardBatch, OutputValue
 
 if TYPE_CHECKING:
     from pie.engine.config import EngineConfig
@@ -46,13 +55,56 @@ def log_load_progress(name: str, every_s: float = 1.0) -> Callable[[int, int], N
     return progress
 
 
+class ChainError(RuntimeError):
+    """A chained row's source batch failed: it has no token to run with (the scheduler retries it)."""
+
+
+class ChainSource:
+    """The last batch an engine ran and its outputs: what chained rows of the next batch read."""
+
+    def __init__(self) -> None:
+        self.batch: ForwardBatch | None = None
+        self.outputs: list[list[OutputValue]] = []
+
+    def run(self, forward: Callable[[ForwardBatch], BatchResult], batch: ForwardBatch,
+            source: ForwardBatch | None) -> BatchResult:
+        """`forward(batch)` after filling its chained rows from `source`, which must be the last batch run."""
+        try:
+            if source is not None:
+                resolve_chained(batch, self.outputs if self.batch is source else None)
+            result = forward(batch)
+        except BaseException:
+            self.batch = None
+            raise
+        self.batch, self.outputs = batch, result.outputs
+        return result
+
+
+def resolve_chained(batch: ForwardBatch, previous: list[list[OutputValue]] | None) -> None:
+    """Fill every `token_from` row of `batch` with the token its source batch sampled (None: the source
+    was not the batch run just before, so there is no token to read)."""
+    for r in batch.requests:
+        src = r.token_from
+        if src is not None:
+            if previous is None:
+                raise ChainError("a chained batch did not run right after its source batch (it failed, or "
+                                 "retries ran in between)")
+            value = previous[src[0]][src[1]]
+            assert isinstance(value, int), "a chained row reads a one-draw sampler's token"
+            r.tokens = [value]
+            r.token_from = None
+
+
 class InProcessEngine:
     """Implements `pie.runtime.api.EngineClient`. Calls are serialised by the single worker thread."""
+
+    chains_tokens = True  # see the module docstring
 
     def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
         self._engine: Engine | None = engine
         self._executor = executor
         self._info = engine.info
+        self._chain = ChainSource()  # the last batch run (engine thread only)
 
     @classmethod
     async def start(cls, config: EngineConfig, name: str = "") -> InProcessEngine:
@@ -82,7 +134,11 @@ class InProcessEngine:
         return self._engine
 
     async def forward(self, batch: ForwardBatch) -> BatchResult:
-        return await self._call(self.engine.forward_batch, batch)
+        return await self._call(self._chain.run, self.engine.forward_batch, batch, None)
+
+    async def forward_chained(self, batch: ForwardBatch, source: ForwardBatch) -> BatchResult:
+        """`forward`, with `token_from` rows reading `source`'s outputs (submitted just before)."""
+        return await self._call(self._chain.run, self.engine.forward_batch, batch, source)
 
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         await self._call(self.engine.copy_pages, src, dst)

@@ -10,6 +10,14 @@ checked and turned into a scheduler job by `pie.runtime.forward_pass` (which
 also defines the value returned per output slot), with the instance's token
 budget applied here.
 
+A run-ahead stream (`ctx_generate_start`, `pie.runtime.runahead`) owns its
+context until `stream_stop`: every other call on that context but
+`ctx_destroy`, `ctx_page_size` and `ctx_set_priority` is refused meanwhile
+(the SDK stops the stream before touching its context).
+
+Before any work a pass is checked against the model's context length
+(`max_position_embeddings` of the checkpoint's config.json).
+
 Snapshot names and messaging topics are scoped by the instance's username.
 Every user-caused failure raises `HostError` with the numbers and the fix.
 """
@@ -17,19 +25,25 @@ Every user-caused failure raises `HostError` with the numbers and the fix.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pie
-from inferlet._host import HostError, PassDict
+from inferlet._host import HostError, PassDict, StreamDict
 from pie.errors import PieError
 from pie.mcp_link import INTERNAL_ERROR, McpCallError
 from pie.runtime.context import Context
 from pie.runtime.forward_pass import PassReader, slot_values
 from pie.runtime.jobs import Job
 from pie.runtime.quotas import TokenBucket
+from pie.runtime.runahead import DEFAULT_DEPTH, TokenStream
+
+MAX_STREAM_DEPTH = 1024
 
 if TYPE_CHECKING:
     from pie.runtime.adapters import NamedAdapter
@@ -64,10 +78,16 @@ class InstanceHost:
         self.mcp: McpRouter | None = None  # the MCP servers this instance may use (set at launch)
         limits = instance.limits
         self._forks = TokenBucket(limits.forks_per_s, limits.fork_burst)
+        self._streams: dict[int, tuple[int, TokenStream]] = {}  # stream handle -> (context handle, stream)
+        self._streaming: dict[int, int] = {}  # context handle -> its stream's handle
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
         self.closed = True
+        for _, stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        self._streaming.clear()
         for _, ctx, group in self._contexts.values():
             group.scheduler.withdraw(ctx, None)
             ctx.destroy()
@@ -142,7 +162,7 @@ class InstanceHost:
         self._model(model).snapshots.delete(self.instance.username, name)
 
     def ctx_fork(self, ctx: int) -> int:
-        m, c, g = self._ctx(ctx)
+        m, c, g = self._idle(ctx)
         self._check_context_limit()
         if not self._forks.try_take():
             limits = self.instance.limits
@@ -154,27 +174,30 @@ class InstanceHost:
         return self._adopt(m, g, child, new_pages=child.num_pages - len(child.pages[:child.num_committed]))
 
     def ctx_save(self, ctx: int, name: str) -> None:
-        m, c, _ = self._ctx(ctx)
+        m, c, _ = self._idle(ctx)
         m.snapshots.save(self.instance.username, name, c)
 
     def ctx_snapshot(self, ctx: int) -> str:
-        m, c, _ = self._ctx(ctx)
+        m, c, _ = self._idle(ctx)
         return m.snapshots.save_anonymous(self.instance.username, c)
 
     def ctx_destroy(self, ctx: int) -> None:
         _, c, g = self._ctx(ctx)
+        stream = self._streaming.pop(ctx, None)
+        if stream is not None:
+            self._streams.pop(stream)[1].close()
         del self._contexts[ctx]
         g.scheduler.withdraw(c, HostError("the context was destroyed while this pass was pending"))
         c.destroy()
 
     def ctx_state(self, ctx: int) -> tuple[int, int, int]:
-        return self._ctx(ctx)[1].state()
+        return self._idle(ctx)[1].state()
 
     def ctx_page_size(self, ctx: int) -> int:
         return self._ctx(ctx)[0].page_size
 
     def ctx_reserve(self, ctx: int, num_pages: int) -> None:
-        _, c, g = self._ctx(ctx)
+        _, c, g = self._idle(ctx)
         _check_count("num_pages", num_pages)
         self._check_page_limit(num_pages, g)
         with user_errors():
@@ -182,32 +205,86 @@ class InstanceHost:
 
     def ctx_release(self, ctx: int, num_pages: int) -> None:
         _check_count("num_pages", num_pages)
-        self._ctx(ctx)[1].release(num_pages)
+        self._idle(ctx)[1].release(num_pages)
 
     def ctx_commit(self, ctx: int, num_pages: int) -> None:
         _check_count("num_pages", num_pages)
-        self._ctx(ctx)[1].commit(num_pages)
+        self._idle(ctx)[1].commit(num_pages)
 
     def ctx_truncate(self, ctx: int, num_tokens: int) -> None:
         _check_count("num_tokens", num_tokens)
-        self._ctx(ctx)[1].truncate(num_tokens)
+        self._idle(ctx)[1].truncate(num_tokens)
 
     def ctx_set_priority(self, ctx: int, priority: float) -> None:
         self._ctx(ctx)[1].priority = float(priority)
 
     async def ctx_forward(self, ctx: int, spec: PassDict) -> list[Any]:
-        m, c, g = self._ctx(ctx)
+        m, c, g = self._idle(ctx)
         if c.pending:
             raise HostError("this context already has a forward pass pending; await it before the next one "
                             "(or fork the context to run passes side by side)")
         job, slot_rows = self._job(m, c, spec)
         g.scheduler.submit(job)
+        assert job.future is not None, "a pass without an owner has a future"
         try:
             values = await job.future
         except asyncio.CancelledError:
             g.scheduler.withdraw(c, None)
             raise
         return slot_values(values, slot_rows)
+
+    # -- run-ahead token streams (pie.runtime.runahead) -----------------------------------------
+
+    def ctx_generate_start(self, ctx: int, spec: StreamDict) -> int:
+        m, c, g = self._idle(ctx)
+        if c.pending:
+            raise HostError("this context already has a forward pass pending; await it before generating")
+        tokens = spec.get("tokens") or []
+        if not isinstance(tokens, list) or not tokens:
+            raise HostError("ctx_generate_start needs the buffered tokens to start from (at least one)")
+        max_tokens, depth, batch = spec.get("max_tokens"), spec.get("depth") or DEFAULT_DEPTH, spec.get("batch") or 1
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise HostError(f"ctx_generate_start: max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if type(depth) is not int or not 1 <= depth <= MAX_STREAM_DEPTH:
+            raise HostError(f"ctx_generate_start: depth must be an integer in [1, {MAX_STREAM_DEPTH}], got {depth!r}")
+        if type(batch) is not int or not 1 <= batch <= depth:
+            raise HostError(f"ctx_generate_start: batch must be an integer in [1, depth = {depth}], got {batch!r}")
+        stop = spec.get("stop") or []
+        if not isinstance(stop, list) or not all(type(t) is int for t in stop):
+            raise HostError("ctx_generate_start: stop must be a list of token ids")
+        base_len, base_pages = c.kv_len, c.num_pages
+        self._grow(c, len(tokens))
+        start = c.kv_len
+        pass_spec: PassDict = {"tokens": tokens, "positions": list(range(start, start + len(tokens))),
+                               "slots": [{"indices": [len(tokens) - 1], "sampler": spec.get("sampler") or {}}],
+                               "logit_mask": spec.get("logit_mask"), "adapter": spec.get("adapter"),
+                               "seed": spec.get("seed")}
+        job, _ = self._job(m, c, pass_spec)
+        sampler = job.outputs[0].sampler
+        assert sampler is not None
+        if sampler.draws != 1:
+            c.rollback(start)
+            self.tokens_sampled -= sampler.draws
+            raise HostError("a run-ahead stream samples one token per step; use draws = 1 (or ctx_forward)")
+        job.future = None  # the stream owns it
+        handle = next(self._handles)
+        stream = TokenStream(c, g.scheduler, job, sampler, stop=frozenset(stop), max_tokens=max_tokens,
+                             depth=depth, base_len=base_len, base_pages=base_pages, batch=batch, grow=self._grow,
+                             charge=self._charge if self.instance.limits.max_tokens else None)
+        self._streams[handle] = (ctx, stream)
+        self._streaming[ctx] = handle
+        return handle
+
+    async def stream_next(self, stream: int) -> list[int]:
+        with user_errors():
+            return await self._stream(stream).next()
+
+    def stream_stop(self, stream: int, consumed: int) -> None:
+        _check_count("consumed", consumed)
+        s = self._stream(stream)
+        s.stop(consumed)
+        ctx, _ = self._streams.pop(stream)
+        del self._streaming[ctx]
 
     # -- session --------------------------------------------------------------------------------
 
@@ -321,6 +398,36 @@ class InstanceHost:
             raise HostError(f"no context {handle} in this instance (destroyed already?)")
         return entry
 
+    def _idle(self, handle: int) -> tuple[ModelRuntime, Context, EngineGroup]:
+        """`_ctx`, for calls that read or change the context: refused while a stream runs on it."""
+        entry = self._ctx(handle)
+        if handle in self._streaming:
+            raise HostError(f"context {handle} is generating in a run-ahead stream; call stream_stop first")
+        return entry
+
+    def _stream(self, handle: int) -> TokenStream:
+        entry = self._streams.get(handle)
+        if entry is None or self.closed:
+            raise HostError(f"no stream {handle} in this instance (stopped already?)")
+        return entry[1]
+
+    def _grow(self, c: Context, n: int) -> None:
+        """Reserve the pages `n` more slots need, as the SDK's `_reserve_for` does (for streams)."""
+        need = -(-(c.kv_len + n) // c.space.page_size) - c.num_pages
+        if need > 0:  # once a page: the walk to find the context's group is no per-step cost
+            group = next(g for _, held, g in self._contexts.values() if held is c)
+            self._check_page_limit(need, group)
+            with user_errors():
+                c.reserve(need)
+
+    def _charge(self, n: int) -> None:
+        """Count `n` sampled tokens against the token budget (negative: refund discarded steps)."""
+        budget = self.instance.limits.max_tokens
+        if n > 0 and budget and self.tokens_sampled + n > budget:
+            raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
+                            f"{budget} tokens and this pass asks for {n} more")
+        self.tokens_sampled += n
+
     def _adopt_adapter(self, model: ModelRuntime, adapter: NamedAdapter) -> int:
         handle = next(self._handles)
         self._adapters[handle] = (model, adapter)
@@ -386,6 +493,12 @@ class InstanceHost:
 
     def _job(self, m: ModelRuntime, c: Context, spec: PassDict) -> tuple[Job, list[tuple[int, int]]]:
         outputs = self._passes.outputs(spec, m)
+        limit = _context_length(str(getattr(m.info, "model_dir", "") or ""))
+        end = c.kv_len + len(spec["tokens"])
+        if limit and end > limit:
+            raise HostError(f"the context would hold {end} tokens (kv_len {c.kv_len} + {len(spec['tokens'])} "
+                            f"input tokens), over the model's context length of {limit} "
+                            "(max_position_embeddings); shorten the prompt or start a new context")
         budget = self.instance.limits.max_tokens
         if budget and self.tokens_sampled + outputs.sampled > budget:
             raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
@@ -409,6 +522,20 @@ def _pages_held(contexts: Iterable[Context], within: int) -> int:
         committed.update(resident)
         held += ctx.num_pages - len(resident)
     return held + len(committed)
+
+
+@functools.lru_cache(maxsize=64)
+def _context_length(model_dir: str) -> int:
+    """The checkpoint's `max_position_embeddings` (0: unknown, no limit but the pool's)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text()) if model_dir else {}
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(config, dict):
+        return 0
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    value = text.get("max_position_embeddings", 0)
+    return value if type(value) is int and value > 0 else 0
 
 
 def _check_count(name: str, value: int) -> None:

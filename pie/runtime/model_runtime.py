@@ -57,7 +57,8 @@ class EngineGroup:
         self.space = ContextSpace(self.pool, self.trie, info.page_size)
         self.scheduler = Scheduler(engine, self.space, max_batch_tokens=info.max_batch_tokens,
                                    max_batch_size=info.max_batch_size,
-                                   page_wait_timeout_s=limits.page_wait_timeout_s)
+                                   page_wait_timeout_s=limits.page_wait_timeout_s,
+                                   max_prefill_tokens=limits.max_prefill_tokens_per_step)
 
     def load(self) -> tuple[int, int]:
         """How busy the group is, for placing a new context: lower is less loaded.

@@ -60,6 +60,7 @@ class RuntimeLimits:
     max_tokens_per_instance: int = 0  # sampled tokens; a launch's token_budget can only lower it
     max_wall_time_s: float = 0.0
     page_wait_timeout_s: float = 30.0  # a pass waiting for pages while nothing can run fails after this
+    max_prefill_tokens_per_step: int = 0  # prefill rows per batch while other passes wait; 0 = half a batch
     max_buffered_events: int = 10_000
     max_buffered_event_bytes: int = 16 * MIB  # per instance: output waiting for its client
     max_buffered_event_bytes_per_user: int = 64 * MIB  # the same, over all of a user's instances

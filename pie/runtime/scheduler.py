@@ -1,7 +1,9 @@
 """One model's batcher: the pending passes of every instance -> one engine batch per step.
 
-Each step takes the pending passes by priority, then queue order, and admits
-each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
+Each step takes the pending passes by priority, then queue order (one FIFO
+queue per priority, so no sort per step; most of the time there is one), and
+admits each one's next chunk of rows within `max_batch_tokens` /
+`max_batch_size`:
 
 - rows a context must (re)compute come first: after a suspension, the slots
   before the pass are re-prefilled from the context's record;
@@ -9,7 +11,10 @@ each one's next chunk of rows within `max_batch_tokens` / `max_batch_size`:
   instead of computed (`Context.attach_cached`), unless an output reads them;
 - long prefills are chunked, leaving at least one token of budget for every
   pass behind them so decodes are never starved by a prefill; a served pass
-  goes to the back of the queue (round robin);
+  goes to the back of the queue (round robin); while other passes wait, the
+  rows of multi-row chunks (prefills) in one batch are capped at
+  `max_prefill_tokens` (default: half of `max_batch_tokens`), so a huge prompt
+  holds decode rows back by at most that much compute per step;
 - a pass resolves when its last chunk is back; outputs ride with the chunk
   that holds their rows.
 
@@ -19,7 +24,27 @@ which contexts, and swap to host vs drop and recompute); otherwise the pass
 waits. A pass that waits while nothing at all can run for
 `page_wait_timeout_s` fails with an error saying why.
 
-One batch is in flight per engine; nothing changes page contents between
+Between batches the scheduler waits only for the instances whose passes just
+resolved to submit their next ones (`_gather`): until as many passes as it
+woke are back, or a round of the event loop brings none. Run-ahead streams
+(`pie.runtime.runahead`) resubmit synchronously from `_complete`, so a batch of
+streams alone waits for nothing. A batch the runtime built from checked
+passes says so (`ForwardBatch.validated`). When the engine raises anything for
+a batch, its requests are retried one by one, so only the culprit fails.
+
+Pipelining: with an engine client that chains batches (`chains_tokens`),
+while batch N is in flight the scheduler already builds and submits N+1
+when N holds stream steps: each such stream's next step is a row whose input
+token is "output k of request j of the previous batch" (`Request.token_from`,
+resolved by the engine client right before N+1 runs), at the slot after its
+step in N, with its page in place. When N lands the stream learns its token;
+if it stopped there, the chained row is wasted and cut back like any
+run-ahead. Passes of other contexts join N+1 too (a context in flight is
+never admitted twice). Without streams in flight nothing is built early, so
+step-by-step inferlets batch as before.
+
+At most two batches are in flight; the engine runs them in order, so nothing
+changes page contents between
 batches, so freeing, copying-on-write and suspending at build time is safe.
 Within a batch the engine runs swap-outs, then swap-ins, then page copies,
 then the forward; so a page freed by a swap-out may be reused at once, while
@@ -35,6 +60,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from inferlet._host import HostError
 from pie import telemetry
@@ -50,16 +76,29 @@ from pie.runtime.suspension import Suspender
 
 log = logging.getLogger(__name__)
 
-GATHER_ROUNDS = 8  # event-loop turns to let woken instances submit before a batch is built
+
+class Flight(NamedTuple):
+    """A batch handed to the engine and not yet landed."""
+
+    task: asyncio.Task[BatchResult]
+    batch: ForwardBatch
+    chunks: list[Chunk]
+    id: int  # the `Context.in_batch` value of its contexts
+
+GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
+MAX_STEPS_WITHOUT_TURN = 8  # batches in a row an engine that never yields (a fake) may run before a yield
+STEP_OUTPUT = [0]  # the output ids of a stream step's chunk (`_admit_step`); never mutated
 
 
 class Scheduler:
     def __init__(self, engine: EngineClient, space: ContextSpace, *, max_batch_tokens: int, max_batch_size: int,
-                 page_wait_timeout_s: float = 30.0) -> None:
+                 page_wait_timeout_s: float = 30.0, max_prefill_tokens: int = 0) -> None:
         self.engine = engine
         self.space = space
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        # 0: half the batch, so decode rows keep the other half whatever prompts are queued.
+        self.max_prefill_tokens = max_prefill_tokens or max(1, max_batch_tokens // 2)
         self.page_wait_timeout_s = page_wait_timeout_s
         self.stats = SchedulerStats()
         self._suspender = Suspender(space, self.stats)
@@ -69,7 +108,15 @@ class Scheduler:
         if num_slots > 0 and space.host is None:
             space.host = HostSlotPool(num_slots)
         self.on_batch: Callable[[ForwardBatch, BatchResult, float], None] | None = None  # benchmarks
-        self._jobs: dict[int, Job] = {}  # context id -> its pending pass; insertion order = queue order
+        self._jobs: dict[int, Job] = {}  # context id -> its pending pass (waiting, or with a chunk in flight)
+        self._queues: dict[float, dict[int, Job]] = {}  # priority -> the passes waiting for a batch, in order
+        self._woken = 0  # instances whose passes the last batch resolved (they may submit again)
+        self._turns = 0  # event-loop turns seen by `_tick` (did the engine call yield?)
+        self._idle_steps = 0
+        self.pipeline = bool(getattr(engine, "chains_tokens", False))  # build N+1 while N is in flight
+        self._batch_ids = 0
+        self._building = 0  # id of the batch being built
+        self._flights: list[Flight] = []  # in flight, oldest first (at most two)
         self._computing: dict[PageKey, Job] = {}  # uncached page key -> the pass computing it
         self._submissions = 0
         self._wake = asyncio.Event()
@@ -83,27 +130,63 @@ class Scheduler:
     # -- the instances' side --------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        assert job.ctx.id not in self._jobs, "one pending pass per context"
-        job.ctx.pending = True
-        job.ctx.last_used = self.space.tick()
-        self._jobs[job.ctx.id] = job
+        ctx = job.ctx
+        assert ctx.id not in self._jobs, "one pending pass per context"
+        ctx.pending = True
+        ctx.last_used = self.space.tick()
+        self._jobs[ctx.id] = job
+        self._enqueue(job)
         self._submissions += 1
         self._wake.set()
 
-    def withdraw(self, ctx: Context, error: BaseException | None) -> None:
-        """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`.
+    def resubmit(self, job: Job) -> None:
+        """`submit` for an owner's job it just got back (`JobOwner.completed`): the context was touched."""
+        ctx = job.ctx
+        ctx.pending = True
+        self._jobs[ctx.id] = job
+        priority = ctx.priority
+        queue = self._queues.get(priority)
+        if queue is None:
+            queue = self._queues[priority] = {}
+        queue[ctx.id] = job
+        job.queued_at = priority
+        self._wake.set()
 
-        A pass in the batch in flight is dropped when that batch lands."""
+    def adopt(self, job: Job) -> None:
+        """Register an owner's job that is in flight already (a chained step): pending, not waiting."""
+        job.ctx.pending = True
+        self._jobs[job.ctx.id] = job
+
+    def withdraw(self, ctx: Context, error: BaseException | None) -> None:
+        """Give up `ctx`'s pending pass: its future is cancelled (error None) or fails with `error`; an
+        owner's job is cancelled (the owner asked, or is told through `failed`).
+
+        Queued, the pass is dropped (and its rows rolled back) now; in the batch in flight, when that batch
+        lands (within one step), and its pages go with the context when the caller destroys it."""
         job = self._jobs.get(ctx.id)
         if job is None:
             return
-        if not job.future.done():
+        future = job.future
+        if future is None:
+            job.cancelled = True
+            if error is not None and job.owner is not None:
+                job.owner.failed(job, error)
+        elif not future.done():
             if error is None:
-                job.future.cancel()
+                future.cancel()
             else:
-                job.future.set_exception(error)
+                future.set_exception(error)
         if not ctx.in_batch:
             self._drop(job)
+
+    def forget(self, job: Job) -> None:
+        """An owner gives up its job and undoes the context itself: the job is gone now, even in flight
+        (its landing then changes nothing), so the context may take a new pass at once."""
+        job.cancelled = True
+        if self._jobs.get(job.ctx.id) is job:
+            self._release_key(job)
+            self._unqueue(job)
+            job.ctx.pending = False
 
     @property
     def num_pending(self) -> int:
@@ -113,36 +196,99 @@ class Scheduler:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        for flight in self._flights:  # let the engine finish what it has; nobody reads the results
+            with contextlib.suppress(BaseException):
+                await flight.task
+        self._flights.clear()
         for job in list(self._jobs.values()):
             self._fail(job, HostError("the runtime is shutting down"))
+
+    def _enqueue(self, job: Job) -> None:
+        """To the back of the queue of its context's priority."""
+        priority = job.ctx.priority
+        queue = self._queues.get(priority)
+        if queue is None:
+            queue = self._queues[priority] = {}
+        queue[job.ctx.id] = job
+        job.queued_at = priority
+
+    def _unqueue(self, job: Job) -> None:
+        """Out of `_jobs` and, if it waits, its queue."""
+        del self._jobs[job.ctx.id]
+        self._dequeue(job)
+
+    def _dequeue(self, job: Job) -> None:
+        """Out of its queue, if it is in one (admitted into a batch: it comes back when the chunk lands)."""
+        queue = self._queues.get(job.queued_at)
+        if queue is not None and queue.pop(job.ctx.id, None) is not None and not queue:
+            del self._queues[job.queued_at]
+
+    def _order(self) -> list[Job]:
+        """Every waiting pass: higher priority first, queue order within one."""
+        queues = self._queues
+        if len(queues) == 1:
+            return list(next(iter(queues.values())).values())
+        return [job for p in sorted(queues, reverse=True) for job in queues[p].values()]
 
     # -- the loop -------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        flights = self._flights
         while True:
-            if not self._jobs:
+            if not flights:
+                if not self._jobs:
+                    self._wake.clear()
+                    await self._wake.wait()
+                await self._gather()
                 self._wake.clear()
-                await self._wake.wait()
-            await self._gather()
-            self._wake.clear()
-            try:
-                built = self._build()
-            except Exception:  # a runtime bug: fail what is queued rather than hang every instance
-                log.exception("building a batch failed")
-                for job in list(self._jobs.values()):
-                    self._fail(job, HostError("internal runtime error while scheduling; see the server log"))
-                continue
-            if built is None:
-                await self._wait_for_pages()
+                built = self._safe_build(None)
+                if built is None:
+                    await self._wait_for_pages()
+                    continue
+                flights.append(self._launch(*built))
+            turned = self._turns
+            if self.pipeline and any(c.output_ids is STEP_OUTPUT for c in flights[0].chunks):
+                if self._woken:  # instances the last landing woke join this batch, not the one after
+                    await self._gather()
+                built = self._safe_build(flights[0])  # N+1 while N runs: its streams' next steps, chained
+                if built is not None:
+                    flights.append(self._launch(*built, source=flights[0]))
+            await self._land(flights[0], flights[1] if len(flights) > 1 else None)
+            del flights[0]
+            if self._turns == turned:  # the engine answered without the event loop turning once
+                self._idle_steps += 1
+                if self._idle_steps >= MAX_STEPS_WITHOUT_TURN:  # let instances, timers and cancels run
+                    self._idle_steps = 0
+                    await asyncio.sleep(0)
             else:
-                await self._fire(*built)
+                self._idle_steps = 0
+
+    def _safe_build(self, chain: Flight | None) -> tuple[ForwardBatch, list[Chunk]] | None:
+        try:
+            return self._build(chain)
+        except Exception:  # a runtime bug: fail what is queued rather than hang every instance
+            log.exception("building a batch failed")
+            for job in list(self._jobs.values()):
+                if not job.ctx.in_batch:
+                    self._fail(job, HostError("internal runtime error while scheduling; see the server log"))
+            return None
 
     async def _gather(self) -> None:
-        """Let instances woken by the last batch submit their next passes, so they share the next batch."""
-        for _ in range(GATHER_ROUNDS):
+        """Let instances woken by the last batch submit their next passes, so they share the next batch.
+
+        Waits until as many passes arrived as the last batch resolved for instances (streams resubmit
+        synchronously and are not counted), or a turn of the event loop brings none, or a short
+        deadline: an instance that is done, or busy with other work, must not hold everyone back."""
+        woken, self._woken = self._woken, 0
+        if not woken:
+            return
+        start = self._submissions
+        deadline = time.perf_counter() + GATHER_DEADLINE_S
+        while True:
             before = self._submissions
             await asyncio.sleep(0)
-            if self._submissions == before:
+            if (self._submissions - start >= woken or self._submissions == before
+                    or time.perf_counter() >= deadline):
                 return
 
     async def _wait_for_pages(self) -> None:
@@ -168,35 +314,76 @@ class Scheduler:
 
     # -- building a batch -----------------------------------------------------------------------
 
-    def _build(self) -> tuple[ForwardBatch, list[Chunk]] | None:
+    def _build(self, chain: Flight | None = None) -> tuple[ForwardBatch, list[Chunk]] | None:
+        """The next batch; with `chain` (the batch in flight), its streams' next steps come first."""
         self._previous_build, self._this_build = self._this_build, self.space.tick()
         self._lead_known = False
+        self._batch_ids += 1
+        self._building = self._batch_ids
         if self.space.host is not None:
-            self.space.host.settle()  # the last batch has landed: the slots it swapped in may be reused
-        order = sorted(self._jobs.values(), key=_priority)  # stable: queue order within a priority
+            # The batch before has landed, or runs before this one: the slots it swapped in may be reused.
+            self.space.host.settle()
+        order = self._order()
+        n = len(order)
         tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
+        prefill_left = self.max_prefill_tokens if n > 1 else tokens_left  # a prompt alone gets the whole batch
         requests: list[Request] = []
         ops = PageOps()
         chunks: list[Chunk] = []
+        if chain is not None:
+            for j, chunk in enumerate(chain.chunks):
+                if reqs_left <= 0 or tokens_left <= 0:
+                    break
+                if chunk.output_ids is not STEP_OUTPUT:
+                    continue
+                chained = self._admit_chained(chunk.job, j)
+                if chained is not None:
+                    requests.append(chained[0])
+                    chunks.append(chained[1])
+                    tokens_left -= 1
+                    reqs_left -= 1
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
                 break
-            if job.future.done() or job.ctx.closed:  # cancelled while queued
+            ctx = job.ctx
+            if ctx.in_batch:  # in the batch in flight: its next rows are admitted once it lands
+                continue
+            if job.settled or ctx.closed:  # cancelled while queued
                 self._drop(job)
                 continue
-            reserve = min(len(order) - i - 1, reqs_left - 1)  # a token for each pass behind this one
-            chunk = self._admit(job, max(1, tokens_left - reserve), tokens_left, ops)
-            if chunk is None:
+            if job.owner is not None and job.end - job.start == 1 and ctx.computed_len == job.start \
+                    and not ctx.swapped and job.attention_mask is None:
+                step = self._admit_step(job)  # a stream's decode step: the common case, kept short
+                if step is not None:
+                    requests.append(step)
+                    chunks.append(job.step_chunk or _step_chunk(job))
+                    tokens_left -= 1
+                    reqs_left -= 1
+                    continue
+            reserve = min(n - i - 1, reqs_left - 1)  # a token for each pass behind this one
+            budget = max(1, tokens_left - reserve)
+            if job.end - job.ctx.computed_len > 1:  # a prefill (or a re-prefill): within the prefill budget
+                if prefill_left <= 0:
+                    continue
+                budget = min(budget, prefill_left)
+            admitted = self._admit(job, budget, tokens_left, ops)
+            if admitted is None:
                 continue
+            chunk = admitted
             requests.append(self._request(chunk))
             chunks.append(chunk)
-            tokens_left -= chunk.end - chunk.start
+            rows = chunk.end - chunk.start
+            tokens_left -= rows
+            if rows > 1:
+                prefill_left -= rows
             reqs_left -= 1
         if requests:
             self._stalled_since = None
         elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
-        return ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in), chunks
+        batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in)
+        batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
+        return batch, chunks
 
     def _admit(self, job: Job, budget: int, tokens_left: int, ops: PageOps) -> Chunk | None:
         """The job's next chunk of at most `budget` rows, with its pages in place; None if it must wait.
@@ -206,7 +393,9 @@ class Scheduler:
         swapped-out context computes up to its swapped pages, then gets them
         back by swap-in with the chunk after them."""
         ctx = job.ctx
-        if not self._lookup_prefix(job):
+        # A prefix lookup can only attach full pages below the first output row: skip it when none fits
+        # (every decode step).
+        if job.next_output_slot() - ctx.computed_len >= self.space.page_size and not self._lookup_prefix(job):
             return None
         restore = ctx.restorable
         start = ctx.swapped_len if restore else ctx.computed_len
@@ -238,15 +427,67 @@ class Scheduler:
             # swap-ins run before copies. Without a host pool nothing writes before the copies.
             pool.incref(src for src, _ in copies)
         ops.copies += copies
-        ctx.in_batch = True
+        ctx.in_batch = self._building
         job.admitted_build = self._this_build
         ids = []
         while job._next < len(job._order) and job.start + job.outputs[job._order[job._next]].index < end:
             ids.append(job._order[job._next])
             job._next += 1
-        del self._jobs[ctx.id]  # to the back of the queue
-        self._jobs[ctx.id] = job
+        self._dequeue(job)  # back of the queue when the chunk lands, if rows are left (round robin)
         return Chunk(job, start, end, ids)
+
+    def _admit_step(self, job: Job) -> Request | None:
+        """`_admit` + `_request` for a one-row pass at the context's computed end (a stream's step), when
+        it needs no copy-on-write and at most one fresh page that the pool has; None: take the long way.
+
+        No prefix lookup (a row with an output is never served from the cache), no restore (not swapped
+        out), no suspension (the page is there)."""
+        ctx, start, space = job.ctx, job.start, self.space
+        ps, pages, pool = space.page_size, job.ctx.pages, space.pool
+        j = start // ps
+        if j < len(pages):
+            page = pages[j]
+            if pool.refcount(page) > 1 or space.trie.holds(page):
+                return None
+        elif j == len(pages) and pool.can_allocate(1):
+            pages.append(pool.allocate(1)[0])
+        else:
+            return None
+        ctx.in_batch = self._building
+        job.admitted_build = self._this_build
+        job._next = len(job.outputs)
+        self._dequeue(job)
+        return _step_request(job, ctx.tokens[start], ctx.positions[start], pages[:j + 1], start % ps + 1, None)
+
+    def _admit_chained(self, job: Job, j: int) -> tuple[Request, Chunk] | None:
+        """The next step of the stream whose step `job` is request `j` of the batch in flight, as a row
+        reading its token from that request's output; None when the stream will not go on regardless of
+        the token, or its page needs a copy or is not there."""
+        owner = job.owner
+        if job.cancelled or owner is None or job.ctx.closed:
+            return None
+        nxt = owner.chain(job)  # type: ignore[attr-defined]  # a TokenStream (only streams make STEP_OUTPUT)
+        if nxt is None:
+            return None
+        ctx, start, space = nxt.ctx, nxt.start, self.space
+        ps, pages, pool = space.page_size, ctx.pages, space.pool
+        k = start // ps
+        if k < len(pages):
+            page = pages[k]
+            if pool.refcount(page) > 1 or space.trie.holds(page):
+                owner.unchain(nxt)  # type: ignore[attr-defined]
+                return None
+        elif k == len(pages) and pool.can_allocate(1):
+            pages.append(pool.allocate(1)[0])
+        else:
+            owner.unchain(nxt)  # type: ignore[attr-defined]
+            return None
+        ctx.in_batch = self._building
+        self.stats.chained_steps += 1
+        nxt.admitted_build = self._this_build
+        nxt._next = len(nxt.outputs)
+        request = _step_request(nxt, 0, start, pages[:k + 1], start % ps + 1, (j, 0))
+        return request, nxt.step_chunk or _step_chunk(nxt)
 
     def _lookup_prefix(self, job: Job) -> bool:
         """Attach the job's cached leading pages; False if another pass is computing its next page.
@@ -304,26 +545,46 @@ class Scheduler:
 
     # -- running it and handing results back ----------------------------------------------------
 
-    async def _fire(self, batch: ForwardBatch, chunks: list[Chunk]) -> None:
+    def _tick(self) -> None:
+        self._turns += 1
+
+    def _launch(self, batch: ForwardBatch, chunks: list[Chunk], source: Flight | None = None) -> Flight:
+        """Hand a batch to the engine; `source`: the batch in flight its chained rows read."""
+        task = asyncio.get_running_loop().create_task(
+            self._run_engine(batch, len(chunks), source.batch if source is not None else None))
+        return Flight(task, batch, chunks, self._building)
+
+    async def _run_engine(self, batch: ForwardBatch, num_requests: int, source: ForwardBatch | None) -> BatchResult:
+        with telemetry.span("engine.batch", model=self._model_name, num_requests=num_requests,
+                            num_tokens=batch.num_tokens, num_swap_out=len(batch.swap_out),
+                            num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
+            if source is None:
+                return await self.engine.forward(batch)
+            return await self.engine.forward_chained(batch, source)  # type: ignore[attr-defined]
+
+    async def _land(self, flight: Flight, after: Flight | None) -> None:
+        """Wait for a batch and hand its results back (`after`: the batch chained behind it, if any)."""
+        batch, chunks = flight.batch, flight.chunks
         t0 = time.perf_counter()
+        asyncio.get_running_loop().call_soon(self._tick)  # runs only if the loop turns while we await
         num_tokens = batch.num_tokens
         try:
-            with telemetry.span("engine.batch", model=self._model_name, num_requests=len(chunks),
-                                num_tokens=num_tokens, num_swap_out=len(batch.swap_out),
-                                num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
-                result = await self.engine.forward(batch)
+            result = await flight.task
             outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
         except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
             log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
-            outputs = await self._fire_singly(batch)
+            outputs = await self._fire_singly(batch, chunks)
             result = BatchResult([])
-        except Exception as error:
-            log.exception("engine failed on a batch of %d requests", len(chunks))
-            outputs = [HostError(f"the engine failed: {error!r}")] * len(chunks)
+        except Exception:  # a request the checks missed, or an engine bug: never fail the batch for everyone
+            log.exception("engine failed on a batch of %d requests; retrying them one by one", len(chunks))
+            outputs = await self._fire_singly(batch, chunks)
             result = BatchResult([])
         finally:
+            fid = flight.id
             for chunk in chunks:
-                chunk.job.ctx.in_batch = False
+                ctx = chunk.job.ctx
+                if ctx.in_batch == fid:  # not in the batch chained behind this one
+                    ctx.in_batch = 0
             if batch.page_copies and self.space.host is not None:  # the copy sources pinned in `_admit`
                 self.space.pool.decref(src for src, _ in batch.page_copies)
         elapsed = time.perf_counter() - t0
@@ -335,27 +596,39 @@ class Scheduler:
         for chunk, out in zip(chunks, outputs, strict=True):
             if isinstance(out, BaseException):
                 self._fail(chunk.job, out)
+            elif chunk.output_ids is STEP_OUTPUT:
+                self._finish_step(chunk.job, out)
             else:
                 self._finish_chunk(chunk, out)
 
-    async def _fire_singly(self, batch: ForwardBatch) -> list[list[OutputValue] | BaseException]:
+    async def _fire_singly(self, batch: ForwardBatch, chunks: list[Chunk]) -> list[list[OutputValue] | BaseException]:
         if batch.page_copies or batch.swap_out or batch.swap_in:
             try:
-                await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in))
-            except BatchError as error:  # a runtime bug: the runtime chose these pages and slots
-                log.error("engine rejected a batch's page operations: %s", error)
-                return [HostError(f"the engine rejected this batch's page operations: {error}")] * len(batch.requests)
+                await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in,
+                                                       validated=batch.validated))
+            except Exception as error:  # a runtime bug: the runtime chose these pages and slots
+                log.error("engine failed on a batch's page operations: %r", error)
+                return [HostError(f"the engine failed on this batch's page operations: {error}")] * len(batch.requests)
         outs: list[list[OutputValue] | BaseException] = []
-        for req in batch.requests:
+        for req, chunk in zip(batch.requests, chunks, strict=True):
+            if req.token_from is not None:  # chained: its source has landed, so the record holds the token
+                job = chunk.job
+                if job.cancelled or job.ctx.closed:
+                    outs.append(HostError("the stream stopped"))
+                    continue
+                req.tokens, req.token_from = [job.ctx.tokens[job.start]], None
             try:
-                outs.append((await self.engine.forward(ForwardBatch([req]))).outputs[0])
+                outs.append((await self.engine.forward(ForwardBatch([req], validated=batch.validated))).outputs[0])
             except BatchError as error:
                 outs.append(HostError(f"the engine rejected this forward pass: {error}"))
+            except Exception as error:
+                log.exception("engine failed on a single forward pass")
+                outs.append(HostError(f"the engine failed on this forward pass: {error!r}"))
         return outs
 
     def _finish_chunk(self, chunk: Chunk, values: list[OutputValue]) -> None:
         job = chunk.job
-        if job.future.done() or job.ctx.closed:  # withdrawn while in flight
+        if job.settled or job.ctx.closed:  # withdrawn while in flight
             self._drop(job)
             return
         job.ctx.mark_computed(chunk.end)
@@ -363,30 +636,60 @@ class Scheduler:
             job.results[i] = v
         if chunk.end == job.end:
             self._complete(job)
+        else:
+            self._enqueue(job)  # its next chunk waits at the back of the queue
 
-    def _complete(self, job: Job) -> None:
-        if job.future.done():  # cancelled meanwhile: the pass never happened
+    def _finish_step(self, job: Job, values: list[OutputValue]) -> None:
+        """`_finish_chunk` + `_complete` for a chunk of `_admit_step` (its owner's job, whole)."""
+        ctx = job.ctx
+        if job.cancelled or ctx.closed:
             self._drop(job)
             return
-        del self._jobs[job.ctx.id]
+        # mark_computed without the trie: a stream writes after its context's committed pages
+        ctx.computed_len = job.end
+        self._unqueue(job)
+        ctx.pending = False
+        ctx.last_used = self.space.tick()
+        job.owner.completed(job, values)  # type: ignore[union-attr]
+
+    def _complete(self, job: Job) -> None:
+        if job.settled:  # cancelled meanwhile: the pass never happened
+            self._drop(job)
+            return
+        self._unqueue(job)
         self._release_key(job)
-        job.ctx.pending = False
-        job.ctx.last_used = self.space.tick()
-        job.future.set_result(job.results)  # type: ignore[arg-type]
+        ctx = job.ctx
+        ctx.pending = False
+        ctx.last_used = self.space.tick()
+        if job.owner is not None:
+            job.owner.completed(job, job.results)  # type: ignore[arg-type]  # may submit its next pass now
+        else:
+            job.future.set_result(job.results)  # type: ignore[union-attr,arg-type]
+            self._woken += 1
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        if not job.future.done():
-            job.future.set_exception(error)
+        future = job.future
+        if future is None:
+            if not job.cancelled and job.owner is not None:
+                job.cancelled = True
+                self._drop(job)
+                job.owner.failed(job, error)  # the owner rolls the context back
+                return
+        elif not future.done():
+            future.set_exception(error)
+            self._woken += 1
         self._drop(job)
 
     def _drop(self, job: Job) -> None:
-        """Forget a job that will not complete; its context goes back to before the pass."""
+        """Forget a job that will not complete; its context goes back to before the pass (an owner's job:
+        the owner does that)."""
         ctx = job.ctx
         self._release_key(job)
-        if self._jobs.get(ctx.id) is job:
-            del self._jobs[ctx.id]
+        if self._jobs.get(ctx.id) is not job:  # forgotten already (`forget`), or another pass took its place
+            return
+        self._unqueue(job)
         ctx.pending = False
-        if not ctx.closed and ctx.kv_len >= job.end:
+        if job.owner is None and not ctx.closed and ctx.kv_len >= job.end:
             ctx.rollback(job.start)
 
     def _release_key(self, job: Job) -> None:
@@ -395,5 +698,27 @@ class Scheduler:
         job.computing = None
 
 
-def _priority(job: Job) -> float:
-    return -job.ctx.priority
+def _step_chunk(job: Job) -> Chunk:
+    """The chunk a stream step's job is batched as, made once per job (its start/end fields are unused:
+    a step is always the job's whole pass)."""
+    chunk = job.step_chunk = Chunk(job, 0, 0, STEP_OUTPUT)
+    return chunk
+
+
+def _step_request(job: Job, token: int, position: int, page_ids: list[int], last_page_len: int,
+                  token_from: tuple[int, int] | None) -> Request:
+    """A stream step's Request: the job's own, refilled. A job's previous step has landed by the time it is
+    admitted again, so nothing reads the old values any more; reusing it keeps the per-step allocations (and
+    with them the collector's work on objects that live for a batch) down."""
+    r = job.step_request
+    if r is None:
+        r = job.step_request = Request([token], [position], page_ids, last_page_len, job.outputs, None,
+                                       job.logit_mask, job.adapter, job.seed, token_from)
+        return r
+    r.tokens[0] = token
+    r.positions[0] = position
+    r.page_ids = page_ids
+    r.last_page_len = last_page_len
+    r.outputs = job.outputs
+    r.token_from = token_from
+    return r
