@@ -14,7 +14,8 @@ no raw page calls to do it by hand), so `input_at` past the end works.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from inferlet._host import PassDict, SlotDict
@@ -144,6 +145,26 @@ class Forward:
                              "give one BRLE per input token")
 
 
+@dataclass(frozen=True, slots=True)
+class RawOutput:
+    """A pass's raw result, as Pie's `Output.raw`: one value per slot, plus the drafts the runtime's own
+    drafter proposes for the next pass (`spec_tokens` at `spec_positions`; pie's runtime has no drafter,
+    so they are empty). Also indexes and iterates like the list of slot values (a superset)."""
+
+    slots: list[Any]
+    spec_tokens: list[int] = field(default_factory=list)
+    spec_positions: list[int] = field(default_factory=list)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.slots[index]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.slots)
+
+
 class Output:
     """What a pass produced, read through the handles `sample`/`probe` returned.
 
@@ -161,9 +182,9 @@ class Output:
         self.auto_sampler = auto_sampler
 
     @property
-    def raw(self) -> list[Any]:
-        """The host's values, one per slot."""
-        return self._values
+    def raw(self) -> RawOutput:
+        """The host's values, one per slot (`.slots`), and the runtime drafter's proposals (none here)."""
+        return RawOutput(self._values)
 
     def token(self, h: SampleHandle) -> int | None:
         tokens = self.tokens_at(h) if isinstance(h, SampleHandle) else []

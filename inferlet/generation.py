@@ -73,8 +73,7 @@ class Generator:
     def __init__(self, ctx: Context, sampler: Sampler, *, max_tokens: int | None = None,
                  stop: Iterable[int] | None = None, constrain: Any = None, logit_mask: list[int] | None = None,
                  speculator: Speculator | None = None, system_speculation: bool | None = None,
-                 adapter: Adapter | None = None, seed: int | None = None, horizon: int | None = None,
-                 rebid_each_step: bool = True) -> None:
+                 adapter: Adapter | None = None, seed: int | None = None, horizon: int | None = None) -> None:
         if speculator is not None and system_speculation:
             raise ValueError("speculator and system_speculation=True are mutually exclusive; pick one")
         self._ctx = ctx
@@ -98,7 +97,9 @@ class Generator:
         self._seed = seed
         self._horizon = horizon
         self._step_probes: list[tuple[int, Any]] = []
-        self.tokens_generated = 0
+        self._tokens_generated = 0
+        # The tokens this generator kept, for penalties (presence/frequency/repetition count them).
+        self._history: list[int] | None = [] if getattr(sampler, "penalizes", False) else None
         self._done = False
         self._open_step: GenStep | None = None  # handed out by __anext__, not executed yet
 
@@ -143,15 +144,28 @@ class Generator:
         self._horizon = n
         return self
 
-    def rebid_each_step(self, enabled: bool) -> Generator:
-        return self
-
     def probe_each_step(self, index: int, probe: Any) -> ProbeHandle:
         """A probe on every step at row `index` of the step's inputs (-1: the row the sampler reads).
         Per-generator probes take the first output slots, so the handle is valid on every step."""
         self.end_stream()
         self._step_probes.append((index, probe))
         return ProbeHandle(len(self._step_probes) - 1, probe_kind(probe))
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens kept so far (read-only, as in Pie)."""
+        return self._tokens_generated
+
+    def _count(self, kept: list[int]) -> None:
+        self._tokens_generated += len(kept)
+        if self._history is not None:
+            self._history.extend(kept)
+
+    def _step_sampler(self) -> Sampler:
+        """The sampler of the next step: a penalizing one counts what was generated so far."""
+        if self._history is None:
+            return self._sampler
+        return self._sampler.with_history(self._history)
 
     @property
     def is_done(self) -> bool:
@@ -198,6 +212,7 @@ class Generator:
         """No per-step Python hook: the runtime can run the loop (see the module docstring)."""
         return (RUNAHEAD and self._speculator is None and self._system_drafter is None and not self._step_probes
                 and self._sampler.draws == 1 and all(isinstance(c, StaticMask) for c in self._constraints)
+                and self._history is None  # penalties count each step's history: the SDK sends it
                 and hasattr(self._ctx._host, "ctx_generate_start"))
 
     def _start_stream(self, pending: list[int], mask: list[int] | None) -> _Stream:
@@ -233,7 +248,7 @@ class Generator:
         kept = self._truncate(list(tokens))
         self._ctx._pending.extend(kept)
         self._constraint_pending.extend(kept)
-        self.tokens_generated += len(kept)
+        self._count(kept)
         if self._speculator is not None:
             self._speculator.accept(kept)
         return kept
@@ -266,7 +281,7 @@ class Generator:
         self._last_buffered = False
         self._constraint_pending.append(token)
         kept = self._truncate([token])
-        self.tokens_generated += len(kept)
+        self._count(kept)
         if kept:
             ctx._pending.append(token)
             self._last_buffered = True
@@ -296,7 +311,7 @@ class Generator:
         if len(kept) < len(steps) or (self._max_tokens is not None
                                       and self.tokens_generated + len(kept) >= self._max_tokens):
             self._done = True
-        self.tokens_generated += len(kept)
+        self._count(kept)
         last_kept = len(kept) == n  # a stop token's step keeps nothing: the buffer ends empty
         ctx._pending = kept[-1:] if last_kept else []
         self._last_buffered = last_kept
@@ -420,7 +435,7 @@ class GenStep:
             fwd.probe(last if index < 0 else index, probe)
         handle = None
         if not self._sampler_cleared:
-            handle = fwd.sample(list(range(last, last + len(drafts) + 1)), gen._sampler)
+            handle = fwd.sample(list(range(last, last + len(drafts) + 1)), gen._step_sampler())
         if self.mask is not None:
             fwd.mask(self.mask)
         if gen._adapter is not None:
@@ -434,7 +449,7 @@ class GenStep:
             raise
         kept = self._settle(out.tokens_at(handle) if handle is not None else [], drafts)
         ctx._commit_full_pages()
-        return Output(out.raw, tokens=kept, auto_sampler=handle)
+        return Output(out.raw.slots, tokens=kept, auto_sampler=handle)
 
     def _settle(self, sampled: list[int], drafts: list[int]) -> list[int]:
         """Verify drafts, apply stop/max, roll back KV the context must not keep, buffer the last token."""
@@ -452,7 +467,7 @@ class GenStep:
                 gen._speculator.rollback(len(drafts) - (len(accepted) - 1))
         gen._constraint_pending.extend(accepted)
         kept = gen._truncate(accepted)
-        gen.tokens_generated += len(kept)
+        gen._count(kept)
         if gen._system_drafter is not None:
             gen._system_drafter.observe(kept)
         # The KV holds pending + all drafts; keep pending + kept[:-1] (kept[-1] goes to the buffer).

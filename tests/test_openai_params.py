@@ -61,9 +61,9 @@ async def test_unknown_routes_and_methods_are_json_errors(server: Server) -> Non
 async def test_out_of_range_values_are_400s_naming_them(client: openai.AsyncOpenAI) -> None:
     cases = [({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
              ({"extra_body": {"top_k": -5}}, "top_k"), ({"extra_body": {"min_p": 1.5}}, "min_p"),
-             ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 1}, "frequency_penalty"),
-             ({"logit_bias": {"5": 3}}, "logit_bias"), ({"extra_body": {"repetition_penalty": 1.1}},
-                                                       "repetition_penalty"),
+             ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+             ({"logit_bias": {"5": 300}}, "logit_bias[5]"), ({"extra_body": {"repetition_penalty": 0}},
+                                                            "repetition_penalty"),
              ({"extra_body": {"best_of": 2}}, "best_of"), ({"reasoning_effort": "low"}, "reasoning_effort"),
              ({"extra_body": {"made_up": 1}}, "made_up"), ({"extra_body": {"stop_token_ids": [10**6]}},
                                                            "stop_token_ids")]
@@ -350,3 +350,29 @@ async def test_echo_scores_the_prompt(client: openai.AsyncOpenAI) -> None:
     # (keyed by token text: tokens whose bytes decode alike share a key, so up to 3)
     assert lp.token_logprobs[4] <= greedy + 1e-4 and all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
     assert scored.usage is not None and scored.usage.completion_tokens == 0
+
+
+# -- penalties and logit bias -----------------------------------------------------------------------
+
+
+async def test_logit_bias_and_penalties_reach_the_sampler(client: openai.AsyncOpenAI) -> None:
+    plain = await client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    biased = await client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=12, temperature=0,
+                                             logit_bias={"42": 8}, extra_body={"ignore_eos": True})
+    assert biased.usage is not None and biased.usage.completion_tokens == 12
+    assert biased.choices[0].text != plain.choices[0].text and len(set(biased.choices[0].text)) == 1
+    # +8 on one token makes greedy pick it every step (the random model's logits are a few units), until a
+    # frequency penalty (2 per occurrence, counted over what was generated) pushes it back down.
+    penalized = await client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=12, temperature=0,
+                                                logit_bias={"42": 8}, frequency_penalty=2.0,
+                                                extra_body={"ignore_eos": True, "repetition_penalty": 1.5})
+    assert penalized.choices[0].text != biased.choices[0].text
+    for bad in ({"presence_penalty": 3}, {"frequency_penalty": -2.5}, {"logit_bias": {"x": 1}},
+                {"logit_bias": {"1": 500}}, {"logit_bias": {"99999999": 1}}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model=MODEL, prompt="hi", max_tokens=2, **bad)  # type: ignore[arg-type]
+        assert caught.value.body["param"].split("[")[0] in bad  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        await client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                        extra_body={"repetition_penalty": 0})

@@ -90,8 +90,7 @@ def test_bad_chat_parameters_are_refused(patch: dict, param: str, words: str) ->
     assert error["param"] == param and error["type"] == "invalid_request_error" and caught.value.status == 400
 
 
-REFUSED_VALUES = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.2,
-                  "logit_bias": {"5": 10}, "audio": {"voice": "x"}, "modalities": ["text", "audio"],
+REFUSED_VALUES = {"audio": {"voice": "x"}, "modalities": ["text", "audio"],
                   "functions": [{"name": "f"}], "function_call": "auto", "prediction": {"type": "content"},
                   "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "best_of": 3,
                   "suffix": "end"}
@@ -113,6 +112,20 @@ def test_neutral_values_of_refused_parameters_pass() -> None:
     parse_chat({"model": "m", "messages": USER, "presence_penalty": 0, "frequency_penalty": 0.0,
                 "repetition_penalty": 1, "logit_bias": {}, "modalities": ["text"], "store": False,
                 "service_tier": "auto", "metadata": {"a": "b"}, "user": "u", "audio": None})
+
+
+def test_penalties_and_logit_bias_are_parsed_with_their_ranges() -> None:
+    req = parse_chat({"model": "m", "messages": USER, "presence_penalty": 0.5, "frequency_penalty": -1.0,
+                      "repetition_penalty": 1.2, "logit_bias": {"7": -100, "5": 10}})
+    s = req.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert s.logit_bias == ((5, 10.0), (7, -100.0))
+    for bad, param in (({"presence_penalty": 2.1}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                       ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+                       ({"frequency_penalty": float("nan")}, "frequency_penalty")):
+        with pytest.raises(OpenAIError) as caught:
+            parse_completion({"model": "m", "prompt": "x", **bad})
+        assert caught.value.param == param
 
 
 def test_completion_parameters() -> None:

@@ -313,9 +313,11 @@ STANDARD: list[tuple[str, dict[str, Any]]] = [
     ("attention-sink", {"prompt": "Tell a story.", "sink": 4, "window": 24, "max_tokens": 12}),
     ("speculative-decoding", {"prompt": "Once upon a time", "max_tokens": 12}),
     ("beam-search", {"prompt": "Once upon a time", "beam_width": 2, "max_tokens": 4}),
-    ("openai-compat", {"mode": "completion", "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}),
-    ("openai-compat", {"mode": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
-                       "temperature": 0.8, "seed": 5, "stop": ["a"]}),
+    # openai-compat takes the server's plan (token-id prompts; pie/server/api/plan.py)
+    ("openai-compat", {"model": "", "prompts": [[5, 6, 7, 8]], "n": 1, "max_tokens": 8,
+                       "sampler": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}, "stream": True}),
+    ("openai-compat", {"model": "", "prompts": [[9, 10, 11]], "n": 2, "max_tokens": 8, "seed": 5, "stop": ["a"],
+                       "sampler": {"temperature": 0.8, "top_p": 0.9, "top_k": 0, "min_p": 0.0}}),
 ]
 
 

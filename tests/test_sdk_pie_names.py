@@ -129,3 +129,32 @@ async def test_scheduling_reports_pages_and_latency_in_pies_units(tiny: Path) ->
     assert got["price"] == 1.0 and got["dividend"] == 0.0
     assert got["rent"] >= 1.0 and got["before"] - got["after"] == got["rent"]  # pages now held by the context
     assert got["latency"] > 0.0
+
+
+async def test_generator_and_output_as_pie_has_them(tiny: Path) -> None:
+    from inferlet import Forward  # noqa: F401  (the names a Pie program imports)
+
+    rt = await start_runtime(tiny)
+
+    async def body() -> dict[str, object]:
+        model = Model.load("")
+        ctx = Context(model)
+        ctx.user("Hi")
+        gen = ctx.generate(Sampler.argmax(), max_tokens=3)
+        with pytest.raises(AttributeError):
+            gen.tokens_generated = 5  # type: ignore[misc]  # read-only, as in Pie
+        steps = []
+        async for step in gen:
+            out = await step.execute()
+            steps.append((out.raw.slots, out.raw.spec_tokens, out.raw.spec_positions, list(out.raw)))
+        with pytest.raises(TypeError):
+            ctx.generate(Sampler.argmax(), zo_seed=1)  # type: ignore[call-arg]  # no zeroth-order training
+        return {"generated": gen.tokens_generated, "steps": steps}
+
+    try:
+        got = await run_sdk(rt, body)
+    finally:
+        await rt.shutdown(0)
+    assert got["generated"] == 3
+    for slots, spec_tokens, spec_positions, as_list in got["steps"]:  # type: ignore[attr-defined]
+        assert spec_tokens == [] and spec_positions == [] and as_list == slots and len(slots) >= 1

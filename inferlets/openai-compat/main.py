@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,22 +42,41 @@ PROMPT_CHUNK = 128  # prompt rows scored per pass (echo with logprobs)
 
 @dataclass(frozen=True, slots=True)
 class PlanSampler:
-    """The SDK's sampler shape with top-k, top-p and min-p together (the host applies all three)."""
+    """The SDK's sampler shape with top-k, top-p and min-p together (the host applies all three), plus
+    OpenAI's penalties and logit bias; a Generator hands a penalizing sampler its history each step."""
 
     temperature: float
     top_k: int
     top_p: float
     min_p: float
     draws: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    history: tuple[int, ...] = ()
 
     @property
     def is_argmax(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalizes(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def with_history(self, tokens: list[int]) -> PlanSampler:
+        return replace(self, history=tuple(tokens))
+
     def to_dict(self) -> dict[str, Any]:
         kind = "argmax" if self.is_argmax else "top_k_top_p"
-        return {"kind": kind, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "min_p": self.min_p, "draws": 1}
+        out: dict[str, Any] = {"kind": kind, "temperature": self.temperature, "top_k": self.top_k,
+                               "top_p": self.top_p, "min_p": self.min_p, "draws": 1}
+        if self.penalizes:
+            out |= {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                    "repetition_penalty": self.repetition_penalty, "penalty_tokens": list(self.history)}
+        if self.logit_bias:
+            out["logit_bias"] = [[t, b] for t, b in self.logit_bias]
+        return out
 
 
 class MinTokens:
@@ -126,8 +145,12 @@ async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n
 
 async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> Choice:
     model = ctx.model
-    sampler = PlanSampler(float(input["sampler"]["temperature"]), int(input["sampler"]["top_k"]),
-                          float(input["sampler"]["top_p"]), float(input["sampler"]["min_p"]))
+    given = input["sampler"]
+    sampler = PlanSampler(float(given["temperature"]), int(given["top_k"]), float(given["top_p"]),
+                          float(given["min_p"]), presence_penalty=float(given.get("presence_penalty", 0.0)),
+                          frequency_penalty=float(given.get("frequency_penalty", 0.0)),
+                          repetition_penalty=float(given.get("repetition_penalty", 1.0)),
+                          logit_bias=tuple((int(t), float(b)) for t, b in given.get("logit_bias") or []))
     max_tokens = int(input["max_tokens"])
     stop_ids = [int(t) for t in input.get("stop_token_ids") or []]
     stops = stop_ids if input.get("ignore_eos") else sorted(set(model.eos_tokens()) | set(stop_ids))

@@ -47,6 +47,11 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
+    # OpenAI's (and vLLM's) penalties over the tokens generated so far, applied before temperature.
+    presence_penalty: float = 0.0  # -p for every token that appeared
+    frequency_penalty: float = 0.0  # -f times each token's count
+    repetition_penalty: float = 1.0  # Hugging Face's: positive logits / r, negative ones * r
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ class GenerationRequest:
 # -- the parameter tables ---------------------------------------------------------------------------
 
 _COMMON = {"model", "max_tokens", "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-           "stop_token_ids", "ignore_eos", "min_tokens", "stream", "stream_options"}
+           "stop_token_ids", "ignore_eos", "min_tokens", "stream", "stream_options", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logit_bias"}
 SUPPORTED: dict[str, frozenset[str]] = {
     "chat": frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
                                  "response_format", "tools", "tool_choice", "parallel_tool_calls"}),
@@ -108,10 +114,6 @@ def _is_zero(v: Any) -> bool:
 
 # parameter -> (is the value neutral?, why it is refused and what to do)
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "presence_penalty": (_is_zero, "pie's sampler has no penalties yet; leave it at 0"),
-    "frequency_penalty": (_is_zero, "pie's sampler has no penalties yet; leave it at 0"),
-    "repetition_penalty": (lambda v: v == 1, "pie's sampler has no penalties yet; leave it at 1"),
-    "logit_bias": (lambda v: v == {}, "pie's sampler has no logit bias yet; send no logit_bias"),
     "audio": (lambda v: False, "pie serves text only"),
     "modalities": (lambda v: v == ["text"], 'pie serves text only: modalities ["text"]'),
     "functions": (lambda v: False, "the deprecated `functions` are not supported; send `tools`"),
@@ -385,7 +387,11 @@ def common(body: dict[str, Any], tokens_keys: tuple[str, ...]) -> dict[str, Any]
             temperature=_number(_given(body, "temperature", 1.0), "temperature", 0.0, 2.0),
             top_p=_open_low(_given(body, "top_p", 1.0), "top_p"),
             top_k=max(top_k, 0),
-            min_p=_number(_given(body, "min_p", 0.0), "min_p", 0.0, 1.0)),
+            min_p=_number(_given(body, "min_p", 0.0), "min_p", 0.0, 1.0),
+            presence_penalty=_number(_given(body, "presence_penalty", 0.0), "presence_penalty", -2.0, 2.0),
+            frequency_penalty=_number(_given(body, "frequency_penalty", 0.0), "frequency_penalty", -2.0, 2.0),
+            repetition_penalty=_positive(_given(body, "repetition_penalty", 1.0), "repetition_penalty"),
+            logit_bias=_logit_bias(body.get("logit_bias"))),
         "seed": None if seed is None else _int(seed, "seed", -(1 << 63), (1 << 63) - 1 - MAX_N),
         "stop": _stop(body.get("stop")),
         "stop_token_ids": tuple(_token_ids(body.get("stop_token_ids"), "stop_token_ids")),
@@ -394,6 +400,31 @@ def common(body: dict[str, Any], tokens_keys: tuple[str, ...]) -> dict[str, Any]
         "stream": stream,
         "include_usage": include_usage,
     }
+
+
+def _positive(value: Any, param: str) -> float:
+    number = _number(value, param, 0.0, 2.0)
+    if number == 0.0:
+        raise OpenAIError(f"`{param}` must be greater than 0 (1 = no penalty)", param=param)
+    return number
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} map (ids as strings), biases in [-100, 100]."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise OpenAIError("`logit_bias` maps token ids (as strings) to a bias in [-100, 100]", param="logit_bias")
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise OpenAIError(f"`logit_bias` key {key!r} is not a token id", param="logit_bias") from None
+        if token < 0:
+            raise OpenAIError(f"`logit_bias` key {key!r} is not a token id", param="logit_bias")
+        out.append((token, _number(bias, f"logit_bias[{key}]", -100.0, 100.0)))
+    return tuple(sorted(out))
 
 
 def _given(body: dict[str, Any], key: str, default: Any) -> Any:

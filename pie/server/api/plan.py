@@ -29,7 +29,11 @@ class Plan:
             "model": req.model, "prompts": [list(p) for p in self.prompts], "n": req.n,
             "max_tokens": self.max_tokens,
             "sampler": {"temperature": req.sampling.temperature, "top_p": req.sampling.top_p,
-                        "top_k": req.sampling.top_k, "min_p": req.sampling.min_p},
+                        "top_k": req.sampling.top_k, "min_p": req.sampling.min_p,
+                        "presence_penalty": req.sampling.presence_penalty,
+                        "frequency_penalty": req.sampling.frequency_penalty,
+                        "repetition_penalty": req.sampling.repetition_penalty,
+                        "logit_bias": [list(pair) for pair in req.sampling.logit_bias]},
             "seed": req.seed, "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
             "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logprobs": req.logprobs,
             "constraint": self.constraint, "render_special": self.parse_tools or self.model.reasoning,
@@ -54,6 +58,10 @@ def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None =
     if bad:
         raise OpenAIError(f"`stop_token_ids` has {bad[0]}, outside the vocabulary [0, {model.vocab_size})",
                           param="stop_token_ids")
+    biased = [t for t, _ in req.sampling.logit_bias if model.vocab_size and t >= model.vocab_size]
+    if biased:
+        raise OpenAIError(f"`logit_bias` has token {biased[0]}, outside the vocabulary [0, {model.vocab_size})",
+                          param="logit_bias")
     if req.min_tokens > max_tokens:
         raise OpenAIError(f"`min_tokens` is {req.min_tokens}, more than the {max_tokens} tokens to generate",
                           param="min_tokens")
