@@ -96,3 +96,22 @@ async def test_sdk_penalties_and_logit_bias_reach_the_engine(tiny: Path) -> None
     assert steered == 123
     assert other != first
     await runtime.shutdown(0)
+
+
+async def test_a_priority_must_be_a_finite_number(tiny: Path) -> None:
+    rt = await start_runtime(tiny)
+
+    async def body(host: Any) -> list[str]:
+        ctx = host.ctx_create("")
+        refused = []
+        for bad in (math.nan, math.inf, "high", True):
+            with pytest.raises(HostError, match="finite number") as caught:
+                host.ctx_set_priority(ctx, bad)
+            refused.append(str(caught.value))
+        host.ctx_set_priority(ctx, 2.5)
+        return refused
+
+    try:
+        assert len(await run(rt, body)) == 4
+    finally:
+        await rt.shutdown(0)

@@ -28,6 +28,7 @@ import asyncio
 import functools
 import itertools
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,6 +217,9 @@ class InstanceHost:
         self._idle(ctx)[1].truncate(num_tokens)
 
     def ctx_set_priority(self, ctx: int, priority: float) -> None:
+        if type(priority) not in (int, float) or not math.isfinite(priority):
+            # NaN compares false with everything: the priority queues and victim order would be undefined
+            raise HostError(f"a priority (bid) must be a finite number, got {priority!r}")
         self._ctx(ctx)[1].priority = float(priority)
 
     async def ctx_forward(self, ctx: int, spec: PassDict) -> list[Any]:
