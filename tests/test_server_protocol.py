@@ -9,14 +9,15 @@ import msgpack
 import pytest
 
 from pie.errors import ProtocolError
-from pie.server import protocol
-from pie.server.chunks import Reassembler, check_digest, digest, split
-from pie.server.protocol import CHUNK_SIZE, FrameError
+from pie.wire import protocol
+from pie.wire.chunks import Reassembler, check_digest, digest, split
+from pie.wire.protocol import CHUNK_SIZE, FrameError
 
 
 def _sample(cls: type) -> object:
     """An instance of a message class with a value of the right type in every field."""
-    values = {"int": 7, "str": "x", "bool": True, "bytes": b"\x00\x01", "int | None": 3, "str | None": "y"}
+    values = {"int": 7, "str": "x", "bool": True, "bytes": b"\x00\x01", "int | None": 3, "str | None": "y",
+              "list | None": ["a", "b"]}
     return cls(**{f.name: values[str(f.type)] for f in dataclasses.fields(cls)})
 
 

@@ -7,7 +7,7 @@
             print(event.kind, event.value)
 
 Speaks the same wire protocol as the `pie-client` package (see
-`pie/server/protocol.py`) plus what that package cannot: SSH-key
+`pie/wire/protocol.py`) plus what that package cannot: SSH-key
 challenge-response and the internal token. See docs/client.md.
 """
 
@@ -34,9 +34,9 @@ from pie.client.signing import PrivateKey, load_private_key, sign
 from pie.errors import AuthError, ProtocolError, RequestError
 from pie.mcp_link import McpServerSpec
 from pie.runtime.api import FINAL_EVENTS, Event
-from pie.server import protocol
-from pie.server.chunks import Reassembler, check_digest, digest, split
-from pie.server.protocol import (
+from pie.wire import protocol
+from pie.wire.chunks import Reassembler, check_digest, digest, split
+from pie.wire.protocol import (
     AddProgram,
     AttachProcess,
     AuthByToken,

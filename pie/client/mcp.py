@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from pie.mcp_link import INTERNAL_ERROR, McpCallError, McpLink, McpServerSpec, parse_params
-from pie.server.protocol import McpRequest, McpResponse
+from pie.wire.protocol import McpRequest, McpResponse
 
 log = logging.getLogger(__name__)
 

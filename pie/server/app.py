@@ -38,9 +38,9 @@ from pie.server.connections import GUARD, ConnectionGuard, GuardedSite, fit_fd_l
 from pie.server.http import build_app, close_sockets
 from pie.server.limits import RepeatFilter
 from pie.server.options import ServerOptions
-from pie.server.protocol import WS_PATH
 from pie.server.state import ServerState
 from pie.server.watchdog import watch_signals
+from pie.wire.protocol import WS_PATH
 
 log = logging.getLogger("pie.server")
 

@@ -32,9 +32,9 @@ from pie.server.api.errors import json_errors
 from pie.server.auth import bearer_matches
 from pie.server.connections import first_request
 from pie.server.metrics import CONTENT_TYPE
-from pie.server.protocol import WS_PATH
 from pie.server.session import Session
 from pie.server.state import STATE, ServerState
+from pie.wire.protocol import WS_PATH
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from pie.errors import RequestError
 from pie.mcp_link import INTERNAL_ERROR, TIMEOUT, McpCallError
-from pie.server.protocol import McpRequest, McpResponse, RegisterMcpServer, ServerMessage
+from pie.wire.protocol import McpRequest, McpResponse, RegisterMcpServer, ServerMessage
 
 MAX_SERVERS = 64
 MAX_NAME = 128

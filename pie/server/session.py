@@ -25,11 +25,14 @@ from aiohttp import WSMsgType, web
 
 from pie.errors import PieError, RequestError
 from pie.runtime.api import FINAL_EVENTS, Event, ProcessAPI
-from pie.server import processes, protocol
+from pie.server import processes
 from pie.server.auth import Reply
-from pie.server.chunks import Reassembler, check_digest, digest, split
 from pie.server.mcp_relay import SessionMcpRelay
-from pie.server.protocol import (
+from pie.server.queries import answer_query
+from pie.server.state import ServerState
+from pie.wire import protocol
+from pie.wire.chunks import Reassembler, check_digest, digest, split
+from pie.wire.protocol import (
     AddProgram,
     AttachProcess,
     AuthByToken,
@@ -53,8 +56,6 @@ from pie.server.protocol import (
     TerminateProcess,
     TransferFile,
 )
-from pie.server.queries import answer_query
-from pie.server.state import ServerState
 
 log = logging.getLogger(__name__)
 

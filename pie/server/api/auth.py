@@ -28,7 +28,7 @@ from aiohttp import web
 from pie.errors import ConfigError
 from pie.server.api.errors import Handler, error_body
 from pie.server.openai_schema import OpenAIError
-from pie.server.protocol import WS_PATH
+from pie.wire.protocol import WS_PATH
 
 ANONYMOUS_USER = "openai"
 ENV_KEY = "PIE_API_KEY"

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pie.server.protocol import WS_PATH
+from pie.wire.protocol import WS_PATH
 
 log = logging.getLogger("pie.server.http")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from pie.errors import ProtocolError
-from pie.server.protocol import CHUNK_SIZE
+from pie.wire.protocol import CHUNK_SIZE
 
 
 def split(data: bytes, chunk_size: int = CHUNK_SIZE) -> list[bytes]:
