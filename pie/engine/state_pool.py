@@ -163,3 +163,43 @@ class StateSwapPool:
         h, d = self._host_slots(list(host)), pool.check_slots(list(dev), "swap-in")
         pool.conv[d] = self.conv[h].to(pool.device, non_blocking=True)
         pool.state[d] = self.state[h].to(pool.device, non_blocking=True)
+
+
+RECURRENT_EXTRAS = "recurrent"  # ForwardContext.extras key of a batch's RecurrentBatch
+
+
+@dataclass(frozen=True)
+class RecurrentGroup:
+    """Requests a recurrent layer runs together: every 1-token request at once, or one longer request."""
+
+    rows: torch.Tensor  # [n * q_len] batch rows, request-major
+    slots: torch.Tensor  # [n] state slots
+    q_len: int
+    decode: bool  # the token-by-token form (1-token requests) rather than the chunked one
+
+
+class RecurrentBatch:
+    """How one forward batch addresses the state pool; built once per batch, read by every recurrent layer.
+
+    Request r owns batch rows qo_indptr[r]:qo_indptr[r + 1] and state slot slots[r]; fresh[r] says it
+    starts a sequence (kv position 0), so its slot is zeroed first instead of read.
+    """
+
+    def __init__(self, pool: StatePool, qo_indptr: list[int], slots: list[int], fresh: list[bool]) -> None:
+        if len(set(slots)) != len(slots):
+            raise BatchError(f"two requests of one batch name the same state slot ({slots}); each sequence "
+                             f"needs its own slot (copy the slot to fork)")
+        pool.check_slots(slots)
+        self.pool = pool
+        pool.reset([s for s, f in zip(slots, fresh, strict=True) if f])
+        dev = pool.device
+        q_lens = [qo_indptr[r + 1] - qo_indptr[r] for r in range(len(slots))]
+        decode = [r for r, n in enumerate(q_lens) if n == 1]
+        self.groups: list[RecurrentGroup] = []
+        if decode:
+            self.groups.append(RecurrentGroup(torch.tensor([qo_indptr[r] for r in decode], device=dev),
+                                              torch.tensor([slots[r] for r in decode], device=dev), 1, True))
+        for r, n in enumerate(q_lens):
+            if n > 1:
+                self.groups.append(RecurrentGroup(torch.arange(qo_indptr[r], qo_indptr[r + 1], device=dev),
+                                                  torch.tensor([slots[r]], device=dev), n, False))
