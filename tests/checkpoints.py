@@ -79,6 +79,11 @@ ARCHS: dict[str, dict[str, Any]] = {
     # Hybrids: three Gated DeltaNet layers to one gated full-attention layer, grouped values (4 v heads on 2 k heads).
     "qwen3_5_text": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
                      "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4},
+    # The same hybrid with grouped fused projections and a shared-expert MoE; layer 1 keeps a dense MLP.
+    "qwen3_next": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                   "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
+                   "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48, "norm_topk_prob": True, "mlp_only_layers": [1]},
 }
 
 
