@@ -124,8 +124,9 @@ class HybridRunner:
             kv_lens=np.array(kv_lens, np.int32), custom_masks=[None] * len(seqs))
         self.backend.plan(layout)
         dev = self.device
-        fwd = ForwardContext(self.backend, self.kv, *(torch.from_numpy(np.concatenate(a).astype(np.int64)).to(dev)
-                                                      for a in (positions, w_page, w_off)))
+        pos_t, page_t, off_t = (torch.from_numpy(np.concatenate(a).astype(np.int64)).to(dev)
+                                for a in (positions, w_page, w_off))
+        fwd = ForwardContext(self.backend, self.kv, pos_t, page_t, off_t)
         fresh = [s.kv_len == len(t) for s, t in zip(seqs, toks, strict=True)]
         fwd.extras[RECURRENT_EXTRAS] = RecurrentBatch(self.states, qo.tolist(), [s.slot for s in seqs], fresh)
         tokens = torch.tensor([x for t in toks for x in t], dtype=torch.long, device=dev)

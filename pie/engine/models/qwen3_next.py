@@ -87,7 +87,7 @@ class Qwen3NextForCausalLM(HybridCausalLM):
             return load_expert_weight(self, name, source, self.expert_pieces)
         layer = self.get_submodule(prefix)
         assert isinstance(layer, GatedDeltaNet), name
-        filled = []
+        filled: list[tuple[str, int | None]] = []
         for shard, rows in zip(_GROUPED[proj], _regroup(layer, proj, source.full()), strict=True):
             layer.in_proj.load_shard("weight", rows, shard, source.name)
             filled.append((f"{prefix}.in_proj.weight", shard))
