@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,15 +52,22 @@ class HybridRunner:
 
     @classmethod
     def load(cls, model_dir: Path, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-             dummy_weights: bool = False, num_pages: int = 256, page_size: int = 16,
-             num_slots: int = 8) -> HybridRunner:
+             dummy_weights: bool = False, **sizes: int) -> HybridRunner:
+        """A checkpoint directory (or, with dummy_weights, only its config.json) -> a runner."""
         from transformers import AutoConfig
 
-        device = device or torch.device("cpu")
         hf_config = AutoConfig.from_pretrained(str(model_dir))
+        return cls.from_config(hf_config, None if dummy_weights else model_dir, dtype=dtype, device=device, **sizes)
+
+    @classmethod
+    def from_config(cls, hf_config: Any, model_dir: Path | None, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | None = None, num_pages: int = 256, page_size: int = 16,
+                    num_slots: int = 8) -> HybridRunner:
+        """Weights from `model_dir`, or deterministic random ones when it is None (benchmarks)."""
+        device = device or torch.device("cpu")
         model = build_model(hybrid_architecture(hf_config.model_type), hf_config, dtype, device)
         assert isinstance(model, HybridCausalLM)
-        if dummy_weights:
+        if model_dir is None:
             init_dummy_weights(model)
         else:
             load_weights(model, checkpoint_files(model_dir))
