@@ -84,6 +84,10 @@ ARCHS: dict[str, dict[str, Any]] = {
                    "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
                    "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 48, "norm_topk_prob": True, "mlp_only_layers": [1]},
+    "qwen3_5_moe_text": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_key_heads": 2,
+                         "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "shared_expert_intermediate_size": 48},
 }
 
 
@@ -102,6 +106,7 @@ WRAPPERS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("gemma3_text", {"vision_config": _SIGLIP, "mm_tokens_per_image": 4}),
     "gemma4": ("gemma4_text", {"vision_config": _GEMMA4_VISION, "audio_config": None}),
     "qwen3_5": ("qwen3_5_text", {"vision_config": _QWEN3_5_VISION}),
+    "qwen3_5_moe": ("qwen3_5_moe_text", {"vision_config": _QWEN3_5_VISION}),
 }
 
 

@@ -1,4 +1,4 @@
-"""Hybrid families (Qwen 3.5, Qwen3-Next) through HybridRunner against transformers on tiny random checkpoints (float32).
+"""Hybrid families (Qwen 3.5, its MoE, Qwen3-Next) through HybridRunner against transformers on tiny random checkpoints (float32).
 
 The full-attention layers run on the paged KV cache (page sizes 1 and 16), the Gated DeltaNet layers on the
 state pool: prefill logits, 32 greedy steps of two sequences decoded together (the recurrent path), chunked
@@ -18,8 +18,8 @@ from pie.engine.hybrid_runner import HybridRunner
 from pie.engine.models.hybrid import hybrid_architecture
 from pie.engine.models.registry import unsupported_reason
 
-ARCHS = ["qwen3_5_text", "qwen3_5", "qwen3_next"]
-TEXT_ARCHS = ["qwen3_5_text", "qwen3_next"]  # distinct layer stacks (the wrapper runs qwen3_5_text's)
+ARCHS = ["qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe"]
+TEXT_ARCHS = ["qwen3_5_text", "qwen3_next"]  # the distinct mixers and MLPs (the others combine them)
 PROMPTS = [[5, 9, 100, 3, 77, 41, 8, 250, 13, 6, 99, 120, 7], [11, 300, 4], list(range(20, 90))]
 TOL = 1e-4  # max |ours - ref| / max |ref|
 
