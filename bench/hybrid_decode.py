@@ -50,11 +50,11 @@ def make_config(shape: dict[str, Any], dense: bool, layers_scale: float) -> Any:
 
 def decode_rate(runner: HybridRunner, batch: int, context: int, steps: int) -> float:
     seqs = [runner.new_sequence() for _ in range(batch)]
-    runner.forward({s: [5 + i % 7] * context for i, s in enumerate(seqs)})
-    runner.forward({s: [7] for s in seqs})  # warm-up step
+    runner.forward({s: [5 + i % 7] * context for i, s in enumerate(seqs)}, all_rows=False)
+    runner.forward({s: [7] for s in seqs}, all_rows=False)  # warm-up step
     start = time.perf_counter()
     for _ in range(steps):
-        runner.forward({s: [7] for s in seqs})
+        runner.forward({s: [7] for s in seqs}, all_rows=False)
     elapsed = time.perf_counter() - start
     for s in seqs:
         runner.free(s)
@@ -81,7 +81,10 @@ def main() -> None:
         print(f"{name}: {sum(p.numel() for p in runner.model.parameters()) / 1e6:.0f}M params, "
               f"{runner.model.spec.num_layers} layers, state {state_mib:.2f} MiB per sequence", flush=True)
         with torch.inference_mode():
-            rates[name] = {b: decode_rate(runner, b, args.context, args.steps) for b in args.batches}
+            rates[name] = {}
+            for b in args.batches:
+                rates[name][b] = decode_rate(runner, b, args.context, args.steps)
+                print(f"  batch {b}: {rates[name][b]:.1f} tok/s", flush=True)
         del runner
         gc.collect()
     print(f"\n{'batch':>6} {'hybrid tok/s':>14} {'dense tok/s':>13} {'hybrid/dense':>13}")

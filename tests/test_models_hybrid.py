@@ -130,6 +130,16 @@ def test_fork_then_continue_equals_recompute(text_checkpoint: tuple[Path, Any]) 
     runner.states.check_integrity()
 
 
+def test_last_row_logits_only(text_checkpoint: tuple[Path, Any]) -> None:
+    directory, ref = text_checkpoint
+    runner = _runner(directory)
+    a, b = runner.new_sequence(), runner.new_sequence()
+    out = runner.forward({a: PROMPTS[0], b: PROMPTS[1]}, all_rows=False)
+    assert out[a].shape[0] == out[b].shape[0] == 1
+    _close(out[a][0], _hf_logits(ref, PROMPTS[0])[-1])
+    _close(out[b][0], _hf_logits(ref, PROMPTS[1])[-1])
+
+
 def test_engine_registry_still_refuses_hybrids() -> None:
     """Until Engine.forward_batch carries state slots, the engine must not load these (docs/models.md)."""
     for model_type in ARCHS:

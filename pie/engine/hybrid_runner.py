@@ -110,8 +110,12 @@ class HybridRunner:
     # -- one batch --
 
     @torch.inference_mode()
-    def forward(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-        """Append each sequence's new tokens in one batch -> float32 logits [len(tokens), vocab] per sequence."""
+    def forward(self, chunks: dict[int, list[int]], *, all_rows: bool = True) -> dict[int, torch.Tensor]:
+        """Append each sequence's new tokens in one batch -> float32 logits per sequence.
+
+        [len(tokens), vocab] for every new token, or [1, vocab] for the last one when all_rows is False
+        (the LM head then runs on one row per sequence, as the engine's output rows do).
+        """
         seqs = [self._seqs[i] for i in chunks]
         toks = [chunks[i] for i in chunks]
         qo = np.cumsum([0, *(len(t) for t in toks)]).astype(np.int32)
@@ -138,5 +142,9 @@ class HybridRunner:
         fresh = [s.kv_len == len(t) for s, t in zip(seqs, toks, strict=True)]
         fwd.extras[RECURRENT_EXTRAS] = RecurrentBatch(self.states, qo.tolist(), [s.slot for s in seqs], fresh)
         tokens = torch.tensor([x for t in toks for x in t], dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(self.model(tokens, fwd))
+        hidden = self.model(tokens, fwd)
+        if not all_rows:
+            last = self.model.compute_logits(hidden[torch.from_numpy(qo[1:] - 1).long().to(dev)])
+            return {i: last[r:r + 1] for r, i in enumerate(chunks)}
+        logits = self.model.compute_logits(hidden)
         return {i: logits[qo[r]:qo[r + 1]] for r, i in enumerate(chunks)}
