@@ -88,6 +88,11 @@ ARCHS: dict[str, dict[str, Any]] = {
                          "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                          "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                          "shared_expert_intermediate_size": 48},
+    # Mamba-2 on the same state pool: 2 Mamba blocks (4 heads of 8, 2 groups, state 8), attention, MLPs;
+    # chunk 16, so the longer prompts span several SSD chunks.
+    "nemotron_h": {"head_dim": 16, "num_hidden_layers": 5, "layers_block_type": [
+        "linear_attention", "mlp", "linear_attention", "full_attention", "mlp"], "mamba_num_heads": 4,
+        "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "chunk_size": 16},
 }
 
 

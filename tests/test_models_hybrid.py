@@ -1,7 +1,7 @@
-"""Hybrid families (Qwen 3.5, its MoE, Qwen3-Next) through HybridRunner against transformers on tiny random checkpoints (float32).
+"""Hybrid families (Qwen 3.5 + MoE, Qwen3-Next, Nemotron-H) through HybridRunner vs transformers (tiny, float32).
 
-The full-attention layers run on the paged KV cache (page sizes 1 and 16), the Gated DeltaNet layers on the
-state pool: prefill logits, 32 greedy steps of two sequences decoded together (the recurrent path), chunked
+The full-attention layers run on the paged KV cache (page sizes 1 and 16), the Gated DeltaNet / Mamba-2 layers on
+the state pool: prefill logits, 32 greedy steps of two sequences decoded together (the recurrent path), chunked
 prefill resuming from the slot, a mixed prefill + decode batch, and fork (state copy) then continue.
 """
 
@@ -18,8 +18,9 @@ from pie.engine.hybrid_runner import HybridRunner
 from pie.engine.models.hybrid import hybrid_architecture
 from pie.engine.models.registry import unsupported_reason
 
-ARCHS = ["qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe"]
-TEXT_ARCHS = ["qwen3_5_text", "qwen3_next"]  # the distinct mixers and MLPs (the others combine them)
+ARCHS = ["qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "nemotron_h"]
+TEXT_ARCHS = ["qwen3_5_text", "qwen3_next", "nemotron_h"]  # the distinct mixers and MLPs (the others combine them)
+STATE_ARCHS = ["qwen3_5_text", "nemotron_h"]  # Gated DeltaNet and Mamba-2 on the one state pool
 PROMPTS = [[5, 9, 100, 3, 77, 41, 8, 250, 13, 6, 99, 120, 7], [11, 300, 4], list(range(20, 90))]
 TOL = 1e-4  # max |ours - ref| / max |ref|
 
@@ -92,9 +93,10 @@ def test_greedy_32_steps_match_transformers(checkpoint: tuple[Path, Any]) -> Non
             _close(ours, theirs)
 
 
-def test_chunked_prefill_resumes_from_the_slot(text_checkpoint: tuple[Path, Any]) -> None:
+@pytest.mark.parametrize("checkpoint", STATE_ARCHS, indirect=True)
+def test_chunked_prefill_resumes_from_the_slot(checkpoint: tuple[Path, Any]) -> None:
     """A 70-token prompt in chunks of 30, 1 and 39 (the 1-token chunk takes the recurrent path) == one piece."""
-    directory, ref = text_checkpoint
+    directory, ref = checkpoint
     runner = _runner(directory)
     prompt = PROMPTS[2]
     s = runner.new_sequence()
@@ -114,8 +116,9 @@ def test_mixed_prefill_and_decode_batch(text_checkpoint: tuple[Path, Any]) -> No
     _close(out[c], _hf_logits(ref, PROMPTS[2])[40:])
 
 
-def test_fork_then_continue_equals_recompute(text_checkpoint: tuple[Path, Any]) -> None:
-    directory, ref = text_checkpoint
+@pytest.mark.parametrize("checkpoint", STATE_ARCHS, indirect=True)
+def test_fork_then_continue_equals_recompute(checkpoint: tuple[Path, Any]) -> None:
+    directory, ref = checkpoint
     runner = _runner(directory)
     prompt = PROMPTS[0]
     parent = runner.new_sequence()
@@ -145,4 +148,4 @@ def test_engine_registry_still_refuses_hybrids() -> None:
     for model_type in ARCHS:
         assert hybrid_architecture(model_type) is not None
         reason = unsupported_reason(model_type)
-        assert reason is not None and "Gated DeltaNet" in reason
+        assert reason is not None and "state slots" in reason

@@ -138,11 +138,12 @@ class GatedRMSNorm(nn.Module):
 
 
 class DepthwiseConvWeight(nn.Module):
-    """Holds HF's `conv1d.weight` [channels, 1, kernel] (no bias); the conv itself is `causal_conv1d`."""
+    """Holds HF's `conv1d.weight` [channels, 1, kernel] (and `bias`); the conv itself is `causal_conv1d`."""
 
-    def __init__(self, channels: int, kernel: int) -> None:
+    def __init__(self, channels: int, kernel: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(channels), requires_grad=False) if bias else None
 
 
 class GatedDeltaNet(nn.Module):
@@ -219,7 +220,7 @@ class HybridLayer(nn.Module):
 
 
 class HybridCausalLM(CausalLM):
-    layer_cls = HybridLayer
+    layer_cls: ClassVar[type[nn.Module]] = HybridLayer
     packed_modules_mapping: ClassVar[dict[str, tuple[str, int]]] = {
         **CausalLM.packed_modules_mapping,
         "in_proj_qkv": ("in_proj", 0),
