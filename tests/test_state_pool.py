@@ -89,3 +89,19 @@ def test_integrity_catches_non_finite_state() -> None:
     pool.state[2, 1, 0, 0, 0] = float("nan")
     with pytest.raises(AssertionError, match="non-finite"):
         pool.check_integrity()
+
+
+def test_recurrent_batch_groups_resets_fresh_slots_and_refuses_shared_slots() -> None:
+    from pie.engine.state_pool import RecurrentBatch
+
+    pool = _filled()
+    keep = pool.state[2].clone()
+    # requests: 1 token (slot 2), 3 tokens fresh (slot 4), 1 token fresh (slot 0)
+    batch = RecurrentBatch(pool, [0, 1, 4, 5], [2, 4, 0], [False, True, True])
+    assert not pool.state[4].any() and not pool.conv[0].any()  # fresh slots zeroed first
+    assert torch.equal(pool.state[2], keep)
+    decode, prefill = batch.groups
+    assert decode.decode and decode.rows.tolist() == [0, 4] and decode.slots.tolist() == [2, 0]
+    assert not prefill.decode and prefill.rows.tolist() == [1, 2, 3] and prefill.q_len == 3
+    with pytest.raises(BatchError, match="same state slot"):
+        RecurrentBatch(pool, [0, 1, 2], [3, 3], [False, False])
