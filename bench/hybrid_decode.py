@@ -6,7 +6,7 @@ the dense one with every layer full attention (Qwen3-0.6B's shapes; it keeps
 the hybrid's output gate, so its q projection is twice Qwen 3's). Each batch
 size prefills `--context` tokens per sequence, then times `--steps` decode
 steps of one token per sequence. The ratio column is hybrid / dense at the
-same batch size. The Qwen3.5-0.8B shape is assumed (hidden 1024, 24 layers,
+same batch size; the two models alternate (best of --reps). The Qwen3.5-0.8B shape is assumed (hidden 1024, 24 layers,
 8 x 256 attention heads on 2 kv heads, 16 x 128 linear heads, MLP 3584,
 vocabulary 248320, tied embeddings), not read from the hub.
 
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--context", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="alternating repetitions per model; the best counts")
     ap.add_argument("--layers-scale", type=float, default=1.0, help="fraction of the layers to build (quick runs)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cpu")
@@ -73,20 +74,26 @@ def main() -> None:
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     max_batch = max(args.batches)
     pages = max_batch * (-(-(args.context + args.steps + 2) // 16))
-    rates: dict[str, dict[int, float]] = {}
+    runners: dict[str, HybridRunner] = {}
     for name, shape, dense in (("qwen3.5-0.8b-shaped", HYBRID, False), ("qwen3-0.6b-shaped", DENSE, True)):
         runner = HybridRunner.from_config(make_config(shape, dense, args.layers_scale), None, dtype=dtype,
                                           device=device, num_pages=pages, page_size=16, num_slots=max_batch)
         state_mib = runner.states.shape.bytes_per_slot / 2**20
         print(f"{name}: {sum(p.numel() for p in runner.model.parameters()) / 1e6:.0f}M params, "
               f"{runner.model.spec.num_layers} layers, state {state_mib:.2f} MiB per sequence", flush=True)
-        with torch.inference_mode():
-            rates[name] = {}
-            for b in args.batches:
-                rates[name][b] = decode_rate(runner, b, args.context, args.steps)
-                print(f"  batch {b}: {rates[name][b]:.1f} tok/s", flush=True)
-        del runner
-        gc.collect()
+        runners[name] = runner
+    # The two models alternate, best of --reps each: the host may be shared, and load that changes between
+    # two back-to-back runs would otherwise land on one side of the ratio.
+    rates: dict[str, dict[int, float]] = {name: {} for name in runners}
+    with torch.inference_mode():
+        for b in args.batches:
+            for _ in range(args.reps):
+                for name, runner in runners.items():
+                    rate = decode_rate(runner, b, args.context, args.steps)
+                    rates[name][b] = max(rates[name].get(b, 0.0), rate)
+            print(f"  batch {b}: " + ", ".join(f"{n} {r[b]:.1f} tok/s" for n, r in rates.items()), flush=True)
+    del runners
+    gc.collect()
     print(f"\n{'batch':>6} {'hybrid tok/s':>14} {'dense tok/s':>13} {'hybrid/dense':>13}")
     hybrid, dense_rates = rates["qwen3.5-0.8b-shaped"], rates["qwen3-0.6b-shaped"]
     for b in args.batches:
