@@ -76,6 +76,23 @@ ARCHS: dict[str, dict[str, Any]] = {
                 "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                     "truncate": False, "original_max_position_embeddings": 512,
                                     "rope_theta": 150_000.0}},
+    # Hybrids: three Gated DeltaNet layers to one gated full-attention layer, grouped values (4 v heads on 2 k heads).
+    "qwen3_5_text": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4},
+    # The same hybrid with grouped fused projections and a shared-expert MoE; layer 1 keeps a dense MLP.
+    "qwen3_next": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                   "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
+                   "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48, "norm_topk_prob": True, "mlp_only_layers": [1]},
+    "qwen3_5_moe_text": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_key_heads": 2,
+                         "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "shared_expert_intermediate_size": 48},
+    # Mamba-2 on the same state pool: 2 Mamba blocks (4 heads of 8, 2 groups, state 8), attention, MLPs;
+    # chunk 16, so the longer prompts span several SSD chunks.
+    "nemotron_h": {"head_dim": 16, "num_hidden_layers": 5, "layers_block_type": [
+        "linear_attention", "mlp", "linear_attention", "full_attention", "mlp"], "mamba_num_heads": 4,
+        "mamba_head_dim": 8, "n_groups": 2, "ssm_state_size": 8, "chunk_size": 16},
 }
 
 
@@ -86,11 +103,15 @@ _SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "
            "image_size": 32, "patch_size": 8}
 _GEMMA4_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "num_key_value_heads": 2, "head_dim": 16}
+_QWEN3_5_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                   "patch_size": 8, "num_position_embeddings": 16}
 WRAPPERS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral3": ("ministral3", {"vision_config": _PIXTRAL}),
     "mistral3:mistral": ("mistral", {"vision_config": _PIXTRAL}),
     "gemma3": ("gemma3_text", {"vision_config": _SIGLIP, "mm_tokens_per_image": 4}),
     "gemma4": ("gemma4_text", {"vision_config": _GEMMA4_VISION, "audio_config": None}),
+    "qwen3_5": ("qwen3_5_text", {"vision_config": _QWEN3_5_VISION}),
+    "qwen3_5_moe": ("qwen3_5_moe_text", {"vision_config": _QWEN3_5_VISION}),
 }
 
 

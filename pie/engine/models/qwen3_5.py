@@ -1,0 +1,22 @@
+"""Qwen 3.5 (Qwen/Qwen3.5-0.8B ... 27B): the hybrid decoder of `models/hybrid.py` with dense MLPs.
+
+`qwen3_5_text` is the language model alone (`Qwen3_5ForCausalLM`); `qwen3_5`
+is the image-text checkpoint (`Qwen3_5ForConditionalGeneration`), whose text
+part is run (the vision tower is skipped). Text-only positions are the same on
+the three M-RoPE axes, which makes HF's interleaved M-RoPE plain partial RoPE.
+"""
+
+from __future__ import annotations
+
+from pie.engine.models.hybrid import HybridCausalLM, register_hybrid
+from pie.engine.models.multimodal import TextPartOf
+
+
+@register_hybrid("qwen3_5_text")
+class Qwen3_5TextForCausalLM(HybridCausalLM):
+    pass
+
+
+@register_hybrid("qwen3_5")
+class Qwen3_5ForConditionalGeneration(TextPartOf, Qwen3_5TextForCausalLM):
+    pass
