@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 DEFAULT_SCALE = 3.0
-POLL_S = 0.02
+POLL_S = 0.01
 
 
 def time_scale() -> float:
