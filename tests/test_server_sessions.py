@@ -48,7 +48,7 @@ async def connect(server: Server, user: str = "alice") -> PieClient:
 
 async def chat_turn(process, text: str) -> str:  # type: ignore[no-untyped-def]
     await process.send_message(text)
-    event = await asyncio.wait_for(anext(aiter(process.events())), 30)
+    event = await asyncio.wait_for(anext(aiter(process.events())), scaled(30))
     assert event.kind == "message", event
     return str(event.value)
 
@@ -109,7 +109,7 @@ async def test_upload_then_files_both_ways_checked_by_blake3(server: Server) -> 
     data = bytes(range(256)) * 2400  # 614,400 bytes: three 256 KiB chunks each way
     await process.send_file(data)
     events = process.events()
-    file_event = await asyncio.wait_for(anext(events), 30)
+    file_event = await asyncio.wait_for(anext(events), scaled(30))
     assert file_event.kind == "file" and file_event.value == data[::-1]
     await process.send_message("done")
     rest = [e async for e in events]
@@ -137,11 +137,11 @@ async def test_bad_input_is_refused_to_that_client_only(server: Server) -> None:
         }
         for frame, words in refusals.items():
             await ws.send(frame)
-            reply = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10))
+            reply = msgpack.unpackb(await asyncio.wait_for(ws.recv(), scaled(10)))
             assert reply.get("ok") is not True and words in (reply.get("result") or reply.get("message")), reply
         await ws.send(b"\x00" * (1024 * 1024 + 1))  # over max_frame_bytes
         with pytest.raises(websockets.ConnectionClosed) as closed:
-            await asyncio.wait_for(ws.recv(), 10)
+            await asyncio.wait_for(ws.recv(), scaled(10))
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     final = [e async for e in running.events()][-1]
     assert final.kind == "return"  # the well-behaved client was never disturbed
