@@ -6,9 +6,10 @@ Every rank joins the group from the torchrun-style environment (ranks on other
 hosts join the same way, see docs/parallelism.md). Rank 0 is started by the
 server (`pie.runtime.worker_client.WorkerEngine`) with `--server-fd`, one end
 of a socketpair, and `--store-fd`, the rendezvous socket the server has bound
-at MASTER_PORT (rank 0 serves torch.distributed's store on it); it reads each request from there, broadcasts it to the other
-ranks over the control group, and every rank executes it on its own `Engine`
-(same batch, same collectives); rank 0 sends the reply.
+at MASTER_PORT (rank 0 serves torch.distributed's store on it). It reads each
+request from the server's socket, broadcasts it to the other ranks over the
+control group, and every rank executes it on its own `Engine` (same batch,
+same collectives); rank 0 sends the reply.
 
 Messages (`pie.engine.wire`, msgpack lists):
 

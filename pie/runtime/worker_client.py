@@ -10,8 +10,9 @@ MASTER_PORT) and waits until every rank has loaded its slice of the model.
 Ranks beyond the local devices run on other hosts and join the same
 rendezvous (docs/parallelism.md). The rendezvous socket is bound here and
 handed to rank 0 (`--store-fd`), so port 0 picks a free port that no other
-process can take before rank 0 serves torch.distributed's store on it. Messages are `pie.engine.wire` msgpack,
-never pickle; this module imports no torch.
+process can take before rank 0 serves torch.distributed's store on it.
+Messages are `pie.engine.wire` msgpack, never pickle; this module imports no
+torch.
 
 Failures: a pie error the engine raises for a batch (BatchError, ...) comes
 back as the same exception type and the workers keep serving. A worker that
@@ -46,8 +47,6 @@ from pie.errors import ConfigError, EngineWorkerError
 T = TypeVar("T")
 POLL_S = 0.1  # how often a waiting call checks that the local ranks are alive
 LOG_TAIL_CHARS = 3000
-
-
 LISTEN_BACKLOG = 128  # connections of ranks that arrive before rank 0 serves the store wait here
 
 
