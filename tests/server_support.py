@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+
+from timing import scaled, wait_for_async
 
 from pie.engine.config import EngineConfig
 from pie.runtime.runtime import ModelSpec, RuntimeConfig, RuntimeLimits
@@ -50,11 +51,8 @@ def pages_used(server: Server) -> int:
 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """Poll `predicate` on the loop; fail after `timeout_s` scaled for this machine (tests/timing.py)."""
+    await wait_for_async(predicate, timeout_s, what)
 
 
 class ServerThread:
@@ -71,14 +69,14 @@ class ServerThread:
 
     def __enter__(self) -> Server:
         self._thread.start()
-        if not self._ready.wait(120) or self.server is None:
+        if not self._ready.wait(scaled(120)) or self.server is None:
             raise RuntimeError("the server thread did not start")
         return self.server
 
     def __exit__(self, *exc: object) -> None:
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
+        self._thread.join(scaled(60))
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from serve_process import ServeProcess
+from timing import scaled
 from typer.testing import CliRunner
 
 from pie.cli.main import app
@@ -172,7 +172,7 @@ def test_auth_add_list_remove(home: Path, tmp_path: Path) -> None:
 
 def pie(*args: str, home: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PIE, *args], env={**os.environ, "PIE_HOME": str(home)}, capture_output=True, text=True,
-                          timeout=120, **kwargs)
+                          timeout=scaled(120), **kwargs)
 
 
 def test_the_console_script(tmp_path: Path) -> None:
@@ -197,12 +197,6 @@ async def main(input: dict) -> str:
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.asyncio
 async def test_serve_with_auth_and_run_against_it(tmp_path: Path) -> None:
     """`pie auth add` writes the keystore; `pie serve` with enable_auth reads it; a key gets in, through
@@ -211,8 +205,7 @@ async def test_serve_with_auth_and_run_against_it(tmp_path: Path) -> None:
     from pie.client.signing import load_private_key
     from pie.errors import AuthError
 
-    port = free_port()
-    (tmp_path / "config.toml").write_text(f"port = {port}\nenable_auth = true\n" + TINY_CONFIG)
+    (tmp_path / "config.toml").write_text("port = 0\nenable_auth = true\n" + TINY_CONFIG)  # the server picks one
     nobody = pie("serve", home=tmp_path)  # auth on, no users: refused at startup, before loading a model
     assert nobody.returncode == 1 and "authorizes nobody" in nobody.stderr
     key = tmp_path / "home" / ".ssh" / "id_ed25519"  # where `pie run` looks for the user's key
@@ -220,10 +213,10 @@ async def test_serve_with_auth_and_run_against_it(tmp_path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     with open(key.with_suffix(".pub")) as public:
         assert pie("auth", "add", "alice", home=tmp_path, stdin=public).returncode == 0
-    server = subprocess.Popen([PIE, "serve"], env={**os.environ, "PIE_HOME": str(tmp_path)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = ServeProcess([PIE, "serve"], env={**os.environ, "PIE_HOME": str(tmp_path)})
     try:
-        wait_healthy(server, f"http://127.0.0.1:{port}/health")
+        port = server.wait_serving(120)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=scaled(10)).status_code == 200
         async with PieClient(f"ws://127.0.0.1:{port}/v1/ws") as client:
             await client.authenticate("alice", key=load_private_key(key))
             assert await client.list_processes() == []
@@ -231,12 +224,11 @@ async def test_serve_with_auth_and_run_against_it(tmp_path: Path) -> None:
             with pytest.raises(AuthError, match="not authorized"):
                 await client.authenticate("mallory", key=load_private_key(key))
         run_as_alice(tmp_path, port)
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
+        server.proc.send_signal(signal.SIGINT)
+        assert server.wait(60) == 0
     finally:
         server.kill()
-        output = server.communicate()[0]
-    assert "auth on" in output
+    assert "auth on" in server.output()
 
 
 def run_as_alice(tmp_path: Path, port: int) -> None:
@@ -246,30 +238,20 @@ def run_as_alice(tmp_path: Path, port: int) -> None:
            "LOGNAME": "alice"}
     args = [PIE, "run", "--port", str(port)]
     done = subprocess.run([*args, "-p", str(script), "--", "--max-tokens", "64", "--greedy", "-k", "v", "hello"],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=scaled(60))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '{"_positional": ["hello"], "greedy": true, "k": "v", "max_tokens": 64}'
-    missing = subprocess.run([*args, "no-such-inferlet"], env=env, capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([*args, "no-such-inferlet"], env=env, capture_output=True, text=True,
+                             timeout=scaled(60))
     assert missing.returncode == 1 and "no-such-inferlet" in missing.stderr
     waiting = subprocess.Popen([*args, "-p", str(script), "--", "--wait"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         assert waiting.stdout is not None and waiting.stdout.readline() == "waiting\n"
         waiting.send_signal(signal.SIGINT)
-        assert waiting.wait(timeout=60) == 130
+        assert waiting.wait(timeout=scaled(60)) == 130
     finally:
         waiting.kill()
         waiting.wait()
 
 
-def wait_healthy(server: subprocess.Popen[str], url: str, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"pie serve exited with {server.returncode}: {server.communicate()[0][-2000:]}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise AssertionError(f"no answer from {url} within {deadline_s} s")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from timing import scaled
 
 from pie.errors import FlavorError
 from pie.flavors import (
@@ -135,7 +136,7 @@ def test_install_sh_embeds_the_current_table() -> None:
 def test_module_command_line() -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "pie.flavors", *args], capture_output=True, text=True,
-                              cwd=REPO, timeout=60, check=False)
+                              cwd=REPO, timeout=scaled(60), check=False)
 
     assert run("detect", "575.1").stdout == "cuda12.8\n"
     table = run("table", str(FLAVORS_DIR))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from timing import scaled
 
 from pie.flavors import detect_flavor, load_flavors
 
@@ -326,7 +327,7 @@ def test_the_installed_package_knows_its_flavor(installation: Installation) -> N
 
 def test_a_second_run_is_a_no_op(installation: Installation) -> None:
     before = snapshot(installation.home)
-    again = run_installer(installation.env, timeout=60)
+    again = run_installer(installation.env, timeout=scaled(60))
     assert again.returncode == 0, again.stderr
     assert "already installed" in again.stderr and "nothing to do" in again.stderr
     assert snapshot(installation.home) == before
@@ -347,7 +348,7 @@ def test_a_reinstall_leaves_an_edited_config_byte_identical(installation: Instal
 def test_the_installed_pie_runs(installation: Installation) -> None:
     env = {"PATH": installation.env["PATH"], "HOME": installation.env["HOME"]}
     result = subprocess.run([str(installation.home / "bin" / "pie"), "--help"], env=env, capture_output=True,
-                            text=True, timeout=120, check=False)
+                            text=True, timeout=scaled(120), check=False)
     assert result.returncode == 0, result.stderr
     assert "serve" in result.stdout
 
@@ -362,7 +363,7 @@ def test_pie_doctor_reports_the_flavor(installation: Installation) -> None:
 
 
 def test_service_installs_a_user_unit_for_this_prefix(installation: Installation) -> None:
-    result = run_installer(installation.env, "--service=user", timeout=60)
+    result = run_installer(installation.env, "--service=user", timeout=scaled(60))
     assert result.returncode == 0, result.stderr
     unit = Path(installation.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "pie.service"
     text = unit.read_text()
@@ -370,7 +371,7 @@ def test_service_installs_a_user_unit_for_this_prefix(installation: Installation
     assert f"Environment=PIE_HOME={installation.home}\n" in text and "%h/.pie" not in text
     assert "loginctl enable-linger" in result.stderr
     before = unit.stat().st_mtime_ns
-    again = run_installer(installation.env, "--service=user", timeout=60)
+    again = run_installer(installation.env, "--service=user", timeout=scaled(60))
     assert again.returncode == 0 and "is up to date" in again.stderr
     assert unit.stat().st_mtime_ns == before
 
@@ -378,7 +379,7 @@ def test_service_installs_a_user_unit_for_this_prefix(installation: Installation
 def test_uninstall_removes_what_it_installed_and_nothing_else(installation: Installation) -> None:
     home = installation.home
     config = (home / "config.toml").read_bytes()
-    result = run_installer(installation.env, "--uninstall", timeout=60)
+    result = run_installer(installation.env, "--uninstall", timeout=scaled(60))
     assert result.returncode == 0, result.stderr
     remaining = {str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()}
     assert remaining == {*installation.user_files, "config.toml"}
@@ -386,9 +387,9 @@ def test_uninstall_removes_what_it_installed_and_nothing_else(installation: Inst
     for name, data in installation.user_files.items():
         assert (home / name).read_bytes() == data
     assert not (Path(installation.env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "pie.service").exists()
-    again = run_installer(installation.env, "--uninstall", timeout=60)
+    again = run_installer(installation.env, "--uninstall", timeout=scaled(60))
     assert again.returncode == 0 and "nothing to uninstall" in again.stderr
-    purge = run_installer(installation.env, "--uninstall", "--purge", timeout=60)
+    purge = run_installer(installation.env, "--uninstall", "--purge", timeout=scaled(60))
     assert purge.returncode == 0
     assert {str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()} == {
         "notes.txt", "adapters/style.safetensors"}

@@ -17,6 +17,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from timing import scaled
 
 from pie.flavors import load_flavors
 
@@ -42,7 +43,7 @@ def nix(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     # A private state dir: nix-instantiate works without a daemon or /nix/var as any user.
     env = {**os.environ, "NIX_STATE_DIR": str(tmp / "state"), "NIX_CONFIG": "build-users-group ="}
     return subprocess.run(["nix-instantiate", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=scaled(60), check=False)
 
 
 def evaluate(expression: str, tmp: Path) -> Any:

@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 from pie_client import Event, PieClient, inferlet
 from server_support import MODEL, pages_used, running_server
+from timing import scaled
 
 from pie.server.app import Server
 
@@ -39,7 +40,7 @@ def base_url(server: Server) -> str:
 async def drain(process: pie_client.Process) -> list[tuple[Event, object]]:
     events = []
     while True:
-        event, value = await asyncio.wait_for(process.recv(), 30)
+        event, value = await asyncio.wait_for(process.recv(), scaled(30))
         events.append((event, value))
         if event in (Event.Return, Event.Error):
             return events
@@ -69,10 +70,10 @@ async def test_attach_from_a_second_connection_list_signal_terminate(server: Ser
         assert row["program"] == "chat@0.1.0" and row["username"] == "alice" and row["elapsed_secs"] >= 0
         attached = await second.attach_process(process.process_id)
         await attached.signal("hello")
-        event, reply = await asyncio.wait_for(attached.recv(), 30)
+        event, reply = await asyncio.wait_for(attached.recv(), scaled(30))
         assert event is Event.Message and isinstance(reply, str)
         await attached.terminate()
-        event, why = await asyncio.wait_for(attached.recv(), 30)
+        event, why = await asyncio.wait_for(attached.recv(), scaled(30))
         assert event is Event.Error and "terminated" in why
     assert pages_used(server) == 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from server_support import running_server
+from timing import scaled
 
 from pie.client import PieClient
 from pie.config import Config, parse_config
@@ -100,7 +101,9 @@ async def test_launches_past_max_concurrent_processes_wait_for_a_slot(tmp_path: 
 
 
 async def test_time_queued_for_admission_does_not_count_against_the_wall_time_limit(tmp_path: Path) -> None:
-    runtime = await Runtime.start(config(tmp_path, max_concurrent_processes=1, max_wall_time_s=1.2))
+    # first (limit / 2) and second (3/4 of the limit) each fit the limit with margin; together they do not.
+    limit = scaled(0.8)
+    runtime = await Runtime.start(config(tmp_path, max_concurrent_processes=1, max_wall_time_s=limit))
 
     def sleeper(seconds: float) -> Any:
         async def body(instance: Any) -> str:
@@ -109,10 +112,10 @@ async def test_time_queued_for_admission_does_not_count_against_the_wall_time_li
         return body
 
     try:
-        first = runtime.spawn(sleeper(1.0), program="first", username="alice")
-        second = runtime.spawn(sleeper(0.6), program="second", username="alice")  # queued for ~1 s
+        first = runtime.spawn(sleeper(limit / 2), program="first", username="alice")
+        second = runtime.spawn(sleeper(limit * 3 / 4), program="second", username="alice")  # queued meanwhile
         assert (await first.wait()).kind == "return"
-        final = await second.wait()  # 1.6 s after its launch, 0.6 s after its admission
+        final = await second.wait()  # 1.25 limits after its launch, 3/4 of one after its admission
         assert (final.kind, final.value) == ("return", "slept"), final
     finally:
         await runtime.shutdown(0)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from runtime_support import argmax_at, forward, greedy, logits_at, run, start_runtime
+from timing import wait_for_async
 
 from inferlet._host import HostError
 from pie.engine.brle import encode as brle_encode
@@ -124,8 +125,7 @@ async def test_shared_prefix_is_stored_and_computed_once(tiny: Path) -> None:
 
     # All at once: one of them computes the prefix, the others wait for its pages and attach them.
     procs = [runtime.spawn(lambda inst, i=i: request(inst, i), program="r", username="u") for i in range(n)]
-    while len(firsts) < n:
-        await asyncio.sleep(0.01)
+    await wait_for_async(lambda: len(firsts) == n, 60, f"the first token of all {n} requests")
     full_prefix_pages = len(prefix) // PS  # 62; the 63rd page mixes prefix and suffix: one per request
     assert model.pool.num_used <= full_prefix_pages + n * 2, model.pool.usage()
     computed = model.scheduler.stats.tokens_processed
@@ -208,7 +208,10 @@ async def test_terminating_or_failing_frees_every_page(tiny: Path) -> None:
 
     proc = runtime.spawn(busy, program="busy", username="u")
     await started.wait()
-    await asyncio.sleep(0.2)
+    stats = runtime.model().scheduler.stats
+    decoded = stats.tokens_processed
+    # Terminated mid-generation: once the forks have decoded (pages held, passes in flight).
+    await wait_for_async(lambda: stats.tokens_processed >= decoded + 8, 30, "the forks to decode")
     assert pool.num_used > 0
     await proc.terminate("stopped by the test")
     final = await proc.wait()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 from content_engine import content_runtime, expected, run_random_instances
 from runtime_support import argmax_at, forward
+from timing import scaled
 
 from pie.errors import OutOfPagesError
 from pie.runtime.context_space import ContextSpace
@@ -111,7 +112,7 @@ def test_masked_and_out_of_order_pages_are_never_shared() -> None:
 @pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("RT_SEEDS", "4"))))
 async def test_random_workloads_keep_kv_consistent(seed: int) -> None:
     """Forks, truncations, snapshots, priorities and suspension under a small pool never corrupt KV."""
-    runtime = content_runtime(num_pages=40, page_size=4, page_wait_timeout_s=5.0)
+    runtime = content_runtime(num_pages=40, page_size=4, page_wait_timeout_s=scaled(5.0))
     model = runtime.model()
     assert await run_random_instances(runtime, seed) > 100
     stats = model.scheduler.stats

@@ -20,6 +20,7 @@ import pytest
 from content_engine import ContentEngine, run_random_instances
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from runtime_support import forward, greedy, logits_at, run, start_runtime
+from timing import scaled
 
 from pie import telemetry
 from pie.engine.batch import BatchResult, ForwardBatch
@@ -167,7 +168,7 @@ class SwapContentEngine(ContentEngine):
 async def test_random_workloads_with_swap_keep_kv_consistent(seed: int) -> None:
     """Forks, truncations, snapshots, priorities and suspension to a small host pool never corrupt KV."""
     engine = SwapContentEngine(num_pages=40, page_size=4, num_swap_slots=12)
-    limits = RuntimeLimits(page_wait_timeout_s=5.0, max_page_share_per_instance=0.0)
+    limits = RuntimeLimits(page_wait_timeout_s=scaled(5.0), max_page_share_per_instance=0.0)
     runtime = Runtime({"m": ModelRuntime("m", engine, limits)}, limits)
     assert await run_random_instances(runtime, seed) > 100
     stats = runtime.model().scheduler.stats

@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from server_support import MODEL, running_server
+from timing import scaled
 
 from pie.client import PieClient
 from pie.client.signing import sign
@@ -131,7 +132,7 @@ async def test_three_failures_close_the_connection(server: Server) -> None:
             await ws.send(msgpack.packb({"type": "auth_by_token", "corr_id": corr_id, "token": "guess"}))
             assert not msgpack.unpackb(await ws.recv())["ok"]
         with pytest.raises(websockets.ConnectionClosed) as closed:
-            await asyncio.wait_for(ws.recv(), 5)
+            await asyncio.wait_for(ws.recv(), scaled(5))
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
 
 

@@ -127,14 +127,27 @@ def env_rank() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-def join_from_env() -> Membership:
+def join_from_env(store_fd: int | None = None) -> Membership:
     """Rendezvous at MASTER_ADDR:MASTER_PORT (rank 0 hosts the store); the default group is the gloo control group.
 
-    The device (and so the compute backend) is not known yet: remote ranks learn the config from rank 0
-    over this group first, then `compute_group` builds the group the model's collectives run on.
+    `store_fd` (rank 0 only): a socket already listening at MASTER_PORT, bound by the process that chose
+    the port, so that nothing can take the port before the store serves on it; without it rank 0 binds
+    MASTER_PORT itself. The device (and so the compute backend) is not known yet: remote ranks learn the
+    config from rank 0 over this group first, then `compute_group` builds the group the model's
+    collectives run on.
     """
     rank, world, local_rank, local_world = env_rank()
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=CONTROL_TIMEOUT)
+    try:
+        port = int(os.environ["MASTER_PORT"])
+    except ValueError:
+        raise ConfigError(f"MASTER_PORT must be a port number, got {os.environ['MASTER_PORT']!r}") from None
+    if store_fd is not None and rank != 0:
+        raise ConfigError(f"RANK = {rank} was given a store socket; only rank 0 serves the rendezvous store")
+    # Every rank builds the same kind of store (rank 0 the server, the others clients), so the keys
+    # of init_process_group line up on all of them.
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], port, world, is_master=rank == 0, timeout=CONTROL_TIMEOUT,
+                          wait_for_workers=False, master_listen_fd=store_fd)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=CONTROL_TIMEOUT)
     world_group = dist.group.WORLD
     assert world_group is not None, "init_process_group sets the default group"
     return Membership(rank, world, local_rank, local_world, ControlChannel(rank, world_group))

@@ -5,9 +5,11 @@
 Every rank joins the group from the torchrun-style environment (ranks on other
 hosts join the same way, see docs/parallelism.md). Rank 0 is started by the
 server (`pie.runtime.worker_client.WorkerEngine`) with `--server-fd`, one end
-of a socketpair; it reads each request from there, broadcasts it to the other
-ranks over the control group, and every rank executes it on its own `Engine`
-(same batch, same collectives); rank 0 sends the reply.
+of a socketpair, and `--store-fd`, the rendezvous socket the server has bound
+at MASTER_PORT (rank 0 serves torch.distributed's store on it). It reads each
+request from the server's socket, broadcasts it to the other ranks over the
+control group, and every rank executes it on its own `Engine` (same batch,
+same collectives); rank 0 sends the reply.
 
 Messages (`pie.engine.wire`, msgpack lists):
 
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pie.engine.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--server-fd", type=int, default=None,
                         help="rank 0 only: the file descriptor of the server's socket (WorkerEngine passes it)")
+    parser.add_argument("--store-fd", type=int, default=None,
+                        help="rank 0 only: a socket listening at MASTER_PORT to serve the rendezvous store on "
+                             "(WorkerEngine passes it); without it rank 0 binds MASTER_PORT itself")
     args = parser.parse_args(argv)
     rank = parallel.env_rank()[0]
     if (rank == 0) != (args.server_fd is not None):
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = Connection(args.server_fd) if args.server_fd is not None else None
     try:
-        return _run(server)
+        return _run(server, args.store_fd)
     except Fatal as e:
         print(f"pie engine worker rank {rank}: {e}", file=sys.stderr)
         if server is not None:
@@ -67,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         parallel.shutdown()
 
 
-def _run(server: Connection | None) -> int:
-    member = parallel.join_from_env()
+def _run(server: Connection | None, store_fd: int | None) -> int:
+    member = parallel.join_from_env(store_fd)
     config = _agree_on_config(member, server)
     engine = _build_engine(member, config, server)
     try:

@@ -8,8 +8,11 @@
 torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) and waits until every rank has loaded its slice of the model.
 Ranks beyond the local devices run on other hosts and join the same
-rendezvous (docs/parallelism.md). Messages are `pie.engine.wire` msgpack,
-never pickle; this module imports no torch.
+rendezvous (docs/parallelism.md). The rendezvous socket is bound here and
+handed to rank 0 (`--store-fd`), so port 0 picks a free port that no other
+process can take before rank 0 serves torch.distributed's store on it.
+Messages are `pie.engine.wire` msgpack, never pickle; this module imports no
+torch.
 
 Failures: a pie error the engine raises for a batch (BatchError, ...) comes
 back as the same exception type and the workers keep serving. A worker that
@@ -44,6 +47,7 @@ from pie.errors import ConfigError, EngineWorkerError
 T = TypeVar("T")
 POLL_S = 0.1  # how often a waiting call checks that the local ranks are alive
 LOG_TAIL_CHARS = 3000
+LISTEN_BACKLOG = 128  # connections of ranks that arrive before rank 0 serves the store wait here
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Rendezvous:
     """Where the ranks meet: rank 0 hosts torch.distributed's TCP store at addr:port."""
 
     addr: str = "127.0.0.1"
-    port: int = 0  # 0 = a free port on this host (single-host groups only)
+    port: int = 0  # 0 = a free port on this host (ranks on other hosts learn it from `on_listening`)
 
 
 class WorkerEngine:
@@ -65,20 +69,33 @@ class WorkerEngine:
     @classmethod
     async def start(cls, config: EngineConfig, devices: list[str], name: str = "", *,
                     rendezvous: Rendezvous = Rendezvous(), ready_timeout_s: float = 600.0,
-                    python: str = sys.executable) -> WorkerEngine:
+                    python: str = sys.executable,
+                    on_listening: Callable[[str, int], None] | None = None) -> WorkerEngine:
         """Spawn one worker per device (ranks 0 .. len(devices) - 1) and wait until all
         `config.tensor_parallel_size` ranks have loaded the model.
 
-        Raises what loading raises on the workers (ConfigError, CheckpointError, ...) or
-        EngineWorkerError (a worker died, or not ready within `ready_timeout_s`).
+        The rendezvous port is bound before any rank starts; `on_listening(addr, port)` is then
+        called with the bound port (what ranks on other hosts need when `rendezvous.port` is 0).
+
+        Raises ConfigError (also: the rendezvous port is taken), what loading raises on the workers
+        (CheckpointError, ...) or EngineWorkerError (a worker died, or not ready within `ready_timeout_s`).
         """
-        _check_devices(config, devices, rendezvous)
+        _check_devices(config, devices, rendezvous, learns_port=on_listening is not None)
+        listener = _listen(rendezvous)
+        try:
+            if on_listening is not None:
+                on_listening(rendezvous.addr, int(listener.getsockname()[1]))
+        except BaseException:
+            listener.close()
+            raise
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pie-workers-{name or config.model}")
         loop = asyncio.get_running_loop()
         group = _WorkerGroup(python, name or config.model)
         try:
-            info = await loop.run_in_executor(executor, group.start, config, devices, rendezvous, ready_timeout_s)
+            info = await loop.run_in_executor(executor, group.start, config, devices, rendezvous.addr, listener,
+                                              ready_timeout_s)
         except BaseException:
+            listener.close()  # group.start closes it once handed on; not if it never ran
             await loop.run_in_executor(executor, group.stop)
             executor.shutdown(wait=False)
             raise
@@ -118,15 +135,16 @@ class WorkerEngine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def _check_devices(config: EngineConfig, devices: list[str], rendezvous: Rendezvous) -> None:
+def _check_devices(config: EngineConfig, devices: list[str], rendezvous: Rendezvous, *, learns_port: bool) -> None:
     tp = config.tensor_parallel_size
     if not 1 <= len(devices) <= tp:
         raise ConfigError(f"tensor_parallel_size = {tp} with {len(devices)} local device(s) {devices}: list 1 to "
                           f"{tp} devices (the remaining ranks join from other hosts)")
-    if len(devices) < tp and rendezvous.port == 0:
+    if len(devices) < tp and rendezvous.port == 0 and not learns_port:
         raise ConfigError(f"tensor_parallel_size = {tp} with {len(devices)} local device(s): ranks {len(devices)}.."
                           f"{tp - 1} join from other hosts, so the rendezvous needs a fixed address and port they "
-                          f"can reach; pass rendezvous=Rendezvous(addr, port)")
+                          f"can reach; pass rendezvous=Rendezvous(addr, port), or port 0 with on_listening to "
+                          f"learn the port chosen")
     gpus = [d for d in devices if d not in ("cpu", "mps")]
     if len(set(gpus)) != len(gpus):
         raise ConfigError(f"devices {devices} name a GPU twice; each rank needs its own")
@@ -143,30 +161,37 @@ class _WorkerGroup:
         self.failure: str | None = None  # why the group stopped serving, once it has
         self._log_dir = Path(tempfile.mkdtemp(prefix="pie-workers-"))
 
-    def start(self, config: EngineConfig, devices: list[str], rendezvous: Rendezvous,
+    def start(self, config: EngineConfig, devices: list[str], addr: str, listener: socket.socket,
               timeout_s: float) -> EngineInfo:
-        port = rendezvous.port or _free_port(rendezvous.addr)
+        """Spawn the local ranks; rank 0 gets the server's socket and the bound rendezvous `listener`
+        (closed here once handed on)."""
+        port = int(listener.getsockname()[1])
         ours, theirs = socket.socketpair()
         try:
             for rank, device in enumerate(devices):
                 env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(config.tensor_parallel_size),
                        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(len(devices)),
-                       "MASTER_ADDR": rendezvous.addr, "MASTER_PORT": str(port), "PIE_DEVICE": device}
-                self.processes.append(self._spawn(rank, env, theirs.fileno() if rank == 0 else None))
+                       "MASTER_ADDR": addr, "MASTER_PORT": str(port), "PIE_DEVICE": device}
+                fds = (theirs.fileno(), listener.fileno()) if rank == 0 else None
+                self.processes.append(self._spawn(rank, env, fds))
         finally:
             theirs.close()
+            listener.close()
         self.conn = Connection(ours.detach())
         reply = self.request(["start", config], deadline=time.monotonic() + timeout_s)
         assert isinstance(reply, EngineInfo), type(reply)
         return reply
 
-    def _spawn(self, rank: int, env: dict[str, str], fd: int | None) -> subprocess.Popen[bytes]:
+    def _spawn(self, rank: int, env: dict[str, str], fds: tuple[int, int] | None) -> subprocess.Popen[bytes]:
+        """Rank 0 gets `fds` = (the server's socket, the rendezvous listener)."""
         log = self._log_dir / f"rank{rank}.log"
         self.logs.append(log)
-        args = [self.python, "-m", "pie.engine.worker", *(["--server-fd", str(fd)] if fd is not None else [])]
+        args = [self.python, "-m", "pie.engine.worker"]
+        if fds is not None:
+            args += ["--server-fd", str(fds[0]), "--store-fd", str(fds[1])]
         with log.open("wb") as out:
             return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    pass_fds=(fd,) if fd is not None else (), start_new_session=True)
+                                    pass_fds=fds or (), start_new_session=True)
 
     def request(self, message: list[Any], deadline: float | None = None) -> Any:
         """Send one message to rank 0 and wait for its reply, watching the local ranks meanwhile."""
@@ -226,10 +251,16 @@ class _WorkerGroup:
             proc.wait()
 
 
-def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return int(s.getsockname()[1])
+def _listen(rendezvous: Rendezvous) -> socket.socket:
+    """The rendezvous socket, bound and listening here: rank 0 serves the store on it (never a port
+    chosen here and bound later, which another process could take in between)."""
+    family = socket.AF_INET6 if ":" in rendezvous.addr else socket.AF_INET
+    try:
+        return socket.create_server((rendezvous.addr, rendezvous.port), family=family, backlog=LISTEN_BACKLOG)
+    except OSError as e:
+        raise ConfigError(f"cannot listen for the tensor-parallel rendezvous on {rendezvous.addr}:{rendezvous.port}: "
+                          f"{e.strerror}; pick another port (Rendezvous(addr, port)), port 0 for any free one, "
+                          f"or stop what holds it") from None
 
 
 def _tail(path: Path) -> str:
