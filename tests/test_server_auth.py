@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import httpx
 import msgpack
@@ -74,7 +75,8 @@ async def test_authorized_keys_get_in(server: Server, user: str, key: object) ->
         await client.authenticate(user, key=key)  # type: ignore[arg-type]
         process = await client.launch("text-completion", {"prompt": "hi", "max_tokens": 2})
         assert (await anext(process.events())).kind in ("message", "return")
-        assert {p["username"] for p in await client.list_processes()} == {user}
+        listed = await client.list_processes() + json.loads(await client.query("finished_processes"))
+        assert {p["username"] for p in listed} == {user}  # live or finished, only the user's own
 
 
 async def test_unknown_user_and_unknown_key_are_refused(server: Server) -> None:
