@@ -276,8 +276,10 @@ class InstanceHost:
         return handle
 
     async def stream_next(self, stream: int) -> list[int]:
-        with user_errors():
+        try:  # `user_errors()` without a context manager per delivery
             return await self._stream(stream).next()
+        except PieError as error:
+            raise HostError(str(error)) from None
 
     def stream_stop(self, stream: int, consumed: int) -> None:
         _check_count("consumed", consumed)
