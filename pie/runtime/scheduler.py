@@ -84,6 +84,7 @@ class Flight(NamedTuple):
     batch: ForwardBatch
     chunks: list[Chunk]
     id: int  # the `Context.in_batch` value of its contexts
+    num_tokens: int  # `batch.num_tokens`, counted once
 
 GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
 MAX_STEPS_WITHOUT_TURN = 8  # batches in a row an engine that never yields (a fake) may run before a yield
@@ -571,13 +572,15 @@ class Scheduler:
 
     def _launch(self, batch: ForwardBatch, chunks: list[Chunk], source: Flight | None = None) -> Flight:
         """Hand a batch to the engine; `source`: the batch in flight its chained rows read."""
+        num_tokens = batch.num_tokens
         task = asyncio.get_running_loop().create_task(
-            self._run_engine(batch, len(chunks), source.batch if source is not None else None))
-        return Flight(task, batch, chunks, self._building)
+            self._run_engine(batch, len(chunks), num_tokens, source.batch if source is not None else None))
+        return Flight(task, batch, chunks, self._building, num_tokens)
 
-    async def _run_engine(self, batch: ForwardBatch, num_requests: int, source: ForwardBatch | None) -> BatchResult:
+    async def _run_engine(self, batch: ForwardBatch, num_requests: int, num_tokens: int,
+                          source: ForwardBatch | None) -> BatchResult:
         with telemetry.span("engine.batch", model=self._model_name, num_requests=num_requests,
-                            num_tokens=batch.num_tokens, num_swap_out=len(batch.swap_out),
+                            num_tokens=num_tokens, num_swap_out=len(batch.swap_out),
                             num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
             if source is None:
                 return await self.engine.forward(batch)
@@ -588,7 +591,7 @@ class Scheduler:
         batch, chunks = flight.batch, flight.chunks
         t0 = time.perf_counter()
         asyncio.get_running_loop().call_soon(self._tick)  # runs only if the loop turns while we await
-        num_tokens = batch.num_tokens
+        num_tokens = flight.num_tokens
         try:
             try:
                 result = await flight.task
