@@ -420,7 +420,7 @@ class InstanceHost:
             group = next(g for _, held, g in self._contexts.values() if held is c)
             self._check_page_limit(need, group)
             with user_errors():
-                c.reserve(need)
+                c.reserve(need, for_stream=True)  # a chained step grows it while the step before is in flight
 
     def _charge(self, n: int) -> None:
         """Count `n` sampled tokens against the token budget (negative: refund discarded steps)."""
