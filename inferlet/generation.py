@@ -51,7 +51,11 @@ if TYPE_CHECKING:
 
 RUNAHEAD = True  # serve eligible steps from a runtime stream (benchmarks switch it off to compare)
 RUNAHEAD_DEPTH = 8  # steps the runtime may run ahead of what this loop has read
-COLLECT_BATCH = 4  # the collectors take a stream's tokens this many at a time (fewer wake-ups)
+COLLECT_BATCH = 8  # the collectors take a stream's tokens this many at a time (fewer wake-ups)
+# A collector's stream runs further ahead: twice its batch, so the next batch is computed while it reads
+# one. It wastes nothing at a stop token or the limit (the runtime stops there by itself); only a
+# collector that ends early (`collect_text` at the end of a chat turn) drops up to this many steps.
+COLLECT_DEPTH = 2 * COLLECT_BATCH
 UNLIMITED = 1 << 30  # max_tokens of a stream without a limit (the depth bounds the waste)
 AUTO_SAMPLER = SampleHandle(0, 1)
 
@@ -221,7 +225,8 @@ class Generator:
         spec = {"tokens": pending, "sampler": self._sampler.to_dict(), "stop": sorted(self._stop),
                 "max_tokens": max(remaining, 1), "logit_mask": mask,
                 "adapter": self._adapter._handle if self._adapter is not None else None,
-                "seed": self._seed, "depth": RUNAHEAD_DEPTH, "batch": COLLECT_BATCH if self._collecting else 1}
+                "seed": self._seed, "depth": COLLECT_DEPTH if self._collecting else RUNAHEAD_DEPTH,
+                "batch": COLLECT_BATCH if self._collecting else 1}
         stream = self._stream = _Stream(ctx._host.ctx_generate_start(ctx._handle, spec))  # type: ignore[arg-type]
         ctx._stream = self
         return stream
@@ -320,6 +325,24 @@ class Generator:
             self.end_stream()
         return kept
 
+    async def _receive_streamed(self) -> bool:
+        """Wait for the stream's next delivery when every token it delivered was consumed and the loop
+        stands where a plain step would start from it (what `GenStep._from_stream` waits for, without
+        the step objects); False, at once, when it does not (the caller takes a step)."""
+        stream, ctx = self._stream, self._ctx
+        if (stream is None or stream.next != len(stream.tokens) or self._open_step is not None or self.is_done
+                or ctx._pending != [stream.fed]):
+            return False
+        try:
+            tokens = await ctx._host.stream_next(stream.handle)
+            if not tokens:
+                raise RuntimeError("the runtime stream ended before the generator did")  # a runtime bug
+        except BaseException:
+            self.end_stream()  # the context as after the steps consumed; the buffer still holds `fed`
+            raise
+        stream.tokens, stream.next = tokens, 0
+        return True
+
     # -- collectors (they read a stream's delivered tokens in bulk: the same steps, fewer objects) --
     async def collect_tokens(self) -> list[int]:
         out: list[int] = []
@@ -327,6 +350,8 @@ class Generator:
         async for step in self:
             out += (await step.execute()).tokens
             out += self._take_all_streamed()
+            while await self._receive_streamed():
+                out += self._take_all_streamed()
         return out
 
     async def collect_text(self) -> str:
@@ -342,6 +367,8 @@ class Generator:
                 if isinstance(event, chat.Delta):
                     parts.append(event.text)
                 tokens = self._take_streamed()
+                if tokens is None and await self._receive_streamed():
+                    tokens = self._take_streamed()
         parts.append(decoder.finish())
         return "".join(parts)
 

@@ -201,6 +201,23 @@ async def test_stream_is_refused_calls_while_it_runs_and_stops_exactly(null_rt: 
     assert r["state"] == (1, 1, 7)  # 23 slots: one committed page (the flush's), 7 in the working page
 
 
+async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> None:
+    """Growing the reservation while the step before is in flight: every step after the first is chained,
+    including those that open a page (3 of them here), and the tokens are the step-by-step ones."""
+    scheduler = null_rt.model().scheduler
+    before = scheduler.stats.chained_steps
+
+    async def body() -> list[int]:
+        ctx = Context(Model.load(""))
+        await ctx.append(list(range(20))).flush()
+        ctx.append([5])
+        return await ctx.generate(Sampler.argmax(), max_tokens=60, stop=[], auto_flush=False).collect_tokens()
+
+    tokens = await run_sdk(null_rt, body)
+    assert tokens == [null_token(20 + i, VOCAB) for i in range(60)]
+    assert scheduler.stats.chained_steps - before == 59  # slots 21..79: pages opened at 32, 48 and 64
+
+
 async def test_cancelling_an_instance_mid_stream_returns_every_page(null_rt: Runtime) -> None:
     scheduler = null_rt.model().scheduler
     started = asyncio.Event()

@@ -106,8 +106,13 @@ class Context:
 
     # -- page-level operations of the inferlet API ----------------------------------------------
 
-    def reserve(self, n: int) -> None:
-        self._check_idle("reserve pages")
+    def reserve(self, n: int, *, for_stream: bool = False) -> None:
+        """`for_stream`: the context's run-ahead stream grows it while the stream's own step is in flight
+        (its only pass): capacity is a count, pages are placed when a step is admitted, so no idle check."""
+        if not for_stream:
+            self._check_idle("reserve pages")
+        elif self.closed:
+            raise HostError("cannot reserve pages: the context was destroyed")
         total = self.space.pool.num_pages
         if self.num_pages + n > total:
             raise OutOfPagesError(f"reserving {n} more pages would give this context {self.num_pages + n} pages, "

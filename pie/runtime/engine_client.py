@@ -91,7 +91,7 @@ def resolve_chained(batch: ForwardBatch, previous: list[list[OutputValue]] | Non
                                  "retries ran in between)")
             value = previous[src[0]][src[1]]
             assert isinstance(value, int), "a chained row reads a one-draw sampler's token"
-            r.tokens = [value]
+            r.tokens[0] = value  # a stream step's own one-token list (`Scheduler._admit_chained`)
             r.token_from = None
 
 

@@ -60,7 +60,14 @@ class NullEngine:
         self.batches += 1
         self.rows += len(batch.requests)
         vocab = self.info.vocab_size
-        return BatchResult([[_value(r, o, vocab) for o in r.outputs] for r in batch.requests])
+        out: list[list[OutputValue]] = []
+        for r in batch.requests:
+            outputs = r.outputs
+            if len(outputs) == 1 and (s := outputs[0].sampler) is not None and s.draws == 1:
+                out.append([r.positions[outputs[0].index] * TOKEN_STRIDE % vocab])  # a decode row: `null_token`
+            else:
+                out.append([_value(r, o, vocab) for o in outputs])
+        return BatchResult(out)
 
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         return None

@@ -280,8 +280,10 @@ class InstanceHost:
         return handle
 
     async def stream_next(self, stream: int) -> list[int]:
-        with user_errors():
+        try:  # `user_errors()` without a context manager per delivery
             return await self._stream(stream).next()
+        except PieError as error:
+            raise HostError(str(error)) from None
 
     def stream_stop(self, stream: int, consumed: int) -> None:
         _check_count("consumed", consumed)
@@ -422,7 +424,7 @@ class InstanceHost:
             group = next(g for _, held, g in self._contexts.values() if held is c)
             self._check_page_limit(need, group)
             with user_errors():
-                c.reserve(need)
+                c.reserve(need, for_stream=True)  # a chained step grows it while the step before is in flight
 
     def _charge(self, n: int) -> None:
         """Count `n` sampled tokens against the token budget (negative: refund discarded steps)."""

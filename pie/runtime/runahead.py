@@ -61,6 +61,8 @@ class TokenStream:
         self._base_pages = base_pages  # pages reserved before the stream: never released by stop
         self._grow = grow
         self._charge = charge or _no_budget
+        self._budgeted = charge is not None  # else `_charge` counts nothing: the hot paths skip the call
+        self._capacity = ctx.num_pages * ctx.space.page_size  # slots the reserved pages hold (grows with them)
         self.tokens: list[int] = []  # token sampled at each step, in order
         self._delivered = 0  # tokens handed out by `next`
         self._charged = 1  # tokens charged: the first pass's
@@ -77,7 +79,7 @@ class TokenStream:
 
     def completed(self, job: Job, results: list[OutputValue]) -> None:
         token = results[0]
-        assert isinstance(token, int), "a stream samples one token per step"
+        assert type(token) is int, "a stream samples one token per step"
         tokens = self.tokens
         tokens.append(token)
         chained = self._chained
@@ -109,12 +111,11 @@ class TokenStream:
             return None
         ctx = self.ctx
         slot = len(ctx.tokens)
-        try:  # a failure is reported by the step after `job` (`_next_pass`), once `job` lands
-            if slot >= ctx.num_pages * ctx.space.page_size:
-                self._grow(ctx, 1)
-            self._charge(1)
-        except HostError:
-            return None
+        if slot >= self._capacity or self._budgeted:
+            try:  # a failure is reported by the step after `job` (`_next_pass`), once `job` lands
+                self._room_for_one(slot)
+            except HostError:
+                return None
         self._charged += 1
         if job.adapter is None:
             ctx.tokens.append(0)  # the placeholder, filled in `completed`
@@ -214,9 +215,7 @@ class TokenStream:
         ctx, token, job = self.ctx, self.tokens[-1], self._job
         slot = len(ctx.tokens)
         try:
-            if slot >= ctx.num_pages * ctx.space.page_size:
-                self._grow(ctx, 1)
-            self._charge(1)
+            self._room_for_one(slot)
         except HostError as error:
             self._end_with(error)
             return
@@ -234,6 +233,14 @@ class TokenStream:
         else:  # after the first pass: one row, sampled at row 0
             job.reset(slot, slot + 1, self._step_outputs)
             self._scheduler.submit(job)
+
+    def _room_for_one(self, slot: int) -> None:
+        """A page for `slot` if the reservation ends before it, and one token of budget; or HostError."""
+        ctx = self.ctx
+        if slot >= ctx.num_pages * ctx.space.page_size:
+            self._grow(ctx, 1)
+        self._capacity = ctx.num_pages * ctx.space.page_size
+        self._charge(1)
 
     def _end_with(self, error: BaseException) -> None:
         self._ended = True

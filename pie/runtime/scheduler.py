@@ -84,6 +84,7 @@ class Flight(NamedTuple):
     batch: ForwardBatch
     chunks: list[Chunk]
     id: int  # the `Context.in_batch` value of its contexts
+    num_tokens: int  # `batch.num_tokens`, counted once
 
 GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
 MAX_STEPS_WITHOUT_TURN = 8  # batches in a row an engine that never yields (a fake) may run before a yield
@@ -331,17 +332,9 @@ class Scheduler:
         ops = PageOps()
         chunks: list[Chunk] = []
         if chain is not None:
-            for j, chunk in enumerate(chain.chunks):
-                if reqs_left <= 0 or tokens_left <= 0:
-                    break
-                if chunk.output_ids is not STEP_OUTPUT:
-                    continue
-                chained = self._admit_chained(chunk.job, j)
-                if chained is not None:
-                    requests.append(chained[0])
-                    chunks.append(chained[1])
-                    tokens_left -= 1
-                    reqs_left -= 1
+            chained = self._admit_chained(chain, min(tokens_left, reqs_left), requests, chunks)
+            tokens_left -= chained
+            reqs_left -= chained
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
                 break
@@ -459,35 +452,64 @@ class Scheduler:
         self._dequeue(job)
         return _step_request(job, ctx.tokens[start], ctx.positions[start], pages[:j + 1], start % ps + 1, None)
 
-    def _admit_chained(self, job: Job, j: int) -> tuple[Request, Chunk] | None:
-        """The next step of the stream whose step `job` is request `j` of the batch in flight, as a row
-        reading its token from that request's output; None when the stream will not go on regardless of
-        the token, or its page needs a copy or is not there."""
-        owner = job.owner
-        if job.cancelled or owner is None or job.ctx.closed:
-            return None
-        nxt = owner.chain(job)  # type: ignore[attr-defined]  # a TokenStream (only streams make STEP_OUTPUT)
-        if nxt is None:
-            return None
-        ctx, start, space = nxt.ctx, nxt.start, self.space
-        ps, pages, pool = space.page_size, ctx.pages, space.pool
-        k = start // ps
-        if k < len(pages):
-            page = pages[k]
-            if pool.refcount(page) > 1 or space.trie.holds(page):
-                owner.unchain(nxt)  # type: ignore[attr-defined]
-                return None
-        elif k == len(pages) and pool.can_allocate(1):
-            pages.append(pool.allocate(1)[0])
-        else:
-            owner.unchain(nxt)  # type: ignore[attr-defined]
-            return None
-        ctx.in_batch = self._building
-        self.stats.chained_steps += 1
-        nxt.admitted_build = self._this_build
-        nxt._next = len(nxt.outputs)
-        request = _step_request(nxt, 0, start, pages[:k + 1], start % ps + 1, (j, 0))
-        return request, nxt.step_chunk or _step_chunk(nxt)
+    def _admit_chained(self, chain: Flight, limit: int, requests: list[Request], chunks: list[Chunk]) -> int:
+        """The next steps (at most `limit`) of the streams whose steps are in `chain` (in flight), each a
+        row reading its token from its step's output (`Request.token_from`); the number added.
+
+        A stream is skipped when it will not go on regardless of the token, or its page needs a copy or is
+        not there. This is the hot loop of a decoding batch, so it keeps to locals: a step that is not the
+        first of its page writes the page its step in flight writes, which was checked (or copied) when
+        that step was admitted and cannot have been shared since (a streaming context takes no fork or
+        commit, and a context in a batch is never suspended)."""
+        space = self.space
+        ps, pool, trie = space.page_size, space.pool, space.trie
+        building, this_build = self._building, self._this_build
+        added = 0
+        for j, chunk in enumerate(chain.chunks):
+            if added >= limit:
+                break
+            if chunk.output_ids is not STEP_OUTPUT:
+                continue
+            job = chunk.job
+            ctx = job.ctx
+            if job.cancelled or ctx.closed:
+                continue
+            owner = job.owner
+            nxt = owner.chain(job)  # type: ignore[union-attr]  # a TokenStream (only streams make STEP_OUTPUT)
+            if nxt is None:
+                continue
+            start = nxt.start
+            k, offset = divmod(start, ps)
+            pages = ctx.pages
+            if offset == 0:  # the step opens a page: reserved already (check it is private) or fresh
+                if k < len(pages):
+                    page = pages[k]
+                    if pool.refcount(page) > 1 or trie.holds(page):
+                        owner.unchain(nxt)  # type: ignore[union-attr]
+                        continue
+                elif k == len(pages) and pool.can_allocate(1):
+                    pages.append(pool.allocate(1)[0])
+                else:
+                    owner.unchain(nxt)  # type: ignore[union-attr]
+                    continue
+            ctx.in_batch = building
+            nxt.admitted_build = this_build
+            nxt._next = 1  # a step's one output
+            r = nxt.step_request
+            if r is None:
+                r = nxt.step_request = Request([0], [start], pages[:k + 1], offset + 1, nxt.outputs, None,
+                                               nxt.logit_mask, nxt.adapter, nxt.seed, (j, 0))
+            else:  # refilled: the job's previous step has landed, nothing reads the old values any more
+                r.positions[0] = start
+                r.page_ids = pages[:k + 1]
+                r.last_page_len = offset + 1
+                r.outputs = nxt.outputs
+                r.token_from = (j, 0)
+            requests.append(r)
+            chunks.append(nxt.step_chunk or _step_chunk(nxt))
+            added += 1
+        self.stats.chained_steps += added
+        return added
 
     def _lookup_prefix(self, job: Job) -> bool:
         """Attach the job's cached leading pages; False if another pass is computing its next page.
@@ -550,13 +572,15 @@ class Scheduler:
 
     def _launch(self, batch: ForwardBatch, chunks: list[Chunk], source: Flight | None = None) -> Flight:
         """Hand a batch to the engine; `source`: the batch in flight its chained rows read."""
+        num_tokens = batch.num_tokens
         task = asyncio.get_running_loop().create_task(
-            self._run_engine(batch, len(chunks), source.batch if source is not None else None))
-        return Flight(task, batch, chunks, self._building)
+            self._run_engine(batch, len(chunks), num_tokens, source.batch if source is not None else None))
+        return Flight(task, batch, chunks, self._building, num_tokens)
 
-    async def _run_engine(self, batch: ForwardBatch, num_requests: int, source: ForwardBatch | None) -> BatchResult:
+    async def _run_engine(self, batch: ForwardBatch, num_requests: int, num_tokens: int,
+                          source: ForwardBatch | None) -> BatchResult:
         with telemetry.span("engine.batch", model=self._model_name, num_requests=num_requests,
-                            num_tokens=batch.num_tokens, num_swap_out=len(batch.swap_out),
+                            num_tokens=num_tokens, num_swap_out=len(batch.swap_out),
                             num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
             if source is None:
                 return await self.engine.forward(batch)
@@ -567,39 +591,62 @@ class Scheduler:
         batch, chunks = flight.batch, flight.chunks
         t0 = time.perf_counter()
         asyncio.get_running_loop().call_soon(self._tick)  # runs only if the loop turns while we await
-        num_tokens = batch.num_tokens
+        num_tokens = flight.num_tokens
         try:
-            result = await flight.task
-            outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
-        except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
-            log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
-            outputs = await self._fire_singly(batch, chunks)
-            result = BatchResult([])
-        except Exception:  # a request the checks missed, or an engine bug: never fail the batch for everyone
-            log.exception("engine failed on a batch of %d requests; retrying them one by one", len(chunks))
-            outputs = await self._fire_singly(batch, chunks)
-            result = BatchResult([])
-        finally:
-            fid = flight.id
-            for chunk in chunks:
-                ctx = chunk.job.ctx
-                if ctx.in_batch == fid:  # not in the batch chained behind this one
-                    ctx.in_batch = 0
-            if batch.page_copies and self.space.host is not None:  # the copy sources pinned in `_admit`
-                self.space.pool.decref(src for src, _ in batch.page_copies)
+            try:
+                result = await flight.task
+                outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
+            except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
+                log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
+                outputs = await self._fire_singly(batch, chunks)
+                result = BatchResult([])
+            except Exception:  # a request the checks missed, or an engine bug: never fail the batch for everyone
+                log.exception("engine failed on a batch of %d requests; retrying them one by one", len(chunks))
+                outputs = await self._fire_singly(batch, chunks)
+                result = BatchResult([])
+            finally:
+                if batch.page_copies and self.space.host is not None:  # the copy sources pinned in `_admit`
+                    self.space.pool.decref(src for src, _ in batch.page_copies)
+        except BaseException:  # cancelled (shutdown): nothing lands, the contexts are out of the batch
+            self._out_of_batch(flight)
+            raise
         elapsed = time.perf_counter() - t0
         self.stats.batches += 1
         self.stats.tokens_processed += num_tokens
         self.stats.last_batch_ms = elapsed * 1e3
         if self.on_batch is not None:
             self.on_batch(batch, result, elapsed)
+        fid = flight.id
+        tick = self.space.tick()  # one tick for the batch: its contexts were used at the same moment
+        jobs = self._jobs
         for chunk, out in zip(chunks, outputs, strict=True):
+            job = chunk.job
+            ctx = job.ctx
+            if ctx.in_batch == fid:  # not in the batch chained behind this one
+                ctx.in_batch = 0
             if isinstance(out, BaseException):
-                self._fail(chunk.job, out)
+                self._fail(job, out)
             elif chunk.output_ids is STEP_OUTPUT:
-                self._finish_step(chunk.job, out)
+                # `_finish_chunk` + `_complete` for a stream step (its owner's job, whole), inline: the
+                # hot path of a decoding batch
+                if job.cancelled or ctx.closed:
+                    self._drop(job)
+                    continue
+                ctx.computed_len = job.end  # mark_computed without the trie: streams write past committed pages
+                del jobs[ctx.id]  # admitted steps are in no queue (`_admit_step` dequeued them)
+                ctx.pending = False
+                ctx.last_used = tick
+                job.owner.completed(job, out)  # type: ignore[union-attr]
             else:
                 self._finish_chunk(chunk, out)
+
+    def _out_of_batch(self, flight: Flight) -> None:
+        """The batch's contexts are free for the next one (except those already in the batch behind it)."""
+        fid = flight.id
+        for chunk in flight.chunks:
+            ctx = chunk.job.ctx
+            if ctx.in_batch == fid:
+                ctx.in_batch = 0
 
     async def _fire_singly(self, batch: ForwardBatch, chunks: list[Chunk]) -> list[list[OutputValue] | BaseException]:
         if batch.page_copies or batch.swap_out or batch.swap_in:
@@ -638,19 +685,6 @@ class Scheduler:
             self._complete(job)
         else:
             self._enqueue(job)  # its next chunk waits at the back of the queue
-
-    def _finish_step(self, job: Job, values: list[OutputValue]) -> None:
-        """`_finish_chunk` + `_complete` for a chunk of `_admit_step` (its owner's job, whole)."""
-        ctx = job.ctx
-        if job.cancelled or ctx.closed:
-            self._drop(job)
-            return
-        # mark_computed without the trie: a stream writes after its context's committed pages
-        ctx.computed_len = job.end
-        self._unqueue(job)
-        ctx.pending = False
-        ctx.last_used = self.space.tick()
-        job.owner.completed(job, values)  # type: ignore[union-attr]
 
     def _complete(self, job: Job) -> None:
         if job.settled:  # cancelled meanwhile: the pass never happened
