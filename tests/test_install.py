@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from checkout_copy import clean_copy
 from timing import scaled
 
 from pie.flavors import detect_flavor, load_flavors
@@ -274,8 +275,7 @@ class Installation:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel of this checkout, built from a clean copy (no stale build/ folder gets in)."""
     root = tmp_path_factory.mktemp("wheel")
-    shutil.copytree(REPO, root / "src", ignore=shutil.ignore_patterns(
-        ".*", "__pycache__", "build", "dist", "*.egg-info", "result"))
+    clean_copy(root / "src")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"),
                     str(root / "src")], check=True, capture_output=True, timeout=300)
     (built,) = (root / "dist").glob("pie-*.whl")

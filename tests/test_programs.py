@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from checkout_copy import clean_copy
 
 from pie.errors import ProgramError
 from pie.runtime.programs import Manifest, ProgramRegistry, check_entry, operator_paths, stdlib_path
@@ -102,10 +103,10 @@ def test_uploads_check_manifest_entry_and_overwrites(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_wheel_ships_the_standard_library(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
-    wheel = next(tmp_path.glob("pie-*.whl"))
+    source = clean_copy(tmp_path / "src")  # not the live checkout: the build would leave files in it
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("pie-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in STANDARD:
         assert f"inferlets/{name}/Pie.toml" in names and f"inferlets/{name}/main.py" in names, name
