@@ -41,7 +41,7 @@ from pie.mcp_link import INTERNAL_ERROR, McpCallError
 from pie.runtime.context import Context
 from pie.runtime.forward_pass import PassReader, slot_values
 from pie.runtime.jobs import Job
-from pie.runtime.quotas import TokenBucket
+from pie.runtime.quotas import TokenBucket, page_share
 from pie.runtime.runahead import DEFAULT_DEPTH, TokenStream
 
 MAX_STREAM_DEPTH = 1024
@@ -490,7 +490,7 @@ class InstanceHost:
                                 "max_pages_per_instance)")
         if limits.max_page_share:
             total = group.space.pool.num_pages
-            share = max(1, int(total * limits.max_page_share))
+            share = page_share(total, limits.max_page_share)
             held = _pages_held((c for _, c, g in self._contexts.values() if g is group), share - more)
             if held + more > share:
                 raise HostError(f"this instance would hold {held + more} of the KV pool's {total} pages, over "

@@ -32,6 +32,7 @@ from pie.runtime.context import Context
 from pie.runtime.context_space import ContextSpace
 from pie.runtime.pages import PagePool
 from pie.runtime.prefix_trie import PrefixTrie
+from pie.runtime.quotas import page_share
 from pie.runtime.scheduler import Scheduler
 from pie.runtime.snapshots import SnapshotStore
 
@@ -90,10 +91,8 @@ class ModelRuntime:
         self.max_num_embeds: int = info.max_num_embeds
         # What one instance may hold on one group (the per-instance limits): a context can grow no further.
         pool = min(g.pool.num_pages for g in self.groups)
-        shares = [n for n in (limits.max_pages_per_instance,
-                              max(1, int(pool * limits.max_page_share_per_instance))
-                              if limits.max_page_share_per_instance else 0) if n]
-        self.max_pages_per_instance: int = min([pool, *shares])
+        self.max_pages_per_instance: int = min(pool, page_share(pool, limits.max_page_share_per_instance),
+                                               limits.max_pages_per_instance or pool)
         self.snapshots = SnapshotStore(name)
         # LoRA adapters by (user, name), on every group's engine (a context on any group may use one).
         self.adapters = AdapterStore([g.engine for g in self.groups], adapter_dir or pie_home() / "adapters",

@@ -14,6 +14,12 @@ import time
 from collections import defaultdict
 
 
+def page_share(pool_pages: int, share: float) -> int:
+    """The pages one instance may hold of a pool of `pool_pages` under `[runtime]
+    max_page_share_per_instance = share` (0: no share limit, the whole pool); at least one."""
+    return max(1, int(pool_pages * share)) if share else pool_pages
+
+
 def size_of(value: str | bytes) -> int:
     """The bytes a buffered value holds, near enough: a str counts its characters."""
     return len(value)
