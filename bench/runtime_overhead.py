@@ -5,9 +5,11 @@ Each of N in-process (trusted) instances fills a short prompt, waits until all h
 decode step is one engine batch of N rows. Engines (`--engine`):
 
 - `null`: answers at once with valid outputs (`pie.runtime.fake_engines.NullEngine`); every microsecond
-  of a step is the runtime's and the SDK's: `host_ms_per_step` is the decode phase's CPU time per step
-  (this process's `time.process_time`, so a loaded shared host does not inflate it; `wall_ms_per_step`
-  beside it is the wall time).
+  of a step is the runtime's and the SDK's. `host_ms_per_step` is this process's CPU time
+  (`time.process_time`, so a loaded shared host inflates it less than wall time) per decode step while
+  every stream decodes: from the first batch that holds all N streams' steps to the last one. `run_ms_per_step`
+  is the whole generation (the streams' starts, first passes, stops and the instances' ends included)
+  divided by the steps; `wall_ms_per_step` its wall time.
 - `sleep:MS`: takes MS per batch in a thread without the GIL, like a device. The bound is N tokens per
   MS (every step full, no host time visible); `tok_s` / `bound_tok_s` is how much of it the runtime keeps.
 - `real`: the small model (hidden 512, 8 layers) on `--device`; the same batches replayed straight on
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 import tempfile
 import time
@@ -53,7 +54,8 @@ PAGE_SIZE = 16
 class Row:
     count: int
     step_us: float  # wall time per decode step through the runtime
-    cpu_us: float  # this process's CPU time per decode step
+    cpu_us: float  # this process's CPU time per decode step, the whole run
+    steady_us: float  # of a step while all N streams decode (CPU)
     in_engine_us: float  # of which: the engine calls
     direct_us: float  # real engine only: the same batches on Engine.forward_batch, no runtime
     batches_per_step: float
@@ -75,17 +77,21 @@ async def generate(prompt: list[int], steps: int, ready: list[int], go: asyncio.
 
 
 async def measure(runtime: Runtime, count: int, steps: int,
-                  keep: bool = False) -> tuple[float, float, float, float, list[ForwardBatch]]:
-    """Seconds per decode step (wall, CPU), of which in the engine, batches per step, and the batches fired."""
+                  keep: bool = False) -> tuple[float, float, float, float, float, list[ForwardBatch]]:
+    """Seconds per decode step (wall, CPU, CPU while all streams decode), of which in the engine, batches
+    per step, and the batches fired."""
     fired: list[ForwardBatch] = []
     in_engine = [0.0]
     phase = {"decode": False}
+    full: list[float] = []  # process time at each landing of a batch holding every stream's step
 
     def on_batch(batch: ForwardBatch, _result: object, seconds: float) -> None:
         if phase["decode"]:
-            if keep:  # stream steps reuse their Request objects: keep what this batch held for the replay
-                batch = ForwardBatch([dataclasses.replace(r, tokens=list(r.tokens), positions=list(r.positions))
-                                      for r in batch.requests], batch.page_copies, batch.swap_out, batch.swap_in)
+            if batch.num_tokens == count:
+                full.append(time.process_time())
+            if keep:  # the replay runs them later: a copy as the engine saw it (chained tokens filled in)
+                batch = ForwardBatch(batch.requests + (batch.steps.requests() if batch.steps is not None else []),
+                                     batch.page_copies, batch.swap_out, batch.swap_in)
             fired.append(batch)
             in_engine[0] += seconds
 
@@ -115,7 +121,8 @@ async def measure(runtime: Runtime, count: int, steps: int,
     phase["decode"] = False
     assert all(f.kind == "return" for f in finals), finals[0]
     runtime.check_integrity()
-    return elapsed / steps, cpu / steps, in_engine[0] / steps, len(fired) / steps, fired
+    steady = (full[-1] - full[0]) / (len(full) - 1) if len(full) > 1 else cpu / steps
+    return elapsed / steps, cpu / steps, steady, in_engine[0] / steps, len(fired) / steps, fired
 
 
 def replay(engine: Any, batches: list[ForwardBatch], steps: int) -> float:
@@ -160,12 +167,13 @@ async def run(args: argparse.Namespace) -> list[Row]:
         for count in args.counts:
             runs = []  # runtime and direct alternate, so load changes on a shared host hit both alike
             for _ in range(args.repeats):
-                per_step, cpu, in_engine, per_step_batches, batches = await measure(runtime, count, args.steps,
-                                                                                    keep=engine is not None)
+                per_step, cpu, steady, in_engine, per_step_batches, batches = await measure(
+                    runtime, count, args.steps, keep=engine is not None)
                 direct = replay(engine, batches, args.steps) if engine is not None else 0.0
-                runs.append((per_step, cpu, in_engine, direct, per_step_batches))
-            best = min(runs, key=lambda r: r[1] if args.engine == "null" else r[0])  # load only ever adds time
-            rows.append(Row(count, best[0] * 1e6, best[1] * 1e6, best[2] * 1e6, best[3] * 1e6, best[4]))
+                runs.append((per_step, cpu, steady, in_engine, direct, per_step_batches))
+            best = min(runs, key=lambda r: r[2] if args.engine == "null" else r[0])  # load only ever adds time
+            rows.append(Row(count, best[0] * 1e6, best[1] * 1e6, best[2] * 1e6, best[3] * 1e6, best[4] * 1e6,
+                            best[5]))
             report(args, rows[-1])
         await runtime.shutdown(0)
         await client.close()
@@ -175,9 +183,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
 def report(args: argparse.Namespace, r: Row) -> None:
     tok_s = r.count / (r.step_us / 1e6)
     if args.engine == "null":
-        print(f"RESULT engine=null inferlets={r.count} host_ms_per_step={r.cpu_us / 1e3:.3f} "
-              f"wall_ms_per_step={r.step_us / 1e3:.3f} us_per_inferlet={r.cpu_us / r.count:.2f} tok_s={tok_s:.0f} "
-              f"runahead={int(not args.no_runahead)}", flush=True)
+        print(f"RESULT engine=null inferlets={r.count} host_ms_per_step={r.steady_us / 1e3:.3f} "
+              f"run_ms_per_step={r.cpu_us / 1e3:.3f} wall_ms_per_step={r.step_us / 1e3:.3f} "
+              f"us_per_inferlet={r.steady_us / r.count:.2f} tok_s={tok_s:.0f} runahead={int(not args.no_runahead)}",
+              flush=True)
     elif args.engine.startswith("sleep:"):
         ms = float(args.engine[6:])
         bound = r.count / (ms / 1e3)
@@ -203,14 +212,15 @@ def main() -> None:
     rows = asyncio.run(run(args))
     print(f"\nruntime overhead per decode step through ctx.generate: engine {args.engine}, {args.steps} steps, "
           f"best of {args.repeats} runs, run-ahead {'off' if args.no_runahead else 'on'}")
-    print(f"{'inferlets':>10}{'us/step':>10}{'cpu us':>9}{'in engine':>11}{'host us':>9}{'us/inferlet':>13}"
-          f"{'batches/step':>14}{'tok/s':>10}{'direct us/step':>16}")
+    print(f"{'inferlets':>10}{'us/step':>10}{'cpu us':>9}{'steady cpu':>12}{'in engine':>11}{'host us':>9}"
+          f"{'us/inferlet':>13}{'batches/step':>14}{'tok/s':>10}{'direct us/step':>16}")
     for r in rows:
-        print(f"{r.count:>10}{r.step_us:>10.0f}{r.cpu_us:>9.0f}{r.in_engine_us:>11.0f}{r.host_us:>9.0f}"
-              f"{r.host_us / r.count:>13.2f}{r.batches_per_step:>14.2f}{r.count / (r.step_us / 1e6):>10.0f}"
-              f"{r.direct_us:>16.0f}")
-    print("host us: wall time per step minus its engine calls (same run); cpu us: this process's CPU time per "
-          "step; direct: the same batches, no runtime")
+        print(f"{r.count:>10}{r.step_us:>10.0f}{r.cpu_us:>9.0f}{r.steady_us:>12.0f}{r.in_engine_us:>11.0f}"
+              f"{r.host_us:>9.0f}{r.host_us / r.count:>13.2f}{r.batches_per_step:>14.2f}"
+              f"{r.count / (r.step_us / 1e6):>10.0f}{r.direct_us:>16.0f}")
+    print("us/step: wall time per step, the whole run; cpu us: this process's CPU time per step, the whole run "
+          "(stream starts and stops included); steady cpu: per step while every stream decodes; host us: wall "
+          "time per step minus its engine calls (same run); direct: the same batches, no runtime")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ COLLECT_BATCH = 8  # the collectors take a stream's tokens this many at a time (
 # one. It wastes nothing at a stop token or the limit (the runtime stops there by itself); only a
 # collector that ends early (`collect_text` at the end of a chat turn) drops up to this many steps.
 COLLECT_DEPTH = 2 * COLLECT_BATCH
+# `collect_tokens` reads nothing until the end and never ends early (the runtime applies stop tokens and
+# the limit itself), so its stream may run this far ahead and deliver this many at once: nothing is
+# wasted, and the inferlet wakes once per this many tokens instead of once per COLLECT_BATCH.
+COLLECT_ALL_DEPTH = 256
 UNLIMITED = 1 << 30  # max_tokens of a stream without a limit (the depth bounds the waste)
 AUTO_SAMPLER = SampleHandle(0, 1)
 
@@ -83,7 +87,9 @@ class Generator:
         self._ctx = ctx
         self._sampler = sampler
         self._stream: _Stream | None = None  # the runtime stream serving the steps, if any
-        self._collecting = False  # a collector drives the loop: no one reads the steps as they come
+        # A collector drives the loop: no one reads the steps as they come ("tokens": `collect_tokens`,
+        # which never ends before the stream does; "text": the others).
+        self._collecting: str | None = None
         self._stop = set(stop or ())
         self._max_tokens = max_tokens
         self._constraints: list[Constraint] = []
@@ -222,11 +228,14 @@ class Generator:
     def _start_stream(self, pending: list[int], mask: list[int] | None) -> _Stream:
         ctx = self._ctx
         remaining = UNLIMITED if self._max_tokens is None else self._max_tokens - self.tokens_generated
+        if self._collecting == "tokens":
+            depth = batch = min(max(remaining, 1), COLLECT_ALL_DEPTH)
+        else:
+            depth, batch = (COLLECT_DEPTH, COLLECT_BATCH) if self._collecting else (RUNAHEAD_DEPTH, 1)
         spec = {"tokens": pending, "sampler": self._sampler.to_dict(), "stop": sorted(self._stop),
                 "max_tokens": max(remaining, 1), "logit_mask": mask,
                 "adapter": self._adapter._handle if self._adapter is not None else None,
-                "seed": self._seed, "depth": COLLECT_DEPTH if self._collecting else RUNAHEAD_DEPTH,
-                "batch": COLLECT_BATCH if self._collecting else 1}
+                "seed": self._seed, "depth": depth, "batch": batch}
         stream = self._stream = _Stream(ctx._host.ctx_generate_start(ctx._handle, spec))  # type: ignore[arg-type]
         ctx._stream = self
         return stream
@@ -346,7 +355,7 @@ class Generator:
     # -- collectors (they read a stream's delivered tokens in bulk: the same steps, fewer objects) --
     async def collect_tokens(self) -> list[int]:
         out: list[int] = []
-        self._collecting = True
+        self._collecting = "tokens"
         async for step in self:
             out += (await step.execute()).tokens
             out += self._take_all_streamed()
@@ -357,7 +366,7 @@ class Generator:
     async def collect_text(self) -> str:
         decoder = chat.Decoder(self._ctx.model)
         parts: list[str] = []
-        self._collecting = True
+        self._collecting = "text"
         async for step in self:
             tokens: list[int] | None = (await step.execute()).tokens
             while tokens is not None:

@@ -188,6 +188,8 @@ async def test_stream_is_refused_calls_while_it_runs_and_stops_exactly(null_rt: 
         except Exception as e:
             refused = str(e)
         more = await host.stream_next(handle)
+        while len(first) + len(more) < 3:  # how far it ran ahead meanwhile depends on the event loop's turns
+            more += await host.stream_next(handle)
         host.stream_stop(handle, 3)
         return {"first": first, "more": more, "refused": refused, "state": host.ctx_state(ctx.handle),
                 "tokens": host._contexts[ctx.handle][1].tokens[20:]}
@@ -195,15 +197,17 @@ async def test_stream_is_refused_calls_while_it_runs_and_stops_exactly(null_rt: 
     r = await run_sdk(null_rt, body)
     assert "stream_stop" in r["refused"]
     produced = r["first"] + r["more"]
-    assert produced[:4] == [null_token(20 + i, VOCAB) for i in range(4)] and len(produced) <= 4 + 4
+    assert produced == [null_token(20 + i, VOCAB) for i in range(len(produced))] and 3 <= len(produced) <= 4 + 4
     # 3 steps consumed: the buffered token plus the first two sampled ones are in the KV (the third is buffered).
     assert r["tokens"] == [5, produced[0], produced[1]]
     assert r["state"] == (1, 1, 7)  # 23 slots: one committed page (the flush's), 7 in the working page
 
 
 async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> None:
-    """Growing the reservation while the step before is in flight: every step after the first is chained,
-    including those that open a page (3 of them here), and the tokens are the step-by-step ones."""
+    """Growing the reservation while the step before is in flight: every step after the second is chained,
+    including those that open a page (3 of them here), and the tokens are the step-by-step ones. (The
+    first pass is an ordinary pass; the stream enters the lane when it lands, so its first lane step has
+    nothing to chain to.)"""
     scheduler = null_rt.model().scheduler
     before = scheduler.stats.chained_steps
 
@@ -215,7 +219,7 @@ async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> No
 
     tokens = await run_sdk(null_rt, body)
     assert tokens == [null_token(20 + i, VOCAB) for i in range(60)]
-    assert scheduler.stats.chained_steps - before == 59  # slots 21..79: pages opened at 32, 48 and 64
+    assert scheduler.stats.chained_steps - before == 58  # slots 22..79: pages opened at 32, 48 and 64
 
 
 async def test_cancelling_an_instance_mid_stream_returns_every_page(null_rt: Runtime) -> None:

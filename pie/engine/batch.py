@@ -15,8 +15,11 @@ passes (or copied in with `page_copies`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
+
+import numpy as np
 
 SamplerKind: TypeAlias = Literal["argmax", "multinomial", "top_k", "top_p", "min_p", "top_k_top_p"]
 ProbeKind: TypeAlias = Literal["distribution", "logprob", "logprobs", "entropy", "logits", "embedding"]
@@ -124,6 +127,49 @@ class Request:
 
 
 @dataclass(slots=True)
+class StepRows:
+    """Decode steps as arrays: row i is a one-token request that appends `tokens[i]` at `positions[i]` to
+    the KV of pages `page_ids[page_indptr[i]:page_indptr[i + 1]]` (the last filled to `last_page_len[i]`)
+    and samples one token with `samplers[sampler_ids[i]]`.
+
+    The runtime's run-ahead streams (`pie.runtime.lane`) keep their state in arrays and hand a batch's
+    decode steps over in this form, so a step of 256 streams is a few array operations instead of 256
+    `Request` objects. Per-row extras (seed, logit mask, adapter) are lists, present only when a row has
+    one. `token_from[i] >= 0`: the input token is row `token_from[i]` of the steps of the batch run just
+    before (a chained step), filled in by the engine client (`pie.runtime.engine_client.resolve_chained`).
+    An engine that only takes requests runs `requests()` and reports their tokens (`run_expanded`).
+    """
+
+    tokens: np.ndarray  # int64 [n]
+    positions: np.ndarray  # int64 [n]
+    page_indptr: np.ndarray  # int64 [n + 1]
+    page_ids: np.ndarray  # int32 [page_indptr[-1]]
+    last_page_len: np.ndarray  # int64 [n]
+    samplers: list[Sampler]  # the distinct samplers of the rows
+    sampler_ids: np.ndarray  # int64 [n], into `samplers`
+    seeds: list[int | None] | None = None
+    logit_masks: list[list[int] | None] | None = None
+    adapters: list[int | None] | None = None
+    token_from: np.ndarray | None = None  # int64 [n]; -1: `tokens[i]` as is
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def requests(self) -> list[Request]:
+        """The same rows as `Request`s (their input tokens resolved), for engines that take only those."""
+        assert self.token_from is None, "resolve a chained block's tokens before expanding it"
+        ptr, pages = self.page_indptr.tolist(), self.page_ids.tolist()
+        outputs = [[OutputSpec(0, s)] for s in self.samplers]  # shared per sampler: nothing mutates them
+        sid, lpl = self.sampler_ids.tolist(), self.last_page_len.tolist()
+        n = len(sid)
+        seeds, masks, adapters = (self.seeds or [None] * n, self.logit_masks or [None] * n,
+                                  self.adapters or [None] * n)
+        return [Request([t], [p], pages[ptr[i]:ptr[i + 1]], lpl[i], outputs[sid[i]], None, masks[i], adapters[i],
+                        seeds[i])
+                for i, (t, p) in enumerate(zip(self.tokens.tolist(), self.positions.tolist(), strict=True))]
+
+
+@dataclass(slots=True)
 class ForwardBatch:
     """A step: any mix of prefill and decode requests, plus page operations done first, in this order:
 
@@ -144,10 +190,12 @@ class ForwardBatch:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     validated: bool = False
+    steps: StepRows | None = None  # decode steps in arrays, after `requests` (see StepRows)
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r.tokens) for r in self.requests)
+        steps = self.steps
+        return sum(len(r.tokens) for r in self.requests) + (len(steps) if steps is not None else 0)
 
 
 # One value per OutputSpec, in order:
@@ -163,3 +211,25 @@ class BatchResult:
 
     outputs: list[list[OutputValue]]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    steps: np.ndarray | None = None  # int64: the token each row of `ForwardBatch.steps` sampled
+
+
+def run_expanded(forward: Callable[[ForwardBatch], BatchResult], batch: ForwardBatch) -> BatchResult:
+    """`forward(batch)` for an engine that takes only requests: the step rows run as requests after the
+    batch's own, and their tokens come back in `BatchResult.steps`."""
+    steps = batch.steps
+    if steps is None:
+        return forward(batch)
+    n = len(batch.requests)
+    result = forward(ForwardBatch(batch.requests + steps.requests(), batch.page_copies, batch.swap_out,
+                                  batch.swap_in, batch.validated))
+    return fold_steps(result, n)
+
+
+def fold_steps(result: BatchResult, num_requests: int) -> BatchResult:
+    """The result of an expanded batch (`StepRows.requests` after `num_requests` requests) in the
+    batch's own shape: the steps' tokens as one array."""
+    outputs = result.outputs
+    tokens = np.fromiter((o[0] for o in outputs[num_requests:]), dtype=np.int64,  # type: ignore[misc]
+                         count=len(outputs) - num_requests)
+    return BatchResult(outputs[:num_requests], result.timings_ms, tokens)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pie.engine.batch import BatchResult, ForwardBatch, OutputValue
+from pie.engine.batch import BatchResult, ForwardBatch, run_expanded
 
 if TYPE_CHECKING:
     from pie.engine.config import EngineConfig
@@ -62,37 +62,48 @@ class ChainError(RuntimeError):
 class ChainSource:
     """The last batch an engine ran and its outputs: what chained rows of the next batch read."""
 
-    def __init__(self) -> None:
+    def __init__(self, native_steps: bool = True) -> None:
+        """`native_steps`: the engine takes `ForwardBatch.steps` itself; else they run as requests."""
         self.batch: ForwardBatch | None = None
-        self.outputs: list[list[OutputValue]] = []
+        self.result: BatchResult | None = None
+        self._native = native_steps
 
     def run(self, forward: Callable[[ForwardBatch], BatchResult], batch: ForwardBatch,
             source: ForwardBatch | None) -> BatchResult:
         """`forward(batch)` after filling its chained rows from `source`, which must be the last batch run."""
         try:
             if source is not None:
-                resolve_chained(batch, self.outputs if self.batch is source else None)
-            result = forward(batch)
+                resolve_chained(batch, self.result if self.batch is source else None)
+            result = forward(batch) if self._native else run_expanded(forward, batch)
         except BaseException:
             self.batch = None
             raise
-        self.batch, self.outputs = batch, result.outputs
+        self.batch, self.result = batch, result
         return result
 
 
-def resolve_chained(batch: ForwardBatch, previous: list[list[OutputValue]] | None) -> None:
-    """Fill every `token_from` row of `batch` with the token its source batch sampled (None: the source
-    was not the batch run just before, so there is no token to read)."""
+def resolve_chained(batch: ForwardBatch, previous: BatchResult | None) -> None:
+    """Fill every chained row of `batch` (`Request.token_from`, `StepRows.token_from`) with the token its
+    source batch sampled (None: the source was not the batch run just before, so there is no token)."""
     for r in batch.requests:
         src = r.token_from
         if src is not None:
             if previous is None:
                 raise ChainError("a chained batch did not run right after its source batch (it failed, or "
                                  "retries ran in between)")
-            value = previous[src[0]][src[1]]
+            value = previous.outputs[src[0]][src[1]]
             assert isinstance(value, int), "a chained row reads a one-draw sampler's token"
-            r.tokens[0] = value  # a stream step's own one-token list (`Scheduler._admit_chained`)
+            r.tokens = [value]
             r.token_from = None
+    steps = batch.steps
+    if steps is not None and steps.token_from is not None:
+        if previous is None or previous.steps is None:
+            raise ChainError("a chained batch did not run right after its source batch (it failed, or retries "
+                             "ran in between)")
+        src_rows = steps.token_from
+        chained = src_rows >= 0
+        steps.tokens[chained] = previous.steps[src_rows[chained]]
+        steps.token_from = None
 
 
 class InProcessEngine:
@@ -104,7 +115,7 @@ class InProcessEngine:
         self._engine: Engine | None = engine
         self._executor = executor
         self._info = engine.info
-        self._chain = ChainSource()  # the last batch run (engine thread only)
+        self._chain = ChainSource(native_steps=False)  # the last batch run (engine thread only)
 
     @classmethod
     async def start(cls, config: EngineConfig, name: str = "") -> InProcessEngine:

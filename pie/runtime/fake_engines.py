@@ -60,6 +60,11 @@ class NullEngine:
         self.batches += 1
         self.rows += len(batch.requests)
         vocab = self.info.vocab_size
+        steps = batch.steps
+        step_tokens = None
+        if steps is not None:  # decode steps in arrays: `null_token` of each row's position, in one go
+            self.rows += len(steps)
+            step_tokens = steps.positions * TOKEN_STRIDE % vocab
         out: list[list[OutputValue]] = []
         for r in batch.requests:
             outputs = r.outputs
@@ -67,7 +72,7 @@ class NullEngine:
                 out.append([r.positions[outputs[0].index] * TOKEN_STRIDE % vocab])  # a decode row: `null_token`
             else:
                 out.append([_value(r, o, vocab) for o in outputs])
-        return BatchResult(out)
+        return BatchResult(out, steps=step_tokens)
 
     async def copy_pages(self, src: list[int], dst: list[int]) -> None:
         return None

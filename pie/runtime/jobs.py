@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from pie.engine.batch import OutputSpec, OutputValue, Request
+from pie.engine.batch import OutputSpec, OutputValue
 from pie.runtime.context import Context
 from pie.runtime.prefix_trie import PageKey
 
@@ -47,8 +47,6 @@ class Job:
     computing: PageKey | None = None  # the uncached page this pass computes first (others wait for it)
     admitted_build: int = -1  # build (context-clock tick) that last admitted a chunk of this pass
     queued_at: float = 0.0  # the priority whose queue holds it (the context's priority when queued)
-    step_chunk: Chunk | None = None  # its chunk as a one-row stream step (made once; start/end unused)
-    step_request: Request | None = None  # its Request as a stream step, refilled each step (see _admit_step)
 
     def __post_init__(self) -> None:
         if self.owner is None and self.future is None:

@@ -2,23 +2,22 @@
 
 `Host.ctx_generate_start(ctx, spec)` hands the runtime a decode loop whose next pass depends on nothing but
 the token just sampled: the buffered tokens, one sampler, stop tokens, a token limit and optionally a fixed
-logit mask, seed and adapter. From then on each completed step appends its token to the context and
-submits the next one-token pass synchronously, from inside the scheduler's hand-back of the batch
-(`JobOwner.completed`), so it is in the very next batch whether or not the inferlet's task has woken.
+logit mask, seed and adapter. The first pass (the buffered tokens) is an ordinary pass; once it lands the
+stream enters its scheduler's lane (`pie.runtime.lane`), where every following step is one row of the next
+batch, built, chained and landed with the other streams' as array operations, whether or not the
+inferlet's task has woken.
 
-The inferlet reads the tokens with `stream_next` (every token produced so far, at least one) and ends the
+The inferlet reads the tokens with `stream_next` (every token produced so far, at least `batch`) and ends the
 stream with `stream_stop(consumed)`: the runtime drops what it ran ahead and cuts the context back to
 exactly the state of the step-by-step loop after `consumed` steps (`TokenStream.stop`).
 
-Chaining: with a pipelining scheduler, while a step is in flight the scheduler asks for the step after
-it (`chain`) and runs it in the next batch with its token read from the step's output; when the step
-lands, the chained step becomes the stream's pending pass, or, if the token was a stop token, is
-cancelled and its slot cut back.
-
-Bounds: a stream runs at most `depth` steps ahead of what `stream_next` delivered, and stops by itself
-after a stop token or `max_tokens` tokens, so it never computes far past the end. Pages come from the
-context's own reservation, grown one page at a time under the instance's page limit as the step-by-step
-loop's `_reserve_for` would; the token budget is charged per step and refunded for discarded steps.
+Bounds: a stream runs at most `depth` steps ahead of what `stream_next` delivered (then it leaves the lane
+and pauses; the next delivery resumes it), and stops by itself after a stop token or `max_tokens` tokens,
+so it never computes far past the end. Pages come from the context's own reservation, grown one page at a
+time under the instance's page limit as the step-by-step loop's `_reserve_for` would; the token budget is
+charged per step and refunded for discarded steps. A step the lane cannot place (a page to copy, a short
+pool, a limit reached) takes the long way: an ordinary one-row pass (`long_way`), after which the stream
+enters the lane again.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ DEFAULT_DEPTH = 8
 
 
 class TokenStream:
-    """One run-ahead loop on one context. Implements `pie.runtime.jobs.JobOwner`."""
+    """One run-ahead loop on one context. Implements `pie.runtime.jobs.JobOwner` for its ordinary passes."""
 
     def __init__(self, ctx: Context, scheduler: Scheduler, job: Job, sampler: Sampler, *, stop: frozenset[int],
                  max_tokens: int, depth: int, base_len: int, base_pages: int, batch: int = 1,
@@ -50,104 +49,93 @@ class TokenStream:
         when the instance has no budget (nothing to count)."""
         self.ctx = ctx
         self._scheduler = scheduler
+        self._lane = scheduler.lane
         self._job = job
         self._step_outputs = [OutputSpec(0, sampler=sampler)]
+        self.sampler = sampler
+        self.stop_tokens = sorted(stop)
         self._stop = stop
-        self._max_tokens = max_tokens
-        self._depth = max(1, depth)
-        self._batch = min(max(1, batch), self._depth)  # tokens per delivery (fewer only at the end)
+        self.max_tokens = max_tokens
+        self.depth = max(1, depth)
+        self.batch = min(max(1, batch), self.depth)  # tokens per delivery (fewer only at the end)
         self._base_len = base_len  # kv_len before the stream's first pass
         self._prompt_len = job.end - job.start
+        self.first_slot = job.end  # the slot of the input of the first sampled token
         self._base_pages = base_pages  # pages reserved before the stream: never released by stop
-        self._grow = grow
-        self._charge = charge or _no_budget
-        self._budgeted = charge is not None  # else `_charge` counts nothing: the hot paths skip the call
-        self._capacity = ctx.num_pages * ctx.space.page_size  # slots the reserved pages hold (grows with them)
-        self.tokens: list[int] = []  # token sampled at each step, in order
-        self._delivered = 0  # tokens handed out by `next`
-        self._charged = 1  # tokens charged: the first pass's
+        self.grow = grow
+        self.charge = charge or _no_budget
+        self.budgeted = charge is not None
+        self.adapter = job.adapter
+        # What the lane's rows carry besides the sampler (None: nothing).
+        self.extras = None if job.seed is None and job.logit_mask is None and job.adapter is None else (
+            job.seed, job.logit_mask, job.adapter)
+        self.tokens: list[int] = []  # token sampled at each step, in order (the lane appends at each sync)
+        self.delivered = 0  # tokens handed out by `next`
+        self.charged = 1  # tokens charged: the first pass's
+        self.member = -1  # index in the lane while a member
         self._error: BaseException | None = None
         self._ended = False  # no more steps will be produced (stop token, limit, error or stop())
         self._waiter: asyncio.Future[None] | None = None
-        self._chained: Job | None = None  # the step after the one in flight, already in the next batch
-        self._spare = Job(ctx, 0, 0, self._step_outputs, logit_mask=job.logit_mask, adapter=job.adapter,
-                          seed=job.seed, owner=self)  # the job the next chained step reuses
         job.owner = self
         scheduler.submit(job)
 
-    # -- the scheduler's side (JobOwner) --------------------------------------------------------
+    # -- the scheduler's side (JobOwner, for the stream's ordinary passes) ----------------------
 
     def completed(self, job: Job, results: list[OutputValue]) -> None:
         token = results[0]
         assert type(token) is int, "a stream samples one token per step"
         tokens = self.tokens
         tokens.append(token)
-        chained = self._chained
-        if chained is not None:  # the next step runs already, reading this token
-            self._chained = None
-            ctx = self.ctx
-            ctx.tokens[chained.start] = token
-            if token in self._stop:
-                self._ended = True
-                chained.cancelled = True
-                ctx.rollback(chained.start)
-            else:
-                self._job, self._spare = chained, job
-                self._scheduler.adopt(chained)
-        elif token in self._stop or len(tokens) >= self._max_tokens:
-            self._ended = True
-        elif len(tokens) - self._delivered < self._depth:
-            self._next_pass()
-        if self._waiter is not None and (self._ended or len(tokens) - self._delivered >= self._batch):
-            self._wake()
-
-    def chain(self, job: Job) -> Job | None:
-        """The step after `job` (in flight), recorded with a placeholder token, to run in the next batch
-        reading `job`'s output; None if the stream stops after `job` whatever it samples."""
-        if self._ended or job is not self._job or self._chained is not None:
-            return None
-        n = len(self.tokens) + 1  # tokens once `job` lands
-        if n >= self._max_tokens or n - self._delivered >= self._depth:
-            return None
-        ctx = self.ctx
-        slot = len(ctx.tokens)
-        if slot >= self._capacity or self._budgeted:
-            try:  # a failure is reported by the step after `job` (`_next_pass`), once `job` lands
-                self._room_for_one(slot)
-            except HostError:
-                return None
-        self._charged += 1
-        if job.adapter is None:
-            ctx.tokens.append(0)  # the placeholder, filled in `completed`
-            ctx.positions.append(slot)
-        else:
-            ctx.append((0,), (slot,), custom_kv=True)
-        nxt = self._spare
-        if nxt.outputs is self._step_outputs:
-            nxt.start, nxt.end = slot, slot + 1
-            nxt.results[0] = None
-            nxt.cancelled = False
-        else:  # the first pass's job, now the spare: one row, sampled at row 0
-            nxt.reset(slot, slot + 1, self._step_outputs)
-        self._chained = nxt
-        return nxt
-
-    def unchain(self, nxt: Job) -> None:
-        """The scheduler could not place the chained step: undo `chain`."""
-        self._chained = None
-        self.ctx.rollback(nxt.start)
-        self._charge(-1)
-        self._charged -= 1
+        if token in self._stop or len(tokens) >= self.max_tokens:
+            self.end()
+        elif len(tokens) - self.delivered < self.depth:
+            self._lane.enter(self)
+        if self._waiter is not None and len(tokens) - self.delivered >= self.batch:
+            self.wake()
 
     def failed(self, job: Job, error: BaseException) -> None:
-        """The step's pass failed (engine error, shutdown): undo its input; deliver the error after the
-        tokens produced before it."""
-        if job is self._chained:
-            self._chained = None
+        """The pass failed (engine error, shutdown): undo its input; deliver the error after the tokens
+        produced before it."""
         if not self.ctx.closed and self.ctx.kv_len > job.start:
             self.ctx.rollback(job.start)
-        self._drop_chained()
-        self._end_with(error)
+        self.end_with(error)
+
+    # -- the lane's side ------------------------------------------------------------------------
+
+    def long_way(self) -> None:
+        """The next step as an ordinary one-row pass (the lane could not place it, or the stream paused)."""
+        ctx, token, job = self.ctx, self.tokens[-1], self._job
+        slot = len(ctx.tokens)
+        try:
+            if slot >= ctx.num_pages * ctx.space.page_size:
+                self.grow(ctx, 1)
+            self.charge(1)
+        except HostError as error:
+            self.end_with(error)
+            return
+        self.charged += 1
+        if job.adapter is None:  # sequential positions, base-model KV: nothing for `append` to mark
+            ctx.tokens.append(token)
+            ctx.positions.append(slot)
+        else:
+            ctx.append((token,), (slot,), custom_kv=True)
+        job.reset(slot, slot + 1, self._step_outputs)
+        self._scheduler.submit(job)
+
+    def end(self) -> None:
+        self._ended = True
+        self.wake()
+
+    def end_with(self, error: BaseException) -> None:
+        self._ended = True
+        if self._error is None:
+            self._error = error
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- the inferlet's side --------------------------------------------------------------------
 
@@ -155,37 +143,49 @@ class TokenStream:
         """Every token produced since the last call (at least `batch`, or what is left at the end, waiting
         for them); [] once the stream ended and everything was delivered; raises the error that ended it
         after its tokens."""
-        while len(self.tokens) - self._delivered < self._batch:
+        lane = self._lane
+        while self._available() < self.batch:
             if self._ended:
-                if self._delivered < len(self.tokens):
+                if self._available():
                     break
                 if self._error is not None:
                     raise self._error
                 return []
             self._waiter = asyncio.get_running_loop().create_future()
+            lane.set_waiting(self, True)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        out = self.tokens[self._delivered:]
-        self._delivered = len(self.tokens)
+                lane.set_waiting(self, False)
+        out = lane.deliver(self)
         if not self._ended and not self.ctx.pending:  # paused at its depth: go on
-            self._next_pass()
+            self.long_way()
         return out
+
+    @property
+    def waiting(self) -> bool:
+        """The inferlet waits in `next` for tokens."""
+        return self._waiter is not None
+
+    def _available(self) -> int:
+        """Tokens produced and not delivered yet."""
+        m = self.member
+        return (int(self._lane.count[m]) if m >= 0 else len(self.tokens)) - self.delivered
 
     def stop(self, consumed: int) -> None:
         """End the stream; leave the context as the step-by-step loop leaves it after `consumed` steps:
         the buffered tokens and the first `consumed - 1` sampled tokens in the record and KV (the last
         consumed token stays in the SDK's buffer), the pages it reserved beyond that released."""
+        self._lane.leave(self)
         if not 0 <= consumed <= len(self.tokens):
             raise HostError(f"stream_stop: consumed {consumed} steps, but the stream produced {len(self.tokens)}")
         self._ended = True
         self._scheduler.forget(self._job)
-        self._drop_chained()
         ctx = self.ctx
-        self._charge(consumed - self._charged)
-        self._charged = consumed
-        self._wake()
+        self.charge(consumed - self.charged)
+        self.charged = consumed
+        self.wake()
         if ctx.closed:
             return
         keep = self._base_len if consumed == 0 else self._base_len + self._prompt_len + consumed - 1
@@ -198,60 +198,10 @@ class TokenStream:
 
     def close(self) -> None:
         """End the stream without touching the context (it is being destroyed with its instance)."""
+        self._lane.leave(self, sync=False)
         self._ended = True
         self._scheduler.forget(self._job)
-        self._drop_chained()
-        self._wake()
-
-    def _drop_chained(self) -> None:
-        if self._chained is not None:
-            self._chained.cancelled = True  # its batch lands without effect
-            self._chained = None
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _next_pass(self) -> None:
-        """Append the last token and submit its one-row pass (the job is reused)."""
-        ctx, token, job = self.ctx, self.tokens[-1], self._job
-        slot = len(ctx.tokens)
-        try:
-            self._room_for_one(slot)
-        except HostError as error:
-            self._end_with(error)
-            return
-        self._charged += 1
-        if job.adapter is None:  # sequential positions, base-model KV: nothing for `append` to mark
-            ctx.tokens.append(token)
-            ctx.positions.append(slot)
-        else:
-            ctx.append((token,), (slot,), custom_kv=True)
-        if job.outputs is self._step_outputs:
-            job.start, job.end = slot, slot + 1
-            job.results[0] = None
-            job._next = 0
-            self._scheduler.resubmit(job)
-        else:  # after the first pass: one row, sampled at row 0
-            job.reset(slot, slot + 1, self._step_outputs)
-            self._scheduler.submit(job)
-
-    def _room_for_one(self, slot: int) -> None:
-        """A page for `slot` if the reservation ends before it, and one token of budget; or HostError."""
-        ctx = self.ctx
-        if slot >= ctx.num_pages * ctx.space.page_size:
-            self._grow(ctx, 1)
-        self._capacity = ctx.num_pages * ctx.space.page_size
-        self._charge(1)
-
-    def _end_with(self, error: BaseException) -> None:
-        self._ended = True
-        if self._error is None:
-            self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wake()
 
 
 def _no_budget(n: int) -> None:

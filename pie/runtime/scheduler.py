@@ -62,14 +62,17 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
+
 from inferlet._host import HostError
 from pie import telemetry
-from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request
+from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, fold_steps
 from pie.errors import BatchError, OutOfPagesError
 from pie.runtime.api import EngineClient
 from pie.runtime.context import Context
 from pie.runtime.context_space import ContextSpace
 from pie.runtime.jobs import Chunk, Job, PageOps, SchedulerStats
+from pie.runtime.lane import StreamLane
 from pie.runtime.pages import HostSlotPool
 from pie.runtime.prefix_trie import PageKey
 from pie.runtime.suspension import Suspender
@@ -85,10 +88,12 @@ class Flight(NamedTuple):
     chunks: list[Chunk]
     id: int  # the `Context.in_batch` value of its contexts
     num_tokens: int  # `batch.num_tokens`, counted once
+    lane: tuple[np.ndarray, np.ndarray] | None  # (members, gens) of `batch.steps` (pie.runtime.lane)
+
+Built = tuple[ForwardBatch, list[Chunk], "tuple[np.ndarray, np.ndarray] | None"]  # `_build`: batch, chunks, lane rows
 
 GATHER_DEADLINE_S = 0.002  # longest wait for woken instances to submit their next passes
 MAX_STEPS_WITHOUT_TURN = 8  # batches in a row an engine that never yields (a fake) may run before a yield
-STEP_OUTPUT = [0]  # the output ids of a stream step's chunk (`_admit_step`); never mutated
 
 
 class Scheduler:
@@ -103,6 +108,7 @@ class Scheduler:
         self.page_wait_timeout_s = page_wait_timeout_s
         self.stats = SchedulerStats()
         self._suspender = Suspender(space, self.stats)
+        self.lane = StreamLane(space, self.stats)  # every run-ahead stream's decode steps
         info = engine.info
         self._model_name = str(getattr(info, "model_name", ""))  # for telemetry
         num_slots = int(getattr(info, "num_swap_slots", 0))
@@ -115,6 +121,8 @@ class Scheduler:
         self._turns = 0  # event-loop turns seen by `_tick` (did the engine call yield?)
         self._idle_steps = 0
         self.pipeline = bool(getattr(engine, "chains_tokens", False))  # build N+1 while N is in flight
+        # A chaining engine client takes `ForwardBatch.steps` (`ChainSource`); others get them as requests.
+        self._native_steps = self.pipeline
         self._batch_ids = 0
         self._building = 0  # id of the batch being built
         self._flights: list[Flight] = []  # in flight, oldest first (at most two)
@@ -191,7 +199,7 @@ class Scheduler:
 
     @property
     def num_pending(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs) + self.lane.size
 
     async def close(self) -> None:
         self._task.cancel()
@@ -201,6 +209,7 @@ class Scheduler:
             with contextlib.suppress(BaseException):
                 await flight.task
         self._flights.clear()
+        self.lane.fail_all(HostError("the runtime is shutting down"))
         for job in list(self._jobs.values()):
             self._fail(job, HostError("the runtime is shutting down"))
 
@@ -237,7 +246,7 @@ class Scheduler:
         flights = self._flights
         while True:
             if not flights:
-                if not self._jobs:
+                if not self._jobs and not self.lane.size:
                     self._wake.clear()
                     await self._wake.wait()
                 await self._gather()
@@ -248,7 +257,7 @@ class Scheduler:
                     continue
                 flights.append(self._launch(*built))
             turned = self._turns
-            if self.pipeline and any(c.output_ids is STEP_OUTPUT for c in flights[0].chunks):
+            if self.pipeline and flights[0].lane is not None:
                 if self._woken:  # instances the last landing woke join this batch, not the one after
                     await self._gather()
                 built = self._safe_build(flights[0])  # N+1 while N runs: its streams' next steps, chained
@@ -264,11 +273,12 @@ class Scheduler:
             else:
                 self._idle_steps = 0
 
-    def _safe_build(self, chain: Flight | None) -> tuple[ForwardBatch, list[Chunk]] | None:
+    def _safe_build(self, chain: Flight | None) -> Built | None:
         try:
             return self._build(chain)
         except Exception:  # a runtime bug: fail what is queued rather than hang every instance
             log.exception("building a batch failed")
+            self.lane.fail_all(HostError("internal runtime error while scheduling; see the server log"))
             for job in list(self._jobs.values()):
                 if not job.ctx.in_batch:
                     self._fail(job, HostError("internal runtime error while scheduling; see the server log"))
@@ -315,7 +325,7 @@ class Scheduler:
 
     # -- building a batch -----------------------------------------------------------------------
 
-    def _build(self, chain: Flight | None = None) -> tuple[ForwardBatch, list[Chunk]] | None:
+    def _build(self, chain: Flight | None = None) -> Built | None:
         """The next batch; with `chain` (the batch in flight), its streams' next steps come first."""
         self._previous_build, self._this_build = self._this_build, self.space.tick()
         self._lead_known = False
@@ -324,17 +334,20 @@ class Scheduler:
         if self.space.host is not None:
             # The batch before has landed, or runs before this one: the slots it swapped in may be reused.
             self.space.host.settle()
+        tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
+        # The streams' steps first: as arrays, one row each (a stream that cannot step here is queued
+        # below as an ordinary pass, `TokenStream.long_way`).
+        lane = self.lane.build(chain.id if chain is not None else 0, min(tokens_left, reqs_left), self._building)
+        steps = lane[0] if lane is not None else None
+        if steps is not None:
+            tokens_left -= len(steps)
+            reqs_left -= len(steps)
         order = self._order()
         n = len(order)
-        tokens_left, reqs_left = self.max_batch_tokens, self.max_batch_size
-        prefill_left = self.max_prefill_tokens if n > 1 else tokens_left  # a prompt alone gets the whole batch
+        prefill_left = self.max_prefill_tokens if n > 1 or steps is not None else tokens_left  # a prompt alone gets the whole batch
         requests: list[Request] = []
         ops = PageOps()
         chunks: list[Chunk] = []
-        if chain is not None:
-            chained = self._admit_chained(chain, min(tokens_left, reqs_left), requests, chunks)
-            tokens_left -= chained
-            reqs_left -= chained
         for i, job in enumerate(order):
             if tokens_left <= 0 or reqs_left <= 0:
                 break
@@ -344,15 +357,6 @@ class Scheduler:
             if job.settled or ctx.closed:  # cancelled while queued
                 self._drop(job)
                 continue
-            if job.owner is not None and job.end - job.start == 1 and ctx.computed_len == job.start \
-                    and not ctx.swapped and job.attention_mask is None:
-                step = self._admit_step(job)  # a stream's decode step: the common case, kept short
-                if step is not None:
-                    requests.append(step)
-                    chunks.append(job.step_chunk or _step_chunk(job))
-                    tokens_left -= 1
-                    reqs_left -= 1
-                    continue
             reserve = min(n - i - 1, reqs_left - 1)  # a token for each pass behind this one
             budget = max(1, tokens_left - reserve)
             if job.end - job.ctx.computed_len > 1:  # a prefill (or a re-prefill): within the prefill budget
@@ -370,13 +374,13 @@ class Scheduler:
             if rows > 1:
                 prefill_left -= rows
             reqs_left -= 1
-        if requests:
+        if requests or steps is not None:
             self._stalled_since = None
         elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
-        batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in)
+        batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in, steps=steps)
         batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
-        return batch, chunks
+        return batch, chunks, lane[1:] if lane is not None else None
 
     def _admit(self, job: Job, budget: int, tokens_left: int, ops: PageOps) -> Chunk | None:
         """The job's next chunk of at most `budget` rows, with its pages in place; None if it must wait.
@@ -428,88 +432,6 @@ class Scheduler:
             job._next += 1
         self._dequeue(job)  # back of the queue when the chunk lands, if rows are left (round robin)
         return Chunk(job, start, end, ids)
-
-    def _admit_step(self, job: Job) -> Request | None:
-        """`_admit` + `_request` for a one-row pass at the context's computed end (a stream's step), when
-        it needs no copy-on-write and at most one fresh page that the pool has; None: take the long way.
-
-        No prefix lookup (a row with an output is never served from the cache), no restore (not swapped
-        out), no suspension (the page is there)."""
-        ctx, start, space = job.ctx, job.start, self.space
-        ps, pages, pool = space.page_size, job.ctx.pages, space.pool
-        j = start // ps
-        if j < len(pages):
-            page = pages[j]
-            if pool.refcount(page) > 1 or space.trie.holds(page):
-                return None
-        elif j == len(pages) and pool.can_allocate(1):
-            pages.append(pool.allocate(1)[0])
-        else:
-            return None
-        ctx.in_batch = self._building
-        job.admitted_build = self._this_build
-        job._next = len(job.outputs)
-        self._dequeue(job)
-        return _step_request(job, ctx.tokens[start], ctx.positions[start], pages[:j + 1], start % ps + 1, None)
-
-    def _admit_chained(self, chain: Flight, limit: int, requests: list[Request], chunks: list[Chunk]) -> int:
-        """The next steps (at most `limit`) of the streams whose steps are in `chain` (in flight), each a
-        row reading its token from its step's output (`Request.token_from`); the number added.
-
-        A stream is skipped when it will not go on regardless of the token, or its page needs a copy or is
-        not there. This is the hot loop of a decoding batch, so it keeps to locals: a step that is not the
-        first of its page writes the page its step in flight writes, which was checked (or copied) when
-        that step was admitted and cannot have been shared since (a streaming context takes no fork or
-        commit, and a context in a batch is never suspended)."""
-        space = self.space
-        ps, pool, trie = space.page_size, space.pool, space.trie
-        building, this_build = self._building, self._this_build
-        added = 0
-        for j, chunk in enumerate(chain.chunks):
-            if added >= limit:
-                break
-            if chunk.output_ids is not STEP_OUTPUT:
-                continue
-            job = chunk.job
-            ctx = job.ctx
-            if job.cancelled or ctx.closed:
-                continue
-            owner = job.owner
-            nxt = owner.chain(job)  # type: ignore[union-attr]  # a TokenStream (only streams make STEP_OUTPUT)
-            if nxt is None:
-                continue
-            start = nxt.start
-            k, offset = divmod(start, ps)
-            pages = ctx.pages
-            if offset == 0:  # the step opens a page: reserved already (check it is private) or fresh
-                if k < len(pages):
-                    page = pages[k]
-                    if pool.refcount(page) > 1 or trie.holds(page):
-                        owner.unchain(nxt)  # type: ignore[union-attr]
-                        continue
-                elif k == len(pages) and pool.can_allocate(1):
-                    pages.append(pool.allocate(1)[0])
-                else:
-                    owner.unchain(nxt)  # type: ignore[union-attr]
-                    continue
-            ctx.in_batch = building
-            nxt.admitted_build = this_build
-            nxt._next = 1  # a step's one output
-            r = nxt.step_request
-            if r is None:
-                r = nxt.step_request = Request([0], [start], pages[:k + 1], offset + 1, nxt.outputs, None,
-                                               nxt.logit_mask, nxt.adapter, nxt.seed, (j, 0))
-            else:  # refilled: the job's previous step has landed, nothing reads the old values any more
-                r.positions[0] = start
-                r.page_ids = pages[:k + 1]
-                r.last_page_len = offset + 1
-                r.outputs = nxt.outputs
-                r.token_from = (j, 0)
-            requests.append(r)
-            chunks.append(nxt.step_chunk or _step_chunk(nxt))
-            added += 1
-        self.stats.chained_steps += added
-        return added
 
     def _lookup_prefix(self, job: Job) -> bool:
         """Attach the job's cached leading pages; False if another pass is computing its next page.
@@ -570,21 +492,27 @@ class Scheduler:
     def _tick(self) -> None:
         self._turns += 1
 
-    def _launch(self, batch: ForwardBatch, chunks: list[Chunk], source: Flight | None = None) -> Flight:
+    def _launch(self, batch: ForwardBatch, chunks: list[Chunk], lane: tuple[np.ndarray, np.ndarray] | None,
+                source: Flight | None = None) -> Flight:
         """Hand a batch to the engine; `source`: the batch in flight its chained rows read."""
         num_tokens = batch.num_tokens
         task = asyncio.get_running_loop().create_task(
             self._run_engine(batch, len(chunks), num_tokens, source.batch if source is not None else None))
-        return Flight(task, batch, chunks, self._building, num_tokens)
+        return Flight(task, batch, chunks, self._building, num_tokens, lane)
 
     async def _run_engine(self, batch: ForwardBatch, num_requests: int, num_tokens: int,
                           source: ForwardBatch | None) -> BatchResult:
         with telemetry.span("engine.batch", model=self._model_name, num_requests=num_requests,
                             num_tokens=num_tokens, num_swap_out=len(batch.swap_out),
                             num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
-            if source is None:
+            if source is not None:
+                return await self.engine.forward_chained(batch, source)  # type: ignore[attr-defined]
+            if batch.steps is None or self._native_steps:
                 return await self.engine.forward(batch)
-            return await self.engine.forward_chained(batch, source)  # type: ignore[attr-defined]
+            n = len(batch.requests)  # an engine client without `ForwardBatch.steps`: they go as requests
+            expanded = ForwardBatch(batch.requests + batch.steps.requests(), batch.page_copies, batch.swap_out,
+                                    batch.swap_in, batch.validated)
+            return fold_steps(await self.engine.forward(expanded), n)
 
     async def _land(self, flight: Flight, after: Flight | None) -> None:
         """Wait for a batch and hand its results back (`after`: the batch chained behind it, if any)."""
@@ -592,18 +520,18 @@ class Scheduler:
         t0 = time.perf_counter()
         asyncio.get_running_loop().call_soon(self._tick)  # runs only if the loop turns while we await
         num_tokens = flight.num_tokens
+        steps = batch.steps
+        step_errors: list[BaseException | None] | None = None
         try:
             try:
                 result = await flight.task
                 outputs: list[list[OutputValue] | BaseException] = list(result.outputs)
             except BatchError:  # the host validates passes, so this is rare: find the culprit, run the rest
                 log.warning("engine rejected a batch of %d requests; retrying them one by one", len(chunks))
-                outputs = await self._fire_singly(batch, chunks)
-                result = BatchResult([])
+                outputs, result, step_errors = await self._fire_singly(flight)
             except Exception:  # a request the checks missed, or an engine bug: never fail the batch for everyone
                 log.exception("engine failed on a batch of %d requests; retrying them one by one", len(chunks))
-                outputs = await self._fire_singly(batch, chunks)
-                result = BatchResult([])
+                outputs, result, step_errors = await self._fire_singly(flight)
             finally:
                 if batch.page_copies and self.space.host is not None:  # the copy sources pinned in `_admit`
                     self.space.pool.decref(src for src, _ in batch.page_copies)
@@ -616,9 +544,13 @@ class Scheduler:
         self.stats.last_batch_ms = elapsed * 1e3
         if self.on_batch is not None:
             self.on_batch(batch, result, elapsed)
+        if flight.lane is not None:  # the streams' steps: landed as arrays
+            assert steps is not None and result.steps is not None
+            members, gens = flight.lane
+            if step_errors is not None:
+                self.lane.land_failed(members, gens, steps.positions, step_errors)
+            self.lane.land(flight.id, members, gens, steps.positions, result.steps)
         fid = flight.id
-        tick = self.space.tick()  # one tick for the batch: its contexts were used at the same moment
-        jobs = self._jobs
         for chunk, out in zip(chunks, outputs, strict=True):
             job = chunk.job
             ctx = job.ctx
@@ -626,17 +558,6 @@ class Scheduler:
                 ctx.in_batch = 0
             if isinstance(out, BaseException):
                 self._fail(job, out)
-            elif chunk.output_ids is STEP_OUTPUT:
-                # `_finish_chunk` + `_complete` for a stream step (its owner's job, whole), inline: the
-                # hot path of a decoding batch
-                if job.cancelled or ctx.closed:
-                    self._drop(job)
-                    continue
-                ctx.computed_len = job.end  # mark_computed without the trie: streams write past committed pages
-                del jobs[ctx.id]  # admitted steps are in no queue (`_admit_step` dequeued them)
-                ctx.pending = False
-                ctx.last_used = tick
-                job.owner.completed(job, out)  # type: ignore[union-attr]
             else:
                 self._finish_chunk(chunk, out)
 
@@ -648,30 +569,47 @@ class Scheduler:
             if ctx.in_batch == fid:
                 ctx.in_batch = 0
 
-    async def _fire_singly(self, batch: ForwardBatch, chunks: list[Chunk]) -> list[list[OutputValue] | BaseException]:
+    async def _fire_singly(self, flight: Flight) -> tuple[list[list[OutputValue] | BaseException], BatchResult,
+                                                           list[BaseException | None] | None]:
+        """The batch's passes one by one, so only the culprit fails: (each request's outputs or error, a
+        result holding the steps' tokens, each step's error or None)."""
+        batch = flight.batch
+        steps = batch.steps
+        num_steps = len(steps) if steps is not None else 0
         if batch.page_copies or batch.swap_out or batch.swap_in:
             try:
                 await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in,
                                                        validated=batch.validated))
             except Exception as error:  # a runtime bug: the runtime chose these pages and slots
                 log.error("engine failed on a batch's page operations: %r", error)
-                return [HostError(f"the engine failed on this batch's page operations: {error}")] * len(batch.requests)
-        outs: list[list[OutputValue] | BaseException] = []
-        for req, chunk in zip(batch.requests, chunks, strict=True):
-            if req.token_from is not None:  # chained: its source has landed, so the record holds the token
-                job = chunk.job
-                if job.cancelled or job.ctx.closed:
-                    outs.append(HostError("the stream stopped"))
-                    continue
-                req.tokens, req.token_from = [job.ctx.tokens[job.start]], None
-            try:
-                outs.append((await self.engine.forward(ForwardBatch([req], validated=batch.validated))).outputs[0])
-            except BatchError as error:
-                outs.append(HostError(f"the engine rejected this forward pass: {error}"))
-            except Exception as error:
-                log.exception("engine failed on a single forward pass")
-                outs.append(HostError(f"the engine failed on this forward pass: {error!r}"))
-        return outs
+                failed = HostError(f"the engine failed on this batch's page operations: {error}")
+                return ([failed] * len(batch.requests), BatchResult([], steps=np.zeros(num_steps, np.int64)),
+                        [failed] * num_steps if steps is not None else None)
+        outs: list[list[OutputValue] | BaseException] = [await self._fire_one(req, batch.validated)
+                                                          for req in batch.requests]
+        if steps is None or flight.lane is None:
+            return outs, BatchResult([]), None
+        # A chained block's source has landed (or failed): the inputs are in the members' rings now.
+        alive = self.lane.inputs(steps, *flight.lane)
+        tokens = np.zeros(num_steps, np.int64)
+        errors: list[BaseException | None] = []
+        for i, req in enumerate(steps.requests()):
+            out = await self._fire_one(req, batch.validated) if alive[i] else HostError("the stream stopped")
+            if isinstance(out, BaseException):
+                errors.append(out)
+            else:
+                errors.append(None)
+                tokens[i] = out[0]
+        return outs, BatchResult([], steps=tokens), errors
+
+    async def _fire_one(self, req: Request, validated: bool) -> list[OutputValue] | BaseException:
+        try:
+            return (await self.engine.forward(ForwardBatch([req], validated=validated))).outputs[0]
+        except BatchError as error:
+            return HostError(f"the engine rejected this forward pass: {error}")
+        except Exception as error:
+            log.exception("engine failed on a single forward pass")
+            return HostError(f"the engine failed on this forward pass: {error!r}")
 
     def _finish_chunk(self, chunk: Chunk, values: list[OutputValue]) -> None:
         job = chunk.job
@@ -730,29 +668,3 @@ class Scheduler:
         if job.computing is not None and self._computing.get(job.computing) is job:
             del self._computing[job.computing]
         job.computing = None
-
-
-def _step_chunk(job: Job) -> Chunk:
-    """The chunk a stream step's job is batched as, made once per job (its start/end fields are unused:
-    a step is always the job's whole pass)."""
-    chunk = job.step_chunk = Chunk(job, 0, 0, STEP_OUTPUT)
-    return chunk
-
-
-def _step_request(job: Job, token: int, position: int, page_ids: list[int], last_page_len: int,
-                  token_from: tuple[int, int] | None) -> Request:
-    """A stream step's Request: the job's own, refilled. A job's previous step has landed by the time it is
-    admitted again, so nothing reads the old values any more; reusing it keeps the per-step allocations (and
-    with them the collector's work on objects that live for a batch) down."""
-    r = job.step_request
-    if r is None:
-        r = job.step_request = Request([token], [position], page_ids, last_page_len, job.outputs, None,
-                                       job.logit_mask, job.adapter, job.seed, token_from)
-        return r
-    r.tokens[0] = token
-    r.positions[0] = position
-    r.page_ids = page_ids
-    r.last_page_len = last_page_len
-    r.outputs = job.outputs
-    r.token_from = token_from
-    return r
