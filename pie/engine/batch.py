@@ -109,9 +109,6 @@ class Request:
     page_ids (and tokens, positions) may also be 1-D numpy int arrays, e.g. a
       runtime's incremental page table: the engine concatenates arrays without
       converting Python ints one by one (the wire sends them as lists).
-    token_from: (request j, output k) of the batch run just before this one: the one input token is that
-      output's sampled token, filled in by the engine client before the engine sees the request
-      (`pie.runtime.engine_client.resolve_chained`); the engine itself never sees it set.
     """
 
     tokens: list[int]
@@ -123,7 +120,6 @@ class Request:
     logit_mask: list[int] | None = None
     adapter: int | None = None
     seed: int | None = None
-    token_from: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -230,6 +226,6 @@ def fold_steps(result: BatchResult, num_requests: int) -> BatchResult:
     """The result of an expanded batch (`StepRows.requests` after `num_requests` requests) in the
     batch's own shape: the steps' tokens as one array."""
     outputs = result.outputs
-    tokens = np.fromiter((o[0] for o in outputs[num_requests:]), dtype=np.int64,  # type: ignore[misc]
+    tokens = np.fromiter((o[0] for o in outputs[num_requests:]), dtype=np.int64,
                          count=len(outputs) - num_requests)
     return BatchResult(outputs[:num_requests], result.timings_ms, tokens)

@@ -7,8 +7,8 @@ it torch) is imported on the worker thread when the client starts, never by
 the runtime's own modules.
 
 Chained batches (`chains_tokens`): the scheduler may submit batch N+1 before
-batch N has returned (`forward_chained(N+1, N)`), with rows whose input token
-is one N samples (`Request.token_from`). Batches run in submission order on
+batch N has returned (`forward_chained(N+1, N)`), with decode rows whose
+input token is one N samples (`StepRows.token_from`). Batches run in submission order on
 the one thread, so right before running N+1 the client substitutes N's
 sampled values (`resolve_chained`); the engine needs no change. If the batch
 run just before N+1 is not N (N failed, or retries ran in between), N+1
@@ -83,27 +83,18 @@ class ChainSource:
 
 
 def resolve_chained(batch: ForwardBatch, previous: BatchResult | None) -> None:
-    """Fill every chained row of `batch` (`Request.token_from`, `StepRows.token_from`) with the token its
-    source batch sampled (None: the source was not the batch run just before, so there is no token)."""
-    for r in batch.requests:
-        src = r.token_from
-        if src is not None:
-            if previous is None:
-                raise ChainError("a chained batch did not run right after its source batch (it failed, or "
-                                 "retries ran in between)")
-            value = previous.outputs[src[0]][src[1]]
-            assert isinstance(value, int), "a chained row reads a one-draw sampler's token"
-            r.tokens = [value]
-            r.token_from = None
+    """Fill every chained row of `batch` (`StepRows.token_from`) with the token its source batch sampled
+    (None: the source was not the batch run just before, so there is no token to read)."""
     steps = batch.steps
-    if steps is not None and steps.token_from is not None:
-        if previous is None or previous.steps is None:
-            raise ChainError("a chained batch did not run right after its source batch (it failed, or retries "
-                             "ran in between)")
-        src_rows = steps.token_from
-        chained = src_rows >= 0
-        steps.tokens[chained] = previous.steps[src_rows[chained]]
-        steps.token_from = None
+    if steps is None or steps.token_from is None:
+        return
+    if previous is None or previous.steps is None:
+        raise ChainError("a chained batch did not run right after its source batch (it failed, or retries "
+                         "ran in between)")
+    src_rows = steps.token_from
+    chained = src_rows >= 0
+    steps.tokens[chained] = previous.steps[src_rows[chained]]
+    steps.token_from = None
 
 
 class InProcessEngine:

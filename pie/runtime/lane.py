@@ -189,7 +189,7 @@ class StreamLane:
                          token_from=token_from)
         if self.extras[rows].any():
             streams = self._streams
-            extras = [streams[m].extras or (None, None, None) for m in rows.tolist()]  # type: ignore[union-attr]
+            extras = [streams[m].extras or (None, None, None) for m in rows.tolist()]
             steps.seeds = [e[0] for e in extras]
             steps.logit_masks = [e[1] for e in extras]
             steps.adapters = [e[2] for e in extras]

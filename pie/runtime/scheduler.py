@@ -27,20 +27,21 @@ waits. A pass that waits while nothing at all can run for
 Between batches the scheduler waits only for the instances whose passes just
 resolved to submit their next ones (`_gather`): until as many passes as it
 woke are back, or a round of the event loop brings none. Run-ahead streams
-(`pie.runtime.runahead`) resubmit synchronously from `_complete`, so a batch of
-streams alone waits for nothing. A batch the runtime built from checked
+step in the lane (`pie.runtime.lane`): each build first takes one row per
+ready stream as arrays (`ForwardBatch.steps`), so a batch of streams alone
+waits for nothing. A batch the runtime built from checked
 passes says so (`ForwardBatch.validated`). When the engine raises anything for
 a batch, its requests are retried one by one, so only the culprit fails.
 
 Pipelining: with an engine client that chains batches (`chains_tokens`),
 while batch N is in flight the scheduler already builds and submits N+1
-when N holds stream steps: each such stream's next step is a row whose input
-token is "output k of request j of the previous batch" (`Request.token_from`,
+when N holds lane rows: each such stream's next step is a row whose input
+token is "row j of the previous batch's steps" (`StepRows.token_from`,
 resolved by the engine client right before N+1 runs), at the slot after its
-step in N, with its page in place. When N lands the stream learns its token;
-if it stopped there, the chained row is wasted and cut back like any
-run-ahead. Passes of other contexts join N+1 too (a context in flight is
-never admitted twice). Without streams in flight nothing is built early, so
+row in N, with its page in place. When N lands the stream learns its token;
+if it stopped there, the chained row is wasted and its slot given back.
+Passes of other contexts join N+1 too (a context in flight is never
+admitted twice). Without lane rows in flight nothing is built early, so
 step-by-step inferlets batch as before.
 
 At most two batches are in flight; the engine runs them in order, so nothing
