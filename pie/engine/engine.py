@@ -37,6 +37,7 @@ from pie.engine.attention.base import AttentionShape, create_backend, resolve_ba
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, Sampler
 from pie.engine.batch_prep import Limits, PreparedBatch, check_page_ops, prepare
 from pie.engine.config import EngineConfig
+from pie.engine.cuda_ops import KVAppend
 from pie.engine.device import resolve_activation_dtype, resolve_device
 from pie.engine.forward_context import ForwardContext
 from pie.engine.graphs import GraphRunner
@@ -90,6 +91,8 @@ class Engine:
         attn_shape = AttentionShape(spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim,
                                     config.kv_page_size, self.dtype, self.device)
         self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
+        # CUDA with FlashInfer: the page table travels in the step's upload, K/V go in by FlashInfer's append.
+        self._cuda_ops = self.device.type == "cuda" and backend_name == "flashinfer"
         self._rng = random.Random(config.seed)
         self.staging = Staging(self.device)
         self.graphs: GraphRunner | None = None  # captured after the pool exists; the sizing dry run is eager
@@ -153,6 +156,10 @@ class Engine:
         if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
             raise ConfigError(f"use_cuda_graphs needs a CUDA device and the flashinfer attention backend; "
                               f"this engine runs {self.backend.name} on {self.device}. Set use_cuda_graphs = false.")
+        if any(s.sinks for s in self.model.attention_layer_specs()):
+            raise ConfigError(f"use_cuda_graphs is not supported for model_type {self.model.hf_config.model_type!r} "
+                              "(its attention sinks run outside FlashInfer's graph-mode kernels); set "
+                              "use_cuda_graphs = false")
         if not self.model.supports_cuda_graphs():
             raise ConfigError(f"use_cuda_graphs is not supported for model_type {self.model.hf_config.model_type!r} "
                               "(its forward reads per-expert token counts on the host); set use_cuda_graphs = false")
@@ -216,23 +223,32 @@ class Engine:
 
     @torch.inference_mode()
     def _execute(self, prep: PreparedBatch, kv: KVCache, lora: LoRABatch | None = None) -> list[list[OutputValue]]:
-        # The step's one upload: token rows and every output parameter, split by views on the device.
-        inp = Sections(prep.packed, self.staging.upload(prep.packed.host))
-        packed = inp.longs("token_rows").view(4, -1)  # tokens, positions, write page, write offset
         bucket = self.graphs.bucket_for(prep, lora is not None) if self.graphs and kv is self.kv else None
-        if bucket is not None:
-            assert self.graphs is not None
-            hidden = self.graphs.run(prep, bucket, packed)
+        layout = prep.layout if bucket is None or self.graphs is None else self.graphs.padded_layout(prep.layout,
+                                                                                                    bucket)
+        # The step's one upload: token rows and every output parameter (on CUDA with FlashInfer the page
+        # table too), split by views on the device.
+        upload = prep.packed.with_section("kv_pages", layout.kv_page_indices) if self._cuda_ops else prep.packed
+        inp = Sections(upload, self.staging.upload(upload.host))
+        if self._cuda_ops:
+            layout.device_page_indices = inp.ints("kv_pages")
+        packed = inp.longs("token_rows").view(4, -1)  # tokens, positions, write page, write offset
+        results = None
+        if bucket is not None and self.graphs is not None:
+            hidden = self.graphs.run(layout, bucket, packed)
+            results = self.graphs.sample(prep.outputs, bucket, inp)  # None: outputs computed eagerly below
         else:
             tokens, positions, w_page, w_off = packed.unbind(0)
-            self.backend.plan(prep.layout)
+            self.backend.plan(layout)
             fwd = ForwardContext(self.backend, kv, positions, w_page, w_off,
-                                 self.model.batch_extras(prep.positions, prep.layout, self.device),
-                                 max_position=int(prep.positions.max()))
+                                 self.model.batch_extras(prep.positions, layout, self.device),
+                                 max_position=int(prep.positions.max()),
+                                 kv_append=KVAppend(w_page, w_off) if self._cuda_ops else None)
             if lora is not None:
                 fwd.extras[LORA_EXTRAS] = lora
             hidden = self.model(tokens, fwd)
-        results = compute_outputs(self.model, hidden, prep.outputs, inp)
+        if results is None:
+            results = compute_outputs(self.model, hidden, prep.outputs, inp)
         # The step's one download (and its one sync).
         host = self.staging.download(results.tensor(self.device))
         return decode_outputs(prep.outputs, Results(results.sections, host), self.model.spec.vocab_size,
