@@ -23,6 +23,7 @@ every rank.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -56,6 +57,8 @@ from pie.engine.parallel import SINGLE, TPGroup
 from pie.engine.transfer import Staging
 from pie.errors import BatchError, ConfigError
 from pie.model_source import resolve_model_dir
+
+_log = logging.getLogger(__name__)
 
 
 def load_hf_config(model_dir: Path) -> object:
@@ -149,22 +152,31 @@ class Engine:
                 module.fp8_activations = cfg.runtime_quant == "fp8"
 
     def _capture_graphs(self, num_pages: int) -> GraphRunner | None:
-        if self.tp.size > 1:
-            raise ConfigError(f"use_cuda_graphs is not supported with tensor_parallel_size = {self.tp.size} (the "
-                              "captured decode steps would have to include the all-reduces); set "
-                              "use_cuda_graphs = false")
-        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
-            raise ConfigError(f"use_cuda_graphs needs a CUDA device and the flashinfer attention backend; "
-                              f"this engine runs {self.backend.name} on {self.device}. Set use_cuda_graphs = false.")
-        if any(s.sinks for s in self.model.attention_layer_specs()):
-            raise ConfigError(f"use_cuda_graphs is not supported for model_type {self.model.hf_config.model_type!r} "
-                              "(its attention sinks run outside FlashInfer's graph-mode kernels); set "
-                              "use_cuda_graphs = false")
-        if not self.model.supports_cuda_graphs():
-            raise ConfigError(f"use_cuda_graphs is not supported for model_type {self.model.hf_config.model_type!r} "
-                              "(its forward reads per-expert token counts on the host); set use_cuda_graphs = false")
+        """The graph runner, or None with a warning when this engine cannot replay graphs: the configs that
+        install.sh and `pie config init` write on a CUDA flavor turn graphs on for whatever model is then
+        configured, and a model that cannot use them must still serve (eagerly)."""
+        reason = self.graph_refusal()
+        if reason is not None:
+            _log.warning("use_cuda_graphs = true, but %s; decode steps run eagerly (set use_cuda_graphs = false "
+                         "to silence this)", reason)
+            return None
         return GraphRunner(self.model, self.backend, self.kv, scratch_page=num_pages,
                            max_batch_size=min(self.config.max_batch_size, 256), max_pages_per_batch=num_pages)
+
+    def graph_refusal(self) -> str | None:
+        """Why this engine cannot capture CUDA graphs, or None when it can."""
+        model_type = getattr(self.model.hf_config, "model_type", "")
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
+            return (f"CUDA graphs need a CUDA device and the flashinfer attention backend, and this engine runs "
+                    f"{self.backend.name} on {self.device}")
+        if self.tp.size > 1:
+            return (f"tensor_parallel_size = {self.tp.size}: the captured decode steps would have to include the "
+                    "all-reduces")
+        if any(s.sinks for s in self.model.attention_layer_specs()):
+            return f"model_type {model_type!r} has attention sinks, which FlashInfer's graph-mode kernels do not take"
+        if not self.model.supports_cuda_graphs():
+            return f"model_type {model_type!r} reads per-expert token counts on the host in its forward"
+        return None
 
     def _size_kv_pool(self) -> int:
         cfg = self.config
