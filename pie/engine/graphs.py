@@ -180,6 +180,7 @@ class GraphRunner:
         self._outputs: dict[int, torch.Tensor] = {}
         self._sampler_graphs: dict[tuple[int, SamplerVariant], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None  # the graphs' shared memory pool, from the first capture
+        self.replays = {"forward": 0, "sampler": 0}  # steps run through each kind of graph (tests, benchmarks)
         # FlashInfer appends K/V when importable (one kernel per layer); else the index writes are captured.
         self._kv_append = flashinfer_available()
         # Page-table capacity of the fixed buffers; a batch naming more page entries (possible with
@@ -259,6 +260,7 @@ class GraphRunner:
             self._w_off[b:bs].zero_()
         self.backend.plan_graph(bs, layout)
         self._graphs[bs].replay()
+        self.replays["forward"] += 1
         return self._outputs[bs][:b]
 
     @torch.inference_mode()
@@ -277,6 +279,7 @@ class GraphRunner:
             entry = self._sampler_graphs[bs, variant] = self._capture_sampler(bs, variant)
         graph, tokens = entry
         graph.replay()
+        self.replays["sampler"] += 1
         out = ResultPacker()
         out.add("tokens", tokens[:b])
         return out
