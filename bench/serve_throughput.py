@@ -9,7 +9,8 @@ output tok/s (all tokens / wall time). The baseline is continuous batching strai
 with W sequences in flight (bench/engine_throughput.py's `run_pie`), same model, same lengths.
 
     python bench/serve_throughput.py                              # small model, CPU, in/out 32/64
-    python bench/serve_throughput.py --preset qwen3-0.6b --device cuda:0 --in 256 --out 256
+    python bench/serve_throughput.py --preset qwen3-0.6b --device cuda:0 --dtype bfloat16 --in 256 --out 256
+    python bench/serve_throughput.py ... --cuda-graphs           # decode steps as CUDA graphs (CUDA)
 
 `--peer vllm` runs vLLM's `LLM.generate` on the same workload where vllm is importable (not implemented
 on this host: it is not installed; the flag reports that). The `pie serve` (WebSocket) path is measured by
@@ -80,7 +81,8 @@ async def main_async(args: argparse.Namespace) -> None:
         pages_per_seq = -(-(args.in_len + args.out + 1) // 16) + 1
         config = EngineConfig(model=str(model_dir), device=args.device, dummy_weights=True,
                               max_batch_size=max(args.widths), max_batch_tokens=max(args.in_len * 4, 2048),
-                              max_num_kv_pages=max(args.widths) * pages_per_seq + 64, cpu_kv_budget_gb=8.0)
+                              max_num_kv_pages=max(args.widths) * pages_per_seq + 64, cpu_kv_budget_gb=8.0,
+                              use_cuda_graphs=args.cuda_graphs)
         client = await InProcessEngine.start(config)
         runtime = await Runtime.start(RuntimeConfig((ModelSpec("bench", config),), RuntimeLimits()),
                                       engines={"bench": client})
@@ -100,7 +102,8 @@ async def main_async(args: argparse.Namespace) -> None:
             tpot = [(s[-1] - s[0]) / (len(s) - 1) * 1e3 for s in stamps if len(s) > 1]
             print(f"{width:>6}{tok_s:>9.0f}{direct:>14.0f}{tok_s / direct:>7.2f}{pct(ttft, 0.5):>13.1f}"
                   f"{pct(ttft, 0.99):>8.1f}{pct(tpot, 0.5):>13.2f}{pct(tpot, 0.99):>8.2f}")
-            print(f"RESULT preset={args.preset} width={width} tok_s={tok_s:.0f} direct_tok_s={direct:.0f} "
+            print(f"RESULT preset={args.preset} graphs={int(args.cuda_graphs)} width={width} tok_s={tok_s:.0f} "
+                  f"direct_tok_s={direct:.0f} "
                   f"ratio={tok_s / direct:.3f} ttft_p50_ms={pct(ttft, 0.5):.1f} ttft_p99_ms={pct(ttft, 0.99):.1f} "
                   f"tpot_p50_ms={statistics.median(tpot) if tpot else 0:.2f} tpot_p99_ms={pct(tpot, 0.99):.2f}",
                   flush=True)
@@ -122,6 +125,7 @@ def main() -> None:
     ap.add_argument("--in", dest="in_len", type=int, default=32)
     ap.add_argument("--out", type=int, default=64)
     ap.add_argument("--peer", choices=["vllm"], default=None)
+    ap.add_argument("--cuda-graphs", action="store_true", help="use_cuda_graphs = true (CUDA with FlashInfer)")
     asyncio.run(main_async(ap.parse_args()))
 
 

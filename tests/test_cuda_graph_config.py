@@ -1,13 +1,19 @@
 """CUDA graphs are on in the configs a CUDA flavor writes (`pie config init`, install.sh), off by the schema's
-default and elsewhere; an engine that cannot replay graphs says why and decodes eagerly."""
+default and elsewhere; an engine that cannot replay graphs says why and decodes eagerly; the GPU check script
+(bench/gpu_check.sh) is clean and stops at once without a GPU."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from engine_helpers import make_engine
 from test_install import installer_env, run_installer, tool_dir
 from typer.testing import CliRunner
@@ -73,3 +79,15 @@ def test_an_engine_that_cannot_replay_graphs_says_why_and_decodes(checkpoint_dir
     out = engine.forward_batch(ForwardBatch([Request(tokens=[1, 2], positions=[0, 1], page_ids=[0], last_page_len=2,
                                                      outputs=[OutputSpec(1, Sampler())])])).outputs
     assert isinstance(out[0][0], int)
+
+
+def test_the_gpu_check_script_is_shellcheck_clean_and_stops_without_a_gpu() -> None:
+    script = REPO / "bench" / "gpu_check.sh"
+    if shutil.which("shellcheck") is not None:
+        lint = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, check=False)
+        assert lint.returncode == 0, lint.stdout
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check itself is the way to run it (about 8 minutes)")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 1 and done.stdout.startswith("RESULT gpu_check=no_gpu"), done.stdout + done.stderr
