@@ -9,8 +9,7 @@ output tok/s (all tokens / wall time). The baseline is continuous batching strai
 with W sequences in flight (bench/engine_throughput.py's `run_pie`), same model, same lengths.
 
     python bench/serve_throughput.py                              # small model, CPU, in/out 32/64
-    python bench/serve_throughput.py --preset qwen3-0.6b --device cuda:0 --dtype bfloat16 --in 256 --out 256
-    python bench/serve_throughput.py ... --cuda-graphs           # decode steps as CUDA graphs (CUDA)
+    python bench/serve_throughput.py --preset qwen3-0.6b --device cuda:0 --in 256 --out 256
 
 `--peer vllm` runs vLLM's `LLM.generate` on the same workload where vllm is importable (not implemented
 on this host: it is not installed; the flag reports that). The `pie serve` (WebSocket) path is measured by
@@ -102,8 +101,7 @@ async def main_async(args: argparse.Namespace) -> None:
             tpot = [(s[-1] - s[0]) / (len(s) - 1) * 1e3 for s in stamps if len(s) > 1]
             print(f"{width:>6}{tok_s:>9.0f}{direct:>14.0f}{tok_s / direct:>7.2f}{pct(ttft, 0.5):>13.1f}"
                   f"{pct(ttft, 0.99):>8.1f}{pct(tpot, 0.5):>13.2f}{pct(tpot, 0.99):>8.2f}")
-            print(f"RESULT preset={args.preset} graphs={int(args.cuda_graphs)} width={width} tok_s={tok_s:.0f} "
-                  f"direct_tok_s={direct:.0f} "
+            print(f"RESULT preset={args.preset} width={width} tok_s={tok_s:.0f} direct_tok_s={direct:.0f} "
                   f"ratio={tok_s / direct:.3f} ttft_p50_ms={pct(ttft, 0.5):.1f} ttft_p99_ms={pct(ttft, 0.99):.1f} "
                   f"tpot_p50_ms={statistics.median(tpot) if tpot else 0:.2f} tpot_p99_ms={pct(tpot, 0.99):.2f}",
                   flush=True)
