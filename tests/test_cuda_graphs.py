@@ -120,27 +120,6 @@ def test_a_captured_sampler_equals_the_eager_sampler(engines, mix: str) -> None:
 
 
 @pytest.mark.gpu
-def test_flashinfer_kv_append_equals_the_indexed_write() -> None:
-    pytest.importorskip("flashinfer")
-    import torch
-
-    from pie.engine.cuda_ops import KVAppend
-    from pie.engine.kv_cache import KVCache, KVShape
-
-    dev = torch.device("cuda:0")
-    shape = KVShape(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, dtype=torch.bfloat16)
-    by_index, by_append = KVCache(shape, 8, dev), KVCache(shape, 8, dev)
-    pages = torch.tensor([3, 3, 5, 0, 7, 3], device=dev)
-    offsets = torch.tensor([0, 15, 4, 9, 1, 7], device=dev)
-    k = torch.randn(6, 2, 64, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(6, 2, 128, device=dev, dtype=torch.bfloat16)[:, :, :64]  # a strided view, as a qkv split gives
-    by_index.write(1, pages, offsets, k, v)
-    KVAppend(pages, offsets)(by_append.layers[1], k, v)
-    torch.cuda.synchronize()
-    assert torch.equal(by_index.layers[1], by_append.layers[1]) and not by_append.layers[0].any()
-
-
-@pytest.mark.gpu
 def test_a_graphed_decode_step_has_no_hidden_sync(engines) -> None:  # type: ignore[no-untyped-def]
     """Forward graph + sampling graph (greedy, mixed) and forward graph + eager outputs (probes): the step's
     one event sync only."""
