@@ -168,7 +168,7 @@ class GraphRunner:
         self.model, self.backend, self.kv = model, backend, kv
         self.scratch_page = scratch_page
         self.buckets = graph_buckets(max_batch_size)
-        dev = kv.layers[0].device
+        dev = self.device = kv.layers[0].device
         n = self.buckets[-1]
         # Static inputs, shared by every bucket (a bucket reads the first bs rows).
         self._tokens = torch.zeros(n, dtype=torch.long, device=dev)
@@ -203,12 +203,16 @@ class GraphRunner:
                            np.full(bs, self.scratch_page, np.int32), ones, ones, [None] * bs)
 
     def _capture_one(self, body: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Run `body` once eagerly (lazy library state, allocator growth), then capture it into the pool."""
-        body()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = body()
+        """Run `body` once eagerly (lazy library state, allocator growth), then capture it into the pool.
+
+        On the engine's device (the thread's current device may be another), and thread-local: engines of
+        other data-parallel groups keep running on their threads while this one captures."""
+        with torch.cuda.device(self.device):
+            body()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = body()
         self._pool = graph.pool()
         return graph, out
 
@@ -259,7 +263,8 @@ class GraphRunner:
             self._w_page[b:bs].fill_(self.scratch_page)
             self._w_off[b:bs].zero_()
         self.backend.plan_graph(bs, layout)
-        self._graphs[bs].replay()
+        with torch.cuda.device(self.device):
+            self._graphs[bs].replay()
         self.replays["forward"] += 1
         return self._outputs[bs][:b]
 
@@ -278,7 +283,8 @@ class GraphRunner:
                 return None
             entry = self._sampler_graphs[bs, variant] = self._capture_sampler(bs, variant)
         graph, tokens = entry
-        graph.replay()
+        with torch.cuda.device(self.device):
+            graph.replay()
         self.replays["sampler"] += 1
         out = ResultPacker()
         out.add("tokens", tokens[:b])
