@@ -1,7 +1,7 @@
 """What the CUDA-graph decode step computes, checked on the CPU: the static-shape sampler a sampling graph
 captures gives the eager sampler's tokens for every sampler mix (padding rows included) without reading
-anything back; which steps get a sampling graph; bucket choice and padding; the page-table section of the
-step's upload."""
+anything back; which steps get a sampling graph; bucket choice and padding; decode steps through the graph
+runner without capture equal the plain engine's; the page-table section of the step's upload."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import VOCAB
-from engine_helpers import make_engine
+from engine_helpers import SeqPager, logits_of, make_engine, random_prompts, rel_err
 from test_engine_step import counting_readbacks
 
 from pie.engine import brle
@@ -19,6 +19,7 @@ from pie.engine.attention.base import BatchLayout
 from pie.engine.batch import ForwardBatch, OutputSpec, Probe, Request, Sampler
 from pie.engine.batch_prep import PreparedBatch, prepare
 from pie.engine.graphs import (
+    GraphRunner,
     SamplerVariant,
     StepSampler,
     graph_buckets,
@@ -180,3 +181,48 @@ def test_a_section_added_to_a_packed_upload_reads_back_beside_the_others() -> No
     assert sections.ints("a").tolist() == list(range(5))
     assert sections.floats("b").tolist() == [0.5, -2.0]
     assert sections.ints("kv_pages").tolist() == [3, 1, 4]
+
+
+@pytest.fixture(scope="module")
+def replayed(checkpoint_dir, engine):  # type: ignore[no-untyped-def]
+    """(an engine whose pure-decode steps go through GraphRunner without capture, the plain engine)."""
+    graphed = make_engine(checkpoint_dir("qwen3"), max_num_kv_pages=256, max_batch_size=64)
+    graphed.graphs = GraphRunner(graphed.model, graphed.backend, graphed.kv, scratch_page=graphed.info.num_pages,
+                                 max_batch_size=32, max_pages_per_batch=graphed.info.num_pages, capture=False)
+    return graphed, engine
+
+
+def _run(engine, prompts: list[list[int]], steps: list[object]) -> list[list[object]]:  # type: ignore[no-untyped-def]
+    """Prefill the prompts, then one decode batch per entry of `steps` (a function of the row -> outputs),
+    feeding each row's first sampled token back; every step's outputs."""
+    pager = SeqPager(engine)
+    engine.forward_batch(ForwardBatch([pager.request(i, p, []) for i, p in enumerate(prompts)]))
+    last = [p[-1] for p in prompts]
+    seen = []
+    for outputs_of in steps:
+        out = engine.forward_batch(ForwardBatch(
+            [pager.request(i, [last[i]], outputs_of(i), seed=i, logit_mask=_mask(i) if i % 2 else None)  # type: ignore[operator]
+             for i in range(len(prompts))])).outputs
+        last = [o[-1] if isinstance(o[-1], int) else 5 for o in out]
+        seen.append(out)
+    return seen
+
+
+@pytest.mark.parametrize("n", [1, 3, 13, 32])
+def test_decode_through_the_graph_runner_equals_the_plain_engine(replayed, n: int) -> None:  # type: ignore[no-untyped-def]
+    """Bucketing, padding rows on the scratch page, the static buffers and the sampler dispatch, run eagerly:
+    the same tokens (and logits) as the engine without graphs, for plain sampler steps and probe steps."""
+    graphed, plain = replayed
+    prompts = random_prompts(n, VOCAB, 2, 20, seed=n)
+    steps = [lambda i: [OutputSpec(0, MIXED[i % len(MIXED)])], lambda i: [OutputSpec(0, Sampler())],
+             lambda i: [OutputSpec(0, probe=Probe("logits")), OutputSpec(0, MIXED[i % len(MIXED)])],
+             lambda i: [OutputSpec(0, Sampler("top_k", 0.7, top_k=200 + i))]]
+    before = dict(graphed.graphs.replays)
+    got, want = _run(graphed, prompts, steps), _run(plain, prompts, steps)
+    assert graphed.graphs.replays["forward"] - before["forward"] == 4
+    assert graphed.graphs.replays["sampler"] - before["sampler"] == 3  # all but the probe step
+    for g, w in zip(got, want, strict=True):
+        for g_out, w_out in zip(g, w, strict=True):
+            assert g_out[-1] == w_out[-1]
+            if len(g_out) == 2:  # the raw logits probe
+                assert rel_err(logits_of(g_out[0]), logits_of(w_out[0])) < 1e-5  # type: ignore[arg-type]

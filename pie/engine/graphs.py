@@ -31,10 +31,16 @@ Captured largest bucket first, sharing one memory pool: every tensor a later
 graph reads (static inputs, each graph's outputs) stays alive, so no capture
 can reuse it. The eager path stays the reference (gpu tests compare the two
 at temperature 0, and the sampler on equal logits for every mix).
+
+`GraphRunner(..., capture=False)` runs every "graph" eagerly on its static
+buffers instead (`EagerReplay`), with the backend's ordinary `plan`: the
+same bucketing, padding, scratch-page writes and sampler dispatch on any
+device, which is how the CPU tests check them against the plain engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,10 +168,23 @@ class StepSampler:
         return sampling.sample_tokens(logits, params, allowed).to(torch.int32)
 
 
+class EagerReplay:
+    """What stands in for a captured graph with `capture=False`: replaying runs the body again and copies its
+    result into the tensor the first run returned (the output a graph would rewrite in place)."""
+
+    def __init__(self, body: Callable[[], torch.Tensor]) -> None:
+        self.body = body
+        self.out = body()
+
+    def replay(self) -> None:
+        self.out.copy_(self.body())
+
+
 class GraphRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, kv: KVCache, scratch_page: int,
-                 max_batch_size: int, max_pages_per_batch: int) -> None:
+                 max_batch_size: int, max_pages_per_batch: int, capture: bool = True) -> None:
         self.model, self.backend, self.kv = model, backend, kv
+        self.capture = capture
         self.scratch_page = scratch_page
         self.buckets = graph_buckets(max_batch_size)
         dev = self.device = kv.layers[0].device
@@ -176,9 +195,9 @@ class GraphRunner:
         self._w_page = torch.full((n,), scratch_page, dtype=torch.long, device=dev)
         self._w_off = torch.zeros(n, dtype=torch.long, device=dev)
         self.sampler = StepSampler(n, model.spec.vocab_size, dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, _Graph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
-        self._sampler_graphs: dict[tuple[int, SamplerVariant], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._sampler_graphs: dict[tuple[int, SamplerVariant], tuple[_Graph, torch.Tensor]] = {}
         self._pool: Any = None  # the graphs' shared memory pool, from the first capture
         self.replays = {"forward": 0, "sampler": 0}  # steps run through each kind of graph (tests, benchmarks)
         # FlashInfer appends K/V when importable (one kernel per layer); else the index writes are captured.
@@ -186,8 +205,19 @@ class GraphRunner:
         # Page-table capacity of the fixed buffers; a batch naming more page entries (possible with
         # shared prefixes) runs eagerly.
         self.max_page_entries = max_pages_per_batch + n
-        backend.init_graph_buckets(self.buckets, self.max_page_entries)
+        if capture:
+            backend.init_graph_buckets(self.buckets, self.max_page_entries)
         self._capture()
+
+    def _plan(self, bs: int, layout: BatchLayout) -> None:
+        if self.capture:
+            self.backend.plan_graph(bs, layout)
+        else:
+            self.backend.plan(layout)
+
+    def _on_device(self) -> contextlib.AbstractContextManager[object]:
+        """The engine's device as the current CUDA device while capturing or replaying."""
+        return torch.cuda.device(self.device) if self.capture else contextlib.nullcontext()
 
     def _forward(self, bs: int) -> torch.Tensor:
         w_page, w_off = self._w_page[:bs], self._w_off[:bs]
@@ -202,11 +232,14 @@ class GraphRunner:
         return BatchLayout(np.arange(bs + 1, dtype=np.int32), np.arange(bs + 1, dtype=np.int32),
                            np.full(bs, self.scratch_page, np.int32), ones, ones, [None] * bs)
 
-    def _capture_one(self, body: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture_one(self, body: Callable[[], torch.Tensor]) -> tuple[_Graph, torch.Tensor]:
         """Run `body` once eagerly (lazy library state, allocator growth), then capture it into the pool.
 
         On the engine's device (the thread's current device may be another), and thread-local: engines of
         other data-parallel groups keep running on their threads while this one captures."""
+        if not self.capture:
+            eager = EagerReplay(body)
+            return eager, eager.out
         with torch.cuda.device(self.device):
             body()
             torch.cuda.synchronize()
@@ -220,12 +253,13 @@ class GraphRunner:
     def _capture(self) -> None:
         greedy = SamplerVariant(False, 0, False, False, False)
         for bs in reversed(self.buckets):
-            self.backend.plan_graph(bs, self._padding_layout(bs))
+            self._plan(bs, self._padding_layout(bs))
             self._graphs[bs], self._outputs[bs] = self._capture_one(functools.partial(self._forward, bs))
             self._sampler_graphs[bs, greedy] = self._capture_sampler(bs, greedy)
-        torch.cuda.synchronize()
+        if self.capture:
+            torch.cuda.synchronize()
 
-    def _capture_sampler(self, bs: int, variant: SamplerVariant) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture_sampler(self, bs: int, variant: SamplerVariant) -> tuple[_Graph, torch.Tensor]:
         hidden = self._outputs[bs]
 
         def body() -> torch.Tensor:
@@ -262,8 +296,8 @@ class GraphRunner:
             self._positions[b:bs].zero_()
             self._w_page[b:bs].fill_(self.scratch_page)
             self._w_off[b:bs].zero_()
-        self.backend.plan_graph(bs, layout)
-        with torch.cuda.device(self.device):
+        self._plan(bs, layout)
+        with self._on_device():
             self._graphs[bs].replay()
         self.replays["forward"] += 1
         return self._outputs[bs][:b]
@@ -283,12 +317,15 @@ class GraphRunner:
                 return None
             entry = self._sampler_graphs[bs, variant] = self._capture_sampler(bs, variant)
         graph, tokens = entry
-        with torch.cuda.device(self.device):
+        with self._on_device():
             graph.replay()
         self.replays["sampler"] += 1
         out = ResultPacker()
         out.add("tokens", tokens[:b])
         return out
+
+
+_Graph = torch.cuda.CUDAGraph | EagerReplay
 
 
 def pad_layout(layout: BatchLayout, bs: int, scratch_page: int) -> BatchLayout:
