@@ -25,6 +25,7 @@ torch (and FlashInfer) build, and a default config.toml if there is none.
 
 Options:
   --print-flavor        print the flavor that would be installed, and exit (changes nothing)
+  --print-config        print the config.toml it would write for that flavor, and exit
   --list-flavors        list the valid flavors, and exit
   --flavor NAME         same as PIE_FLAVOR=NAME
   --source PATH|URL     same as PIE_SOURCE (a pie-*.whl, a pie checkout folder, or a wheel URL)
@@ -496,13 +497,9 @@ EOF
 	record "file:bin/pie"
 }
 
-write_default_config() {
-	local config="$PIE_HOME/config.toml"
-	if [ -e "$config" ]; then
-		say "keeping your $config"
-		return 0
-	fi
-	cat >"$config" <<EOF
+# Prints the config.toml written when there is none, for the flavor resolve_flavor chose.
+default_config_text() {
+	cat <<EOF
 # pie configuration, written by install.sh because there was none (it never overwrites this file).
 # The keys are described in pie's docs/configuration.md; \`pie config show\` prints the effective config.
 host = "127.0.0.1"
@@ -515,6 +512,21 @@ enable_auth = false
 hf_repo = "pie/tiny-random"
 device = ["$F_DEVICE"]
 EOF
+	if [ "$F_FI_BUILD" != none ]; then
+		cat <<'EOF'
+# This flavor has FlashInfer: decode steps run as CUDA graphs (false runs them eagerly).
+use_cuda_graphs = true
+EOF
+	fi
+}
+
+write_default_config() {
+	local config="$PIE_HOME/config.toml"
+	if [ -e "$config" ]; then
+		say "keeping your $config"
+		return 0
+	fi
+	default_config_text >"$config"
 	say "wrote a default $config"
 }
 
@@ -700,6 +712,7 @@ parse_args() {
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--print-flavor) ACTION=print-flavor ;;
+		--print-config) ACTION=print-config ;;
 		--list-flavors) ACTION=list-flavors ;;
 		--uninstall) ACTION=uninstall ;;
 		--purge) PURGE=1 ;;
@@ -755,6 +768,11 @@ main() {
 	print-flavor)
 		resolve_flavor
 		printf '%s\n' "$FLAVOR"
+		return 0
+		;;
+	print-config)
+		resolve_flavor
+		default_config_text
 		return 0
 		;;
 	esac

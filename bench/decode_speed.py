@@ -111,6 +111,9 @@ def main() -> None:
     print(f"{'config':<14}{'batch':>6}{'tok/s':>12}{'vs ' + args.configs[0]:>12}{'HBM floor':>11}")
     for name, b, rate, frac in rows:
         print(f"{name:<14}{b:>6}{rate:>12.1f}{rate / base[b]:>11.2f}x{frac:>10.1%}")
+    for name, b, rate, frac in rows:
+        print(f"RESULT bench=decode_speed preset={args.preset} config={name} batch={b} tok_s={rate:.1f} "
+              f"vs_{args.configs[0]}={rate / base[b]:.3f} hbm_floor_frac={frac:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ async def main_async(args: argparse.Namespace) -> None:
         pages_per_seq = -(-(args.in_len + args.out + 1) // 16) + 1
         config = EngineConfig(model=str(model_dir), device=args.device, dummy_weights=True,
                               max_batch_size=max(args.widths), max_batch_tokens=max(args.in_len * 4, 2048),
-                              max_num_kv_pages=max(args.widths) * pages_per_seq + 64, cpu_kv_budget_gb=8.0)
+                              max_num_kv_pages=max(args.widths) * pages_per_seq + 64, cpu_kv_budget_gb=8.0,
+                              use_cuda_graphs=args.cuda_graphs)
         client = await InProcessEngine.start(config)
         runtime = await Runtime.start(RuntimeConfig((ModelSpec("bench", config),), RuntimeLimits()),
                                       engines={"bench": client})
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--in", dest="in_len", type=int, default=32)
     ap.add_argument("--out", type=int, default=64)
     ap.add_argument("--peer", choices=["vllm"], default=None)
+    ap.add_argument("--cuda-graphs", action="store_true", help="use_cuda_graphs = true (CUDA with FlashInfer)")
     asyncio.run(main_async(ap.parse_args()))
 
 

@@ -66,7 +66,8 @@ class ModelOptions:
     max_adapter_rank: int = option(8, "largest LoRA rank", min=1)
     max_num_kv_pages: int = option(0, "KV page count; 0 = as many as memory allows", min=0)
     weight_dtype: str = option("auto", "weight precision", choices=WEIGHT_DTYPES)
-    use_cuda_graphs: bool = option(False, "capture decode batches in CUDA graphs (experimental)")
+    use_cuda_graphs: bool = option(False, "run decode steps (forward, logits, sampling) as CUDA graphs; "
+                                          "the config a CUDA flavor writes turns it on")
     attention_backend: str = option("auto", "attention kernels", choices=ATTENTION_BACKENDS)
     cpu_kv_budget_gb: float = option(2.0, "KV pool size in GiB on CPU/MPS (free memory is not measurable there)",
                                      above=0.0)

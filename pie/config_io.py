@@ -60,10 +60,13 @@ def _model_dict(model: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def default_config_text(device: str, model: str = DEFAULT_MODEL) -> str:
-    """What `pie config init` writes: the keys an operator edits first; the rest keep their defaults."""
-    body = {"host": Config.host, "port": Config.port, "enable_auth": Config.enable_auth,
-            "model": [{"hf_repo": model, "device": [device]}]}
+def default_config_text(device: str, model: str = DEFAULT_MODEL, *, cuda_graphs: bool = False) -> str:
+    """What `pie config init` writes: the keys an operator edits first; the rest keep their defaults.
+    cuda_graphs: the model runs decode steps as CUDA graphs (a CUDA flavor's config; the key's default is off)."""
+    entry: dict[str, Any] = {"hf_repo": model, "device": [device]}
+    if cuda_graphs:
+        entry["use_cuda_graphs"] = True
+    body = {"host": Config.host, "port": Config.port, "enable_auth": Config.enable_auth, "model": [entry]}
     return HEADER + tomli_w.dumps(body)
 
 

@@ -56,3 +56,85 @@ def test_graph_decode_equals_eager(engines, bs: int) -> None:  # type: ignore[no
     e_tokens, e_logits = _decode(eager, prompts, 4)
     assert g_tokens == e_tokens
     assert rel_err(g_logits, e_logits) < 1e-2
+
+
+def _greedy_decode(engine, prompts: list[list[int]], steps: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """Prefill, then `steps` decode batches whose only output is a greedy sampler per request: the steps
+    that replay the sampling graph as well as the forward graph."""
+    pager = SeqPager(engine)
+    first = engine.forward_batch(ForwardBatch(
+        [pager.request(i, p, [OutputSpec(len(p) - 1, Sampler())]) for i, p in enumerate(prompts)])).outputs
+    tokens = [[int(o[0])] for o in first]
+    for _ in range(steps):
+        out = engine.forward_batch(ForwardBatch(
+            [pager.request(i, [t[-1]], [OutputSpec(0, Sampler())]) for i, t in enumerate(tokens)])).outputs
+        for t, o in zip(tokens, out, strict=True):
+            t.append(int(o[0]))
+    return tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", BATCH_SIZES)
+def test_whole_step_graph_decode_equals_eager(engines, bs: int) -> None:  # type: ignore[no-untyped-def]
+    graphed, eager = engines
+    prompts = random_prompts(bs, VOCAB, 3, 40, seed=1000 + bs)
+    before = graphed.graphs.replays["sampler"]
+    assert _greedy_decode(graphed, prompts, 4) == _greedy_decode(eager, prompts, 4)
+    assert graphed.graphs.replays["sampler"] - before == 4  # every decode step sampled inside a graph
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", ["mixed", "mixed masked", "wide top-k", "all random", "greedy masked"])
+def test_a_captured_sampler_equals_the_eager_sampler(engines, mix: str) -> None:  # type: ignore[no-untyped-def]
+    """The sampling a graph captures, replayed on the same logits as the eager sampler: the same tokens,
+    also after the static buffers are refilled for another step."""
+    import torch
+    from test_graph_sampling import MIXES, _decode_step
+
+    from pie.engine.graphs import StepSampler, sampler_variant
+    from pie.engine.outputs import _sample
+    from pie.engine.packing import Sections
+
+    graphed, _ = engines
+    samplers, masked = MIXES[mix]
+    n, bucket = 29, 32
+    dev = torch.device("cuda:0")
+    logits = torch.randn(bucket, VOCAB, device=dev, generator=torch.Generator(dev).manual_seed(5)) * 3
+    sampler = StepSampler(bucket, VOCAB, dev)
+    graph, out = None, None
+    for seed in (1, 2):
+        prep = _decode_step(graphed, samplers, masked, n, seed)
+        variant = sampler_variant(prep.outputs, n, VOCAB)
+        assert variant is not None
+        inp = Sections(prep.packed, torch.from_numpy(prep.packed.host.copy()).to(dev))
+        sampler.fill(prep.outputs, inp, n, bucket)
+        if graph is None:
+            sampler.sample(logits, variant)  # warm-up, then capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = sampler.sample(logits, variant)
+        graph.replay()
+        assert out is not None
+        assert out[:n].tolist() == _sample(logits[:n], prep.outputs, inp).tolist()
+
+
+@pytest.mark.gpu
+def test_a_graphed_decode_step_has_no_hidden_sync(engines) -> None:  # type: ignore[no-untyped-def]
+    """Forward graph + sampling graph (greedy, mixed) and forward graph + eager outputs (probes): the step's
+    one event sync only."""
+    import torch
+    from test_engine_step import STEPS, _decode_batch
+
+    graphed, _ = engines
+    for case in ("greedy", "top_p", "mixed samplers", "probes"):
+        batch = _decode_batch(graphed, STEPS[case])
+        graphed.forward_batch(batch)  # captures the step's sampling variant on first use (a capture syncs)
+        torch.cuda.synchronize()
+        before = dict(graphed.graphs.replays)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphed.forward_batch(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert graphed.graphs.replays["forward"] == before["forward"] + 1, case

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,8 @@ import typer
 from pie.cli.common import ConfigOption, command_group, confirm, fail, print_notes
 from pie.config import default_config_path, load_config
 from pie.config_io import atomic_write, default_config_text, set_key
+from pie.errors import FlavorError
+from pie.flavors import installed_flavor
 from pie.tiny_model import TINY_MODEL_ID
 
 app = command_group("Write, show, edit and check the configuration.")
@@ -33,10 +36,25 @@ def init(
     path = _path(config)
     if path.exists() and not force and not confirm(f"{path} exists; overwrite it?"):
         fail(f"kept {path} as it is (pass --force to overwrite it)")
-    text = default_config_text(device or _default_device(), model)
+    device = device or _default_device()
+    text = default_config_text(device, model, cuda_graphs=_cuda_graphs_by_default(device))
     atomic_write(path, text)
     load_config(path)  # what init writes always loads
     typer.echo(f"wrote {path}")
+
+
+def _cuda_graphs_by_default(device: str) -> bool:
+    """A CUDA device on a flavor with FlashInfer (the installed flavor, else FlashInfer importable) runs decode
+    steps as CUDA graphs, as install.sh's config does on a CUDA flavor; they need the flashinfer backend."""
+    if not device.startswith("cuda"):
+        return False
+    try:
+        flavor = installed_flavor()
+    except FlavorError:  # a broken flavor record is `pie doctor`'s to report; decide from what is importable
+        flavor = None
+    if flavor is not None:
+        return flavor.has_flashinfer
+    return importlib.util.find_spec("flashinfer") is not None
 
 
 def _default_device() -> str:

@@ -23,6 +23,7 @@ every rank.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -37,6 +38,7 @@ from pie.engine.attention.base import AttentionShape, create_backend, resolve_ba
 from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, Sampler
 from pie.engine.batch_prep import Limits, PreparedBatch, check_page_ops, prepare
 from pie.engine.config import EngineConfig
+from pie.engine.cuda_ops import KVAppend
 from pie.engine.device import resolve_activation_dtype, resolve_device
 from pie.engine.forward_context import ForwardContext
 from pie.engine.graphs import GraphRunner
@@ -55,6 +57,8 @@ from pie.engine.parallel import SINGLE, TPGroup
 from pie.engine.transfer import Staging
 from pie.errors import BatchError, ConfigError
 from pie.model_source import resolve_model_dir
+
+_log = logging.getLogger(__name__)
 
 
 def load_hf_config(model_dir: Path) -> object:
@@ -90,6 +94,8 @@ class Engine:
         attn_shape = AttentionShape(spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim,
                                     config.kv_page_size, self.dtype, self.device)
         self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
+        # CUDA with FlashInfer: the page table travels in the step's upload, K/V go in by FlashInfer's append.
+        self._cuda_ops = self.device.type == "cuda" and backend_name == "flashinfer"
         self._rng = random.Random(config.seed)
         self.staging = Staging(self.device)
         self.graphs: GraphRunner | None = None  # captured after the pool exists; the sizing dry run is eager
@@ -146,18 +152,31 @@ class Engine:
                 module.fp8_activations = cfg.runtime_quant == "fp8"
 
     def _capture_graphs(self, num_pages: int) -> GraphRunner | None:
-        if self.tp.size > 1:
-            raise ConfigError(f"use_cuda_graphs is not supported with tensor_parallel_size = {self.tp.size} (the "
-                              "captured decode steps would have to include the all-reduces); set "
-                              "use_cuda_graphs = false")
-        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
-            raise ConfigError(f"use_cuda_graphs needs a CUDA device and the flashinfer attention backend; "
-                              f"this engine runs {self.backend.name} on {self.device}. Set use_cuda_graphs = false.")
-        if not self.model.supports_cuda_graphs():
-            raise ConfigError(f"use_cuda_graphs is not supported for model_type {self.model.hf_config.model_type!r} "
-                              "(its forward reads per-expert token counts on the host); set use_cuda_graphs = false")
+        """The graph runner, or None with a warning when this engine cannot replay graphs: the configs that
+        install.sh and `pie config init` write on a CUDA flavor turn graphs on for whatever model is then
+        configured, and a model that cannot use them must still serve (eagerly)."""
+        reason = self.graph_refusal()
+        if reason is not None:
+            _log.warning("use_cuda_graphs = true, but %s; decode steps run eagerly (set use_cuda_graphs = false "
+                         "to silence this)", reason)
+            return None
         return GraphRunner(self.model, self.backend, self.kv, scratch_page=num_pages,
                            max_batch_size=min(self.config.max_batch_size, 256), max_pages_per_batch=num_pages)
+
+    def graph_refusal(self) -> str | None:
+        """Why this engine cannot capture CUDA graphs, or None when it can."""
+        model_type = getattr(self.model.hf_config, "model_type", "")
+        if self.device.type != "cuda" or not self.backend.supports_cuda_graphs:
+            return (f"CUDA graphs need a CUDA device and the flashinfer attention backend, and this engine runs "
+                    f"{self.backend.name} on {self.device}")
+        if self.tp.size > 1:
+            return (f"tensor_parallel_size = {self.tp.size}: the captured decode steps would have to include the "
+                    "all-reduces")
+        if any(s.sinks for s in self.model.attention_layer_specs()):
+            return f"model_type {model_type!r} has attention sinks, which FlashInfer's graph-mode kernels do not take"
+        if not self.model.supports_cuda_graphs():
+            return f"model_type {model_type!r} reads per-expert token counts on the host in its forward"
+        return None
 
     def _size_kv_pool(self) -> int:
         cfg = self.config
@@ -216,23 +235,32 @@ class Engine:
 
     @torch.inference_mode()
     def _execute(self, prep: PreparedBatch, kv: KVCache, lora: LoRABatch | None = None) -> list[list[OutputValue]]:
-        # The step's one upload: token rows and every output parameter, split by views on the device.
-        inp = Sections(prep.packed, self.staging.upload(prep.packed.host))
-        packed = inp.longs("token_rows").view(4, -1)  # tokens, positions, write page, write offset
         bucket = self.graphs.bucket_for(prep, lora is not None) if self.graphs and kv is self.kv else None
-        if bucket is not None:
-            assert self.graphs is not None
-            hidden = self.graphs.run(prep, bucket, packed)
+        layout = prep.layout if bucket is None or self.graphs is None else self.graphs.padded_layout(prep.layout,
+                                                                                                    bucket)
+        # The step's one upload: token rows and every output parameter (on CUDA with FlashInfer the page
+        # table too), split by views on the device.
+        upload = prep.packed.with_section("kv_pages", layout.kv_page_indices) if self._cuda_ops else prep.packed
+        inp = Sections(upload, self.staging.upload(upload.host))
+        if self._cuda_ops:
+            layout.device_page_indices = inp.ints("kv_pages")
+        packed = inp.longs("token_rows").view(4, -1)  # tokens, positions, write page, write offset
+        results = None
+        if bucket is not None and self.graphs is not None:
+            hidden = self.graphs.run(layout, bucket, packed)
+            results = self.graphs.sample(prep.outputs, bucket, inp)  # None: outputs computed eagerly below
         else:
             tokens, positions, w_page, w_off = packed.unbind(0)
-            self.backend.plan(prep.layout)
+            self.backend.plan(layout)
             fwd = ForwardContext(self.backend, kv, positions, w_page, w_off,
-                                 self.model.batch_extras(prep.positions, prep.layout, self.device),
-                                 max_position=int(prep.positions.max()))
+                                 self.model.batch_extras(prep.positions, layout, self.device),
+                                 max_position=int(prep.positions.max()),
+                                 kv_append=KVAppend(w_page, w_off) if self._cuda_ops else None)
             if lora is not None:
                 fwd.extras[LORA_EXTRAS] = lora
             hidden = self.model(tokens, fwd)
-        results = compute_outputs(self.model, hidden, prep.outputs, inp)
+        if results is None:
+            results = compute_outputs(self.model, hidden, prep.outputs, inp)
         # The step's one download (and its one sync).
         host = self.staging.download(results.tensor(self.device))
         return decode_outputs(prep.outputs, Results(results.sections, host), self.model.spec.vocab_size,

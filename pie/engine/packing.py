@@ -24,6 +24,12 @@ class Packed:
     def size(self, name: str) -> int:
         return self.sections[name][1] if name in self.sections else 0
 
+    def with_section(self, name: str, values: np.ndarray) -> Packed:
+        """A copy with `values` appended as section `name` (a step that uploads more on one device type)."""
+        assert name not in self.sections, name
+        a = _as_int32(values.reshape(-1))
+        return Packed(np.concatenate([self.host, a]), {**self.sections, name: (self.host.size, a.size)})
+
 
 class Packer:
     def __init__(self) -> None:

@@ -62,6 +62,9 @@ class BatchLayout:
     kv_last_page_len: np.ndarray
     kv_lens: np.ndarray
     custom_masks: list[np.ndarray | None]
+    # kv_page_indices on the device, a view of the step's one upload (CUDA with FlashInfer: the page table
+    # reaches the kernels without a copy of its own); None: backends read the host array.
+    device_page_indices: torch.Tensor | None = None
 
     @property
     def num_requests(self) -> int:

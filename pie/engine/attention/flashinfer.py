@@ -9,6 +9,13 @@ wrappers do not take, run on the torch reference path.
 Workspace: one float workspace buffer is shared by every wrapper. That is
 safe because all runs are issued in order on the current stream and a run
 never overlaps another; each wrapper keeps its own int workspace and plan.
+
+Page table: `plan` reads indptr and last-page lengths on the host (they
+decide the kernel's split), so those small arrays go through pinned buffers
+(`cuda_ops.PinnedRing`: the copies `plan` makes are asynchronous); the page
+indices themselves, the large array, are the device view of the step's one
+upload (`BatchLayout.device_page_indices`) when the engine provides it, so
+they are never copied from the host a second time.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 
 from pie.engine.attention.base import AttentionBackend, AttentionLayerSpec, AttentionShape, BatchLayout
 from pie.engine.attention.torch_ref import TorchRefBackend
+from pie.engine.cuda_ops import PinnedRing
 
 _WORKSPACE_BYTES = 128 << 20
 
@@ -66,6 +74,7 @@ class FlashInferBackend(AttentionBackend):
         self._graph_bs = 0
         self._mode = "decode"
         self._groups: list[_PrefillGroup] = []
+        self._pinned = PinnedRing()
 
     def _common(self, v: _Variant) -> dict[str, object]:
         s = self.shape
@@ -78,11 +87,11 @@ class FlashInferBackend(AttentionBackend):
             self._fallback.plan(layout)
         if layout.is_pure_decode:
             self._mode = "decode"
-            indptr, indices, last = (torch.from_numpy(a) for a in
-                                     (layout.kv_page_indptr, layout.kv_page_indices, layout.kv_last_page_len))
+            indptr, indices, last = self._page_table(layout, "decode")
             for v in self._variants:
                 self._decode[v].plan(indptr, indices, last, head_dim=self.shape.head_dim,
                                      pos_encoding_mode="NONE", **self._common(v))
+            self._pinned.planned()
             return
         self._mode = "prefill"
         masked = [r for r in range(layout.num_requests) if layout.custom_masks[r] is not None]
@@ -92,6 +101,17 @@ class FlashInferBackend(AttentionBackend):
             self._groups.append(self._plan_group(layout, causal, self._causal, masked=False))
         if masked:
             self._groups.append(self._plan_group(layout, masked, self._masked, masked=True))
+        self._pinned.planned()
+
+    def _page_table(self, layout: BatchLayout, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indptr, indices, last_page_len) for `plan`: the small arrays pinned on the host, the indices on
+        the device when the step uploaded them."""
+        indptr = self._pinned.put(f"{key}_indptr", layout.kv_page_indptr)
+        last = self._pinned.put(f"{key}_last", layout.kv_last_page_len)
+        indices = layout.device_page_indices
+        if indices is None:
+            indices = torch.from_numpy(layout.kv_page_indices)
+        return indptr, indices, last
 
     def init_graph_buckets(self, batch_sizes: list[int], max_pages: int) -> None:
         if self._fallback is not None:
@@ -109,11 +129,11 @@ class FlashInferBackend(AttentionBackend):
 
     def plan_graph(self, batch_size: int, layout: BatchLayout) -> None:
         assert layout.is_pure_decode and layout.num_requests == batch_size
-        indptr, indices, last = (torch.from_numpy(a) for a in
-                                 (layout.kv_page_indptr, layout.kv_page_indices, layout.kv_last_page_len))
+        indptr, indices, last = self._page_table(layout, "graph")
         for v, wrapper in self._graph_decode[batch_size].items():
             wrapper.plan(indptr, indices, last, head_dim=self.shape.head_dim,  # type: ignore[attr-defined]
                          pos_encoding_mode="NONE", **self._common(v))
+        self._pinned.planned()
         self._mode, self._graph_bs = "graph", batch_size
 
     def _plan_group(self, layout: BatchLayout, reqs: list[int], wrappers: dict[_Variant, object],
@@ -125,14 +145,18 @@ class FlashInferBackend(AttentionBackend):
         kv_indices = np.concatenate([layout.kv_page_indices[layout.kv_page_indptr[r]:layout.kv_page_indptr[r + 1]]
                                      for r in reqs]).astype(np.int32)
         last = layout.kv_last_page_len[reqs].astype(np.int32)
-        host = [torch.from_numpy(a) for a in (qo_indptr, kv_indptr, kv_indices, last)]
+        every_row = len(reqs) == layout.num_requests
         if masked:  # FlashInfer packs custom masks on the device and wants the indptrs there too
-            host = [t.to(self.shape.device) for t in host]
+            host = [torch.from_numpy(a).to(self.shape.device) for a in (qo_indptr, kv_indptr, kv_indices, last)]
+        else:
+            indices = layout.device_page_indices if every_row else None
+            host = [self._pinned.put("prefill_qo", qo_indptr), self._pinned.put("prefill_indptr", kv_indptr),
+                    indices if indices is not None else torch.from_numpy(kv_indices),
+                    self._pinned.put("prefill_last", last)]
         for v in self._variants:
             mask = self._flat_mask(layout, reqs, v.window_left) if masked else None
             wrappers[v].plan(*host, head_dim_qk=self.shape.head_dim, causal=not masked,  # type: ignore[attr-defined]
                              custom_mask=mask, **self._common(v))
-        every_row = len(reqs) == layout.num_requests
         rows = None if every_row else torch.from_numpy(np.concatenate(
             [np.arange(layout.qo_indptr[r], layout.qo_indptr[r + 1]) for r in reqs])).to(self.shape.device)
         return _PrefillGroup(wrappers, rows)
