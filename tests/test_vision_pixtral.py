@@ -155,3 +155,15 @@ def test_tensor_names_of_older_checkpoints_load_too(hf_model: Mistral3ForConditi
     fresh = PixtralVisionTower.from_config(hf_model.config, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="not in the checkpoint"):
         fresh.check_loaded()
+
+
+def test_bfloat16_tower_runs_close_to_float32(
+        hf_model: Mistral3ForConditionalGeneration, tower: PixtralVisionTower) -> None:
+    half = PixtralVisionTower.from_config(hf_model.config, torch.bfloat16, torch.device("cpu"))
+    for name, t in hf_model.state_dict().items():
+        half.load_tensor(name, t)
+    half.check_loaded()
+    prep = [PixtralImageProcessor(PREPROCESSOR, hf_model.config).prepare(_image(30, 30, seed=9))]
+    low, full = half(prep)[0], tower(prep)[0]
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - full).abs().max() / full.abs().max() < 5e-2

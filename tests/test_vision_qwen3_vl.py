@@ -19,7 +19,12 @@ from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5Config
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
 
 from pie.engine.vision.common import ImageInputError
-from pie.engine.vision.qwen3_vl import Qwen3VLImageProcessor, Qwen3VLVisionTower, smart_resize
+from pie.engine.vision.qwen3_vl import (
+    Qwen3VLImageProcessor,
+    Qwen3VLVisionTower,
+    prompt_positions,
+    smart_resize,
+)
 
 PATCH, MERGE, TEMPORAL = 4, 2, 2
 IMAGE, START, END = 60, 61, 62
@@ -88,30 +93,34 @@ def test_smart_resize_refuses_what_transformers_refuses() -> None:
         Qwen3VLImageProcessor(PREPROCESSOR, _qwen3_vl_config()).prepare(_image(402, 2, seed=0))
 
 
-def test_positions_match_get_rope_index(hf_model: Qwen3VLForConditionalGeneration) -> None:
-    proc = Qwen3VLImageProcessor(PREPROCESSOR, hf_model.config)
+def _two_image_prompt(proc: Qwen3VLImageProcessor) -> tuple[list[Any], list[int]]:
     first, second = proc.prepare(_image(50, 30, seed=1)), proc.prepare(_image(17, 41, seed=2))
-    ids = [1, 2, 3, *first.tokens, 4, *second.tokens, 5, 6]
-    types = [1 if t == IMAGE else 0 for t in ids]
-    grids = torch.tensor([list(first.grid), list(second.grid)])
-    ref, _ = hf_model.model.get_rope_index(torch.tensor([ids]), mm_token_type_ids=torch.tensor([types]),
-                                           image_grid_thw=grids)
-    ref = ref[:, 0]  # [3, len(ids)]
-    start = 3
-    torch.testing.assert_close(ref[:, start:start + len(first.tokens)], first.positions + start)
-    start2 = start + len(first.tokens) + 1
-    after_first = start + first.position_span  # the token after the image, then the second image
-    assert ref[:, start + len(first.tokens)].tolist() == [after_first] * 3
-    torch.testing.assert_close(ref[:, start2:start2 + len(second.tokens)], second.positions + after_first + 1)
-    assert first.position_span < len(first.tokens)
+    parts: list[Any] = [[1, 2, 3], first, [4], second, [5, 6]]
+    ids = [t for part in parts for t in (part if isinstance(part, list) else part.tokens)]
+    return parts, ids
 
 
-def test_embeddings_and_deepstack_of_two_images_match_get_image_features(
-        hf_model: Qwen3VLForConditionalGeneration) -> None:
+def test_positions_match_get_rope_index(hf_model: Qwen3VLForConditionalGeneration) -> None:
+    parts, ids = _two_image_prompt(Qwen3VLImageProcessor(PREPROCESSOR, hf_model.config))
+    grids = torch.tensor([list(p.grid) for p in parts if not isinstance(p, list)])
+    ref, _ = hf_model.model.get_rope_index(torch.tensor([ids]), image_grid_thw=grids,
+                                           mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]]))
+    ours, next_pos = prompt_positions(parts, start=0)
+    torch.testing.assert_close(ours, ref[:, 0])
+    assert next_pos == int(ref.max()) + 1 < len(ids)  # images take fewer positions than tokens
+
+
+@pytest.fixture(scope="module")
+def tower(hf_model: Qwen3VLForConditionalGeneration) -> Qwen3VLVisionTower:
     tower = Qwen3VLVisionTower.from_config(hf_model.config, torch.float32, torch.device("cpu"))
     consumed = [n for n, t in hf_model.state_dict().items() if tower.load_tensor(n, t)]
     assert consumed and all(n.startswith("model.visual.") for n in consumed)
     tower.check_loaded()
+    return tower
+
+
+def test_embeddings_and_deepstack_of_two_images_match_get_image_features(
+        hf_model: Qwen3VLForConditionalGeneration, tower: Qwen3VLVisionTower) -> None:
     proc = Qwen3VLImageProcessor(PREPROCESSOR, hf_model.config)
     prepared = [proc.prepare(_image(50, 30, seed=1)), proc.prepare(_image(17, 41, seed=2))]
     assert prepared[0].grid != prepared[1].grid
@@ -150,3 +159,43 @@ def test_qwen3_5_tower_without_deepstack_matches_transformers() -> None:
     for mine, theirs in zip(ours, ref.split([len(p.embed_rows) for p in prepared]), strict=True):
         assert mine.deepstack == ()
         assert (mine.embeds - theirs).abs().max() / theirs.abs().max() < 1e-4
+
+
+def test_prepared_images_reproduce_transformers_multimodal_forward(
+        hf_model: Qwen3VLForConditionalGeneration, tower: Qwen3VLVisionTower) -> None:
+    """Tokens, embed_rows, positions and DeepStack matrices, fed to transformers' text model, give the
+    logits of transformers' own forward over pixel_values: the contract the engine builds on."""
+    parts, ids = _two_image_prompt(Qwen3VLImageProcessor(PREPROCESSOR, hf_model.config))
+    images = [p for p in parts if not isinstance(p, list)]
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids_t, pixel_values=torch.cat([p.pixel_values for p in images]),
+                       image_grid_thw=torch.tensor([list(p.grid) for p in images]),
+                       mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]])).logits
+        encoded = tower.encode(images)
+        embeds = hf_model.get_input_embeddings()(ids_t)
+        rows, start = [], 0
+        for part in parts:
+            if not isinstance(part, list):
+                rows += [start + r for r in part.embed_rows]
+            start += len(part if isinstance(part, list) else part.tokens)
+        embeds[0, rows] = torch.cat([e.embeds for e in encoded])
+        mask = torch.zeros(1, len(ids), dtype=torch.bool)
+        mask[0, rows] = True
+        deep = [torch.cat([e.deepstack[k] for e in encoded]) for k in range(2)]
+        hidden = hf_model.model.language_model(inputs_embeds=embeds, position_ids=prompt_positions(parts)[0][:, None],
+                                               visual_pos_masks=mask, deepstack_visual_embeds=deep).last_hidden_state
+        ours = hf_model.lm_head(hidden)
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_bfloat16_tower_runs_close_to_float32(
+        hf_model: Qwen3VLForConditionalGeneration, tower: Qwen3VLVisionTower) -> None:
+    half = Qwen3VLVisionTower.from_config(hf_model.config, torch.bfloat16, torch.device("cpu"))
+    for name, t in hf_model.state_dict().items():
+        half.load_tensor(name, t)
+    half.check_loaded()
+    prep = [Qwen3VLImageProcessor(PREPROCESSOR, hf_model.config).prepare(_image(30, 30, seed=9))]
+    low, full = half(prep)[0], tower(prep)[0]
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - full).abs().max() / full.abs().max() < 5e-2

@@ -79,6 +79,25 @@ def image_positions(rows: int, cols: int) -> torch.Tensor:
     return torch.cat([torch.zeros(3, 1, dtype=torch.long), pads, end], dim=1)
 
 
+def prompt_positions(parts: list[list[int] | PreparedImage], start: int = 0) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, num_tokens] of a prompt of text runs and images, and the next position.
+
+    Text takes three equal positions, one per token; an image its offsets from where it starts and
+    then advances the counter by its `position_span`.
+    """
+    out: list[torch.Tensor] = []
+    pos = start
+    for part in parts:
+        if isinstance(part, PreparedImage):
+            assert part.positions is not None, "an image without M-RoPE offsets"
+            out.append(part.positions + pos)
+            pos += part.position_span
+        else:
+            out.append(torch.arange(pos, pos + len(part)).expand(3, -1))
+            pos += len(part)
+    return torch.cat(out, dim=1), pos
+
+
 class Qwen3VLImageProcessor:
     def __init__(self, preprocessor_config: dict[str, Any], hf_config: Any) -> None:
         vc = hf_config.vision_config
