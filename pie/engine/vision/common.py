@@ -73,14 +73,14 @@ class PixelNorm:
     do_normalize: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], default_mean: Sequence[float],
-                    default_std: Sequence[float]) -> PixelNorm:
+    def from_config(cls, cfg: dict[str, Any], default_mean: Sequence[float], default_std: Sequence[float],
+                    default_normalize: bool = True) -> PixelNorm:
         return cls(resample=int(cfg.get("resample", 3)),
                    rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
                    mean=tuple(float(x) for x in cfg.get("image_mean") or default_mean),
                    std=tuple(float(x) for x in cfg.get("image_std") or default_std),
                    do_rescale=bool(cfg.get("do_rescale", True)),
-                   do_normalize=bool(cfg.get("do_normalize", True)))
+                   do_normalize=bool(cfg.get("do_normalize", default_normalize)))
 
     def resize_and_normalize(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """`image` (RGB) resized to (height, width) and normalised: float32 [3, height, width]."""
@@ -147,17 +147,21 @@ def rope_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
+                      scale: float | None = None) -> torch.Tensor:
     """Bidirectional attention within each segment of a packed sequence.
 
-    q, k, v: [N, heads, head_dim] with N = sum(lengths); returns [N, heads * head_dim]. Each image
-    (frame) attends only to itself, so one kernel call per segment needs no [N, N] mask.
+    q: [N, heads, head_dim], k, v: [N, kv_heads, head_dim] with N = sum(lengths); returns
+    [N, heads * head_dim]. Each image (frame) attends only to itself, so one kernel call per segment
+    needs no [N, N] mask. `scale`: the softmax scale, 1/sqrt(head_dim) when None.
     """
+    if k.shape[1] != q.shape[1]:  # grouped kv heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     outs = []
     start = 0
     for n in lengths:
         qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1).reshape(n, -1))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1).reshape(n, -1))
         start += n
     assert start == q.shape[0], (start, q.shape[0])
     return torch.cat(outs, dim=0)
@@ -196,6 +200,8 @@ class CheckpointModule(torch.nn.Module):
         local = self.local_name(name)
         if local is None:
             return False
+        if local.endswith("inv_freq"):  # rotary tables some exports include; recomputed here
+            return True
         params = dict(self.named_parameters())
         if local not in params:
             raise KeyError(f"checkpoint tensor {name!r} ({local!r}) has no parameter in {type(self).__name__}; "
