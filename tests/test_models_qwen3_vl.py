@@ -1,4 +1,4 @@
-"""Qwen3-VL's text decoder against transformers on a tiny random checkpoint (float32, CPU).
+"""Qwen3-VL's text decoders (dense and MoE) against transformers on a tiny random checkpoint (float32, CPU).
 
 Text-only prompts through the engine (logits of every row, greedy steps); a prompt with image tokens
 through the model with M-RoPE positions and DeepStack additions, against transformers' text model
@@ -23,20 +23,15 @@ from engine_helpers import (
     random_prompts,
     rel_err,
 )
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, Qwen3VLConfig, Qwen3VLMoeConfig
 
 from pie.engine.attention.base import AttentionShape, BatchLayout, create_backend
 from pie.engine.forward_context import ForwardContext
 from pie.engine.kv_cache import KVCache, KVShape
 from pie.engine.layers.rotary import Rotary, rope_inv_freq
 from pie.engine.loader import build_model, checkpoint_files, load_weights
-from pie.engine.models.qwen3_vl import (
-    DEEPSTACK,
-    MROPE_POSITIONS,
-    DeepstackRows,
-    MRotary,
-)
-from pie.engine.models.qwen3_vl import Qwen3VLForConditionalGeneration as PieQwen3VL
+from pie.engine.models.qwen3_vl import DEEPSTACK, MROPE_POSITIONS, DeepstackRows, MRopeDeepstack, MRotary
+from pie.engine.models.registry import get_architecture
 from pie.engine.vision.qwen3_vl import image_positions
 from pie.tiny_model import write_tokenizer_files
 
@@ -44,35 +39,41 @@ IMAGE, START, END = 500, 501, 502
 TOL = 1e-4
 
 
-def _config() -> Qwen3VLConfig:
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [2, 3, 3],
-                                "mrope_interleaved": True}}
+def _config(model_type: str = "qwen3_vl") -> Any:
+    text: dict[str, Any] = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [2, 3, 3],
+                            "mrope_interleaved": True}}
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
               "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
-    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, vision_start_token_id=START,
-                         vision_end_token_id=END, tie_word_embeddings=False)
+    cls: Any = Qwen3VLConfig
+    if model_type == "qwen3_vl_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        cls = Qwen3VLMoeConfig
+    return cls(text_config=text, vision_config=vision, image_token_id=IMAGE, vision_start_token_id=START,
+               vision_end_token_id=END, tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    d = tmp_path_factory.mktemp("qwen3_vl")
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    d = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(_config()).eval()
+    model = AutoModelForImageTextToText.from_config(_config(request.param)).eval()
+    assert type(model).__name__.lower().startswith(request.param.replace("_", ""))
     with torch.no_grad():  # norms off 1 so the test sees them
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(d, safe_serialization=True)
     write_tokenizer_files(d, VOCAB)
-    return d, Qwen3VLForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
+    return d, AutoModelForImageTextToText.from_pretrained(d, attn_implementation="eager").eval()
 
 
 def test_text_prompts_through_the_engine_match_transformers(checkpoint: tuple[Path, Any]) -> None:
     d, ref = checkpoint
     engine = make_engine(d, kv_page_size=8)
-    prompts = random_prompts(3, 480, 2, 30, seed=3)
+    prompts = random_prompts(2, 480, 2, 20, seed=3)
     for prompt, ours in zip(prompts, all_row_logits(engine, prompts), strict=True):
         assert rel_err(ours, hf_logits(ref, prompt)) < TOL
     assert greedy_generate(engine, prompts[:1], 16)[0] == hf_greedy(ref, prompts[0], 16)
@@ -88,7 +89,7 @@ def test_three_equal_positions_are_the_1d_rope() -> None:
         MRotary(inv, scale, [4, 4, 4])
 
 
-def _prefill(model: PieQwen3VL, tokens: list[int], extras: dict[str, Any]) -> torch.Tensor:
+def _prefill(model: MRopeDeepstack, tokens: list[int], extras: dict[str, Any]) -> torch.Tensor:
     """One sequence's prefill through the model with the engine's torch_ref attention -> logits."""
     n, page = len(tokens), 8
     pages = -(-n // page)
@@ -112,8 +113,8 @@ def _prefill(model: PieQwen3VL, tokens: list[int], extras: dict[str, Any]) -> to
 
 def test_image_tokens_with_mrope_and_deepstack_match_transformers(checkpoint: tuple[Path, Any]) -> None:
     d, ref = checkpoint
-    model = build_model(PieQwen3VL, ref.config, torch.float32, torch.device("cpu"))
-    assert isinstance(model, PieQwen3VL)
+    model = build_model(get_architecture(ref.config.model_type), ref.config, torch.float32, torch.device("cpu"))
+    assert isinstance(model, MRopeDeepstack)
     load_weights(model, checkpoint_files(d))
     model.prepare(torch.device("cpu"))
     rows, cols = 3, 4  # a grid whose sides differ, so the height and width positions differ

@@ -1,6 +1,7 @@
-"""Qwen3-VL (dense, 2B-32B): the text decoder of the image-text checkpoint, with M-RoPE and DeepStack inputs.
+"""Qwen3-VL (dense 2B-32B, MoE 30B-A3B / 235B-A22B): the text decoder of the image-text checkpoint,
+with M-RoPE and DeepStack inputs.
 
-The language model is Qwen 3's (per-head q/k norms). Its rotary embedding is M-RoPE: each frequency
+The language model is Qwen 3's (per-head q/k norms) or Qwen 3 MoE's. Its rotary embedding is M-RoPE: each frequency
 turns with one of three positions (temporal, height, width), interleaved -- frequency f follows the
 height position when f % 3 == 1 and f < 3 * mrope_section[1], the width when f % 3 == 2 and
 f < 3 * mrope_section[2], the temporal one otherwise. A text token has three equal positions, so
@@ -18,15 +19,18 @@ The vision tower itself is `pie/engine/vision/qwen3_vl.py`; its tensors are skip
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from pie.engine.forward_context import ForwardContext
 from pie.engine.layers.rotary import Rotary, rope_inv_freq
-from pie.engine.models.decoder import DEFAULT_ROPE, Rope
+from pie.engine.models.decoder import DEFAULT_ROPE, DecoderSpec, Rope
 from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.qwen3 import Qwen3ForCausalLM
+from pie.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from pie.engine.models.registry import register
 
 MROPE_POSITIONS = "mrope_positions"
@@ -64,8 +68,9 @@ class MRotary(Rotary):
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
 
-@register("qwen3_vl")
-class Qwen3VLForConditionalGeneration(TextPartOf, Qwen3ForCausalLM):
+class MRopeDeepstack(TextPartOf):
+    """M-RoPE positions and DeepStack additions from `ForwardContext.extras`; mixed in before the text family."""
+
     def rope_tables(self, device: torch.device) -> dict[str, Rotary]:
         params = getattr(self.hf_config, "rope_parameters", None) or {}
         section = list(params.get("mrope_section") or [24, 20, 20])
@@ -91,3 +96,19 @@ class Qwen3VLForConditionalGeneration(TextPartOf, Qwen3ForCausalLM):
             if i < len(deep.embeds):
                 x = x.index_add(0, deep.rows, deep.embeds[i].to(x.dtype))
         return self.model.norm(x)
+
+
+@register("qwen3_vl")
+class Qwen3VLForConditionalGeneration(MRopeDeepstack, Qwen3ForCausalLM):
+    pass
+
+
+@register("qwen3_vl_moe")
+class Qwen3VLMoeForConditionalGeneration(MRopeDeepstack, Qwen3MoeForCausalLM):
+    """Qwen3-VL 30B-A3B / 235B-A22B: Qwen 3 MoE decoder; every layer sparse, top-k weights always renormalised."""
+
+    @classmethod
+    def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
+        text = copy.copy(cls.text_config(hf_config))
+        text.norm_topk_prob = True  # Qwen3-VL-MoE's router renormalises and its config has no such flag
+        return cls.with_wrapper_tie(Qwen3MoeForCausalLM.decoder_spec(text), hf_config)
