@@ -7,6 +7,7 @@ given the same 3-D positions and DeepStack embeddings.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from engine_helpers import (
     random_prompts,
     rel_err,
 )
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Qwen3VLConfig, Qwen3VLMoeConfig
 
 from pie.engine.attention.base import AttentionShape, BatchLayout, create_backend
@@ -49,7 +51,7 @@ def _config(model_type: str = "qwen3_vl") -> Any:
               "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
     cls: Any = Qwen3VLConfig
     if model_type == "qwen3_vl_moe":
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)  # 2I != hidden
         cls = Qwen3VLMoeConfig
     return cls(text_config=text, vision_config=vision, image_token_id=IMAGE, vision_start_token_id=START,
                vision_end_token_id=END, tie_word_embeddings=False)
@@ -141,3 +143,23 @@ def test_image_tokens_with_mrope_and_deepstack_match_transformers(checkpoint: tu
     assert rel_err(plain.numpy(), theirs.numpy()) > 1e-3
     no_deep = _prefill(model, tokens, {MROPE_POSITIONS: positions})
     assert rel_err(no_deep.numpy(), theirs.numpy()) > 1e-3
+
+
+def test_experts_in_qwens_own_transposed_layout_load_too(checkpoint: tuple[Path, Any], tmp_path: Path) -> None:
+    """Qwen's checkpoints store gate_up_proj [E, H, 2I] and down_proj [E, I, H]; transformers transposes them."""
+    d, ref = checkpoint
+    if ref.config.model_type != "qwen3_vl_moe":
+        pytest.skip("dense model: no stacked experts")
+    tensors = load_file(str(d / "model.safetensors"))
+    swapped = {k: (v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                   else v) for k, v in tensors.items()}
+    assert any(swapped[k].shape != v.shape for k, v in tensors.items())
+    for f in d.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    save_file(swapped, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    prompt = random_prompts(1, 480, 12, 12, seed=4)
+    theirs = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    expected = hf_logits(ref, prompt[0])
+    assert rel_err(hf_logits(theirs, prompt[0]), expected) < TOL  # transformers reads this layout the same way
+    assert rel_err(all_row_logits(make_engine(tmp_path, kv_page_size=8), prompt)[0], expected) < TOL

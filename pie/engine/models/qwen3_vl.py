@@ -20,18 +20,21 @@ The vision tower itself is `pie/engine/vision/qwen3_vl.py`; its tensors are skip
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pie.engine.forward_context import ForwardContext
+from pie.engine.layers.moe import Experts
 from pie.engine.layers.rotary import Rotary, rope_inv_freq
 from pie.engine.models.decoder import DEFAULT_ROPE, DecoderSpec, Rope
 from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.qwen3 import Qwen3ForCausalLM
 from pie.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from pie.engine.models.registry import register
+from pie.engine.tensor_source import TensorSource
 
 MROPE_POSITIONS = "mrope_positions"
 DEEPSTACK = "deepstack"
@@ -103,9 +106,45 @@ class Qwen3VLForConditionalGeneration(MRopeDeepstack, Qwen3ForCausalLM):
     pass
 
 
+class _SwapLastTwo(TensorSource):
+    """A stacked [E, a, b] checkpoint tensor seen as [E, b, a] (reads map their slices across)."""
+
+    def __init__(self, inner: TensorSource) -> None:
+        self.inner, self.name = inner, inner.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        e, a, b = self.inner.shape
+        return (e, b, a)
+
+    def full(self) -> torch.Tensor:
+        return self.inner.full().transpose(1, 2).contiguous()
+
+    def read(self, *index: slice) -> torch.Tensor:
+        first, second, third = (*index, *[slice(None)] * (3 - len(index)))
+        return self.inner.read(first, third, second).transpose(1, 2).contiguous()
+
+
+_PACKED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<param>gate_up_proj|down_proj)$")
+
+
 @register("qwen3_vl_moe")
 class Qwen3VLMoeForConditionalGeneration(MRopeDeepstack, Qwen3MoeForCausalLM):
-    """Qwen3-VL 30B-A3B / 235B-A22B: Qwen 3 MoE decoder; every layer sparse, top-k weights always renormalised."""
+    """Qwen3-VL 30B-A3B / 235B-A22B: Qwen 3 MoE decoder; every layer sparse, top-k weights always renormalised.
+
+    Qwen's own checkpoints store the stacked experts transposed (`gate_up_proj` [E, H, 2I], `down_proj`
+    [E, I, H]); transformers >= 5 saves [E, 2I, H] / [E, H, I]. Either loads: a tensor whose last two
+    dimensions are swapped relative to the expected shape is read transposed (as transformers does).
+    """
+
+    def load_custom_weight(self, name: str, source: TensorSource) -> list[tuple[str, int | None]] | None:
+        if m := _PACKED_EXPERTS.match(name):
+            experts = self.get_submodule(m["prefix"])
+            assert isinstance(experts, Experts), name
+            e, a, b = experts.full_shape(m["param"])
+            if a != b and tuple(source.shape) == (e, b, a):
+                source = _SwapLastTwo(source)
+        return super().load_custom_weight(name, source)
 
     @classmethod
     def decoder_spec(cls, hf_config: Any) -> DecoderSpec:
