@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 from pie.engine.vision.gemma4 import Gemma4ImageProcessor, Gemma4VisionTower
@@ -132,3 +133,19 @@ def test_bfloat16_tower_is_as_close_to_float32_as_transformers_bfloat16(
     ours_err = (low.float() - full).abs().max() / full.abs().max()
     theirs_err = (hf_low.float() - full).abs().max() / full.abs().max()
     assert ours_err < 1.5 * theirs_err + 1e-2, (float(ours_err), float(theirs_err))
+
+
+def test_prepared_image_in_transformers_prompt_gives_its_logits(
+        hf_model: Gemma4ForConditionalGeneration, tower: Gemma4VisionTower) -> None:
+    """Our tokens around our embeddings, in transformers' own forward, give the logits of its pixel path."""
+    img = _image(40, 28, seed=4)
+    prep = Gemma4ImageProcessor(PREPROCESSOR, hf_model.config).prepare(img)
+    ids = torch.tensor([[2, 5, *prep.tokens, 6, 7]])
+    types = (ids == IMAGE).long()
+    ref = _reference(img)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=ids, pixel_values=ref["pixel_values"], mm_token_type_ids=types,
+                          image_position_ids=ref["image_position_ids"]).logits
+        ours = hf_model(input_ids=ids, mm_token_type_ids=types, mm_encoder_outputs={
+            "image": BaseModelOutputWithPooling(pooler_output=tuple(tower([prep])))}).logits
+    assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-4
