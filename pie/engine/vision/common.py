@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -202,7 +203,7 @@ class CheckpointModule(torch.nn.Module):
             return False
         if local.endswith("inv_freq"):  # rotary tables some exports include; recomputed here
             return True
-        params = dict(self.named_parameters())
+        params = self._params()
         if local not in params:
             raise KeyError(f"checkpoint tensor {name!r} ({local!r}) has no parameter in {type(self).__name__}; "
                            "the checkpoint's vision config and this tower disagree")
@@ -214,6 +215,13 @@ class CheckpointModule(torch.nn.Module):
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
         self._loaded.add(local)
         return True
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        cache: dict[str, nn.Parameter] | None = self.__dict__.get("_param_cache")
+        if cache is None:  # one walk of the module tree, not one per checkpoint tensor
+            cache = dict(self.named_parameters())
+            self.__dict__["_param_cache"] = cache
+        return cache
 
     def check_loaded(self) -> None:
         missing = sorted(set(dict(self.named_parameters())) - self._loaded)
