@@ -109,6 +109,8 @@ class Request:
     token_from: (request j, output k) of the batch run just before this one: the one input token is that
       output's sampled token, filled in by the engine client before the engine sees the request
       (`pie.runtime.engine_client.resolve_chained`); the engine itself never sees it set.
+    zo_seed: run the adapter perturbed, as theta + sigma * eps(zo_seed) (`pie.engine.zo`); needs an adapter
+      with a zo state.
     """
 
     tokens: list[int]
@@ -121,6 +123,7 @@ class Request:
     adapter: int | None = None
     seed: int | None = None
     token_from: tuple[int, int] | None = None
+    zo_seed: int | None = None
 
 
 @dataclass(slots=True)
