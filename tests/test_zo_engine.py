@@ -52,7 +52,7 @@ def write_explicit(src: Path, dst: Path, seed: int, sigma: float, device: torch.
     """A PEFT folder holding the adapter in `src` perturbed by sigma * eps(seed), written out by hand."""
     from safetensors.torch import save_file
 
-    config, tensors = read_peft_dir(src)
+    _, tensors = read_peft_dir(src)
     eps = perturbation({k: t.shape for k, t in tensors.items()}, seed, device)
     dst.mkdir(parents=True)
     (dst / CONFIG_FILE).write_text((src / CONFIG_FILE).read_text())

@@ -49,6 +49,7 @@ class Job:
     queued_at: float = 0.0  # the priority whose queue holds it (the context's priority when queued)
     step_chunk: Chunk | None = None  # its chunk as a one-row stream step (made once; start/end unused)
     step_request: Request | None = None  # its Request as a stream step, refilled each step (see _admit_step)
+    zo_seed: int | None = None  # perturb the adapter by this seed (pie.engine.zo); never a stream step
 
     def __post_init__(self) -> None:
         if self.owner is None and self.future is None:
