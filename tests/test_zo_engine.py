@@ -176,3 +176,22 @@ def test_bad_zo_requests_and_settings_are_refused(engine_and_slot, checkpoint_di
     for k, t in engine.adapters.theta(slot).items():  # refused updates changed nothing
         torch.testing.assert_close(t, before[k], rtol=0, atol=0)
     assert len(logits(engine, prompts, [slot], [5])[0]) == 3  # and the engine serves on
+
+
+@pytest.mark.gpu
+def test_zo_passes_on_cuda_draw_on_the_device_and_match_the_explicit_adapter(checkpoint_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    d = checkpoint_dir("llama")
+    make_adapter(d, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    engine = make_engine(d, device="cuda:0", activation_dtype="bfloat16", kv_page_size=16, max_num_adapters=6)
+    slot = engine.load_adapter(tmp_path / "a")
+    engine.zo_initialize(slot, 4, 8.0, population_size=4, mu_fraction=0.5, initial_sigma=SIGMA)
+    write_explicit(tmp_path / "a", tmp_path / "explicit", 99, SIGMA, engine.device)  # eps from the CUDA generator
+    explicit = engine.load_adapter(tmp_path / "explicit")
+    prompts = random_prompts(3, VOCAB, 5, 12, seed=9)
+    mixed = logits(engine, prompts, [slot, slot, None], [99, 5, None])
+    assert rel_err(mixed[0], logits(engine, [prompts[0]], [explicit], [None])[0]) < 2e-2  # bf16
+    np.testing.assert_array_equal(mixed[0], logits(engine, prompts, [slot, slot, None], [99, 5, None])[0])
+    assert rel_err(mixed[1], logits(engine, [prompts[1]], [slot], [5])[0]) < 2e-2
+    before = logits(engine, [prompts[0]], [slot], [None])[0]
+    engine.zo_update(slot, [1.0, 0.0], [99, 5], max_sigma=1.0)  # the update redraws eps on the device too
+    assert rel_err(logits(engine, [prompts[0]], [slot], [None])[0], before) > 1e-3  # theta moved
