@@ -25,9 +25,9 @@ from inferlet.adapter import Adapter
 from inferlet.forward import ZO_SEED_MOD, Forward
 
 
-def adapter_seed(forward: Forward, seed: int) -> None:
-    """Run `forward`'s adapter perturbed by `seed` (the same as `forward.zo_seed(seed)`)."""
-    forward.zo_seed(seed)
+def adapter_seed(forward_pass: Forward, seed: int) -> None:
+    """Run `forward_pass`'s adapter perturbed by `seed` (the same as `forward_pass.zo_seed(seed)`)."""
+    forward_pass.zo_seed(seed)
 
 
 def initialize(adapter: Adapter, rank: int, alpha: float, population_size: int, mu_fraction: float,

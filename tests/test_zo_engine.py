@@ -126,6 +126,18 @@ def test_update_changes_what_a_pass_computes_and_the_saved_adapter(engine_and_sl
     assert rel_err(logits(engine, prompts, [reloaded], [None])[0], after) < TOL
 
 
+def test_a_fork_carries_the_zo_state_and_evolves_on_its_own(engine_and_slot) -> None:  # type: ignore[no-untyped-def]
+    engine, slot, _ = engine_and_slot
+    fork = engine.fork_adapter(slot)
+    prompts = random_prompts(1, VOCAB, 6, 6, seed=11)
+    np.testing.assert_array_equal(logits(engine, prompts, [fork], [9])[0], logits(engine, prompts, [slot], [9])[0])
+    original = logits(engine, prompts, [slot], [None])[0]
+    engine.zo_update(fork, [0.0, 1.0], [9, 10], max_sigma=1.0)
+    np.testing.assert_array_equal(logits(engine, prompts, [slot], [None])[0], original)  # untouched
+    assert rel_err(logits(engine, prompts, [fork], [None])[0], original) > 1e-4
+    assert engine.adapters.zo_state(fork).generation == 1 and engine.adapters.zo_state(slot).generation == 0  # type: ignore[union-attr]
+
+
 def test_a_fresh_zo_adapter_starts_as_the_base_model_and_perturbs_every_projection(checkpoint_dir) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine(checkpoint_dir("llama"), kv_page_size=4, max_num_adapters=3)
     slot = engine.zo_initialize(None, 2, 4.0, population_size=4, mu_fraction=0.25, initial_sigma=0.1)

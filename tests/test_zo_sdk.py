@@ -6,6 +6,7 @@ one token) improves it, leaving exactly the adapter the engine's update formula 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,18 @@ async def greedy_by_passes(model: Model, adapter: Adapter, seed: int, n: int) ->
         feed = [token]
     ctx.release()
     return tokens
+
+
+def test_the_zo_names_are_pies() -> None:
+    from inferlet import Forward, Generator
+
+    assert list(inspect.signature(zo.adapter_seed).parameters) == ["forward_pass", "seed"]
+    assert list(inspect.signature(zo.initialize).parameters) == [
+        "adapter", "rank", "alpha", "population_size", "mu_fraction", "initial_sigma"]
+    assert list(inspect.signature(zo.update).parameters) == ["adapter", "scores", "seeds", "max_sigma"]
+    assert list(inspect.signature(Forward.zo_seed).parameters) == ["self", "seed"]
+    assert list(inspect.signature(Generator.zo_seed).parameters) == ["self", "seed"]
+    assert inspect.signature(Context.generate).parameters["zo_seed"].default is None
 
 
 async def test_zo_seeds_through_forward_generator_and_generate(tiny: Path) -> None:
