@@ -163,7 +163,7 @@ def test_more_seeds_than_scratch_slots_is_a_batch_error_that_names_the_cap(engin
 def test_bad_zo_requests_and_settings_are_refused(engine_and_slot, checkpoint_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     engine, slot, folder = engine_and_slot
     prompts = random_prompts(1, VOCAB, 3, 3, seed=8)
-    with pytest.raises(BatchError, match=r"request 0 has a zo_seed but no adapter"):
+    with pytest.raises(BatchError, match=r"request 0: zo_seed 5 needs an integer seed and an adapter"):
         logits(engine, prompts, [None], [5])
     plain = engine.load_adapter(folder)
     with pytest.raises(BatchError, match=r"request 0 has a zo_seed for adapter slot .* no zo state.*zo.initialize"):

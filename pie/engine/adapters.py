@@ -159,10 +159,7 @@ class AdapterTable:
         Raises BatchError for a slot that holds no adapter, a zo seed without a zo adapter, or more distinct
         (slot, seed) perturbations than scratch slots, before any device work.
         """
-        if all(a is None for a in adapters):
-            if zo_seeds is not None and any(z is not None for z in zo_seeds):
-                r = next(i for i, z in enumerate(zo_seeds) if z is not None)
-                raise BatchError(f"request {r} has a zo_seed but no adapter: a zo seed perturbs the pass's adapter")
+        if all(a is None for a in adapters):  # a zo seed without an adapter: refused by `validate` already
             return None
         rows_of: dict[tuple[int, int | None], list[np.ndarray]] = {}
         for r, a in enumerate(adapters):

@@ -198,8 +198,9 @@ class Engine:
             self._page_ops(batch)
             return BatchResult([], {"prepare_ms": (time.perf_counter() - t0) * 1e3, "execute_ms": 0.0})
         prep = prepare(batch, self.limits, self._rng)  # raises BatchError before touching the device
-        zo = [r.zo_seed for r in batch.requests] if any(r.zo_seed is not None for r in batch.requests) else None
-        lora = self.adapters.batch([r.adapter for r in batch.requests], prep.layout.qo_indptr, zo)  # BatchError
+        reqs = batch.requests
+        lora = self.adapters.batch([r.adapter for r in reqs], prep.layout.qo_indptr,
+                                   [r.zo_seed for r in reqs])  # an empty slot, a zo seed without zo: BatchError
         self._page_ops(batch)
         t1 = time.perf_counter()
         outputs = self._execute(prep, self.kv, lora)
