@@ -199,3 +199,49 @@ async def test_an_es_program_raises_its_reward_and_leaves_the_adapter_the_formul
         torch.testing.assert_close(t, expected[k], rtol=1e-6, atol=1e-7)
     assert any(float(t.abs().max()) > 0 for k, t in saved.items() if "lora_B" in k)  # B moved off zero
 
+
+
+async def test_zo_state_is_the_same_on_every_data_parallel_engine(tiny: Path) -> None:
+    """Two engine groups: contexts land on both, and a seed means the same perturbation on each, before
+    and after an update (the store applies initialize and update to every engine)."""
+    from runtime_support import forward, logits_at, run
+
+    # Two engine groups load in two threads, and transformers' lazy `from transformers import AutoConfig`
+    # races from a cold start (an ImportError on main too, outside zo): import it here first.
+    from transformers import AutoConfig  # noqa: F401
+
+    from pie.engine.config import EngineConfig
+    from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig
+
+    config = EngineConfig(model=str(tiny), device="cpu", max_num_kv_pages=64, kv_page_size=4, max_num_adapters=4)
+    runtime = await Runtime.start(RuntimeConfig((ModelSpec("m", (config, config)),)))
+
+    async def body(host: Any) -> dict[str, Any]:
+        a = host.adapter_create("m", "es")
+        host.adapter_zo_initialize(a, 2, 4.0, 2, 0.5, 0.5)
+        with pytest.raises(HostError, match=r"zo\.update: scores must be a list of numbers"):
+            host.adapter_zo_update(a, "high", [1], 1.0)
+        with pytest.raises(HostError, match=r"zo\.initialize: expected numbers"):
+            host.adapter_zo_initialize(a, 2, "4", 2, 0.5, 0.5)
+
+        async def probe(seed: int) -> list[bytes]:
+            ctxs = [host.ctx_create("m") for _ in range(4)]  # placed on the least loaded group: both
+            assert len({id(g) for _, _, g in host._contexts.values()}) == 2
+            values = await asyncio.gather(*(forward(host, c, PROMPT, [logits_at(len(PROMPT) - 1)], adapter=a,
+                                                    zo_seed=seed) for c in ctxs))
+            for c in ctxs:
+                host.ctx_destroy(c)
+            return [v[0] for v in values]
+
+        before = await probe(7)
+        host.adapter_zo_update(a, [1.0, 0.0], [7, 8], 1.0)
+        return {"before": before, "after": await probe(7)}
+
+    try:
+        got = await run(runtime, body)
+    finally:
+        await runtime.shutdown(0)
+    for key in ("before", "after"):
+        first = floats(got[key][0])
+        assert all(rel_err(floats(v), first) < 1e-6 for v in got[key][1:])
+    assert rel_err(floats(got["after"][0]), floats(got["before"][0])) > 1e-4
