@@ -109,6 +109,13 @@ async def test_zo_seeds_through_forward_generator_and_generate(tiny: Path) -> No
                                    auto_flush=False).collect_tokens()
         got.update(by_passes=by_passes, generated=generated, chained=chained, plain=plain,
                    perturbed_plain=await greedy_by_passes(model, adapter, 4, 6))
+        # Saved and loaded back: plain weights with no ES state, until initialize (which keeps them).
+        adapter.save("es-saved")
+        adapter.load("es-saved")
+        with pytest.raises(HostError, match="no zeroth-order state"):
+            await last_logits(model, adapter, 3)
+        zo.initialize(adapter, rank=2, alpha=4.0, population_size=4, mu_fraction=0.5, initial_sigma=0.5)
+        got["s3_reloaded"] = await last_logits(model, adapter, 3)
         return got
 
     try:
@@ -117,6 +124,7 @@ async def test_zo_seeds_through_forward_generator_and_generate(tiny: Path) -> No
         await rt.shutdown(0)
     assert got["unperturbed"] == got["base"]  # a fresh zo adapter starts as the base model (lora_B = 0)
     assert got["s3"] == got["s3_zo"] != got["unperturbed"] and got["s3"] != got["s4"]
+    assert rel_err(floats(got["s3_reloaded"]), floats(got["s3"])) < 1e-6
     for together, alone in zip(got["together"], [got["s4"], got["s3"], got["unperturbed"]], strict=True):
         assert rel_err(floats(together), floats(alone)) < 1e-5  # batched with others: the same up to rounding
     assert got["generated"] == got["chained"] == got["by_passes"]

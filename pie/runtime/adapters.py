@@ -103,6 +103,7 @@ class AdapterStore:
         folder = self._find(adapter.owner, path)
         adapter.slot = self._on_engines(lambda e, slot: e.load_adapter(str(folder), slot), adapter.slot)
         adapter.source = str(folder)
+        adapter.zo = False  # new weights, no evolution state: zo.initialize again to evolve them
 
     def save(self, adapter: NamedAdapter, path: str) -> Path:
         """Write `adapter` as a PEFT folder under the owner's adapter folder; returns where."""
