@@ -207,3 +207,24 @@ def test_zo_passes_on_cuda_draw_on_the_device_and_match_the_explicit_adapter(che
     before = logits(engine, [prompts[0]], [slot], [None])[0]
     engine.zo_update(slot, [1.0, 0.0], [99, 5], max_sigma=1.0)  # the update redraws eps on the device too
     assert rel_err(logits(engine, [prompts[0]], [slot], [None])[0], before) > 1e-3  # theta moved
+
+
+def test_a_zo_step_materialising_new_seeds_reads_nothing_back(engine_and_slot) -> None:  # type: ignore[no-untyped-def]
+    """Drawing and materialising the perturbations happens on the device: the step keeps its one copy each
+    way and no other read-back (what a CUDA step would sync on)."""
+    from test_engine_step import _READBACKS, counting_readbacks
+
+    from pie.engine import transfer
+
+    engine, slot, _ = engine_and_slot
+    prompts = random_prompts(4, VOCAB, 3, 6, seed=12)
+    pager = SeqPager(engine)
+    for i, p in enumerate(prompts):
+        engine.forward_batch(ForwardBatch([pager.request(i, p[:-1], [])]))
+    batch = ForwardBatch([pager.request(i, p[-1:], [OutputSpec(0, probe=Probe("logits"))], adapter=slot,
+                                        zo_seed=100 + i if i < 3 else None) for i, p in enumerate(prompts)])
+    ups, downs = transfer.COUNTS.host_to_device, transfer.COUNTS.device_to_host
+    with counting_readbacks() as calls:
+        engine.forward_batch(batch)  # seeds 100..102 are new: three perturbed copies drawn in this step
+    assert transfer.COUNTS.device_to_host - downs == 1 and transfer.COUNTS.host_to_device - ups == 1
+    assert calls == dict.fromkeys(_READBACKS, 0)
