@@ -27,14 +27,21 @@ SIGMA = 0.05
 TOL = 1e-5
 
 
+@pytest.fixture(scope="module")
+def peft_folder(checkpoint_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A PEFT adapter for the tiny llama, made once for the module (PEFT itself is the slow part)."""
+    folder = tmp_path_factory.mktemp("zo") / "a"
+    make_adapter(checkpoint_dir("llama"), folder, seed=1, r=4, lora_alpha=8,
+                 target_modules=["q_proj", "v_proj", "down_proj"])
+    return folder
+
+
 @pytest.fixture
-def engine_and_slot(checkpoint_dir, tmp_path: Path) -> tuple[Engine, int, Path]:  # type: ignore[no-untyped-def]
-    d = checkpoint_dir("llama")
-    make_adapter(d, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    engine = make_engine(d, kv_page_size=4, max_num_adapters=6)
-    slot = engine.load_adapter(tmp_path / "a")
+def engine_and_slot(checkpoint_dir, peft_folder: Path) -> tuple[Engine, int, Path]:  # type: ignore[no-untyped-def]
+    engine = make_engine(checkpoint_dir("llama"), kv_page_size=4, max_num_adapters=6)
+    slot = engine.load_adapter(peft_folder)
     engine.zo_initialize(slot, 4, 8.0, population_size=4, mu_fraction=0.5, initial_sigma=SIGMA)
-    return engine, slot, tmp_path / "a"
+    return engine, slot, peft_folder
 
 
 def logits(engine: Engine, prompts: list[list[int]], adapters: list[int | None],
@@ -191,13 +198,13 @@ def test_bad_zo_requests_and_settings_are_refused(engine_and_slot, checkpoint_di
 
 
 @pytest.mark.gpu
-def test_zo_passes_on_cuda_draw_on_the_device_and_match_the_explicit_adapter(checkpoint_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    d = checkpoint_dir("llama")
-    make_adapter(d, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    engine = make_engine(d, device="cuda:0", activation_dtype="bfloat16", kv_page_size=16, max_num_adapters=6)
-    slot = engine.load_adapter(tmp_path / "a")
+def test_zo_passes_on_cuda_draw_on_the_device_and_match_the_explicit_adapter(checkpoint_dir, peft_folder: Path,  # type: ignore[no-untyped-def]
+                                                                             tmp_path: Path) -> None:
+    engine = make_engine(checkpoint_dir("llama"), device="cuda:0", activation_dtype="bfloat16", kv_page_size=16,
+                         max_num_adapters=6)
+    slot = engine.load_adapter(peft_folder)
     engine.zo_initialize(slot, 4, 8.0, population_size=4, mu_fraction=0.5, initial_sigma=SIGMA)
-    write_explicit(tmp_path / "a", tmp_path / "explicit", 99, SIGMA, engine.device)  # eps from the CUDA generator
+    write_explicit(peft_folder, tmp_path / "explicit", 99, SIGMA, engine.device)  # eps from the CUDA generator
     explicit = engine.load_adapter(tmp_path / "explicit")
     prompts = random_prompts(3, VOCAB, 5, 12, seed=9)
     mixed = logits(engine, prompts, [slot, slot, None], [99, 5, None])
