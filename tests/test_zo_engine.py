@@ -163,7 +163,7 @@ def test_more_seeds_than_scratch_slots_is_a_batch_error_that_names_the_cap(engin
     with pytest.raises(BatchError, match=r"6 distinct \(adapter, zo_seed\) perturbations, over the 5 scratch "
                                          r"adapter slots \(max_num_adapters = 6 minus 1 resident"):
         logits(engine, prompts, [slot] * 6, list(range(6)))
-    out = logits(engine, prompts[:5] + prompts[:1], [slot] * 6, [0, 1, 2, 3, 4, 0])  # a repeated seed is one
+    out = logits(engine, prompts[:5] + prompts[:1], [slot] * 6, [0, 1, 2, 3, 4, 2**64])  # 2**64 = seed 0: one
     assert rel_err(out[0], out[5]) < TOL
 
 

@@ -45,7 +45,8 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 # PEFT options whose math pie does not implement: refuse rather than silently compute something else.
 # The projections a fresh zo adapter targets (PEFT's "all-linear" without the LM head).
 _ZO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_ZO_INIT_SEED = 0  # lora_A of a fresh zo adapter: PEFT's kaiming-uniform init, from this fixed seed
+_ZO_INIT_SEED = 0
+_SEED_MOD = 1 << 64  # lora_A of a fresh zo adapter: PEFT's kaiming-uniform init, from this fixed seed
 _UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "trainable_token_indices",
                         "target_parameters", "use_qalora", "alora_invocation_tokens")
 
@@ -164,6 +165,8 @@ class AdapterTable:
         rows_of: dict[tuple[int, int | None], list[np.ndarray]] = {}
         for r, a in enumerate(adapters):
             z = zo_seeds[r] if zo_seeds is not None else None
+            if z is not None:
+                z = int(z) % _SEED_MOD  # seeds equal mod 2**64 are one perturbation (and one scratch slot)
             if a is None:
                 if z is not None:
                     raise BatchError(f"request {r} has a zo_seed but no adapter: a zo seed perturbs the pass's "
