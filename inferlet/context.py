@@ -212,10 +212,10 @@ class Context:
                  constrain: Schema | Constraint | list[Any] | None = None, logit_mask: list[int] | None = None,
                  speculator: Speculator | None = None, system_speculation: bool | None = None,
                  adapter: Adapter | None = None, seed: int | None = None, horizon: int | None = None,
-                 auto_flush: bool = True) -> Generator:
+                 zo_seed: int | None = None, auto_flush: bool = True) -> Generator:
         """A token generator. With `auto_flush` (the default) the generation cue is appended first and
-        `stop` defaults to the model's end-of-turn tokens. Pie's `rebid_each_step` and `zo_seed` are not
-        taken: pie has no bid market and no zeroth-order training (docs/inferlets.md)."""
+        `stop` defaults to the model's end-of-turn tokens. `zo_seed` runs `adapter` perturbed by that seed
+        (`inferlet.zo`). Pie's `rebid_each_step` is not taken: pie has no bid market (docs/inferlets.md)."""
         from inferlet.generation import Generator
 
         self._settle()
@@ -225,7 +225,7 @@ class Context:
                 stop = chat.stop_tokens(self._model)
         return Generator(self, sampler, max_tokens=max_tokens, stop=stop, constrain=constrain,
                          logit_mask=logit_mask, speculator=speculator, system_speculation=system_speculation,
-                         adapter=adapter, seed=seed, horizon=horizon)
+                         adapter=adapter, seed=seed, horizon=horizon, zo_seed=zo_seed)
 
     # -- scheduling --
     def set_bid(self, value: float) -> None:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from inferlet.adapter import Adapter
     from inferlet.context import Context
 
+ZO_SEED_MOD = 1 << 64  # zo seeds are taken mod 2**64 (the engine's generator seed; msgpack carries them)
+
 
 @dataclass(frozen=True, slots=True)
 class SampleHandle:
@@ -43,7 +45,8 @@ class ProbeHandle:
 
 
 class Forward:
-    __slots__ = ("_adapter", "_attention", "_auto", "_ctx", "_explicit", "_logit_mask", "_seed", "_slots")
+    __slots__ = ("_adapter", "_attention", "_auto", "_ctx", "_explicit", "_logit_mask", "_seed", "_slots",
+                 "_zo_seed")
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -54,6 +57,7 @@ class Forward:
         self._attention: list[list[int]] | None = None
         self._adapter: Adapter | None = None
         self._seed: int | None = None
+        self._zo_seed: int | None = None
 
     def start_position(self) -> int:
         """The position of the first `input` token: the context's seq_len."""
@@ -104,6 +108,12 @@ class Forward:
         self._adapter = adapter
         return self
 
+    def zo_seed(self, seed: int) -> Forward:
+        """Run this pass's adapter perturbed by `seed`: theta + sigma * eps(seed), for zeroth-order training
+        (`inferlet.zo`). The adapter must be zo-initialised; any integer, taken mod 2**64."""
+        self._zo_seed = int(seed) % ZO_SEED_MOD
+        return self
+
     def seed(self, seed: int) -> Forward:
         """Make this pass's random draws reproducible."""
         self._seed = int(seed)
@@ -131,7 +141,7 @@ class Forward:
         spec: PassDict = {"tokens": tokens, "positions": positions, "slots": self._slots,
                           "attention_mask": self._attention, "logit_mask": self._logit_mask,
                           "adapter": self._adapter._handle if self._adapter is not None else None,
-                          "seed": self._seed}
+                          "seed": self._seed, "zo_seed": self._zo_seed}
         return Output(await ctx._host.ctx_forward(ctx._handle, spec))
 
     def _check_rows(self, n: int) -> None:

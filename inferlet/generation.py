@@ -20,7 +20,7 @@ Manual sampling: `step.clear_sampler()`, read a probe from the output, then
 Run-ahead: a step that needs no Python between steps (a sampler with one
 draw, stop tokens and `max_tokens`, at most a fixed logit mask, seed and
 adapter; no constraint that changes per step, no speculator or system
-speculation, no `probe_each_step`, and the step left as `__anext__` made it:
+speculation, no `probe_each_step`, no `zo_seed`, and the step left as `__anext__` made it:
 no `probe`, no `clear_sampler`, no new `mask`, the buffer holding only the
 last kept token) is served from a runtime stream (`Host.ctx_generate_start`):
 the runtime samples and feeds the next pass by itself, at most `RUNAHEAD_DEPTH`
@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from inferlet import brle, chat
-from inferlet.forward import Output, ProbeHandle, SampleHandle
+from inferlet.forward import ZO_SEED_MOD, Output, ProbeHandle, SampleHandle
 from inferlet.grammar import AnyJson, Constraint, JsonSchema, Schema, StaticMask
 from inferlet.sample import probe_kind
 from inferlet.spec import NgramSpeculator, Speculator
@@ -81,7 +81,8 @@ class Generator:
     def __init__(self, ctx: Context, sampler: Sampler, *, max_tokens: int | None = None,
                  stop: Iterable[int] | None = None, constrain: Any = None, logit_mask: list[int] | None = None,
                  speculator: Speculator | None = None, system_speculation: bool | None = None,
-                 adapter: Adapter | None = None, seed: int | None = None, horizon: int | None = None) -> None:
+                 adapter: Adapter | None = None, seed: int | None = None, horizon: int | None = None,
+                 zo_seed: int | None = None) -> None:
         if speculator is not None and system_speculation:
             raise ValueError("speculator and system_speculation=True are mutually exclusive; pick one")
         self._ctx = ctx
@@ -105,6 +106,9 @@ class Generator:
         self._last_buffered = False  # the buffer starts with the token the last step kept
         self._adapter = adapter
         self._seed = seed
+        self._zo_seed: int | None = None
+        if zo_seed is not None:
+            self.zo_seed(zo_seed)
         self._horizon = horizon
         self._step_probes: list[tuple[int, Any]] = []
         self._tokens_generated = 0
@@ -148,6 +152,12 @@ class Generator:
     def adapter(self, a: Adapter) -> Generator:
         self.end_stream()
         self._adapter = a
+        return self
+
+    def zo_seed(self, seed: int) -> Generator:
+        """Run every step with the adapter perturbed by `seed` (`Forward.zo_seed`): one ES rollout."""
+        self.end_stream()
+        self._zo_seed = int(seed) % ZO_SEED_MOD
         return self
 
     def horizon(self, n: int) -> Generator:
@@ -221,6 +231,7 @@ class Generator:
     def _can_stream(self) -> bool:
         """No per-step Python hook: the runtime can run the loop (see the module docstring)."""
         return (RUNAHEAD and self._speculator is None and self._system_drafter is None and not self._step_probes
+                and self._zo_seed is None  # streams run the adapter unperturbed: zo steps go pass by pass
                 and self._sampler.draws == 1 and all(isinstance(c, StaticMask) for c in self._constraints)
                 and self._history is None  # penalties count each step's history: the SDK sends it
                 and hasattr(self._ctx._host, "ctx_generate_start"))
@@ -478,6 +489,8 @@ class GenStep:
             fwd.adapter(gen._adapter)
         if gen._seed is not None:
             fwd.seed(gen._seed)  # draws hash (seed, position): each step still differs
+        if gen._zo_seed is not None:
+            fwd.zo_seed(gen._zo_seed)
         try:
             out = await fwd._run()
         except BaseException:

@@ -109,6 +109,8 @@ class Request:
     page_ids (and tokens, positions) may also be 1-D numpy int arrays, e.g. a
       runtime's incremental page table: the engine concatenates arrays without
       converting Python ints one by one (the wire sends them as lists).
+    zo_seed: run the adapter perturbed, as theta + sigma * eps(zo_seed) (`pie.engine.zo`); needs an adapter
+      with a zo state.
     """
 
     tokens: list[int]
@@ -120,6 +122,7 @@ class Request:
     logit_mask: list[int] | None = None
     adapter: int | None = None
     seed: int | None = None
+    zo_seed: int | None = None
 
 
 @dataclass(slots=True)

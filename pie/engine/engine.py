@@ -217,7 +217,9 @@ class Engine:
             self._page_ops(batch)
             return BatchResult([], {"prepare_ms": (time.perf_counter() - t0) * 1e3, "execute_ms": 0.0})
         prep = prepare(batch, self.limits, self._rng)  # raises BatchError before touching the device
-        lora = self.adapters.batch([r.adapter for r in batch.requests], prep.layout.qo_indptr)  # empty slot: BatchError
+        reqs = batch.requests
+        lora = self.adapters.batch([r.adapter for r in reqs], prep.layout.qo_indptr,
+                                   [r.zo_seed for r in reqs])  # an empty slot, a zo seed without zo: BatchError
         self._page_ops(batch)
         t1 = time.perf_counter()
         outputs = self._execute(prep, self.kv, lora)
@@ -291,6 +293,18 @@ class Engine:
 
     def adapter_info(self, slot: int) -> AdapterInfo:
         return self.adapters.info(slot)
+
+    def zo_initialize(self, slot: int | None, rank: int, alpha: float, population_size: int, mu_fraction: float,
+                      initial_sigma: float) -> int:
+        """Zeroth-order training state for an adapter (a fresh one when `slot` holds none); returns the slot."""
+        if self.tp.size > 1:
+            raise ConfigError(f"LoRA adapters are not supported with tensor_parallel_size = {self.tp.size}; serve "
+                              "adapters (and zo training) with tensor_parallel_size = 1")
+        return self.adapters.zo_initialize(slot, rank, alpha, population_size, mu_fraction, initial_sigma)
+
+    def zo_update(self, slot: int, scores: list[float], seeds: list[int], max_sigma: float) -> None:
+        """One evolution-strategy step of the adapter in `slot` from its perturbations' scores."""
+        self.adapters.zo_update(slot, scores, seeds, max_sigma)
 
     # -- page operations used by the runtime outside of forward passes --
 

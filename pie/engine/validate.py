@@ -213,3 +213,5 @@ def _check_values(r: Request, limits: Limits) -> None:
         raise InvalidValue(f"logit mask {e}") from None
     if r.seed is not None and not isinstance(r.seed, int | np.integer):
         raise InvalidValue(f"seed {r.seed!r} is not an integer")
+    if r.zo_seed is not None and (r.adapter is None or not isinstance(r.zo_seed, int | np.integer)):
+        raise InvalidValue(f"zo_seed {r.zo_seed!r} needs an integer seed and an adapter (it perturbs the adapter)")

@@ -17,6 +17,10 @@ default `$PIE_HOME/adapters`): loads look in the user's own subfolder first,
 then the shared folder the operator fills; saves go to the user's subfolder.
 Absolute paths and `..` are refused, so an inferlet reaches no other files.
 
+Zeroth-order training (`inferlet.zo`): `zo_initialize` gives an adapter an evolution-strategy state on
+every engine (a fresh adapter when it has no weights yet), `zo_update` takes one ES step on every engine;
+a pass then names the adapter and a seed (`Request.zo_seed`). See `pie.engine.zo` for the math.
+
 The engine calls are synchronous: an adapter load is rare and short, and an
 inferlet's `Adapter.load` is a plain call in the API, so it blocks the event
 loop for the load (and for a batch in flight on that engine) rather than
@@ -44,6 +48,9 @@ class AdapterEngine(Protocol):
     def fork_adapter(self, slot: int, new_slot: int | None) -> int: ...
     def save_adapter(self, slot: int, path: str) -> None: ...
     def unload_adapter(self, slot: int) -> None: ...
+    def zo_initialize(self, slot: int | None, rank: int, alpha: float, population_size: int, mu_fraction: float,
+                      initial_sigma: float) -> int: ...
+    def zo_update(self, slot: int, scores: list[float], seeds: list[int], max_sigma: float) -> None: ...
 
 
 @dataclass(eq=False)
@@ -52,6 +59,7 @@ class NamedAdapter:
     name: str
     slot: int | None = None  # engine slot once weights are loaded
     source: str = ""  # the folder its weights came from (or "fork of NAME")
+    zo: bool = False  # has an evolution-strategy state: passes may perturb it by a zo seed
 
 
 class AdapterStore:
@@ -85,6 +93,7 @@ class AdapterStore:
                 del self._named[(new.owner, new.name)]
                 raise
             new.source = f"fork of {adapter.name}"
+            new.zo = adapter.zo  # the engines fork the ES state with the weights
         return new
 
     # -- weights --------------------------------------------------------------------------------
@@ -94,6 +103,7 @@ class AdapterStore:
         folder = self._find(adapter.owner, path)
         adapter.slot = self._on_engines(lambda e, slot: e.load_adapter(str(folder), slot), adapter.slot)
         adapter.source = str(folder)
+        adapter.zo = False  # new weights, no evolution state: zo.initialize again to evolve them
 
     def save(self, adapter: NamedAdapter, path: str) -> Path:
         """Write `adapter` as a PEFT folder under the owner's adapter folder; returns where."""
@@ -102,6 +112,27 @@ class AdapterStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         self._adapter_engine(self._engines[0]).save_adapter(slot, str(target))
         return target
+
+    def zo_initialize(self, adapter: NamedAdapter, rank: int, alpha: float, population_size: int,
+                      mu_fraction: float, initial_sigma: float) -> None:
+        """Start zeroth-order training of `adapter` (a fresh rank-`rank` adapter if it has no weights yet)."""
+        adapter.slot = self._on_engines(lambda e, slot: e.zo_initialize(slot, rank, alpha, population_size,
+                                                                        mu_fraction, initial_sigma), adapter.slot)
+        adapter.source = adapter.source or f"zo.initialize(rank={rank}, alpha={alpha:g})"
+        adapter.zo = True
+
+    def zo_update(self, adapter: NamedAdapter, scores: list[float], seeds: list[int], max_sigma: float) -> None:
+        """One evolution-strategy step of `adapter` from the scores of its perturbed passes, on every engine."""
+        slot = self.zo_slot_of(adapter)
+        for engine in self._engines:
+            self._adapter_engine(engine).zo_update(slot, scores, seeds, max_sigma)
+
+    def zo_slot_of(self, adapter: NamedAdapter) -> int:
+        """The slot of an adapter a zo seed may perturb."""
+        if not adapter.zo:
+            raise AdapterError(f"adapter {adapter.name!r} has no zeroth-order state; call zo.initialize(adapter, "
+                               "rank, alpha, population_size, mu_fraction, initial_sigma) first")
+        return self.slot_of(adapter)
 
     def slot_of(self, adapter: NamedAdapter) -> int:
         if adapter.slot is None:

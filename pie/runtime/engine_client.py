@@ -160,6 +160,14 @@ class InProcessEngine:
     def unload_adapter(self, slot: int) -> None:
         self._call_sync(self.engine.unload_adapter, slot)
 
+    def zo_initialize(self, slot: int | None, rank: int, alpha: float, population_size: int, mu_fraction: float,
+                      initial_sigma: float) -> int:
+        return self._call_sync(self.engine.zo_initialize, slot, rank, alpha, population_size, mu_fraction,
+                               initial_sigma)
+
+    def zo_update(self, slot: int, scores: list[float], seeds: list[int], max_sigma: float) -> None:
+        self._call_sync(self.engine.zo_update, slot, scores, seeds, max_sigma)
+
     async def close(self) -> None:
         """Wait for the batch in flight, then drop the engine (its tensors go with the last reference)."""
         if self._engine is None:

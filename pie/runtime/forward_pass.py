@@ -62,10 +62,16 @@ class PassReader:
         seed = spec.get("seed")
         if seed is not None and (type(seed) is not int):
             raise HostError(f"seed must be an integer, got {seed!r}")
+        zo_seed = spec.get("zo_seed")
+        if zo_seed is not None and type(zo_seed) is not int:
+            raise HostError(f"zo_seed must be an integer, got {zo_seed!r}")
+        if zo_seed is not None and adapter is None:
+            raise HostError("zo_seed perturbs the pass's adapter, and this pass has none; set one (fwd.adapter(a))")
         # KV written under an adapter is not the base model's: like a masked pass, never shared or recomputed.
         c.append(tokens, positions, custom_kv=mask is not None or adapter is not None)
         return Job(c, kv_len, kv_len + n, outputs.specs, attention_mask=mask, logit_mask=logit_mask,
-                   adapter=adapter, seed=None if seed is None else validate.seed64(seed))
+                   adapter=adapter, seed=None if seed is None else validate.seed64(seed),
+                   zo_seed=None if zo_seed is None else validate.seed64(zo_seed))
 
     def outputs(self, spec: PassDict, m: ModelRuntime) -> Outputs:
         """Check the inputs' shape and the slots; the engine outputs they ask for."""

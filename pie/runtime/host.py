@@ -253,6 +253,9 @@ class InstanceHost:
             raise HostError(f"ctx_generate_start: depth must be an integer in [1, {MAX_STREAM_DEPTH}], got {depth!r}")
         if type(batch) is not int or not 1 <= batch <= depth:
             raise HostError(f"ctx_generate_start: batch must be an integer in [1, depth = {depth}], got {batch!r}")
+        if spec.get("zo_seed") is not None:
+            raise HostError("ctx_generate_start: a run-ahead stream does not perturb adapters; run zo passes "
+                            "with ctx_forward")
         stop = spec.get("stop") or []
         if not isinstance(stop, list) or not all(type(t) is int for t in stop):
             raise HostError("ctx_generate_start: stop must be a list of token ids")
@@ -356,6 +359,25 @@ class InstanceHost:
         with user_errors():
             m.adapters.save(a, path)
 
+    def adapter_zo_initialize(self, adapter: int, rank: int, alpha: float, population_size: int,
+                              mu_fraction: float, initial_sigma: float) -> None:
+        m, a = self._adapter(adapter)
+        if type(rank) is not int or type(population_size) is not int:
+            raise HostError(f"zo.initialize: rank and population_size must be integers, got {rank!r} and "
+                            f"{population_size!r}")
+        _check_numbers("zo.initialize", [alpha, mu_fraction, initial_sigma])
+        with user_errors():
+            m.adapters.zo_initialize(a, rank, float(alpha), population_size, float(mu_fraction),
+                                     float(initial_sigma))
+
+    def adapter_zo_update(self, adapter: int, scores: list[float], seeds: list[int], max_sigma: float) -> None:
+        m, a = self._adapter(adapter)
+        if not isinstance(scores, list) or not isinstance(seeds, list) or not all(type(s) is int for s in seeds):
+            raise HostError("zo.update: scores must be a list of numbers and seeds a list of integers")
+        _check_numbers("zo.update", [*scores, max_sigma])
+        with user_errors():
+            m.adapters.zo_update(a, [float(s) for s in scores], seeds, float(max_sigma))
+
     # -- scheduling -----------------------------------------------------------------------------
 
     def scheduling(self, model: str, ctx: int) -> dict[str, float]:
@@ -445,8 +467,8 @@ class InstanceHost:
             raise HostError(f"no adapter {handle} in this instance; make one with Adapter.create or Adapter.open")
         return entry
 
-    def _adapter_slot(self, m: ModelRuntime, handle: int | None) -> int | None:
-        """The engine slot of a pass's adapter handle (None: the base model)."""
+    def _adapter_slot(self, m: ModelRuntime, handle: int | None, zo: bool = False) -> int | None:
+        """The engine slot of a pass's adapter handle (None: the base model); `zo`: the pass perturbs it."""
         if handle is None:
             return None
         model, adapter = self._adapter(handle)
@@ -454,7 +476,7 @@ class InstanceHost:
             raise HostError(f"adapter {adapter.name!r} belongs to model {model.name!r}; this context runs "
                             f"{m.name!r}")
         with user_errors():
-            return m.adapters.slot_of(adapter)
+            return m.adapters.zo_slot_of(adapter) if zo else m.adapters.slot_of(adapter)
 
     def _adopt(self, model: ModelRuntime, group: EngineGroup, ctx: Context, *, new_pages: int | None = None) -> int:
         """A handle for `ctx`; with `new_pages`, first check the page limits for that many more pages."""
@@ -509,7 +531,8 @@ class InstanceHost:
         if budget and self.tokens_sampled + outputs.sampled > budget:
             raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
                             f"{budget} tokens and this pass asks for {outputs.sampled} more")
-        job = self._passes.job(m, c, spec, outputs, self._adapter_slot(m, spec.get("adapter")))
+        job = self._passes.job(m, c, spec, outputs,
+                               self._adapter_slot(m, spec.get("adapter"), spec.get("zo_seed") is not None))
         self.tokens_sampled += outputs.sampled
         return job, outputs.slot_rows
 
@@ -542,6 +565,12 @@ def _context_length(model_dir: str) -> int:
     text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     value = text.get("max_position_embeddings", 0)
     return value if type(value) is int and value > 0 else 0
+
+
+def _check_numbers(call: str, values: list[Any]) -> None:
+    bad = next((v for v in values if type(v) not in (int, float)), None)
+    if bad is not None:
+        raise HostError(f"{call}: expected numbers, got {bad!r}")
 
 
 def _check_count(name: str, value: int) -> None:

@@ -47,6 +47,7 @@ class Job:
     computing: PageKey | None = None  # the uncached page this pass computes first (others wait for it)
     admitted_build: int = -1  # build (context-clock tick) that last admitted a chunk of this pass
     queued_at: float = 0.0  # the priority whose queue holds it (the context's priority when queued)
+    zo_seed: int | None = None  # perturb the adapter by this seed (pie.engine.zo); never a stream step
 
     def __post_init__(self) -> None:
         if self.owner is None and self.future is None:

@@ -486,7 +486,8 @@ class Scheduler:
                        last_page_len=last_len, outputs=outputs,
                        attention_mask=job.attention_mask if masked else None,
                        logit_mask=job.logit_mask if outputs else None,
-                       adapter=job.adapter if a >= job.start else None, seed=job.seed)
+                       adapter=job.adapter if a >= job.start else None, seed=job.seed,
+                       zo_seed=job.zo_seed if a >= job.start else None)
 
     # -- running it and handing results back ----------------------------------------------------
 
