@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,10 @@ if TYPE_CHECKING:
     from pie.engine.engine import Engine, EngineInfo
 
 T = TypeVar("T")
-load_log = logging.getLogger("pie.load")  # weight-loading progress; `pie run` shows it on stderr
+load_log = logging.getLogger("pie.load")
+# Data-parallel engines start on their own threads at once; transformers' lazy module is not safe to
+# import from two threads concurrently (one sees a half-made module: "cannot import name 'AutoConfig'").
+_FIRST_IMPORT = threading.Lock()  # weight-loading progress; `pie run` shows it on stderr
 
 
 def log_load_progress(name: str, every_s: float = 1.0) -> Callable[[int, int], None]:
@@ -114,8 +118,10 @@ class InProcessEngine:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pie-engine-{name or config.model}")
 
         def build() -> Engine:
-            from pie.engine.engine import Engine
+            with _FIRST_IMPORT:  # see _FIRST_IMPORT
+                from transformers import AutoConfig  # noqa: F401
 
+                from pie.engine.engine import Engine
             return Engine(config, progress=log_load_progress(name or config.model))
 
         try:
