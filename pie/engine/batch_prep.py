@@ -12,6 +12,8 @@ page ids, token and position ranges) always run.
 The flattening is array work over the whole batch: token ids, positions, page
 tables (one flat array + offsets), kv lengths and the slot each new token's
 K/V goes to are built with numpy in one pass, with no per-request arrays.
+Decode steps given as arrays (`ForwardBatch.steps`) are rows after the
+requests', concatenated as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from pie.engine import brle
 from pie.engine.attention.base import BatchLayout
-from pie.engine.batch import ForwardBatch, Request
+from pie.engine.batch import ForwardBatch, OutputSpec, Request, StepRows
 from pie.engine.outputs import OutputPlan, plan_outputs
 from pie.engine.packing import Packed, Packer
 from pie.engine.validate import InvalidValue, Limits, check_attention_mask, check_request, seed64
@@ -69,13 +71,14 @@ def _check_page(page: int, limits: Limits, what: str) -> None:
 
 
 def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> PreparedBatch:
-    reqs = batch.requests
+    reqs, steps = batch.requests, batch.steps
     if batch.page_copies or batch.swap_in or batch.swap_out:
         check_page_ops(batch, limits)
-    if not reqs:
+    num_rows = len(reqs) + (len(steps) if steps is not None else 0)
+    if not num_rows:
         raise BatchError("empty batch: at least one request is needed")
-    if len(reqs) > limits.max_batch_size:
-        raise BatchError(f"batch has {len(reqs)} requests, over max_batch_size = {limits.max_batch_size}; "
+    if num_rows > limits.max_batch_size:
+        raise BatchError(f"batch has {num_rows} requests, over max_batch_size = {limits.max_batch_size}; "
                          "split it or raise max_batch_size")
     num_tokens = batch.num_tokens
     if num_tokens > limits.max_batch_tokens:
@@ -85,7 +88,13 @@ def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> Prepared
         if not batch.validated:
             for i, r in enumerate(reqs):
                 check_request(i, r, limits, arrays=False)  # the arrays are checked vectorised in _flatten
-        return _flatten(reqs, num_tokens, limits, rng)
+        if steps is not None:
+            if steps.token_from is not None:
+                raise InvalidValue("decode steps chained to another batch reached the engine unresolved")
+            if not batch.validated:
+                for i, sampler in enumerate(steps.samplers):
+                    check_request(i, Request([0], [0], [0], 1, [OutputSpec(0, sampler)]), limits, arrays=False)
+        return _flatten(reqs, num_tokens, limits, rng, steps)
     except InvalidValue as e:
         raise BatchError(str(e)) from None
     except (ValueError, TypeError, OverflowError, IndexError) as e:
@@ -107,19 +116,31 @@ def _blame(reqs: list[Request], limits: Limits, error: Exception) -> None:
             raise BatchError(f"request {i}: cannot be prepared: {type(e).__name__}: {e}") from None
 
 
-def _flatten(reqs: list[Request], num_tokens: int, limits: Limits, rng: random.Random) -> PreparedBatch:
-    n, ps = len(reqs), limits.page_size
-    q_lens = np.fromiter((len(r.tokens) for r in reqs), np.int64, n)
-    pos_lens = np.fromiter((len(r.positions) for r in reqs), np.int64, n)
-    num_pages = np.fromiter((len(r.page_ids) for r in reqs), np.int64, n)
-    last = np.fromiter((r.last_page_len for r in reqs), np.int64, n)
+def _flatten(reqs: list[Request], num_tokens: int, limits: Limits, rng: random.Random,
+             steps: StepRows | None = None) -> PreparedBatch:
+    nr, ps = len(reqs), limits.page_size
+    ns = len(steps) if steps is not None else 0
+    n = nr + ns
+    q_lens = np.fromiter((len(r.tokens) for r in reqs), np.int64, nr)
+    pos_lens = np.fromiter((len(r.positions) for r in reqs), np.int64, nr)
+    num_pages = np.fromiter((len(r.page_ids) for r in reqs), np.int64, nr)
+    last = np.fromiter((r.last_page_len for r in reqs), np.int64, nr)
+    req_tokens = int(q_lens.sum())
+    tokens = _concat([r.tokens for r in reqs], req_tokens)
+    positions = _concat([r.positions for r in reqs], req_tokens)
+    pages = _concat([r.page_ids for r in reqs], int(num_pages.sum()))
+    if steps is not None:  # one row each, already arrays: appended as they are
+        ones = np.ones(ns, np.int64)
+        q_lens, pos_lens = np.concatenate([q_lens, ones]), np.concatenate([pos_lens, ones])
+        num_pages = np.concatenate([num_pages, np.diff(steps.page_indptr)])
+        last = np.concatenate([last, steps.last_page_len])
+        tokens = np.concatenate([tokens, steps.tokens]).astype(np.int64, copy=False)
+        positions = np.concatenate([positions, steps.positions]).astype(np.int64, copy=False)
+        pages = np.concatenate([pages, steps.page_ids]).astype(np.int64, copy=False)
     kv_lens = (num_pages - 1) * ps + last
     bad = (q_lens < 1) | (pos_lens != q_lens) | (num_pages < 1) | (last < 1) | (last > ps) | (kv_lens < q_lens)
     if bad.any():
         _reject(reqs, int(np.argmax(bad)), limits)
-    tokens = _concat([r.tokens for r in reqs], num_tokens)
-    positions = _concat([r.positions for r in reqs], num_tokens)
-    pages = _concat([r.page_ids for r in reqs], int(num_pages.sum()))
     qo_indptr = np.zeros(n + 1, np.int64)
     np.cumsum(q_lens, out=qo_indptr[1:])
     page_indptr = np.zeros(n + 1, np.int64)
@@ -136,23 +157,31 @@ def _flatten(reqs: list[Request], num_tokens: int, limits: Limits, rng: random.R
     write_offset = slot % ps
     layout = BatchLayout(qo_indptr=qo_indptr.astype(np.int32), kv_page_indptr=page_indptr.astype(np.int32),
                          kv_page_indices=pages.astype(np.int32), kv_last_page_len=last.astype(np.int32),
-                         kv_lens=kv_lens.astype(np.int32), custom_masks=_attention_masks(reqs, q_lens, kv_lens))
+                         kv_lens=kv_lens.astype(np.int32),
+                         custom_masks=_attention_masks(reqs, q_lens, kv_lens) + [None] * ns)
     packer = Packer()
     packer.add("token_rows", np.stack([tokens, positions, write_page, write_offset]))
     seeds = [seed64(r.seed) if r.seed is not None else rng.getrandbits(63) for r in reqs]
-    plan = plan_outputs(reqs, qo_indptr, positions, seeds, limits.vocab_size, limits.max_dist_size, packer)
+    if steps is not None:
+        seeds += [seed64(s) if s is not None else rng.getrandbits(63) for s in steps.seeds] if steps.seeds else [
+            rng.getrandbits(63) for _ in range(ns)]
+    plan = plan_outputs(reqs, qo_indptr, positions, seeds, limits.vocab_size, limits.max_dist_size, packer, steps)
     return PreparedBatch(tokens, positions, write_page, write_offset, layout, plan, packer.finish())
 
 
 def _concat(parts: list[list[int]] | list[np.ndarray], count: int) -> np.ndarray:
     """One int64 array of all parts: numpy arrays (a runtime's incremental page tables) are concatenated,
     lists converted in one pass (numpy's fastest path for Python ints)."""
+    if not parts:
+        return np.zeros(0, np.int64)
     if all(isinstance(p, np.ndarray) for p in parts):
         return np.concatenate(parts).astype(np.int64, copy=False)
     return np.fromiter(chain.from_iterable(parts), np.int64, count)
 
 
 def _reject(reqs: list[Request], i: int, limits: Limits) -> None:
+    if i >= len(reqs):  # a decode step row (`ForwardBatch.steps`)
+        raise InvalidValue(f"decode step {i - len(reqs)}: its page ids, token id or position are out of range")
     check_request(i, reqs[i], limits)  # raises with the precise message
     raise InvalidValue(f"request {i}: its lengths, page ids, token ids or positions are out of range")
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pie.engine import memory
@@ -51,7 +52,7 @@ from pie.engine.layers.quant import QUANT_MODES
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
 from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
-from pie.engine.outputs import compute_outputs, decode_outputs
+from pie.engine.outputs import compute_outputs, decode_outputs, decode_steps
 from pie.engine.packing import Results, Sections
 from pie.engine.parallel import SINGLE, TPGroup
 from pie.engine.transfer import Staging
@@ -210,7 +211,8 @@ class Engine:
     @torch.inference_mode()
     def forward_batch(self, batch: ForwardBatch) -> BatchResult:
         t0 = time.perf_counter()
-        if not batch.requests:  # page operations only (swaps, copies)
+        steps = batch.steps
+        if not batch.requests and steps is None:  # page operations only (swaps, copies)
             if not (batch.swap_out or batch.swap_in or batch.page_copies):
                 raise BatchError("empty batch: it has no requests and no page operations")
             check_page_ops(batch, self.limits)
@@ -218,13 +220,17 @@ class Engine:
             return BatchResult([], {"prepare_ms": (time.perf_counter() - t0) * 1e3, "execute_ms": 0.0})
         prep = prepare(batch, self.limits, self._rng)  # raises BatchError before touching the device
         reqs = batch.requests
-        lora = self.adapters.batch([r.adapter for r in reqs], prep.layout.qo_indptr,
-                                   [r.zo_seed for r in reqs])  # an empty slot, a zo seed without zo: BatchError
+        adapters = [r.adapter for r in reqs]
+        zo_seeds: list[int | None] = [r.zo_seed for r in reqs]
+        if steps is not None:  # decode steps carry adapters (no zo seed: streams refuse one)
+            adapters += steps.adapters or [None] * len(steps)
+            zo_seeds += [None] * len(steps)
+        lora = self.adapters.batch(adapters, prep.layout.qo_indptr, zo_seeds)  # an empty slot, a zo seed without zo: BatchError
         self._page_ops(batch)
         t1 = time.perf_counter()
-        outputs = self._execute(prep, self.kv, lora)
+        outputs, step_tokens = self._execute(prep, self.kv, lora)
         t2 = time.perf_counter()
-        return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3})
+        return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3}, step_tokens)
 
     def _page_ops(self, batch: ForwardBatch) -> None:
         """Swap-outs, then swap-ins, then copies: the order the batch contract documents."""
@@ -236,7 +242,9 @@ class Engine:
             self.kv.copy_pages(list(src), list(dst))
 
     @torch.inference_mode()
-    def _execute(self, prep: PreparedBatch, kv: KVCache, lora: LoRABatch | None = None) -> list[list[OutputValue]]:
+    def _execute(self, prep: PreparedBatch, kv: KVCache,
+                 lora: LoRABatch | None = None) -> tuple[list[list[OutputValue]], np.ndarray | None]:
+        """(each request's outputs, the decode step rows' tokens or None)."""
         bucket = self.graphs.bucket_for(prep, lora is not None) if self.graphs and kv is self.kv else None
         layout = prep.layout if bucket is None or self.graphs is None else self.graphs.padded_layout(prep.layout,
                                                                                                     bucket)
@@ -265,8 +273,9 @@ class Engine:
             results = compute_outputs(self.model, hidden, prep.outputs, inp)
         # The step's one download (and its one sync).
         host = self.staging.download(results.tensor(self.device))
-        return decode_outputs(prep.outputs, Results(results.sections, host), self.model.spec.vocab_size,
-                              self.model.spec.hidden_size)
+        res = Results(results.sections, host)
+        return (decode_outputs(prep.outputs, res, self.model.spec.vocab_size, self.model.spec.hidden_size),
+                decode_steps(prep.outputs, res))
 
     # -- LoRA adapters (PEFT directories), selected per request by `Request.adapter` --
 

@@ -105,7 +105,8 @@ def sampler_variant(plan: OutputPlan, num_requests: int, vocab: int) -> SamplerV
     """The variant a step's outputs fit, or None when they are not one plain sampler per request (probes,
     several outputs or draws, penalties, logit bias: those steps sample eagerly)."""
     n = num_requests
-    if (len(plan.kinds) != n or len(plan.draws) != n or sum(plan.draws) != n or plan.num_logit_rows != n
+    k = plan.num_steps  # decode step rows: one one-draw sampler each, kept out of kinds/draws/num_outputs
+    if (len(plan.kinds) + k != n or len(plan.draws) + k != n or sum(plan.draws) + k != n or plan.num_logit_rows != n
             or plan.has_penalties or plan.has_bias or any(c != 1 for c in plan.num_outputs)):
         return None
     max_top_k, any_top_p, any_min_p, _, any_random = plan.sampler_flags
@@ -306,7 +307,7 @@ class GraphRunner:
     def sample(self, plan: OutputPlan, bs: int, inp: Sections) -> ResultPacker | None:
         """After `run`: the step's sampled tokens from the bucket's sampling graph, packed for the download;
         None when the outputs need the eager path."""
-        b = len(plan.num_outputs)
+        b = len(plan.num_outputs) + plan.num_steps
         variant = sampler_variant(plan, b, self.sampler.vocab)
         if variant is None:
             return None

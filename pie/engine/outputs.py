@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pie.engine import brle, sampling
-from pie.engine.batch import OutputValue, Probe, Request, Sampler
+from pie.engine.batch import OutputValue, Probe, Request, Sampler, StepRows
 from pie.engine.models.decoder import CausalLM
 from pie.engine.packing import Packer, ResultPacker, Results, Sections
 from pie.engine.validate import InvalidValue, check_logit_mask
@@ -45,6 +45,7 @@ class OutputPlan:
     num_masks: int = 0
     has_penalties: bool = False
     has_bias: bool = False
+    num_steps: int = 0  # decode step rows (`ForwardBatch.steps`): the last sampler outputs, one draw each
 
 
 _SamplerRow = tuple[tuple[float, int, float, float, float, float, float], int, bool]
@@ -105,6 +106,31 @@ class _Builder:
         if s.logit_bias:
             self.bias += [(n, t, v) for t, v in s.logit_bias]
 
+    def steps(self, steps: StepRows, first: int, qo_indptr: np.ndarray) -> int:
+        """The step rows' sampler outputs, in bulk (they count as requests first, first + 1, ...); their
+        kinds and output counts stay out of `kinds` / `num_outputs`: `decode_steps` reads them."""
+        n = len(steps)
+        rows = qo_indptr[first:first + n].tolist()
+        start = len(self.logit_row)
+        self.s_out += range(start, start + n)
+        self.logit_row += rows
+        self.s_req += range(first, first + n)
+        self.s_row += rows
+        params = [_sampler_row(s) for s in steps.samplers]
+        sid = steps.sampler_ids.tolist()
+        self.s_par += [params[k][0] for k in sid]
+        self.draws += [1] * n  # a stream samples one token per step (checked by the runtime)
+        special = [k for k, s in enumerate(steps.samplers) if params[k][2] or s.logit_bias]
+        if special:  # penalties or a logit bias: per row, as `sampler` does
+            base = len(self.s_row) - n
+            for i, k in enumerate(sid):
+                if k in special:
+                    s = steps.samplers[k]
+                    if params[k][2]:
+                        self.pen_pairs.append((base + i, s.penalty_tokens))
+                    self.bias += [(base + i, t, v) for t, v in s.logit_bias]
+        return n
+
     def probe(self, row: int, p: Probe, vocab_size: int, max_dist_size: int) -> None:
         self.kinds.append(p.kind)
         if p.kind == "embedding":
@@ -124,8 +150,9 @@ class _Builder:
 
 
 def plan_outputs(reqs: list[Request], qo_indptr: np.ndarray, positions: np.ndarray, seeds: list[int],
-                 vocab_size: int, max_dist_size: int, packer: Packer) -> OutputPlan:
-    """Every output's parameters into `packer`'s sections; `seeds` has one int64 seed per request."""
+                 vocab_size: int, max_dist_size: int, packer: Packer, steps: StepRows | None = None) -> OutputPlan:
+    """Every output's parameters into `packer`'s sections; `seeds` has one int64 seed per request (and
+    step row). Step rows (after the requests) each sample one token at their row."""
     b = _Builder()
     b.num_outputs = [len(r.outputs) for r in reqs]
     for i, (r, base) in enumerate(zip(reqs, qo_indptr.tolist(), strict=False)):
@@ -135,9 +162,15 @@ def plan_outputs(reqs: list[Request], qo_indptr: np.ndarray, positions: np.ndarr
             else:
                 assert o.probe is not None
                 b.probe(base + o.index, o.probe, vocab_size, max_dist_size)
-    plan = OutputPlan(b.num_outputs, b.kinds)
+    num_steps = 0
+    if steps is not None:
+        num_steps = b.steps(steps, len(reqs), qo_indptr)
+    plan = OutputPlan(b.num_outputs, b.kinds, num_steps=num_steps)
+    masks = [r.logit_mask for r in reqs]
+    if steps is not None:
+        masks += steps.logit_masks or [None] * num_steps
     _pack_logit_rows(b, plan, packer)
-    _pack_samplers(b, reqs, positions, seeds, vocab_size, plan, packer)
+    _pack_samplers(b, masks, positions, seeds, vocab_size, plan, packer)
     _pack_probes(b, plan, packer)
     return plan
 
@@ -157,8 +190,8 @@ def _pack_logit_rows(b: _Builder, plan: OutputPlan, packer: Packer) -> None:
         plan.num_embeddings = len(b.embed_rows)
 
 
-def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seeds: list[int], vocab_size: int,
-                   plan: OutputPlan, packer: Packer) -> None:
+def _pack_samplers(b: _Builder, masks: list[list[int] | None], positions: np.ndarray, seeds: list[int],
+                   vocab_size: int, plan: OutputPlan, packer: Packer) -> None:
     if not b.s_row:
         return
     par = np.asarray(b.s_par, np.float64).reshape(-1, 7)
@@ -178,11 +211,11 @@ def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seed
         starts = np.cumsum(draws) - draws
         packer.add_columns(("draw_row", "draw_index"),
                            np.stack([draw_row, np.arange(num_draws) - starts[draw_row]], 1))
-    plan.draws = b.draws
+    plan.draws = b.draws[:len(b.draws) - plan.num_steps]  # the requests' (decode_outputs reads them)
     greedy = par[:, 0] <= 0.0
     plan.sampler_flags = (int(top_k.max()), bool((par[:, 2] < 1.0).any()), bool((par[:, 3] > 0.0).any()),
                           bool(greedy.any()), bool((~greedy).any()))
-    _pack_masks(b, reqs, vocab_size, plan, packer)
+    _pack_masks(b, masks, vocab_size, plan, packer)
     if b.pen_pairs:
         plan.has_penalties = True
         packer.add("pen_row", np.repeat([n for n, _ in b.pen_pairs], [len(h) for _, h in b.pen_pairs]))
@@ -195,13 +228,14 @@ def _pack_samplers(b: _Builder, reqs: list[Request], positions: np.ndarray, seed
         packer.add_floats("bias_value", bias[:, 2])
 
 
-def _pack_masks(b: _Builder, reqs: list[Request], vocab_size: int, plan: OutputPlan, packer: Packer) -> None:
+def _pack_masks(b: _Builder, masks: list[list[int] | None], vocab_size: int, plan: OutputPlan,
+                packer: Packer) -> None:
     """Each distinct request logit mask as packed bits; per sampler row the index of its mask (-1: none)."""
     mask_of: dict[int, int] = {}
     words: list[np.ndarray] = []
     num_words = -(-vocab_size // 32)
     for i in dict.fromkeys(b.s_req):
-        runs = reqs[i].logit_mask
+        runs = masks[i]
         if not runs:
             continue
         try:
@@ -243,7 +277,7 @@ def compute_outputs(model: CausalLM, hidden: torch.Tensor, plan: OutputPlan, inp
     out = ResultPacker()
     if plan.num_logit_rows:
         logits = model.compute_logits(hidden[inp.longs("logit_rows")])  # [L, vocab] float32
-        if plan.draws:
+        if plan.draws or plan.num_steps:
             out.add("tokens", _sample(logits, plan, inp))
         if plan.dist_k:
             ids, probs = sampling.distributions(logits[inp.longs("dist_logit")], inp.floats("dist_temperature"),
@@ -287,8 +321,16 @@ def _sample(logits: torch.Tensor, plan: OutputPlan, inp: Sections) -> torch.Tens
     return sampling.sample_tokens(rows, params, allowed)
 
 
+def decode_steps(plan: OutputPlan, res: Results) -> np.ndarray | None:
+    """The tokens the step rows sampled (the last `num_steps` draws), as one array; None without steps."""
+    if not plan.num_steps:
+        return None
+    tokens = res.ints("tokens")
+    return tokens[len(tokens) - plan.num_steps:].astype(np.int64)
+
+
 def decode_outputs(plan: OutputPlan, res: Results, vocab: int, hidden_size: int) -> list[list[OutputValue]]:
-    """The downloaded buffer as one value per output, grouped per request."""
+    """The downloaded buffer as one value per output, grouped per request (step rows: `decode_steps`)."""
     tokens = res.ints("tokens").tolist()
     sampled: list[OutputValue] = []
     start = 0

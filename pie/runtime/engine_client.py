@@ -110,7 +110,7 @@ class InProcessEngine:
         self._engine: Engine | None = engine
         self._executor = executor
         self._info = engine.info
-        self._chain = ChainSource(native_steps=False)  # the last batch run (engine thread only)
+        self._chain = ChainSource()  # the last batch run (engine thread only)
 
     @classmethod
     async def start(cls, config: EngineConfig, name: str = "") -> InProcessEngine:
