@@ -189,6 +189,7 @@ class _FakeModel:
 
     def __init__(self, reasoning: bool, from_start: bool = False) -> None:
         self.reasoning, self.thinks_from_start, self.tool_format = reasoning, from_start, FORMATS["hermes"]
+        self.harmony = False
 
 
 @pytest.mark.parametrize("pieces", [["<think>plan</think>\n\nAnswer <tool_call>{\"name\": \"f\", \"arguments\": {}}"

@@ -163,7 +163,7 @@ def full_response(plan: Plan, rid: str, created: int, outcome: Outcome) -> dict[
     choices = []
     for result in outcome.choices:
         if req.mode == "chat":
-            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(result.text)
+            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(result.text, result.tokens)
             choices.append({"index": result.index, "message": chat_message(split),
                             "finish_reason": "tool_calls" if split.calls else result.finish_reason,
                             "logprobs": chat_logprobs(plan.model, result.logprobs) if req.logprobs is not None
@@ -256,7 +256,7 @@ class _ChatStream:
         return [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(len(self.splitters))]
 
     def delta(self, item: Delta) -> list[dict[str, Any]]:
-        pieces = self.splitters[item.index].push(item.text)
+        pieces = self.splitters[item.index].push(item.text, item.tokens)
         chunks = [self.chunk(item.index, _piece_delta(kind, text)) for kind, text in pieces]
         if item.logprobs:
             if chunks:
