@@ -256,7 +256,8 @@ async def create(request: web.Request) -> web.StreamResponse:
                 outcome = await generation.collect(process, timer)
             except GenerationFailed as error:
                 return _error(OpenAIError(str(error), status=500, kind="server_error"))
-            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(outcome.choices[0].text, outcome.choices[0].tokens)
+            first = outcome.choices[0]
+            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(first.text, first.tokens)
             response = web.json_response(shape.response(split, outcome))
         if outcome is not None and store:
             _remember(request, user, rid, plan, shape, outcome)
