@@ -25,6 +25,8 @@ Responses API continues a conversation from it). `prompt_logprobs` scores the
 prompt tokens too (completions' `echo` with `logprobs`); `max_tokens` 0 then
 only scores. `tokens` adds the token ids to every message and choice; with
 `text` false nothing is decoded (harmony models: the server parses the tokens).
+With `prompt_logprobs` and `stream`, each choice's `{"i", "prompt_logprobs": [...]}` message comes
+right after the prefill, before its first delta.
 """
 
 from __future__ import annotations
@@ -125,6 +127,9 @@ async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n
         prompt_logprobs: list[Any] = []
     else:
         prompt_logprobs = await prefill_scored(base, tokens, int(top))
+        if input.get("stream"):  # the echo chunk of each choice carries them, before any generated text
+            for j in range(n):
+                session.send(json.dumps({"i": first + j, "prompt_logprobs": prompt_logprobs}))
     if int(input["max_tokens"]) == 0:  # scoring only (echo): nothing to generate
         base.release()
         return [Choice(first + j, finish_reason="length", prompt_logprobs=prompt_logprobs) for j in range(n)]

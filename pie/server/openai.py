@@ -296,12 +296,16 @@ class _CompletionStream:
                 "model": self.plan.request.model, "choices": [choice]}
 
     def opening(self) -> list[dict[str, Any]]:
-        if not self.plan.request.echo:
-            return []
+        if not self.plan.request.echo or self.plan.request.logprobs is not None:
+            return []  # with logprobs the echo waits for the prefill's scores (`delta`)
         count = self.plan.request.n * len(self.plan.prompts)
         return [self.chunk(i, _echo_text(self.plan, i)) for i in range(count)]
 
     def delta(self, item: Delta) -> list[dict[str, Any]]:
+        if item.prompt_logprobs is not None:  # the echo, scored: the first token has no logprob
+            first = self.plan.prompts[item.index // self.plan.request.n][0]
+            entries = [[first, None, None], *item.prompt_logprobs]
+            return [self.chunk(item.index, _echo_text(self.plan, item.index), logprobs=entries)]
         return [self.chunk(item.index, item.text, logprobs=item.logprobs)]
 
     def closing(self, result: ChoiceResult) -> list[dict[str, Any]]:

@@ -317,9 +317,6 @@ def parse_completion(body: Any) -> GenerationRequest:
     if logprobs is not None:
         logprobs = _int(logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)
     echo = _bool(body.get("echo") or False, "echo")
-    if echo and logprobs is not None and body.get("stream"):
-        raise OpenAIError("`echo` with `logprobs` is not supported when streaming (the prompt's logprobs come "
-                          "with the whole response); send stream=false", param="echo")
     return GenerationRequest(mode="completion", prompts=prompts, logprobs=logprobs, echo=echo,
                              **common(body, tokens_keys=("max_tokens",)))
 

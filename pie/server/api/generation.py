@@ -37,6 +37,7 @@ class Delta:
     text: str
     logprobs: list[LogprobEntry] = field(default_factory=list)
     tokens: tuple[int, ...] = ()  # the step's token ids (harmony plans ask for them)
+    prompt_logprobs: list[LogprobEntry] | None = None  # prompt tokens 1.. (echo), before any generated text
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ async def run(process: ProcessAPI, timer: RequestTimer | None = None) -> AsyncIt
             if delta is None:
                 if timer is not None:
                     timer.started()
+            elif delta.prompt_logprobs is not None:
+                yield delta  # the prefill's scores: no generated token to time
             else:
                 if timer is not None:
                     timer.token()
@@ -118,8 +121,9 @@ def _delta(value: str | bytes) -> Delta | None:
         return None
     if not isinstance(message, dict) or "i" not in message:
         return None  # {"started": true}
+    scored = message.get("prompt_logprobs")
     return Delta(int(message.get("i", 0)), str(message.get("delta", "")), list(message.get("logprobs") or []),
-                 tuple(int(t) for t in message.get("tokens") or ()))
+                 tuple(int(t) for t in message.get("tokens") or ()), None if scored is None else list(scored))
 
 
 def _outcome(value: str | bytes) -> Outcome:
