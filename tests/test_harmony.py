@@ -116,6 +116,18 @@ def test_render_matches_harmonys_own() -> None:
     assert text.endswith("<|start|>assistant")
 
 
+def test_reasoning_effort_goes_in_the_system_message() -> None:
+    from pie.server.openai_schema import OpenAIError, parse_chat
+
+    hello = [{"role": "user", "content": "Hi"}]
+    assert "Reasoning: medium" in harmony.encoding().decode(harmony.render(hello, None))
+    assert "Reasoning: high" in harmony.encoding().decode(harmony.render(hello, None, reasoning_effort="high"))
+    assert parse_chat({"model": "m", "messages": hello, "reasoning_effort": "low"}).reasoning_effort == "low"
+    with pytest.raises(OpenAIError) as caught:
+        parse_chat({"model": "m", "messages": hello, "reasoning_effort": "max"})
+    assert caught.value.param == "reasoning_effort"
+
+
 def test_vocab_unpacked_once_and_checked(tmp_path: Path) -> None:
     folder = harmony.vocab_dir()
     assert folder == tmp_path / "pie-home" / "cache" / "harmony"
@@ -149,10 +161,11 @@ async def test_chat_route_renders_through_harmony(tmp_path: Path) -> None:
     config = RuntimeConfig((ModelSpec("gpt-oss", engine),), RuntimeLimits())
     async with running_server(config) as server, httpx.AsyncClient(base_url=server.http_url, timeout=120) as client:
         body = {"model": "gpt-oss", "messages": messages, "tools": [WEATHER], "max_tokens": 4,
-                "temperature": 0}
+                "temperature": 0, "reasoning_effort": "high"}
         reply = await client.post("/v1/chat/completions", json=body)
         assert reply.status_code == 200, reply.text
-        assert reply.json()["usage"]["prompt_tokens"] == len(harmony.render(messages, [WEATHER]))
+        rendered = harmony.render(messages, [WEATHER], reasoning_effort="high")
+        assert reply.json()["usage"]["prompt_tokens"] == len(rendered)
         streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
         assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
         refused = await client.post("/v1/chat/completions", json={**body, "stop": ["x"]})

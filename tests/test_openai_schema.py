@@ -92,7 +92,7 @@ def test_bad_chat_parameters_are_refused(patch: dict, param: str, words: str) ->
 
 REFUSED_VALUES = {"audio": {"voice": "x"}, "modalities": ["text", "audio"],
                   "functions": [{"name": "f"}], "function_call": "auto", "prediction": {"type": "content"},
-                  "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "best_of": 3,
+                  "verbosity": "low", "web_search_options": {}, "best_of": 3,
                   "suffix": "end"}
 
 

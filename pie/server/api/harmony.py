@@ -106,13 +106,16 @@ def _sha256(path: Path) -> str:
 # -- prompts -------------------------------------------------------------------------------------
 
 
-def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
+           reasoning_effort: str | None = None) -> list[int]:
     """A conversation (OpenAI-shaped messages, as `openai_schema` normalises them) as harmony prompt
-    tokens, ending with `<|start|>assistant`. System messages become the developer instructions."""
+    tokens, ending with `<|start|>assistant`. System messages become the developer instructions;
+    `reasoning_effort` (low, medium, high) goes in the system message (harmony's default: medium)."""
     from openai_harmony import (
         Conversation,
         DeveloperContent,
         Message,
+        ReasoningEffort,
         Role,
         SystemContent,
         ToolDescription,
@@ -127,7 +130,10 @@ def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -
         developer = developer.with_function_tools([
             ToolDescription.new(t["function"]["name"], t["function"].get("description") or "",
                                 parameters=t["function"].get("parameters")) for t in tools])
-    out: list[Message] = [Message.from_role_and_content(Role.SYSTEM, SystemContent.new())]
+    system = SystemContent.new()
+    if reasoning_effort is not None:
+        system = system.with_reasoning_effort(ReasoningEffort(reasoning_effort.capitalize()))
+    out: list[Message] = [Message.from_role_and_content(Role.SYSTEM, system)]
     if instructions or tools:
         out.append(Message.from_role_and_content(Role.DEVELOPER, developer))
     call_names: dict[str, str] = {}

@@ -60,6 +60,10 @@ class Plan:
 def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None = None) -> Plan:
     if model.harmony:
         _check_harmony(req)
+    elif req.reasoning_effort is not None:
+        raise OpenAIError(f"`reasoning_effort` is not supported: {model.name!r} takes no reasoning effort (only "
+                          "harmony models, GPT-OSS, do); leave it out", param="reasoning_effort",
+                          code="unsupported_parameter")
     try:
         prompts = _prompt_tokens(req, model)
     except RequestError as error:
@@ -115,7 +119,7 @@ def _check_harmony(req: GenerationRequest) -> None:
 def _prompt_tokens(req: GenerationRequest, model: ServedModel) -> tuple[tuple[int, ...], ...]:
     if req.mode == "chat":
         declared = list(req.tools.declared) if req.tools is not None else None
-        return (tuple(model.render_chat(list(req.messages), declared)),)
+        return (tuple(model.render_chat(list(req.messages), declared, reasoning_effort=req.reasoning_effort)),)
     prompts: list[tuple[int, ...]] = []
     for i, prompt in enumerate(req.prompts):
         ids = tuple(model.encode(prompt)) if isinstance(prompt, str) else prompt

@@ -111,10 +111,12 @@ class ServedModel:
 
     # -- chat ----------------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-        """The prompt tokens of a conversation, ending with the generation prompt."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
+                    reasoning_effort: str | None = None) -> list[int]:
+        """The prompt tokens of a conversation, ending with the generation prompt (`reasoning_effort`:
+        harmony models only)."""
         if self.harmony:
-            return harmony.render(messages, tools)
+            return harmony.render(messages, tools, reasoning_effort=reasoning_effort)
         tok = self._tok()
         template = self._template
         if template is None:
