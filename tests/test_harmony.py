@@ -140,6 +140,22 @@ def test_missing_vocab_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
         harmony.vocab_dir()
 
 
+def test_a_request_without_the_vocab_is_a_503_not_a_download(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from pie.server.api.plan import build_plan
+    from pie.server.api.served import ServedModel
+    from pie.server.openai_schema import OpenAIError, parse_chat
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss", "max_position_embeddings": 4096}))
+    model = ServedModel("gpt-oss", tmp_path, None, {"vocab_size": 201_088})
+    assert model.harmony
+    monkeypatch.setattr(harmony, "_encoding", None)  # as in a fresh server process
+    monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(tmp_path))  # a folder without the file
+    with pytest.raises(OpenAIError) as caught:
+        build_plan(parse_chat({"model": "gpt-oss", "messages": [{"role": "user", "content": "Hi"}]}), model)
+    assert caught.value.status == 503 and "o200k_base.tiktoken" in str(caught.value)
+
+
 # -- one request against a server on a tiny gpt_oss checkpoint ------------------------------------
 
 
