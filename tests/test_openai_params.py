@@ -352,6 +352,31 @@ async def test_echo_scores_the_prompt(client: openai.AsyncOpenAI) -> None:
     assert scored.usage is not None and scored.usage.completion_tokens == 0
 
 
+async def test_echo_with_logprobs_streams(client: openai.AsyncOpenAI) -> None:
+    """The streamed echo carries the prompt's logprobs in its first chunk, equal to the whole response's."""
+    kwargs = {"model": MODEL, "prompt": [31, 47, 112, 9], "max_tokens": 3, "temperature": 0, "echo": True,
+              "logprobs": 2, "extra_body": {"ignore_eos": True}}
+    whole = await client.completions.create(**kwargs)  # type: ignore[call-overload]
+    chunks = [c async for c in await client.completions.create(stream=True, **kwargs)]  # type: ignore[call-overload]
+    first = chunks[0].choices[0]
+    assert first.logprobs is not None and first.logprobs.token_logprobs is not None
+    assert first.text == whole.choices[0].text[:len(first.text)] and len(first.logprobs.token_logprobs) == 4
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    offsets: list[int] = []
+    for chunk in chunks:
+        lp = chunk.choices[0].logprobs
+        if lp is not None and lp.tokens:
+            tokens += lp.tokens
+            logprobs += lp.token_logprobs or []
+            offsets += lp.text_offset or []
+    expected = whole.choices[0].logprobs
+    assert expected is not None and tokens == expected.tokens and offsets == expected.text_offset
+    assert logprobs[0] is None and expected.token_logprobs is not None
+    assert logprobs[1:] == pytest.approx(expected.token_logprobs[1:], abs=1e-4)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
 # -- penalties and logit bias -----------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ The server validates a request and renders its prompt to token ids
      "sampler": {"temperature", "top_p", "top_k", "min_p"}, "seed": int | null,
      "stop": [str], "stop_token_ids": [int], "ignore_eos": bool, "min_tokens": int,
      "logprobs": int | null, "constraint": null | {"json_schema": {...}} | {"lark": str},
-     "render_special": bool, "stream": bool, "save": str | null, "prompt_logprobs": int | null}
+     "render_special": bool, "stream": bool, "save": str | null, "prompt_logprobs": int | null,
+     "tokens": bool, "text": bool}
 
 With `stream` it first sends `{"started": true}`, then one message per generation step.
 
@@ -22,7 +23,10 @@ logits row (before temperature and masks), the row the sampler read.
 `save` names a snapshot to keep the first choice's context under (the
 Responses API continues a conversation from it). `prompt_logprobs` scores the
 prompt tokens too (completions' `echo` with `logprobs`); `max_tokens` 0 then
-only scores.
+only scores. `tokens` adds the token ids to every message and choice; with
+`text` false nothing is decoded (harmony models: the server parses the tokens).
+With `prompt_logprobs` and `stream`, each choice's `{"i", "prompt_logprobs": [...]}` message comes
+right after the prefill, before its first delta.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class Choice:
     logprobs: list[Any] = field(default_factory=list)
     stop_string: str | None = None  # the stop string that ended the text, if one did
     prompt_logprobs: list[Any] = field(default_factory=list)  # entries for prompt tokens 1.. (echo)
+    tokens: list[int] = field(default_factory=list)  # the generated ids, when the plan asks for them
 
 
 async def main(input: dict) -> str:
@@ -122,6 +127,9 @@ async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n
         prompt_logprobs: list[Any] = []
     else:
         prompt_logprobs = await prefill_scored(base, tokens, int(top))
+        if input.get("stream"):  # the echo chunk of each choice carries them, before any generated text
+            for j in range(n):
+                session.send(json.dumps({"i": first + j, "prompt_logprobs": prompt_logprobs}))
     if int(input["max_tokens"]) == 0:  # scoring only (echo): nothing to generate
         base.release()
         return [Choice(first + j, finish_reason="length", prompt_logprobs=prompt_logprobs) for j in range(n)]
@@ -170,7 +178,8 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
         gen.disable_system_speculation()  # one logits row per step: the row each token was sampled at
         probe = gen.probe_each_step(-1, Logits())
     choice = Choice(index)
-    decoder = chat.TextStream(model, render_special=bool(input.get("render_special")))
+    want_tokens, want_text = bool(input.get("tokens")), input.get("text", True) is not False
+    decoder = chat.TextStream(model, render_special=bool(input.get("render_special"))) if want_text else None
     stop_strings = [str(s) for s in input.get("stop") or []]
     stream = bool(input.get("stream"))
     text, sent, stopped = "", 0, False
@@ -182,22 +191,25 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
             if row is not None:
                 new = [token_logprobs(row, out.tokens[0], int(top))]
         choice.logprobs += new
-        text += decoder.push(out.tokens)
+        step_tokens = list(out.tokens) if want_tokens else []
+        choice.tokens += step_tokens
+        if decoder is not None:
+            text += decoder.push(out.tokens)
         cut = first_stop(text, stop_strings)
         if cut is not None:
             choice.stop_string = next(s for s in stop_strings if text.find(s) == cut)
             text, stopped = text[:cut], True
             if stream:
-                send(index, text[sent:], new)
+                send(index, text[sent:], new, step_tokens)
             break
         safe = len(text) - held_back(text, stop_strings)
         if stream:  # every step, even without text: the server times tokens by these messages
-            send(index, text[sent:safe], new)
+            send(index, text[sent:safe], new, step_tokens)
         sent = max(sent, safe)
-    if not stopped:
+    if not stopped and decoder is not None:
         text += decoder.finish()
         if stream and len(text) > sent:
-            send(index, text[sent:], [])
+            send(index, text[sent:], [], [])
     choice.text = text
     choice.completion_tokens = gen.tokens_generated
     choice.finish_reason = "length" if not stopped and gen.tokens_generated >= max_tokens else "stop"
@@ -239,8 +251,11 @@ def token_logprobs(row: bytes, token: int, top: int) -> list[Any]:
     return [int(token), float(logits[token] - logz), best]
 
 
-def send(index: int, piece: str, logprobs: list[Any]) -> None:
-    session.send(json.dumps({"i": index, "delta": piece, "logprobs": logprobs}))
+def send(index: int, piece: str, logprobs: list[Any], tokens: list[int]) -> None:
+    message: dict[str, Any] = {"i": index, "delta": piece, "logprobs": logprobs}
+    if tokens:
+        message["tokens"] = tokens
+    session.send(json.dumps(message))
 
 
 def first_stop(text: str, stops: list[str]) -> int | None:

@@ -40,21 +40,25 @@ _FIRST_IMPORT = threading.Lock()  # weight-loading progress; `pie run` shows it 
 
 
 def log_load_progress(name: str, every_s: float = 1.0) -> Callable[[int, int], None]:
-    """The engine's load-progress callback: an INFO line on `pie.load` at most every `every_s` while
-    tensors are read, and one when all are (a small model's load is one line)."""
+    """The engine's load-progress callback: an INFO line on `pie.load` at the first tensor, at most
+    every `every_s` while tensors are read, and one when all are. Each record carries `done`,
+    `total` and `elapsed_s` (`extra`), from which `pie serve` draws a bar on a terminal."""
     start: list[float] = []  # when the first tensor was read
     last: list[float] = []  # when the last line was logged
 
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
-        if not start:
+        first = not start
+        if first:
             start.append(now)
             last.append(now)
+        extra = {"model": name, "done": done, "total": total, "elapsed_s": now - start[0]}
         if done >= total:
-            load_log.info("loaded %s: %d tensors in %.1f s", name, total, now - start[0])
-        elif now - last[0] >= every_s:
+            load_log.info("loaded %s: %d tensors in %.1f s", name, total, now - start[0], extra=extra)
+        elif first or now - last[0] >= every_s:
             last[0] = now
-            load_log.info("loading %s: %d/%d tensors (%d%%)", name, done, total, done * 100 // max(total, 1))
+            load_log.info("loading %s: %d/%d tensors (%d%%)", name, done, total, done * 100 // max(total, 1),
+                          extra=extra)
 
     return progress
 

@@ -6,7 +6,8 @@
 - `GET /metrics`: Prometheus text exposition;
 - `/v1/models`, `/v1/models/{id}`, `/v1/chat/completions`, `/v1/completions`: the OpenAI-compatible
   API (`openai.py`); `/v1/messages`, `/v1/messages/count_tokens`: Anthropic's (`api/anthropic.py`);
-  `/v1/responses`: OpenAI's Responses API (`api/responses.py`).
+  `/v1/responses`: OpenAI's Responses API (`api/responses.py`); `/v1beta/models/{model}:generateContent`,
+  `:streamGenerateContent`, `:countTokens`: Gemini's (`api/gemini.py`).
 
 Every error is a JSON body in the API's shape (`api/errors.py`); with API keys set, every route but
 `/health` (and the WebSocket, which has its own handshake) needs one (`api/auth.py`).
@@ -27,7 +28,7 @@ from aiohttp import web
 
 from pie.errors import InputError
 from pie.server import logs, openai
-from pie.server.api import anthropic, auth, responses
+from pie.server.api import anthropic, auth, gemini, responses
 from pie.server.api.errors import json_errors
 from pie.server.auth import bearer_matches
 from pie.server.connections import first_request
@@ -59,6 +60,7 @@ def build_app(state: ServerState) -> web.Application:
     openai.add_routes(app.router)
     anthropic.add_routes(app.router)
     responses.add_routes(app)
+    gemini.add_routes(app.router)
     return app
 
 

@@ -1,5 +1,6 @@
 """The server's logging: level and format (`pie serve --log-level`, `--log-format json`), the startup
-banner, and the access log (one line per HTTP request, logger `pie.access`).
+banner, the access log (one line per HTTP request, logger `pie.access`), and weight-loading progress
+(logger `pie.load`): log lines, or on a terminal one bar redrawn in place (`LoadBar`).
 
 JSON lines carry `ts`, `level`, `logger`, `message`, plus the request fields of access lines (`method`,
 `path`, `status`, `duration_ms`, `user`), so a log shipper needs no parsing rules.
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -32,15 +34,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """Root logging for `pie serve` (replaces handlers set before, so a second call takes effect)."""
+class LoadBar(logging.Handler):
+    """`pie.load` progress records (they carry `model`, `done`, `total`, `elapsed_s`) as one line
+    redrawn in place, ended by a newline when the load completes."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        done, total = getattr(record, "done", None), getattr(record, "total", None)
+        if not isinstance(done, int) or not isinstance(total, int):
+            return
+        filled = self.WIDTH * done // max(total, 1)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(f"\rloading {getattr(record, 'model', '')} [{bar}] {done * 100 // max(total, 1):3d}% "
+                          f"{done}/{total} tensors {float(getattr(record, 'elapsed_s', 0.0)):.1f} s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _not_load_steps(record: logging.LogRecord) -> bool:
+    """On a terminal the bar shows the steps; the log keeps the final "loaded" line."""
+    done, total = getattr(record, "done", None), getattr(record, "total", None)
+    return record.name != "pie.load" or done is None or total is None or done >= total
+
+
+def configure(level: str = "info", fmt: str = "text", *, terminal: bool | None = None) -> None:
+    """Root logging for `pie serve` (replaces handlers set before, so a second call takes effect).
+    `terminal` (default: whether stderr is one) draws the load progress as a bar instead of lines."""
     if level not in LOG_LEVELS:
         raise ValueError(f"log level {level!r}; use one of {', '.join(LOG_LEVELS)}")
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r}; use one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    handlers: list[logging.Handler] = [handler]
+    if terminal is None:
+        terminal = sys.stderr.isatty()
+    if terminal and fmt == "text":
+        handler.addFilter(_not_load_steps)
+        handlers.insert(0, LoadBar(sys.stderr))  # first: the finished bar's newline precedes the "loaded" line
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True)
 
 
 def access_line(method: str, path: str, status: int, duration_s: float, user: str | None) -> None:

@@ -163,7 +163,7 @@ def full_response(plan: Plan, rid: str, created: int, outcome: Outcome) -> dict[
     choices = []
     for result in outcome.choices:
         if req.mode == "chat":
-            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(result.text)
+            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(result.text, result.tokens)
             choices.append({"index": result.index, "message": chat_message(split),
                             "finish_reason": "tool_calls" if split.calls else result.finish_reason,
                             "logprobs": chat_logprobs(plan.model, result.logprobs) if req.logprobs is not None
@@ -256,7 +256,7 @@ class _ChatStream:
         return [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(len(self.splitters))]
 
     def delta(self, item: Delta) -> list[dict[str, Any]]:
-        pieces = self.splitters[item.index].push(item.text)
+        pieces = self.splitters[item.index].push(item.text, item.tokens)
         chunks = [self.chunk(item.index, _piece_delta(kind, text)) for kind, text in pieces]
         if item.logprobs:
             if chunks:
@@ -296,12 +296,16 @@ class _CompletionStream:
                 "model": self.plan.request.model, "choices": [choice]}
 
     def opening(self) -> list[dict[str, Any]]:
-        if not self.plan.request.echo:
-            return []
+        if not self.plan.request.echo or self.plan.request.logprobs is not None:
+            return []  # with logprobs the echo waits for the prefill's scores (`delta`)
         count = self.plan.request.n * len(self.plan.prompts)
         return [self.chunk(i, _echo_text(self.plan, i)) for i in range(count)]
 
     def delta(self, item: Delta) -> list[dict[str, Any]]:
+        if item.prompt_logprobs is not None:  # the echo, scored: the first token has no logprob
+            first = self.plan.prompts[item.index // self.plan.request.n][0]
+            entries = [[first, None, None], *item.prompt_logprobs]
+            return [self.chunk(item.index, _echo_text(self.plan, item.index), logprobs=entries)]
         return [self.chunk(item.index, item.text, logprobs=item.logprobs)]
 
     def closing(self, result: ChoiceResult) -> list[dict[str, Any]]:

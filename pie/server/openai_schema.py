@@ -93,6 +93,7 @@ class GenerationRequest:
     messages: tuple[dict[str, Any], ...] = ()  # chat: normalised messages (see `_message`)
     prompts: tuple[str | tuple[int, ...], ...] = ()  # completion: text or token ids, one choice group each
     echo: bool = False
+    reasoning_effort: str | None = None  # harmony (GPT-OSS) models only: low, medium or high
 
 
 # -- the parameter tables ---------------------------------------------------------------------------
@@ -102,7 +103,8 @@ _COMMON = {"model", "max_tokens", "n", "temperature", "top_p", "top_k", "min_p",
            "frequency_penalty", "repetition_penalty", "logit_bias"}
 SUPPORTED: dict[str, frozenset[str]] = {
     "chat": frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                                 "response_format", "tools", "tool_choice", "parallel_tool_calls"}),
+                                 "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                                 "reasoning_effort"}),
     "completion": frozenset(_COMMON | {"prompt", "logprobs", "echo"}),
 }
 INFORMATIONAL = frozenset({"user", "metadata", "prompt_cache_key", "safety_identifier", "service_tier", "store"})
@@ -119,7 +121,6 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (lambda v: False, "the deprecated `functions` are not supported; send `tools`"),
     "function_call": (lambda v: False, "the deprecated `function_call` is not supported; send `tool_choice`"),
     "prediction": (lambda v: False, "predicted outputs are not supported"),
-    "reasoning_effort": (lambda v: False, "the served models take no reasoning effort; leave it out"),
     "verbosity": (lambda v: False, "the served models take no verbosity; leave it out"),
     "web_search_options": (lambda v: False, "pie has no web search"),
     "best_of": (lambda v: v == 1, "best_of is not supported; use `n` and pick on the client"),
@@ -168,13 +169,18 @@ def parse_chat(body: Any) -> GenerationRequest:
         top = _int(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if not logprobs:
             raise OpenAIError("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
-    return GenerationRequest(mode="chat", messages=normalised, tools=tools,
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise OpenAIError(f"`reasoning_effort` is {effort!r}; use one of {list(REASONING_EFFORTS)}",
+                          param="reasoning_effort")
+    return GenerationRequest(mode="chat", messages=normalised, tools=tools, reasoning_effort=effort,
                              logprobs=(top or 0) if logprobs else None,
                              json_schema=parse_response_format(body.get("response_format")),
                              **common(body, tokens_keys=("max_completion_tokens", "max_tokens")))
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+REASONING_EFFORTS = ("low", "medium", "high")
 
 
 def _message(message: Any, index: int) -> dict[str, Any]:
@@ -317,9 +323,6 @@ def parse_completion(body: Any) -> GenerationRequest:
     if logprobs is not None:
         logprobs = _int(logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)
     echo = _bool(body.get("echo") or False, "echo")
-    if echo and logprobs is not None and body.get("stream"):
-        raise OpenAIError("`echo` with `logprobs` is not supported when streaming (the prompt's logprobs come "
-                          "with the whole response); send stream=false", param="echo")
     return GenerationRequest(mode="completion", prompts=prompts, logprobs=logprobs, echo=echo,
                              **common(body, tokens_keys=("max_tokens",)))
 

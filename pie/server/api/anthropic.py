@@ -189,7 +189,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         except GenerationFailed as error:
             return _error(request, OpenAIError(str(error), status=500))
         result = outcome.choices[0]
-        split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(result.text)
+        split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(result.text, result.tokens)
         return web.json_response(_message(plan, mid, split, result, outcome))
     finally:
         finish_timer(timer, outcome)
@@ -268,7 +268,7 @@ async def _stream(request: web.Request, plan: Plan, process: Any, mid: str,
     try:
         async for item in generation.run(process, timer):
             if isinstance(item, Delta):
-                for kind, text in splitter.push(item.text):
+                for kind, text in splitter.push(item.text, item.tokens):
                     await emit(kind, text)
                 continue
             outcome = item

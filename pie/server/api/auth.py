@@ -3,7 +3,8 @@
 Keys come from `[server] api_keys` in config.toml and from `PIE_API_KEY`. An entry is a key
 (`sk-...`), a hash of one (`sha256:<64 hex>`, so the file need not hold the secret), or either after
 a user name (`alice=sk-...`, `alice=sha256:...`). A request sends its key as `Authorization: Bearer
-<key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic clients).
+<key>` (OpenAI clients), `x-api-key: <key>` (Anthropic clients), or `x-goog-api-key: <key>` or
+`?key=<key>` (Gemini clients).
 
 When keys are set, every route except `/health` needs one (`/metrics` too, unless
 `[server] metrics_public = true`); the WebSocket keeps its own SSH-key handshake (`enable_auth`).
@@ -96,7 +97,7 @@ def _presented(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         return header.removeprefix("Bearer ").strip()
-    key = request.headers.get("x-api-key")
+    key = request.headers.get("x-api-key") or request.headers.get("x-goog-api-key") or request.query.get("key")
     return key.strip() if key else None
 
 

@@ -2,8 +2,9 @@
 
 aiohttp answers unknown routes (404), wrong methods (405) and oversized bodies (413) with plain
 text; this middleware turns those, and any unexpected exception (logged with its traceback on the
-server, a 500 for the client), into OpenAI's `{"error": {message, type, param, code}}`, or
-Anthropic's `{"type": "error", "error": {type, message}}` under `/v1/messages`.
+server, a 500 for the client), into OpenAI's `{"error": {message, type, param, code}}`,
+Anthropic's `{"type": "error", "error": {type, message}}` under `/v1/messages`, or Gemini's
+`{"error": {code, message, status, details}}` under `/v1beta/`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,20 @@ _KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           429: "rate_limit_error", 503: "overloaded_error"}
 
 
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                  503: "UNAVAILABLE"}
+
+
 def error_body(path: str, status: int, message: str, *, param: str | None = None,
                code: str | None = None, kind: str | None = None) -> dict[str, Any]:
+    if path.startswith("/v1beta/"):
+        error: dict[str, Any] = {"code": status, "message": message,
+                                 "status": _GOOGLE_STATUS.get(status, "INTERNAL")}
+        if param is not None:  # google.rpc.BadRequest names the field, as Gemini's own 400s do
+            error["details"] = [{"@type": "type.googleapis.com/google.rpc.BadRequest",
+                                 "fieldViolations": [{"field": param, "description": message}]}]
+        return {"error": error}
     if path.startswith("/v1/messages"):
         anthropic_kind = _KINDS.get(status, "api_error")
         return {"type": "error", "error": {"type": anthropic_kind, "message": message}}

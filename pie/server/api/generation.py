@@ -36,6 +36,8 @@ class Delta:
     index: int
     text: str
     logprobs: list[LogprobEntry] = field(default_factory=list)
+    tokens: tuple[int, ...] = ()  # the step's token ids (harmony plans ask for them)
+    prompt_logprobs: list[LogprobEntry] | None = None  # prompt tokens 1.. (echo), before any generated text
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class ChoiceResult:
     logprobs: list[LogprobEntry]
     stop_string: str | None = None
     prompt_logprobs: list[LogprobEntry] = field(default_factory=list)  # prompt tokens 1.. (echo)
+    tokens: tuple[int, ...] = ()  # the generated token ids (harmony plans ask for them)
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,12 @@ async def run(process: ProcessAPI, timer: RequestTimer | None = None) -> AsyncIt
             if delta is None:
                 if timer is not None:
                     timer.started()
+            elif delta.prompt_logprobs is not None:
+                yield delta  # the prefill's scores: no generated token to time
             else:
                 if timer is not None:
                     timer.token()
-                if delta.text or delta.logprobs:
+                if delta.text or delta.logprobs or delta.tokens:
                     yield delta
         elif event.kind == "return":
             yield _outcome(event.value)
@@ -116,13 +121,16 @@ def _delta(value: str | bytes) -> Delta | None:
         return None
     if not isinstance(message, dict) or "i" not in message:
         return None  # {"started": true}
-    return Delta(int(message.get("i", 0)), str(message.get("delta", "")), list(message.get("logprobs") or []))
+    scored = message.get("prompt_logprobs")
+    return Delta(int(message.get("i", 0)), str(message.get("delta", "")), list(message.get("logprobs") or []),
+                 tuple(int(t) for t in message.get("tokens") or ()), None if scored is None else list(scored))
 
 
 def _outcome(value: str | bytes) -> Outcome:
     result = json.loads(_text(value))
     choices = [ChoiceResult(int(c["index"]), str(c["text"]), str(c["finish_reason"]), int(c["completion_tokens"]),
-                            list(c.get("logprobs") or []), c.get("stop_string"), list(c.get("prompt_logprobs") or []))
+                            list(c.get("logprobs") or []), c.get("stop_string"), list(c.get("prompt_logprobs") or []),
+                            tuple(int(t) for t in c.get("tokens") or ()))
                for c in result["choices"]]
     return Outcome(sorted(choices, key=lambda c: c.index), sum(int(p) for p in result["prompt_tokens"]))
 

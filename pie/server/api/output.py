@@ -2,7 +2,8 @@
 
 `OutputSplitter` works incrementally, so a stream shows reasoning and content as they come and holds
 back only text that may be a tool call (or a partial `</think>`); the calls themselves are parsed
-when the choice ends. The whole-text path is the same splitter fed once.
+when the choice ends. The whole-text path is the same splitter fed once. Harmony models (GPT-OSS)
+are split by their tokens instead (`harmony.ChannelParser`): channels are special tokens, not text.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pie.server.api.harmony import ChannelParser
 from pie.server.api.served import THINK_CLOSE, THINK_OPEN, ServedModel
 from pie.server.api.tool_parsers import ToolCall, ToolFormat
 
@@ -26,6 +28,7 @@ class Split:
 
 class OutputSplitter:
     def __init__(self, model: ServedModel, *, parse_tools: bool) -> None:
+        self._channels = ChannelParser(parse_tools=parse_tools) if model.harmony else None
         self._format: ToolFormat | None = model.tool_format if parse_tools else None
         self._reasoning = model.reasoning
         self._thinking: bool | None = True if model.thinks_from_start else (None if self._reasoning else False)
@@ -34,7 +37,10 @@ class OutputSplitter:
         self._sent = 0  # content characters handed out
         self._after_think = False
 
-    def push(self, text: str) -> list[Piece]:
+    def push(self, text: str, tokens: list[int] | tuple[int, ...] = ()) -> list[Piece]:
+        """The pieces ready after one more delta (`tokens`: its token ids, which harmony reads)."""
+        if self._channels is not None:
+            return self._channels.push(list(tokens))
         out: list[Piece] = []
         if self._thinking is not False:
             self._think += text
@@ -55,6 +61,8 @@ class OutputSplitter:
         return out
 
     def finish(self) -> tuple[list[Piece], list[ToolCall]]:
+        if self._channels is not None:
+            return self._channels.finish()
         out: list[Piece] = []
         if self._thinking is not False:
             # Generation ended inside the reasoning (or before deciding): it is all reasoning, or all content.
@@ -71,9 +79,9 @@ class OutputSplitter:
             out.append(("content", tail))
         return out, calls
 
-    def whole(self, text: str) -> Split:
+    def whole(self, text: str, tokens: list[int] | tuple[int, ...] = ()) -> Split:
         split = Split()
-        pieces = self.push(text)
+        pieces = self.push(text, tokens)
         more, split.calls = self.finish()
         for kind, piece in [*pieces, *more]:
             if kind == "reasoning":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pie.errors import RequestError
+from pie.server.api.harmony import HarmonyUnavailable, stop_tokens
 from pie.server.api.served import ServedModel
 from pie.server.openai_schema import MAX_TOKENS_DEFAULT, GenerationRequest, OpenAIError
 
@@ -34,12 +35,22 @@ class Plan:
                         "frequency_penalty": req.sampling.frequency_penalty,
                         "repetition_penalty": req.sampling.repetition_penalty,
                         "logit_bias": [list(pair) for pair in req.sampling.logit_bias]},
-            "seed": req.seed, "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
+            "seed": req.seed, "stop": list(req.stop), "stop_token_ids": self._stop_token_ids(),
             "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logprobs": req.logprobs,
             "constraint": self.constraint, "render_special": self.parse_tools or self.model.reasoning,
             "stream": True, "save": self.save,  # always: the server times every step (metrics)
             "prompt_logprobs": req.logprobs if req.echo else None,
+            # harmony: the server parses the channels from the token ids, the inferlet decodes nothing
+            "tokens": self.harmony, "text": not self.harmony,
         })
+
+    @property
+    def harmony(self) -> bool:
+        return self.model.harmony and self.request.mode == "chat"
+
+    def _stop_token_ids(self) -> list[int]:
+        given = list(self.request.stop_token_ids)
+        return sorted(set(given) | set(stop_tokens())) if self.harmony else given
 
     @property
     def prompt_tokens(self) -> int:
@@ -47,11 +58,19 @@ class Plan:
 
 
 def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None = None) -> Plan:
+    if model.harmony:
+        _check_harmony(req)
+    elif req.reasoning_effort is not None:
+        raise OpenAIError(f"`reasoning_effort` is not supported: {model.name!r} takes no reasoning effort (only "
+                          "harmony models, GPT-OSS, do); leave it out", param="reasoning_effort",
+                          code="unsupported_parameter")
     try:
         prompts = _prompt_tokens(req, model)
     except RequestError as error:
         if isinstance(error, OpenAIError):
             raise
+        if isinstance(error, HarmonyUnavailable):
+            raise OpenAIError(str(error), status=503, kind="server_error") from None
         raise OpenAIError(str(error), param="messages" if req.mode == "chat" else "prompt") from None
     max_tokens = _max_tokens(req, model, prompts)
     bad = [t for t in req.stop_token_ids if model.vocab_size and t >= model.vocab_size]
@@ -82,10 +101,25 @@ def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None =
     return Plan(req, model, prompts, max_tokens, constraint, parse, save)
 
 
+def _check_harmony(req: GenerationRequest) -> None:
+    """What harmony (GPT-OSS) plans cannot do yet: each a 400 naming the parameter."""
+    if req.mode != "chat":
+        return  # completions are raw tokens in, raw text out: no channels to parse
+    if req.stop:
+        raise OpenAIError("`stop` strings are not supported on a harmony (GPT-OSS) model: its output is "
+                          "channels of special tokens; send `stop_token_ids`", param="stop")
+    if req.json_schema is not None:
+        raise OpenAIError("`response_format` is not supported on a harmony (GPT-OSS) model yet: the schema "
+                          "would have to constrain the final channel only", param="response_format")
+    if req.tools is not None and req.tools.forced:
+        raise OpenAIError("a forced `tool_choice` (required or a named function) is not supported on a harmony "
+                          "(GPT-OSS) model yet; use 'auto'", param="tool_choice")
+
+
 def _prompt_tokens(req: GenerationRequest, model: ServedModel) -> tuple[tuple[int, ...], ...]:
     if req.mode == "chat":
         declared = list(req.tools.declared) if req.tools is not None else None
-        return (tuple(model.render_chat(list(req.messages), declared)),)
+        return (tuple(model.render_chat(list(req.messages), declared, reasoning_effort=req.reasoning_effort)),)
     prompts: list[tuple[int, ...]] = []
     for i, prompt in enumerate(req.prompts):
         ids = tuple(model.encode(prompt)) if isinstance(prompt, str) else prompt

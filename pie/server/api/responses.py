@@ -256,7 +256,8 @@ async def create(request: web.Request) -> web.StreamResponse:
                 outcome = await generation.collect(process, timer)
             except GenerationFailed as error:
                 return _error(OpenAIError(str(error), status=500, kind="server_error"))
-            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(outcome.choices[0].text)
+            first = outcome.choices[0]
+            split = OutputSplitter(plan.model, parse_tools=plan.parse_tools).whole(first.text, first.tokens)
             response = web.json_response(shape.response(split, outcome))
         if outcome is not None and store:
             _remember(request, user, rid, plan, shape, outcome)
@@ -378,7 +379,7 @@ async def _stream(request: web.Request, plan: Plan, process: Any, shape: _Shape,
     try:
         async for item in generation.run(process, timer):
             if isinstance(item, Delta):
-                for kind, piece in splitter.push(item.text):
+                for kind, piece in splitter.push(item.text, item.tokens):
                     if kind == "reasoning":
                         reasoning += piece
                     else:

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pie.errors import ChatTemplateError, ModelNotFoundError, RequestError
 from pie.runtime.tokenizer import TOOL_CALL_TAGS, TOOL_CONVENTION, ModelTokenizer
+from pie.server.api import harmony
 from pie.server.api.tool_parsers import ToolCall, ToolFormat, detect_format
 
 _PROBE_TOOL = {"type": "function", "function": {"name": "pie_probe_fn", "description": "probe",
@@ -63,6 +64,8 @@ class ServedModel:
         template = tokenizer.template if tokenizer else None
         self.template_source = template.source if template else None
         self.tool_format: ToolFormat = detect_format(self.template_source)
+        # GPT-OSS speaks harmony: prompts and outputs go through openai-harmony, not the template.
+        self.harmony = _model_type(model_dir) == "gpt_oss"
 
     # -- facts ---------------------------------------------------------------------------------
 
@@ -108,8 +111,12 @@ class ServedModel:
 
     # -- chat ----------------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-        """The prompt tokens of a conversation, ending with the generation prompt."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
+                    reasoning_effort: str | None = None) -> list[int]:
+        """The prompt tokens of a conversation, ending with the generation prompt (`reasoning_effort`:
+        harmony models only)."""
+        if self.harmony:
+            return harmony.render(messages, tools, reasoning_effort=reasoning_effort)
         tok = self._tok()
         template = self._template
         if template is None:
@@ -214,6 +221,12 @@ def served_model(runtime: object, name: str) -> ServedModel | None:
     model_dir = Path(info.model_dir) if info is not None and getattr(info, "model_dir", None) else None
     served = per_runtime[name] = ServedModel(name, model_dir, tokenizer, model.describe())
     return served
+
+
+def _model_type(model_dir: Path | None) -> str:
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        return ""
+    return str(json.loads((model_dir / "config.json").read_text()).get("model_type") or "")
 
 
 def _max_positions(model_dir: Path | None) -> int:
