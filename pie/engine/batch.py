@@ -109,6 +109,9 @@ class Request:
     token_from: (request j, output k) of the batch run just before this one: the one input token is that
       output's sampled token, filled in by the engine client before the engine sees the request
       (`pie.runtime.engine_client.resolve_chained`); the engine itself never sees it set.
+    images: (image key, row of the image's first token in `tokens`) of each image the engine prepared
+      (`Engine.prepare_image`) whose rows fall in this request; the row is negative when the image began in
+      an earlier pass. Its embedding rows take the vision tower's output instead of token embeddings.
     """
 
     tokens: list[int]
@@ -121,6 +124,7 @@ class Request:
     adapter: int | None = None
     seed: int | None = None
     token_from: tuple[int, int] | None = None
+    images: list[tuple[str, int]] | None = None
 
 
 @dataclass(slots=True)
