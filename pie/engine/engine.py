@@ -136,12 +136,13 @@ class Engine:
             return None  # the tower is not sharded; images are refused (prepare_image) under tensor parallelism
         return vision
 
-    def prepare_image(self, data: bytes) -> ImageInfo:
-        """Decode and prepare an image (PNG/JPEG/...) for `Request.images`; InputError for bad bytes."""
+    def prepare_image(self, data: bytes, max_pixels: int = 0) -> ImageInfo:
+        """Decode and prepare an image (PNG/JPEG/...) for `Request.images`; InputError for bad bytes or an
+        image over `max_pixels` (width x height; 0 = the decoder's own limit)."""
         if self.vision is None:
             raise UnsupportedModelError(f"model_type {self.info.model_type!r} takes no images here (text only"
                                         f"{', or tensor_parallel_size > 1' if self.tp.size > 1 else ''})")
-        return self.vision.prepare(data)
+        return self.vision.prepare(data, max_pixels)
 
     def _swap_pool(self) -> SwapPool | None:
         """The host pool for suspended contexts: swap_pool_size pages, or cpu_mem_budget_in_gb of them."""

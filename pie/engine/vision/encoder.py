@@ -65,7 +65,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Imag
             image = Image.open(io.BytesIO(data))
             w, h = image.size
             if w * h > max_pixels:
-                raise InputError(f"the image is {w}x{h} = {w * h} pixels, over the decoder's limit of {max_pixels}")
+                raise InputError(f"the image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                                 "([runtime] max_image_pixels); send a smaller image")
             image.load()
     except InputError:
         raise
@@ -114,13 +115,16 @@ class VisionEncoder:
 
     # -- images in --
 
-    def prepare(self, data: bytes) -> ImageInfo:
+    def prepare(self, data: bytes, max_pixels: int = 0) -> ImageInfo:
         """Decode and prepare `data`, keep it under its content hash; the same bytes are prepared once."""
         key = hashlib.sha256(data).hexdigest()
         entry = self.store.get(key)
         if entry is not None:
+            if max_pixels and entry.info.width * entry.info.height > max_pixels:
+                raise InputError(f"the image is {entry.info.width}x{entry.info.height} = "
+                                 f"{entry.info.width * entry.info.height} pixels, over the limit of {max_pixels}")
             return entry.info
-        pil = decode_image(data)
+        pil = decode_image(data, min(max_pixels or MAX_DECODE_PIXELS, MAX_DECODE_PIXELS))
         image = self.processor.prepare(pil)
         positions = image.positions.tolist() if image.positions is not None else None
         info = ImageInfo(key, list(image.tokens), list(image.embed_rows), tuple(image.grid), positions,
@@ -182,7 +186,7 @@ class VisionEncoder:
                                      f"(its tokens {lo - row0}..{hi - row0 - 1}); an image's placeholder tokens "
                                      "must be passed as the image gave them")
                 rows = [j for j in info.embed_rows if lo <= row0 + j < hi]
-                if self.bidirectional and rows and len(rows) != len(info.embed_rows):
+                if self.bidirectional and rows and row0 + info.embed_rows[-1] >= q_len:
                     raise BatchError(f"request {r}: image {key[:16]}... is split between passes ({len(rows)} of "
                                      f"its {len(info.embed_rows)} embedding rows here); this model attends both "
                                      "ways within an image, so its tokens must be in one pass")
