@@ -180,16 +180,21 @@ class Context:
         self._fresh = False
         return self._extend([int(t) for t in tokens])
 
-    def append_image(self, image: Image) -> Context:
-        """The image's placeholder tokens into the buffer, its embeddings in their rows when they run."""
-        self._fresh = False
-        self._images.append((len(self._pending), image))
-        self._pending.extend(image.token_ids)
-        return self
+    async def append_image(self, image: Image) -> None:
+        """The image into the KV cache (Pie's `append_image`): the buffer and the image's tokens (its
+        delimiters included) run in one pass, the image's embeddings in their rows."""
+        await self.append_images([image])
 
-    def append_images(self, images: Iterable[Image]) -> Context:
+    async def append_images(self, images: Iterable[Image]) -> None:
+        self.buffer_images(images)
+        await self.flush()
+
+    def buffer_images(self, images: Iterable[Image]) -> Context:
+        """The images' tokens into the buffer only, like `append` (they run with the next pass)."""
+        self._fresh = False
         for image in images:
-            self.append_image(image)
+            self._images.append((len(self._pending), image))
+            self._pending.extend(image.token_ids)
         return self
 
     def _turn(self, tokens: list[int]) -> Context:

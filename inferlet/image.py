@@ -2,7 +2,8 @@
 
     image = Image.from_bytes(model, png_bytes)
     ctx.user(["What is in this picture?", image])      # the chat template's image slot
-    ctx.append_image(image)                             # or the image's tokens, raw
+    await ctx.append_image(image)                       # or into the KV cache now
+    ctx.buffer_images([image])                          # or into the buffer, like `append`
     fwd.input_image(image)                              # or inside one forward pass
 
 `from_bytes` decodes and preprocesses the bytes (PNG, JPEG, WebP, GIF) with the
@@ -43,7 +44,18 @@ class Image:
 
     @property
     def token_count(self) -> int:
+        """Tokens the image occupies, its begin/end delimiters included (Pie counts those apart)."""
         return len(self.token_ids)
+
+    @property
+    def prefix_tokens(self) -> list[int]:
+        """The delimiter tokens before its first embedding row (Gemma 3: <start_of_image>)."""
+        return self.token_ids[:self.embed_rows[0]] if self.embed_rows else []
+
+    @property
+    def suffix_tokens(self) -> list[int]:
+        """The delimiter tokens after its last embedding row (Gemma 3: <end_of_image>)."""
+        return self.token_ids[self.embed_rows[-1] + 1:] if self.embed_rows else []
 
     def __repr__(self) -> str:
         return f"Image({self.key[:12]}, {self.width}x{self.height}, {self.token_count} tokens)"

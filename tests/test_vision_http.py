@@ -66,7 +66,7 @@ async def _sdk_text(server: Server, data: bytes, max_tokens: int) -> str:
         model = Model.load(MODEL)
         image = Image.from_bytes(model, data)
         ctx = Context(model)
-        ctx.append(tokens[:rows[0]]).append_image(image).append(tokens[rows[0] + image.token_count:])
+        ctx.append(tokens[:rows[0]]).buffer_images([image]).append(tokens[rows[0] + image.token_count:])
         out = await ctx.generate(Sampler.argmax(), max_tokens=max_tokens, stop=chat.stop_tokens(model),
                                  auto_flush=False).collect_tokens()
         return model.tokenizer().decode(out)

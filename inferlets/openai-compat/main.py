@@ -228,7 +228,7 @@ def fill(ctx: Context, model: Model, tokens: list[int], images: list[tuple[int, 
     at = 0
     for row, data in sorted(images, key=lambda image: image[0]):
         image = Image.from_bytes(model, data)  # prepared by the server already: found by its content hash
-        ctx.append(tokens[at:row]).append_image(image)
+        ctx.append(tokens[at:row]).buffer_images([image])
         at = row + image.token_count
     ctx.append(tokens[at:])
 
