@@ -94,6 +94,10 @@ async def test_bad_images_are_400s_and_the_server_goes_on(client: openai.AsyncOp
     for url, why in cases:
         with pytest.raises(openai.BadRequestError, match=why):
             await client.chat.completions.create(model=MODEL, messages=_messages(url), max_tokens=2)  # type: ignore[arg-type]
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(png(20 + i))}}
+                                         for i in range(17)]}]  # 17 x 4 rows > max_num_embeds = 64
+    with pytest.raises(openai.BadRequestError, match="68 embedding rows, over the model's max_num_embeds = 64"):
+        await client.chat.completions.create(model=MODEL, messages=many, max_tokens=2)  # type: ignore[arg-type]
     ok = await client.chat.completions.create(model=MODEL, messages=_messages(_data_url(png(14))), max_tokens=2)  # type: ignore[arg-type]
     assert ok.choices[0].finish_reason in ("stop", "length")
 

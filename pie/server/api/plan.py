@@ -120,6 +120,11 @@ def _prepare(req: GenerationRequest, model: ServedModel) -> list[Any]:
             out.append(model.prepare_image(data))
         except (PieError, HostError) as error:
             raise OpenAIError(f"image {i} of the messages: {error}", param="messages", code="invalid_image") from None
+    rows = sum(len(info.embed_rows) for info in out)
+    if model.max_num_embeds and rows > model.max_num_embeds:
+        raise OpenAIError(f"the messages' {len(out)} image(s) take {rows} embedding rows, over the model's "
+                          f"max_num_embeds = {model.max_num_embeds} (one prefill); send fewer images, or raise "
+                          "max_num_embeds in the model's config", param="messages", code="too_many_images")
     return out
 
 

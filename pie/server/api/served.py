@@ -59,6 +59,7 @@ class ServedModel:
         self.name = name
         # Decode + preprocess an image on the model's engines (None: the model takes no images).
         self.prepare_image = prepare_image
+        self.max_num_embeds = int(facts.get("max_num_embeds") or 0)  # image embedding rows per pass
         self.tokenizer = tokenizer
         self.vocab_size = int(facts.get("vocab_size") or (tokenizer.vocab_size if tokenizer else 0))
         # One request's context lives on one group, within one instance's page limit.
