@@ -181,3 +181,55 @@ async def test_limits_and_bad_bytes_are_host_errors(ckpt: Path, tmp_path: Path) 
         assert "placeholder tokens" in errors[3]
     finally:
         await rt.shutdown(0)
+
+
+IMAGE_PROGRAM = '''
+import base64
+
+from inferlet import Context, Image, Model, Sampler
+
+
+async def main(input):
+    model = Model.load()
+    image = Image.from_bytes(model, base64.b64decode(input["image"]))
+    ctx = Context(model)
+    ctx.append([5, 6])
+    await ctx.append_image(image)
+    ctx.append([7, 8])
+    tokens = await ctx.generate(Sampler.argmax(), max_tokens=6, stop=[], auto_flush=False).collect_tokens()
+    return " ".join(str(t) for t in tokens)
+'''
+
+
+async def test_an_isolated_inferlet_takes_images_like_a_trusted_one(ckpt: Path, tmp_path: Path) -> None:
+    """The image bytes and the placements cross the sandbox's IPC as plain data."""
+    import base64
+    import json
+
+    from inferlet_helpers import launch
+
+    from pie.runtime.sandbox import SandboxPolicy
+    from pie.runtime.sandbox.server import run_isolated
+
+    programs = tmp_path / "programs"
+    (programs / "image-gen").mkdir(parents=True)
+    (programs / "image-gen" / "Pie.toml").write_text('[package]\nname = "image-gen"\nversion = "0.1.0"\n')
+    (programs / "image-gen" / "main.py").write_text(IMAGE_PROGRAM)
+    rt = await start_runtime(ckpt, limits=WHOLE, pie_home=tmp_path, paths=(programs,), kv_page_size=4,
+                             max_num_embeds=64, activation_dtype="float32")
+    try:
+        inputs = {"image": base64.b64encode(png(9)).decode()}
+        trusted, _ = await launch(rt, "image-gen", inputs)
+        assert trusted.kind == "return", trusted.value
+        resolved = rt.registry.resolve("image-gen")
+        policy = SandboxPolicy(allow_weaker=True, scratch_root=tmp_path / "scratch")
+
+        async def body(instance: Any) -> str:
+            return await run_isolated(resolved, json.dumps(inputs), instance.host, instance.emit, policy,
+                                      username=instance.username, instance_id=instance.id)
+
+        events = [e async for e in rt.spawn(body, program=resolved.spec, username="alice").events()]
+        assert events[-1].kind == "return", events[-1].value
+        assert events[-1].value == trusted.value and len(trusted.value.split()) == 6
+    finally:
+        await rt.shutdown(0)
