@@ -61,6 +61,9 @@ async def _sdk_text(server: Server, data: bytes, max_tokens: int) -> str:
     info = served.prepare_image(data)
     messages = [{"role": "user", "content": "What is this?" + marker(0)}]
     tokens, rows = served.render_chat_images(messages, None, [info])
+    # As transformers' Gemma 3 processor writes it: a blank line each side of <start_of_image>...<end_of_image>.
+    assert served.decode(tokens[:rows[0]]).endswith("What is this?\n\n")
+    assert served.decode(tokens[rows[0] + len(info.tokens):]).startswith("\n\n")
 
     async def body() -> str:
         model = Model.load(MODEL)

@@ -155,7 +155,12 @@ class InstanceHost:
             elif isinstance(part, dict) and "image" in part:
                 info = self._images.get(part["image"])
                 keys.append(info.key)
+                before, after = info.text_around  # joins the text beside it, as the family's processor writes
+                if before:
+                    plain.append(before)
                 plain.append(list(info.tokens))
+                if after:
+                    plain.append(after)
             else:
                 raise HostError(f"a chat part is a string or {{'image': key}}, got {part!r}")
         with user_errors():

@@ -151,7 +151,13 @@ class ModelTokenizer:
                                     "an image inside one; append the image's tokens with ctx.append_image")
         before, after = self._fragment_ids[role]
         tokens, starts = list(before), []
-        for part in parts:
+        merged: list[str | list[int]] = []
+        for part in parts:  # adjacent text parts are one text, encoded together
+            if isinstance(part, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += part
+            else:
+                merged.append(part)
+        for part in merged:
             if isinstance(part, str):
                 tokens += self.encode(part) if parse_special else self.encode_text(part)
             else:

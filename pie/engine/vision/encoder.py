@@ -128,7 +128,8 @@ class VisionEncoder:
         image = self.processor.prepare(pil)
         positions = image.positions.tolist() if image.positions is not None else None
         info = ImageInfo(key, list(image.tokens), list(image.embed_rows), tuple(image.grid), positions,
-                         self.bidirectional, pil.size[0], pil.size[1])
+                         self.bidirectional, pil.size[0], pil.size[1],
+                         tuple(getattr(self.processor, "text_around", ("", ""))))
         self.store.put(key, _Entry(image, info))
         return info
 

@@ -16,6 +16,8 @@ class ImageInfo:
     bidirectional: the embedding rows attend to each other both ways, so the image must lie whole inside
       one forward pass (Gemma 3).
     width, height: of the decoded image, before resizing.
+    text_around: text the family's processor puts before and after the tokens in a prompt (Gemma 3: a
+      blank line each side); chat rendering adds it to the neighbouring text.
     """
 
     key: str
@@ -26,6 +28,7 @@ class ImageInfo:
     bidirectional: bool
     width: int
     height: int
+    text_around: tuple[str, str] = ("", "")
 
     @property
     def position_span(self) -> int:

@@ -42,6 +42,9 @@ _PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 class Gemma3ImageProcessor:
     """PIL image -> the tower's [3, H, W] float32 pixels and the image's prompt tokens."""
 
+    # transformers' Gemma 3 processor writes an image as "\n\n<start_of_image>...<end_of_image>\n\n"
+    text_around = ("\n\n", "\n\n")
+
     def __init__(self, preprocessor_config: dict[str, Any], hf_config: Any) -> None:
         if preprocessor_config.get("do_pan_and_scan"):
             raise UnsupportedModelError("this Gemma 3 checkpoint's preprocessor_config.json turns on pan-and-scan "

@@ -127,7 +127,13 @@ class ServedModel:
         tok = self._tok()
         tokens: list[int] = []
         rows: list[int | None] = [None] * len(images)
-        for piece in split_markers(self._render_text(messages, tools)):
+        pieces = split_markers(self._render_text(messages, tools))
+        for k, piece in enumerate(pieces):  # an image's text_around joins the text beside it, as HF's processor
+            if isinstance(piece, int) and piece < len(images):
+                before, after = images[piece].text_around
+                pieces[k - 1] = f"{pieces[k - 1]}{before}"  # markers always sit between two text pieces
+                pieces[k + 1] = f"{after}{pieces[k + 1]}"
+        for piece in pieces:
             if isinstance(piece, str):
                 tokens += tok.encode(piece)
             elif piece < len(images) and rows[piece] is None:
