@@ -233,3 +233,25 @@ async def test_an_isolated_inferlet_takes_images_like_a_trusted_one(ckpt: Path, 
         assert events[-1].value == trusted.value and len(trusted.value.split()) == 6
     finally:
         await rt.shutdown(0)
+
+
+async def test_prefix_sharing_can_end_inside_an_image(ckpt: Path, tmp_path: Path) -> None:
+    """Pages of 2: the second context attaches [5, boi] [i1, i2] from the trie and computes from i3 on; i3's
+    logits (it attends to i4 too: Gemma 3's image rows see each other both ways) equal the first context's."""
+    rt = await _runtime(ckpt, tmp_path, kv_page_size=2)
+    try:
+        async def body() -> list[np.ndarray]:
+            model = Model.load()
+            image = Image.from_bytes(model, png(15))
+            rows = []
+            for _ in range(2):
+                fwd = Context(model).forward().input([5]).input_image(image).input([8])
+                h = fwd.probe(4, Logits())  # i3: the third soft token (rows: 5, boi, i1, i2, i3, ...)
+                rows.append(np.frombuffer((await fwd.execute()).logits(h), "<f4").copy())
+            return rows
+        first, second = await run_sdk(rt, body)
+        assert rt.model("tiny").scheduler.stats.cached_tokens == 4  # [5, boi] [i1, i2]
+        np.testing.assert_allclose(second, first, atol=1e-5)
+        assert _stats(rt).encoded == 1
+    finally:
+        await rt.shutdown(0)
