@@ -153,3 +153,18 @@ def test_bad_placements_are_batch_errors(engine: Engine) -> None:
         engine.forward_batch(ForwardBatch([first]))
     with pytest.raises(InputError, match="cannot be decoded"):
         engine.prepare_image(b"\x89PNG not really")
+
+
+def test_evicted_pixels_are_prepared_again_from_their_bytes(ckpt: Path) -> None:
+    """A store of one image's pixels: preparing a second evicts the first, whose pass still runs (and
+    equals a run that never lost it)."""
+    small = make_engine(ckpt, max_num_embeds=64, activation_dtype="float32", image_cache_mb=0)
+    assert small.vision is not None
+    tokens, placed = _prompt(small, [png(40)], [[5, 6], [7]])
+    before = _engine_greedy(small, tokens, placed, 1)[1][0]
+    small.vision.cache = type(small.vision.cache)(0, small.vision.cache._size)  # no cached embeddings
+    small.prepare_image(png(41))  # evicts png(40)'s pixels (budget 0 keeps one entry)
+    assert placed[0][0] not in small.vision.store
+    after = _engine_greedy(small, tokens, placed, 1)[1][0]
+    assert small.vision.stats.reprepared == 1
+    np.testing.assert_allclose(after, before, atol=1e-6)

@@ -58,3 +58,4 @@ class EncodeStats:
         self.encoder_calls = 0
         self.encoded = 0
         self.cache_hits = 0
+        self.reprepared = 0  # images prepared again from their bytes after their pixels were evicted

@@ -37,6 +37,7 @@ from pie.engine.vision.info import ImageInfo
 from pie.errors import BatchError, InputError
 
 MiB = 1 << 20
+SOURCE_BYTES = 256 * MiB  # encoded images kept beyond the pixel budget (a PNG is ~10x smaller than its pixels)
 # Decoding bombs: Pillow's own guard, made an error instead of a warning.
 MAX_DECODE_PIXELS = 64 * 1024 * 1024
 
@@ -82,6 +83,10 @@ class VisionEncoder:
         self.processor, self.tower = processor, tower
         self.bidirectional = type(tower).bidirectional
         self.store: LRUBytes[_Entry] = LRUBytes(store_budget, lambda e: e.image.pixel_values.nbytes)
+        # The encoded bytes too (far smaller than the pixels), so an image whose pixels were evicted while a
+        # context still holds it is prepared again when a pass needs it, instead of failing the pass.
+        self.sources: LRUBytes[tuple[bytes, ImageInfo]] = LRUBytes(store_budget + SOURCE_BYTES,
+                                                                   lambda src: len(src[0]))
         self.cache: LRUBytes[torch.Tensor] = LRUBytes(cache_budget, lambda t: t.numel() * t.element_size())
         self.stats = EncodeStats()
 
@@ -131,7 +136,16 @@ class VisionEncoder:
                          self.bidirectional, pil.size[0], pil.size[1],
                          tuple(getattr(self.processor, "text_around", ("", ""))))
         self.store.put(key, _Entry(image, info))
+        self.sources.put(key, (data, info))
         return info
+
+    def _hold(self, keys: frozenset[str]) -> None:
+        """Every key of a batch in the store: evicted pixels are prepared again from their bytes."""
+        for key in keys:
+            if key not in self.store and (source := self.sources.get(key)) is not None:
+                data, info = source
+                self.store.put(key, _Entry(self.processor.prepare(decode_image(data)), info), keep=keys)
+                self.stats.reprepared += 1
 
     def info(self, key: str) -> ImageInfo | None:
         entry = self.store.get(key)
@@ -164,6 +178,7 @@ class VisionEncoder:
 
     def place(self, batch: ForwardBatch, layout: BatchLayout, max_num_embeds: int) -> PlacedEmbeds | None:
         """Check every request's images, encode what is missing, OR the images' blocks into the masks."""
+        self._hold(frozenset(key for req in batch.requests if req.images for key, _ in req.images))
         placements: list[tuple[int, int, str, list[int]]] = []  # (flat row of embed row 0, request, key, rows)
         blocks: dict[int, list[tuple[int, int]]] = {}
         for r, req in enumerate(batch.requests):
