@@ -34,13 +34,14 @@ from inferlet.grammar import (
     Regex,
     Schema,
 )
+from inferlet.image import Image
 from inferlet.model import Model, Tokenizer
 from inferlet.sample import Distribution, Embedding, Entropy, Logits, Logprob, Logprobs, Sampler
 from inferlet.spec import NgramSpeculator, Speculator
 
 __all__ = [
     "Adapter", "AnyJson", "Constraint", "Context", "Distribution", "Ebnf", "Embedding", "Entropy", "Forward",
-    "GenStep", "Generator", "Grammar", "GrammarConstraint", "GrammarError", "HostError", "JsonSchema", "Logits",
+    "GenStep", "Generator", "Grammar", "GrammarConstraint", "GrammarError", "HostError", "Image", "JsonSchema", "Logits",
     "Logprob", "Logprobs", "Matcher", "Model", "NgramSpeculator", "Output", "ProbeHandle", "Regex",
     "SampleHandle", "Sampler", "Schema", "Speculator", "Tokenizer", "brle", "chat", "get_return_value", "mcp",
     "messaging", "reasoning", "runtime", "session", "set_return", "tools",

@@ -79,6 +79,7 @@ class PassDict(TypedDict, total=False):
     adapter: int | None
     seed: int | None
     zo_seed: int | None  # run the adapter perturbed by this seed (inferlet.zo); needs `adapter`
+    images: list[list[Any]] | None  # [image key, row of its first token] of each image the pass places
 
 
 class StreamDict(TypedDict, total=False):
@@ -117,6 +118,11 @@ class Host(Protocol):
     def special_tokens(self, model: str) -> tuple[list[int], list[bytes]]: ...
     def chat_tokens(self, model: str, role: str, text: str, parse_special: bool = False) -> list[int]: ...  # role: system|user|assistant|cue|seal; also tool, begin, tools (pie.runtime.tokenizer); special-token text in `text` is text unless parse_special
     def stop_tokens(self, model: str) -> list[int]: ...
+    # a chat turn of text parts and images ({"image": key}) -> {"tokens": [...], "images": [[key, row], ...]}
+    def chat_parts(self, model: str, role: str, parts: list[Any], parse_special: bool = False) -> dict[str, Any]: ...
+
+    # -- images: prepared by the model's engines (decoded, preprocessed), placed by key in passes --
+    def image_prepare(self, model: str, data: bytes) -> dict[str, Any]: ...  # key, tokens, embed_rows, grid, ...
 
     # -- contexts: a chain of KV pages, committed (full, shared) + working (mutable tail) --
     def ctx_create(self, model: str) -> int: ...

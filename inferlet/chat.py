@@ -14,18 +14,54 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from inferlet._host import get_host
 from inferlet._instance import instance_state
 from inferlet.model import Model
+
+if TYPE_CHECKING:
+    from inferlet.image import Image
 
 
 def system(model: Model, message: str, *, parse_special: bool = False) -> list[int]:
     return get_host().chat_tokens(model.name, "system", message, parse_special)
 
 
-def user(model: Model, message: str, *, parse_special: bool = False) -> list[int]:
-    return get_host().chat_tokens(model.name, "user", message, parse_special)
+class Tokens(list[int]):
+    """A turn's tokens with the images placed in it: (index of the image's first token, image)."""
+
+    images: list[tuple[int, Image]]
+
+    def __init__(self, tokens: list[int], images: list[tuple[int, Image]]) -> None:
+        super().__init__(tokens)
+        self.images = images
+
+
+def user(model: Model, message: str | list[str | Image], *, parse_special: bool = False) -> list[int]:
+    """A user turn; `message` may be a list of text parts and `Image`s, which fill the template's image
+    slots (the result is then `Tokens`, carrying the images' places)."""
+    if isinstance(message, str):
+        return get_host().chat_tokens(model.name, "user", message, parse_special)
+    return parts(model, "user", message, parse_special=parse_special)
+
+
+def parts(model: Model, role: str, message: list[str | Image], *, parse_special: bool = False) -> Tokens:
+    from inferlet.image import Image
+
+    plain: list[Any] = []
+    images: list[Image] = []
+    for part in message:
+        if isinstance(part, Image):
+            images.append(part)
+            plain.append({"image": part.key})
+        elif isinstance(part, str):
+            plain.append(part)
+        else:
+            raise TypeError(f"a message part is a str or an Image, got {type(part).__name__}")
+    out = get_host().chat_parts(model.name, role, plain, parse_special)
+    rows = [int(row) for _, row in out["images"]]
+    return Tokens(list(out["tokens"]), list(zip(rows, images, strict=True)))
 
 
 def assistant(model: Model, message: str, *, parse_special: bool = False) -> list[int]:

@@ -33,13 +33,14 @@ if TYPE_CHECKING:
     from inferlet.adapter import Adapter
     from inferlet.generation import Generator
     from inferlet.grammar import Constraint, Schema
+    from inferlet.image import Image
     from inferlet.sample import Sampler
     from inferlet.spec import Speculator
 
 
 class Context:
-    __slots__ = ("__weakref__", "_bid", "_fresh", "_handle", "_host", "_model", "_page_size", "_pending",
-                 "_released", "_stream")
+    __slots__ = ("__weakref__", "_bid", "_fresh", "_handle", "_host", "_images", "_model", "_page_size",
+                 "_pending", "_released", "_stream")
 
     def __init__(self, model: Model) -> None:
         host = get_host()
@@ -55,6 +56,7 @@ class Context:
         self._released = False
         self._bid = 0.0
         self._stream: Generator | None = None  # a generator whose runtime stream owns this context
+        self._images: list[tuple[int, Image]] = []  # images in the buffer: (index of the first token, image)
 
     def _settle(self) -> None:
         """Stop a run-ahead stream on this context before anything reads or changes it: the context is
@@ -63,9 +65,11 @@ class Context:
             self._stream.end_stream()
 
     @classmethod
-    def _wrap(cls, model: Model, handle: int, pending: list[int] | None = None) -> Context:
+    def _wrap(cls, model: Model, handle: int, pending: list[int] | None = None,
+              images: list[tuple[int, Image]] | None = None) -> Context:
         obj = cls.__new__(cls)
         obj._setup(get_host(), model, handle, list(pending or []), fresh=False)
+        obj._images = list(images or [])
         return obj
 
     # -- snapshots --
@@ -96,7 +100,7 @@ class Context:
     def fork(self) -> Context:
         """A copy sharing every committed page (O(1)); the buffer is copied too."""
         self._settle()
-        return Context._wrap(self._model, self._host.ctx_fork(self._handle), self._pending)
+        return Context._wrap(self._model, self._host.ctx_fork(self._handle), self._pending, self._images)
 
     # -- lifecycle --
     def release(self) -> None:
@@ -159,7 +163,8 @@ class Context:
         self._fresh = False
         return self._extend(chat.system(self._model, message, parse_special=parse_special))
 
-    def user(self, message: str, *, parse_special: bool = False) -> Context:
+    def user(self, message: str | list[str | Image], *, parse_special: bool = False) -> Context:
+        """A user turn; a list of text parts and `Image`s fills the chat template's image slots."""
         return self._turn(chat.user(self._model, message, parse_special=parse_special))
 
     def assistant(self, message: str, *, parse_special: bool = False) -> Context:
@@ -175,6 +180,23 @@ class Context:
         self._fresh = False
         return self._extend([int(t) for t in tokens])
 
+    async def append_image(self, image: Image) -> None:
+        """The image into the KV cache (Pie's `append_image`): the buffer and the image's tokens (its
+        delimiters included) run in one pass, the image's embeddings in their rows."""
+        await self.append_images([image])
+
+    async def append_images(self, images: Iterable[Image]) -> None:
+        self.buffer_images(images)
+        await self.flush()
+
+    def buffer_images(self, images: Iterable[Image]) -> Context:
+        """The images' tokens into the buffer only, like `append` (they run with the next pass)."""
+        self._fresh = False
+        for image in images:
+            self._images.append((len(self._pending), image))
+            self._pending.extend(image.token_ids)
+        return self
+
     def _turn(self, tokens: list[int]) -> Context:
         if self._fresh:
             self._fresh = False
@@ -182,6 +204,8 @@ class Context:
         return self._extend(tokens)
 
     def _extend(self, tokens: list[int]) -> Context:
+        for row, image in getattr(tokens, "images", ()):  # chat.Tokens: a turn with images
+            self._images.append((len(self._pending) + row, image))
         self._pending.extend(tokens)
         return self
 
@@ -192,10 +216,35 @@ class Context:
         if not self._pending:
             return
         tokens, self._pending = self._pending, []
+        images, self._images = self._images, []
+        fwd = self.forward().input(tokens)
+        fwd._images = [(row, image) for row, image in images]
         try:
-            await self.forward().input(tokens).execute()
+            await fwd.execute()
         except BaseException:
             self._pending = tokens + self._pending
+            self._images = images + self._images
+            raise
+
+    async def _flush_images(self) -> None:
+        """Run the buffer up to its last image through a pass, leaving the rest (at least the last token)
+        buffered: a generation then starts from plain tokens (its steps and streams carry no images)."""
+        if not self._images:
+            return
+        end = max(row + image.token_count for row, image in self._images)
+        if end >= len(self._pending):
+            raise ValueError("an image is the last thing in the buffer; append text after it (the chat "
+                             "template's cue: generate() with auto_flush) before generating")
+        tokens, rest = self._pending[:end], self._pending[end:]
+        images, self._images = self._images, []
+        self._pending = rest
+        fwd = self.forward().input(tokens)
+        fwd._images = images
+        try:
+            await fwd.execute()
+        except BaseException:
+            self._pending = tokens + self._pending
+            self._images = images
             raise
 
     def truncate(self, n: int) -> None:

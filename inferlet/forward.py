@@ -24,6 +24,7 @@ from inferlet.sample import Sampler, probe_kind
 if TYPE_CHECKING:
     from inferlet.adapter import Adapter
     from inferlet.context import Context
+    from inferlet.image import Image
 
 ZO_SEED_MOD = 1 << 64  # zo seeds are taken mod 2**64 (the engine's generator seed; msgpack carries them)
 
@@ -45,8 +46,8 @@ class ProbeHandle:
 
 
 class Forward:
-    __slots__ = ("_adapter", "_attention", "_auto", "_ctx", "_explicit", "_logit_mask", "_seed", "_slots",
-                 "_zo_seed")
+    __slots__ = ("_adapter", "_attention", "_auto", "_ctx", "_explicit", "_explicit_images", "_images",
+                 "_logit_mask", "_seed", "_slots", "_zo_seed")
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -58,6 +59,8 @@ class Forward:
         self._adapter: Adapter | None = None
         self._seed: int | None = None
         self._zo_seed: int | None = None
+        self._images: list[tuple[int, Image]] = []  # (row among the `input` tokens, image)
+        self._explicit_images: list[tuple[int, Image]] = []  # (index into _explicit, image)
 
     def start_position(self) -> int:
         """The position of the first `input` token: the context's seq_len."""
@@ -75,6 +78,17 @@ class Forward:
         if len(tokens) != len(positions):
             raise ValueError(f"input_at got {len(tokens)} tokens but {len(positions)} positions")
         self._explicit.append(([int(t) for t in tokens], [int(p) for p in positions]))
+        return self
+
+    def input_image(self, image: Image, anchor: int | None = None) -> Forward:
+        """The image's placeholder tokens as inputs, its embeddings in their rows. `anchor`: the position
+        of its first token (default: after the `input` tokens so far, like `input`)."""
+        if anchor is None:
+            self._images.append((len(self._auto), image))
+            self._auto.extend(image.token_ids)
+        else:
+            self._explicit_images.append((len(self._explicit), image))
+            self._explicit.append((list(image.token_ids), list(range(int(anchor), int(anchor) + image.token_count))))
         return self
 
     @property
@@ -135,13 +149,19 @@ class Forward:
         start = ctx.seq_len
         positions = list(range(start, start + len(self._auto)))
         tokens = list(self._auto)
+        images = [[image.key, row] for row, image in self._images]
+        first_rows = []
         for t, p in self._explicit:
+            first_rows.append(len(tokens))
             tokens += t
             positions += p
+        images += [[image.key, first_rows[i]] for i, image in self._explicit_images]
         spec: PassDict = {"tokens": tokens, "positions": positions, "slots": self._slots,
                           "attention_mask": self._attention, "logit_mask": self._logit_mask,
                           "adapter": self._adapter._handle if self._adapter is not None else None,
                           "seed": self._seed, "zo_seed": self._zo_seed}
+        if images:
+            spec["images"] = sorted(images, key=lambda kr: kr[1])
         return Output(await ctx._host.ctx_forward(ctx._handle, spec))
 
     def _check_rows(self, n: int) -> None:

@@ -203,6 +203,8 @@ class Generator:
         if self.is_done:
             self.end_stream()
             raise StopAsyncIteration
+        if self._ctx._images:  # buffered images run in a pass of their own first
+            await self._ctx._flush_images()
         pending, self._ctx._pending = self._ctx._pending, []
         drafts, positions = self._drafts(pending)
         mask: list[int] | None = None

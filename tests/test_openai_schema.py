@@ -46,7 +46,11 @@ def test_completion_prompt_forms() -> None:
 CHAT_BAD = [
     ({"messages": []}, "messages", "non-empty array"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "needs a `role`"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]",
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]",
+     "only text and image_url parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].image_url.url",
+     "must be a data: URL"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]",
      "only text parts"),
     ({"model": None}, "model", "must name a served model"),
     ({"max_tokens": 0}, "max_tokens", "integer from 1"),

@@ -9,7 +9,9 @@ The server validates a request and renders its prompt to token ids
      "stop": [str], "stop_token_ids": [int], "ignore_eos": bool, "min_tokens": int,
      "logprobs": int | null, "constraint": null | {"json_schema": {...}} | {"lark": str},
      "render_special": bool, "stream": bool, "save": str | null, "prompt_logprobs": int | null,
-     "tokens": bool, "text": bool}
+     "tokens": bool, "text": bool, "images": [[row, base64], ...]}
+
+`images` are the first prompt's images: each one's placeholder tokens start at `row` of the prompt.
 
 With `stream` it first sends `{"started": true}`, then one message per generation step.
 
@@ -32,6 +34,7 @@ right after the prefill, before its first delta.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -39,7 +42,19 @@ from typing import Any
 
 import numpy as np
 
-from inferlet import Context, Distribution, Ebnf, JsonSchema, Logits, Logprob, Model, brle, chat, session
+from inferlet import (
+    Context,
+    Distribution,
+    Ebnf,
+    Image,
+    JsonSchema,
+    Logits,
+    Logprob,
+    Model,
+    brle,
+    chat,
+    session,
+)
 
 PROMPT_CHUNK = 128  # prompt rows scored per pass (echo with logprobs)
 
@@ -113,16 +128,19 @@ async def main(input: dict) -> str:
     model = Model.load(input.get("model", ""))
     n = int(input.get("n", 1))
     prompts = [list(p) for p in input["prompts"]]
-    groups = await asyncio.gather(*(run_prompt(model, input, tokens, p * n, n) for p, tokens in enumerate(prompts)))
+    images = [(int(row), base64.b64decode(data)) for row, data in input.get("images") or []]
+    groups = await asyncio.gather(*(run_prompt(model, input, tokens, p * n, n, images if p == 0 else [])
+                                    for p, tokens in enumerate(prompts)))
     choices = [c for group in groups for c in group]
     return json.dumps({"choices": [c.__dict__ for c in choices], "prompt_tokens": [len(p) for p in prompts]})
 
 
-async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n: int) -> list[Choice]:
+async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n: int,
+                     images: list[tuple[int, bytes]]) -> list[Choice]:
     base = Context(model)
     top = input.get("prompt_logprobs")
     if top is None:
-        base.append(tokens[:-1])
+        fill(base, model, tokens[:-1], images)
         await base.flush()  # the prefill, once for all n choices
         prompt_logprobs: list[Any] = []
     else:
@@ -214,6 +232,16 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
     choice.completion_tokens = gen.tokens_generated
     choice.finish_reason = "length" if not stopped and gen.tokens_generated >= max_tokens else "stop"
     return choice
+
+
+def fill(ctx: Context, model: Model, tokens: list[int], images: list[tuple[int, bytes]]) -> None:
+    """The prompt's tokens into the buffer, each image (row of its first token, bytes) in its place."""
+    at = 0
+    for row, data in sorted(images, key=lambda image: image[0]):
+        image = Image.from_bytes(model, data)  # prepared by the server already: found by its content hash
+        ctx.append(tokens[at:row]).buffer_images([image])
+        at = row + image.token_count
+    ctx.append(tokens[at:])
 
 
 async def prefill_scored(ctx: Context, tokens: list[int], top: int) -> list[Any]:

@@ -45,6 +45,8 @@ class ModelFacts:
     estimated_bytes: int  # weights as the engine would hold them on `memory.device`, times MARGIN
     problem: str | None  # why it cannot run here; None = runnable
     problem_kind: str = ""  # "files" (not a usable checkpoint), "architecture", "memory" (an estimate)
+    modalities: tuple[str, ...] = ("text",)  # the inputs pie serves for it
+    unserved: tuple[str, ...] = ()  # inputs the checkpoint has towers for that pie does not run
 
     @property
     def runnable(self) -> bool:
@@ -94,7 +96,17 @@ def inspect_checkpoint(name: str, path: Path, memory: DeviceMemory, weight_dtype
     kinds = (("files", problem), ("architecture", _support_problem(model_type)),
              ("memory", _memory_problem(estimate, memory)))
     kind, reason = next(((k, p) for k, p in kinds if p is not None), ("", None))
-    return ModelFacts(name, path, model_type, architecture, params, stored, estimate, reason, kind)
+    served, unserved = modalities(model_type, config)
+    return ModelFacts(name, path, model_type, architecture, params, stored, estimate, reason, kind, served, unserved)
+
+
+def modalities(model_type: str | None, config: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs pie serves, inputs the checkpoint has a tower for that pie does not run) from config.json."""
+    from pie.engine.vision import serves_images
+
+    has = [m for m, key in (("image", "vision_config"), ("audio", "audio_config")) if config.get(key)]
+    served = ("text", "image") if model_type and serves_images(model_type) and "image" in has else ("text",)
+    return served, tuple(m for m in has if m not in served)
 
 
 def _weights(path: Path) -> tuple[int, Counter[str], str | None]:

@@ -47,7 +47,13 @@ def _row(facts: ModelFacts, width: int) -> str:
     if facts.path is None:
         return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), built in, generated on first use"
     size = f"{human_count(facts.num_params)} params, {facts.checkpoint_dtype}, ~{gib(facts.estimated_bytes)}"
-    return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), {size}"
+    return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), {size}, {_modalities(facts)}"
+
+
+def _modalities(facts: ModelFacts) -> str:
+    """"text+image", or "text (image, audio not run)" for towers pie skips."""
+    served = "+".join(facts.modalities)
+    return f"{served} ({', '.join(facts.unserved)} not run)" if facts.unserved else served
 
 
 @app.command()
@@ -112,6 +118,7 @@ def _print_info(facts: ModelFacts, memory: DeviceMemory) -> None:
         "dtype": f"{facts.checkpoint_dtype or '?'} (as stored)",
         "memory": f"~{gib(facts.estimated_bytes)} on {memory.device} (which has {gib(memory.total_bytes)})",
         "supported": "yes" if facts.problem is None else f"no: {facts.problem}",
+        "inputs": _modalities(facts),
     }
     for key, value in lines.items():
         typer.echo(f"{key + ':':<14}{value}")

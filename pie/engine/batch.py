@@ -111,6 +111,9 @@ class Request:
       converting Python ints one by one (the wire sends them as lists).
     zo_seed: run the adapter perturbed, as theta + sigma * eps(zo_seed) (`pie.engine.zo`); needs an adapter
       with a zo state.
+    images: (image key, row of the image's first token in `tokens`) of each image the engine prepared
+      (`Engine.prepare_image`) whose rows fall in this request; the row is negative when the image began in
+      an earlier pass. Its embedding rows take the vision tower's output instead of token embeddings.
     """
 
     tokens: list[int]
@@ -123,6 +126,7 @@ class Request:
     adapter: int | None = None
     seed: int | None = None
     zo_seed: int | None = None
+    images: list[tuple[str, int]] | None = None
 
 
 @dataclass(slots=True)

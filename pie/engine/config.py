@@ -45,6 +45,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Device of each rank when tensor_parallel_size > 1 (rank i on tp_devices[i]); () = `device` for every rank.
     tp_devices: tuple[str, ...] = ()
+    # Prepared images and, separately, their vision-tower outputs, each kept by content hash within this budget.
+    image_cache_mb: int = 512
 
     def __post_init__(self) -> None:
         _check_choice("activation_dtype", self.activation_dtype, DTYPES)

@@ -50,13 +50,15 @@ from pie.engine.layers.lora import EXTRAS_KEY as LORA_EXTRAS
 from pie.engine.layers.lora import LoRABatch
 from pie.engine.layers.quant import QUANT_MODES
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
-from pie.engine.models.decoder import CausalLM
+from pie.engine.models.decoder import INPUT_EMBEDS, CausalLM
 from pie.engine.models.registry import get_architecture
 from pie.engine.outputs import compute_outputs, decode_outputs, decode_steps
 from pie.engine.packing import Results, Sections
 from pie.engine.parallel import SINGLE, TPGroup
 from pie.engine.transfer import Staging
-from pie.errors import BatchError, ConfigError
+from pie.engine.vision.encoder import PlacedEmbeds, VisionEncoder
+from pie.engine.vision.info import ImageInfo
+from pie.errors import BatchError, ConfigError, UnsupportedModelError
 from pie.model_source import resolve_model_dir
 
 _log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Engine:
         hf_config = load_hf_config(self.model_dir)
         self.dtype = resolve_activation_dtype(config.activation_dtype, hf_config, self.device)
         self.model = self._load_model(hf_config, progress)
+        self.vision = self._load_vision(hf_config)
         self.adapters = AdapterTable(self.model, config.max_num_adapters, config.max_adapter_rank, self.device,
                                      self.dtype)
         spec = self.model.spec  # this rank's heads: the pool and the backend hold num_local_kv_heads
@@ -129,6 +132,24 @@ class Engine:
             load_weights(model, checkpoint_files(self.model_dir), progress)
         model.prepare(self.device)
         return model
+
+    def _load_vision(self, hf_config: object) -> VisionEncoder | None:
+        """The vision tower of an image-text family pie runs images for (None: text only)."""
+        cfg = self.config
+        files = [] if cfg.dummy_weights else checkpoint_files(self.model_dir)
+        vision = VisionEncoder.load(self.model_dir, hf_config, self.model, files, self.dtype, self.device,
+                                    cfg.dummy_weights, cfg.seed, cfg.image_cache_mb)
+        if vision is not None and self.tp.size > 1:
+            return None  # the tower is not sharded; images are refused (prepare_image) under tensor parallelism
+        return vision
+
+    def prepare_image(self, data: bytes, max_pixels: int = 0) -> ImageInfo:
+        """Decode and prepare an image (PNG/JPEG/...) for `Request.images`; InputError for bad bytes or an
+        image over `max_pixels` (width x height; 0 = the decoder's own limit)."""
+        if self.vision is None:
+            raise UnsupportedModelError(f"model_type {self.info.model_type!r} takes no images here (text only"
+                                        f"{', or tensor_parallel_size > 1' if self.tp.size > 1 else ''})")
+        return self.vision.prepare(data, max_pixels)
 
     def _swap_pool(self) -> SwapPool | None:
         """The host pool for suspended contexts: swap_pool_size pages, or cpu_mem_budget_in_gb of them."""
@@ -226,11 +247,20 @@ class Engine:
             adapters += steps.adapters or [None] * len(steps)
             zo_seeds += [None] * len(steps)
         lora = self.adapters.batch(adapters, prep.layout.qo_indptr, zo_seeds)  # an empty slot, a zo seed without zo: BatchError
+        embeds = self._place_images(batch, prep)
         self._page_ops(batch)
         t1 = time.perf_counter()
-        outputs, step_tokens = self._execute(prep, self.kv, lora)
+        outputs, step_tokens = self._execute(prep, self.kv, lora, embeds)
         t2 = time.perf_counter()
         return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3}, step_tokens)
+
+    def _place_images(self, batch: ForwardBatch, prep: PreparedBatch) -> PlacedEmbeds | None:
+        if not any(r.images for r in batch.requests):
+            return None
+        if self.vision is None:
+            i = next(i for i, r in enumerate(batch.requests) if r.images)
+            raise BatchError(f"request {i}: has images, but model_type {self.info.model_type!r} takes none here")
+        return self.vision.place(batch, prep.layout, self.limits.max_num_embeds)
 
     def _page_ops(self, batch: ForwardBatch) -> None:
         """Swap-outs, then swap-ins, then copies: the order the batch contract documents."""
@@ -242,10 +272,11 @@ class Engine:
             self.kv.copy_pages(list(src), list(dst))
 
     @torch.inference_mode()
-    def _execute(self, prep: PreparedBatch, kv: KVCache,
-                 lora: LoRABatch | None = None) -> tuple[list[list[OutputValue]], np.ndarray | None]:
+    def _execute(self, prep: PreparedBatch, kv: KVCache, lora: LoRABatch | None = None,
+                 embeds: PlacedEmbeds | None = None) -> tuple[list[list[OutputValue]], np.ndarray | None]:
         """(each request's outputs, the decode step rows' tokens or None)."""
-        bucket = self.graphs.bucket_for(prep, lora is not None) if self.graphs and kv is self.kv else None
+        graphed = self.graphs is not None and kv is self.kv and embeds is None  # image rows run eagerly
+        bucket = self.graphs.bucket_for(prep, lora is not None) if graphed and self.graphs else None
         layout = prep.layout if bucket is None or self.graphs is None else self.graphs.padded_layout(prep.layout,
                                                                                                     bucket)
         # The step's one upload: token rows and every output parameter (on CUDA with FlashInfer the page
@@ -268,6 +299,8 @@ class Engine:
                                  kv_append=KVAppend(w_page, w_off) if self._cuda_ops else None)
             if lora is not None:
                 fwd.extras[LORA_EXTRAS] = lora
+            if embeds is not None:
+                fwd.extras[INPUT_EMBEDS] = (embeds.rows, embeds.values)
             hidden = self.model(tokens, fwd)
         if results is None:
             results = compute_outputs(self.model, hidden, prep.outputs, inp)

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from inferlet._host import HostError
 from pie.errors import OutOfPagesError
+from pie.runtime.images import ImagePlacement, chunk_end, overlapping, page_extra
 from pie.runtime.prefix_trie import ROOT_KEY, PageKey, page_key
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Context:
         self.pending = False  # a pass was submitted and has not resolved
         self.in_batch = 0  # id of the last batch being built or in flight that holds it (0: none): pages pinned
         self.closed = False
+        self.images: list[ImagePlacement] = []  # by slot: the images in the record (pie.runtime.images)
 
     # -- the logical view -----------------------------------------------------------------------
 
@@ -167,6 +169,7 @@ class Context:
         child.num_pages, child.dirty, child.recomputable = self.num_pages, set(self.dirty), self.recomputable
         child.pages, child.computed_len = self.pages.copy(), self.computed_len
         child.priority = self.priority
+        child.images = self.images.copy()
         self.space.pool.incref(child.pages)
         return child
 
@@ -180,9 +183,12 @@ class Context:
 
     # -- the record: what a pass appends, and undoing it ----------------------------------------
 
-    def append(self, tokens: Sequence[int], positions: Sequence[int], *, custom_kv: bool) -> None:
-        """Record a pass's inputs at slots [kv_len, kv_len + n). custom_kv: a mask or an adapter applies."""
+    def append(self, tokens: Sequence[int], positions: Sequence[int], *, custom_kv: bool,
+               images: Sequence[ImagePlacement] = ()) -> None:
+        """Record a pass's inputs at slots [kv_len, kv_len + n). custom_kv: a mask or an adapter applies.
+        images: those the pass places, at their context slots."""
         start, ps = self.kv_len, self.space.page_size
+        self.images.extend(images)
         self.tokens.extend(tokens)
         self.positions.extend(positions)
         sequential = positions[0] == start and positions[-1] == start + len(positions) - 1 and (
@@ -200,6 +206,8 @@ class Context:
     def _cut(self, kv_len: int) -> None:
         del self.tokens[kv_len:]
         del self.positions[kv_len:]
+        if self.images and self.images[-1].slot >= kv_len:
+            self.images = [p for p in self.images if p.slot < kv_len]
         self.computed_len = min(self.computed_len, kv_len)
         ps = self.space.page_size
         self.dirty = {j for j in self.dirty if j * ps < kv_len}
@@ -350,6 +358,16 @@ class Context:
         rc = self.space.pool.refcount
         return sum(1 for p in self.pages if rc(p) == 1)
 
+    def images_in(self, start: int, end: int) -> list[tuple[str, int]] | None:
+        """`Request.images` of a request computing slots [start, end): (key, row of the image's first token)."""
+        if not self.images:
+            return None
+        return [(p.key, p.slot - start) for p in overlapping(self.images, start, end)] or None
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """A chunk [start, end) moved so it splits no image whose rows attend both ways."""
+        return chunk_end(self.images, start, end) if self.images else end
+
     def request_pages(self, end: int) -> tuple[list[int], int]:
         """The page list and last-page fill of a request whose KV ends at slot `end`."""
         ps = self.space.page_size
@@ -362,7 +380,8 @@ class Context:
 
     def _content_key(self, parent: PageKey, j: int) -> PageKey:
         ps = self.space.page_size
-        return page_key(parent, self.tokens[j * ps:(j + 1) * ps], self.positions[j * ps:(j + 1) * ps])
+        extra = page_extra(self.images, j * ps, (j + 1) * ps) if self.images else b""
+        return page_key(parent, self.tokens[j * ps:(j + 1) * ps], self.positions[j * ps:(j + 1) * ps], extra)
 
     def _key_before(self, j: int) -> PageKey | None:
         """Key of page j - 1 (ROOT for j == 0); working pages are keyed on the fly."""

@@ -158,6 +158,10 @@ class InProcessEngine:
     # LoRA adapters (pie.runtime.adapters.AdapterEngine). Synchronous on purpose: the inferlet API's
     # Adapter.load/save are plain calls, so the caller waits (behind any batch in flight) for the engine.
 
+    def prepare_image(self, data: bytes, max_pixels: int) -> Any:
+        """`Engine.prepare_image` on the engine thread (it shares the image store with the batches)."""
+        return self._call_sync(self.engine.prepare_image, data, max_pixels)
+
     def load_adapter(self, path: str, slot: int | None) -> int:
         return self._call_sync(self.engine.load_adapter, path, slot)
 

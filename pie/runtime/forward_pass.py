@@ -15,13 +15,14 @@ Output values, one per slot (`slot_values`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from inferlet._host import HostError, PassDict, SlotDict
 from pie.engine import validate
 from pie.engine.batch import PROBE_KINDS, SAMPLER_KINDS, OutputSpec, Probe, Sampler
 from pie.runtime.context import Context
+from pie.runtime.images import ImagePlacement
 from pie.runtime.jobs import Job
 
 if TYPE_CHECKING:
@@ -42,10 +43,12 @@ class PassReader:
     def __init__(self) -> None:
         self._samplers: dict[tuple[Any, ...], Sampler] = {}
 
-    def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs, adapter: int | None = None) -> Job:
+    def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs, adapter: int | None = None,
+            images: Sequence[ImagePlacement] = ()) -> Job:
         """Check the inputs against the context and the model; record them on the context; the job.
 
-        `adapter`: the engine slot of the pass's LoRA adapter (the host resolves the SDK's handle)."""
+        `adapter`: the engine slot of the pass's LoRA adapter (the host resolves the SDK's handle).
+        `images`: the images the pass places (`pie.runtime.images.pass_images`)."""
         tokens, positions = spec["tokens"], spec["positions"]  # checked by `outputs`
         n = len(tokens)
         kv_len, capacity = c.kv_len, c.num_pages * m.page_size
@@ -68,7 +71,7 @@ class PassReader:
         if zo_seed is not None and adapter is None:
             raise HostError("zo_seed perturbs the pass's adapter, and this pass has none; set one (fwd.adapter(a))")
         # KV written under an adapter is not the base model's: like a masked pass, never shared or recomputed.
-        c.append(tokens, positions, custom_kv=mask is not None or adapter is not None)
+        c.append(tokens, positions, custom_kv=mask is not None or adapter is not None, images=images)
         return Job(c, kv_len, kv_len + n, outputs.specs, attention_mask=mask, logit_mask=logit_mask,
                    adapter=adapter, seed=None if seed is None else validate.seed64(seed),
                    zo_seed=None if zo_seed is None else validate.seed64(zo_seed))

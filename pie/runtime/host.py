@@ -40,6 +40,7 @@ from pie.errors import PieError
 from pie.mcp_link import INTERNAL_ERROR, McpCallError
 from pie.runtime.context import Context
 from pie.runtime.forward_pass import PassReader, slot_values
+from pie.runtime.images import InstanceImages, pass_images
 from pie.runtime.jobs import Job
 from pie.runtime.quotas import TokenBucket, page_share
 from pie.runtime.runahead import DEFAULT_DEPTH, TokenStream
@@ -81,6 +82,7 @@ class InstanceHost:
         self._forks = TokenBucket(limits.forks_per_s, limits.fork_burst)
         self._streams: dict[int, tuple[int, TokenStream]] = {}  # stream handle -> (context handle, stream)
         self._streaming: dict[int, int] = {}  # context handle -> its stream's handle
+        self._images = InstanceImages(limits.max_images, limits.max_image_pixels)
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
@@ -138,6 +140,39 @@ class InstanceHost:
     def stop_tokens(self, model: str) -> list[int]:
         with user_errors():
             return list(self._model(model).tokenizer.stop_tokens)
+
+    # -- images (pie.runtime.images) --------------------------------------------------------------
+
+    def chat_parts(self, model: str, role: str, parts: list[Any], parse_special: bool = False) -> dict[str, Any]:
+        m = self._model(model)
+        if not isinstance(parts, list):
+            raise HostError("chat_parts takes a list of parts: strings and {'image': key}")
+        keys: list[str] = []
+        plain: list[str | list[int]] = []
+        for part in parts:
+            if isinstance(part, str):
+                plain.append(part)
+            elif isinstance(part, dict) and "image" in part:
+                info = self._images.get(part["image"])
+                keys.append(info.key)
+                before, after = info.text_around  # joins the text beside it, as the family's processor writes
+                if before:
+                    plain.append(before)
+                plain.append(list(info.tokens))
+                if after:
+                    plain.append(after)
+            else:
+                raise HostError(f"a chat part is a string or {{'image': key}}, got {part!r}")
+        with user_errors():
+            tokens, starts = m.tokenizer.chat_parts(role, plain, bool(parse_special))
+        return {"tokens": tokens, "images": [[k, row] for k, row in zip(keys, starts, strict=True)]}
+
+    def image_prepare(self, model: str, data: bytes) -> dict[str, Any]:
+        m = self._model(model)
+        info = self._images.add(m, data)
+        return {"key": info.key, "tokens": list(info.tokens), "embed_rows": list(info.embed_rows),
+                "grid": list(info.grid), "positions": info.positions, "position_span": info.position_span,
+                "width": info.width, "height": info.height}
 
     # -- contexts -------------------------------------------------------------------------------
 
@@ -531,8 +566,9 @@ class InstanceHost:
         if budget and self.tokens_sampled + outputs.sampled > budget:
             raise HostError(f"token budget used up: this instance sampled {self.tokens_sampled} of its "
                             f"{budget} tokens and this pass asks for {outputs.sampled} more")
+        images = pass_images(spec.get("images"), spec["tokens"], c.kv_len, self._images, m.max_num_embeds)
         job = self._passes.job(m, c, spec, outputs,
-                               self._adapter_slot(m, spec.get("adapter"), spec.get("zo_seed") is not None))
+                               self._adapter_slot(m, spec.get("adapter"), spec.get("zo_seed") is not None), images)
         self.tokens_sampled += outputs.sampled
         return job, outputs.slot_rows
 

@@ -53,6 +53,8 @@ class InstanceLimits:
     max_buffered_events: int = 10_000  # oldest non-final events are dropped beyond this while detached
     max_buffered_event_bytes: int = 0  # ... and beyond this many bytes
     max_inbox_bytes: int = 0  # client messages and files sent and not yet received
+    max_images: int = 0  # images prepared (max_images_per_instance)
+    max_image_pixels: int = 0  # width x height of one image (max_image_pixels)
 
 
 class Instance:

@@ -24,11 +24,15 @@ PageKey = bytes
 ROOT_KEY: PageKey = b""
 
 
-def page_key(parent: PageKey, tokens: Sequence[int], positions: Sequence[int]) -> PageKey:
-    """The content key of one full page: what its KV is a function of (under causal attention)."""
+def page_key(parent: PageKey, tokens: Sequence[int], positions: Sequence[int], extra: bytes = b"") -> PageKey:
+    """The content key of one full page: what its KV is a function of (under causal attention).
+
+    `extra`: more of what it depends on, the images placed in it (`pie.runtime.images.page_extra`)."""
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(array("q", tokens).tobytes())
     h.update(array("q", positions).tobytes())
+    if extra:
+        h.update(extra)
     return h.digest()
 
 

@@ -72,6 +72,8 @@ class RuntimeLimits:
     finished_retention_s: float = 600.0  # a finished instance (events, result) is forgotten after this
     max_finished_processes: int = 1024  # finished instances kept for late attach / wait
     max_concurrent_processes: int = 0  # instances running at once; launches past it wait for a slot
+    max_images_per_instance: int = 256  # images one instance may prepare
+    max_image_pixels: int = 16 * MIB  # width x height of one image (decoded)
 
     def for_instance(self, token_budget: int | None) -> InstanceLimits:
         tokens = self.max_tokens_per_instance
@@ -82,7 +84,8 @@ class RuntimeLimits:
                               fork_burst=self.max_fork_burst, max_tokens=tokens,
                               max_wall_time_s=self.max_wall_time_s, max_buffered_events=self.max_buffered_events,
                               max_buffered_event_bytes=self.max_buffered_event_bytes,
-                              max_inbox_bytes=self.max_inbox_bytes)
+                              max_inbox_bytes=self.max_inbox_bytes, max_images=self.max_images_per_instance,
+                              max_image_pixels=self.max_image_pixels)
 
 
 @dataclass(frozen=True, init=False)

@@ -410,6 +410,10 @@ class Scheduler:
             if not restore:  # a swapped-out context stops before its swapped pages
                 limit = min(limit, ctx.restore_limit())
             end = min(limit, start + budget)
+            if ctx.images:  # no chunk ends inside an image whose rows attend both ways
+                end = ctx.chunk_end(start, end)
+                if end - start > tokens_left:
+                    return None
         need = self._make_room(job, start, end, ops)  # with a restore: its pages plus the chunk's
         if need is None:
             return None
@@ -487,7 +491,8 @@ class Scheduler:
                        attention_mask=job.attention_mask if masked else None,
                        logit_mask=job.logit_mask if outputs else None,
                        adapter=job.adapter if a >= job.start else None, seed=job.seed,
-                       zo_seed=job.zo_seed if a >= job.start else None)
+                       zo_seed=job.zo_seed if a >= job.start else None,
+                       images=ctx.images_in(a, b) if ctx.images else None)
 
     # -- running it and handing results back ----------------------------------------------------
 

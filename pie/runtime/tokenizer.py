@@ -139,6 +139,32 @@ class ModelTokenizer:
                                                                                 "content": esc(text)}),
                                    parse_special)
 
+    def chat_parts(self, role: str, parts: list[str | list[int]], parse_special: bool = False
+                   ) -> tuple[list[int], list[int]]:
+        """A message of text parts and raw token parts (an image's placeholders) -> (tokens, the index in
+        them where each token part starts). Needs a template that renders the content verbatim."""
+        if role not in CHAT_ROLES or role == "tool":
+            raise ChatTemplateError(f"chat role {role!r} takes no images; use system, user or assistant")
+        fragment: Fragment = getattr(self._fragments, role)
+        if not fragment.exact:
+            raise ChatTemplateError(f"this model's chat template rewrites {role} messages, so pie cannot place "
+                                    "an image inside one; append the image's tokens with ctx.append_image")
+        before, after = self._fragment_ids[role]
+        tokens, starts = list(before), []
+        merged: list[str | list[int]] = []
+        for part in parts:  # adjacent text parts are one text, encoded together
+            if isinstance(part, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += part
+            else:
+                merged.append(part)
+        for part in merged:
+            if isinstance(part, str):
+                tokens += self.encode(part) if parse_special else self.encode_text(part)
+            else:
+                starts.append(len(tokens))
+                tokens += part
+        return tokens + list(after), starts
+
     def _render_tokens(self, render: Callable[[Callable[[str], str]], str], parse_special: bool) -> list[int]:
         """Tokens of a rendering of caller strings: `render(esc)` must pass each caller string through `esc`.
         The template's own text is encoded with special tokens; the caller's special-token text as text."""

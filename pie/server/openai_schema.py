@@ -94,6 +94,7 @@ class GenerationRequest:
     prompts: tuple[str | tuple[int, ...], ...] = ()  # completion: text or token ids, one choice group each
     echo: bool = False
     reasoning_effort: str | None = None  # harmony (GPT-OSS) models only: low, medium or high
+    images: tuple[bytes, ...] = ()  # chat: image i is marked in the messages' text (`pie.server.api.images`)
 
 
 # -- the parameter tables ---------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def parse_chat(body: Any) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("`messages` must be a non-empty array of {role, content}", param="messages")
-    normalised = tuple(_message(m, i) for i, m in enumerate(messages))
+    images: list[bytes] = []
+    normalised = tuple(_message(m, i, images) for i, m in enumerate(messages))
     tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
     logprobs = _bool(body.get("logprobs") or False, "logprobs")
     top = body.get("top_logprobs")
@@ -176,6 +178,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     return GenerationRequest(mode="chat", messages=normalised, tools=tools, reasoning_effort=effort,
                              logprobs=(top or 0) if logprobs else None,
                              json_schema=parse_response_format(body.get("response_format")),
+                             images=tuple(images),
                              **common(body, tokens_keys=("max_completion_tokens", "max_tokens")))
 
 
@@ -183,7 +186,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_EFFORTS = ("low", "medium", "high")
 
 
-def _message(message: Any, index: int) -> dict[str, Any]:
+def _message(message: Any, index: int, images: list[bytes] | None = None) -> dict[str, Any]:
     """{role, content} (+ tool_calls for assistants, tool_call_id for tool results); developer -> system."""
     param = f"messages[{index}]"
     if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -200,7 +203,8 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     if role == "assistant" and content is None:
         content = ""
     out: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                           "content": _text_content(content, f"{param}.content")}
+                           "content": _text_content(content, f"{param}.content",
+                                                    images if role == "user" else None)}
     if message.get("name") is not None:
         out["name"] = str(message["name"])
     if role == "assistant" and message.get("tool_calls"):
@@ -215,16 +219,32 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     return out
 
 
-def _text_content(content: Any, param: str) -> str:
+def _text_content(content: Any, param: str, images: list[bytes] | None = None) -> str:
+    """The message's text; with `images` (user messages), `image_url` parts are taken into it and marked
+    in the text (`pie.server.api.images`)."""
+    from pie.server.api.images import MAX_IMAGES, check_text, data_url_bytes, marker
+
     if isinstance(content, str):
-        return content
+        return check_text(content, param) if images is not None else content
     if isinstance(content, list):
+        texts: list[str] = []
         for i, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            where = f"{param}[{i}]"
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(check_text(part["text"], where) if images is not None else part["text"])
+            elif images is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if len(images) >= MAX_IMAGES:
+                    raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
+                images.append(data_url_bytes(url, f"{where}.image_url.url"))
+                texts.append(marker(len(images) - 1))
+            else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise OpenAIError(f"{param}[{i}] is a {kind!r} part: only text parts are supported (pie serves "
-                                  "text models)", param=f"{param}[{i}]")
-        return "".join(p["text"] for p in content)
+                allowed = "text and image_url parts" if images is not None else "text parts"
+                raise OpenAIError(f"{where} is a {kind!r} part: only {allowed} are supported here",
+                                  param=where)
+        return "".join(texts)
     raise OpenAIError(f"{param} must be a string or text parts", param=param)
 
 

@@ -167,6 +167,19 @@ def uniform_windows(c: Any) -> tuple[int, ...]:
     return (window - 1,) * c.num_hidden_layers if window else ()
 
 
+# ForwardContext.extras key: (rows [n] int64, values [n, hidden]) that replace those rows' token embeddings.
+INPUT_EMBEDS = "input_embeds"
+
+
+def place_input_embeds(x: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
+    """The token embeddings with the rows a vision tower fills (an image's soft tokens) replaced."""
+    placed = fwd.extras.get(INPUT_EMBEDS)
+    if placed is None:
+        return x
+    rows, values = placed
+    return x.index_copy(0, rows, values.to(x.dtype))
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
@@ -386,7 +399,7 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
         """input_ids: [num_tokens] -> final hidden states [num_tokens, hidden] (after the last norm)."""
-        x = self.embed(input_ids)
+        x = place_input_embeds(self.embed(input_ids), fwd)
         ropes = self.ropes(fwd, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ropes[self.spec.rope_key(i)], fwd)

@@ -21,6 +21,7 @@ from pie.errors import RequestError
 from pie.server.api import auth, generation
 from pie.server.api.errors import error_body
 from pie.server.api.generation import ChoiceResult, Delta, GenerationFailed, Outcome
+from pie.server.api.images import MAX_IMAGES, check_text, decode_base64, marker
 from pie.server.api.output import OutputSplitter, Split
 from pie.server.api.plan import Plan, build_plan
 from pie.server.openai import finish_timer, json_body, served_of, start_timer
@@ -62,9 +63,23 @@ def parse_messages(body: Any, *, counting: bool = False) -> GenerationRequest:
                                    "stop": body.get("stop_sequences") or None, "stream": body.get("stream"),
                                    "max_tokens": None if counting else body.get("max_tokens")}
     tools, choice, parallel = _tools(body.get("tools"), body.get("tool_choice"))
-    return GenerationRequest(mode="chat", messages=tuple(_conversation(body)),
-                             tools=parse_tools(tools, choice, parallel),
+    images: list[bytes] = []
+    return GenerationRequest(mode="chat", messages=tuple(_conversation(body, images)),
+                             tools=parse_tools(tools, choice, parallel), images=tuple(images),
                              **common(openai_body, tokens_keys=("max_tokens",)))
+
+
+def _image(block: dict[str, Any], where: str, images: list[bytes]) -> str:
+    """An image block ({"type": "image", "source": {"type": "base64", "media_type", "data"}}) -> its marker."""
+    source = block.get("source")
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        kind = source.get("type") if isinstance(source, dict) else None
+        raise OpenAIError(f"{where}.source: only base64 image sources are taken (got {kind!r}); pie fetches no "
+                          "URLs", param=f"{where}.source")
+    if len(images) >= MAX_IMAGES:
+        raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
+    images.append(decode_base64(source.get("data"), f"{where}.source.data"))
+    return marker(len(images) - 1)
 
 
 def _tools(tools: Any, choice: Any) -> tuple[Any, Any, Any]:
@@ -92,7 +107,7 @@ def _tools(tools: Any, choice: Any) -> tuple[Any, Any, Any]:
     return converted, mapped, parallel
 
 
-def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _conversation(body: dict[str, Any], images: list[bytes]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
@@ -113,7 +128,9 @@ def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
         for j, block in enumerate(blocks):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                texts.append(str(block.get("text", "")))
+                texts.append(check_text(str(block.get("text", "")), f"{where}.content.{j}.text"))
+            elif kind == "image" and message["role"] == "user":
+                texts.append(_image(block, f"{where}.content.{j}", images))
             elif kind == "tool_use" and message["role"] == "assistant":
                 calls.append({"id": str(block.get("id", "")), "type": "function",
                               "function": {"name": str(block.get("name")),
@@ -127,7 +144,7 @@ def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
                 continue  # earlier reasoning is not part of the prompt (as chat templates drop it)
             else:
                 raise OpenAIError(f"{where}.content.{j}: {kind!r} blocks are not supported on {message['role']} "
-                                  "messages (pie serves text: text, tool_use, tool_result)",
+                                  "messages (pie takes text, image, tool_use, tool_result)",
                                   param=f"{where}.content.{j}")
         if message["role"] == "assistant":
             entry: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}

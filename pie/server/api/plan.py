@@ -4,11 +4,14 @@ the model: prompt tokens, the context length, token ids in the vocabulary, force
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from pie.errors import RequestError
+from inferlet._host import HostError
+from pie.engine.vision import image_families
+from pie.errors import PieError, RequestError
 from pie.server.api.harmony import HarmonyUnavailable, stop_tokens
 from pie.server.api.served import ServedModel
 from pie.server.openai_schema import MAX_TOKENS_DEFAULT, GenerationRequest, OpenAIError
@@ -23,10 +26,12 @@ class Plan:
     constraint: dict[str, Any] | None
     parse_tools: bool  # read tool calls back out of the text
     save: str | None = None
+    images: tuple[tuple[int, bytes], ...] = ()  # (row of the first token in prompt 0, encoded image)
 
     def inferlet_input(self) -> str:
         req = self.request
         return json.dumps({
+            "images": [[row, base64.b64encode(data).decode()] for row, data in self.images],
             "model": req.model, "prompts": [list(p) for p in self.prompts], "n": req.n,
             "max_tokens": self.max_tokens,
             "sampler": {"temperature": req.sampling.temperature, "top_p": req.sampling.top_p,
@@ -65,7 +70,7 @@ def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None =
                           "harmony models, GPT-OSS, do); leave it out", param="reasoning_effort",
                           code="unsupported_parameter")
     try:
-        prompts = _prompt_tokens(req, model)
+        prompts, images = _prompt_tokens(req, model)
     except RequestError as error:
         if isinstance(error, OpenAIError):
             raise
@@ -98,7 +103,7 @@ def build_plan(req: GenerationRequest, model: ServedModel, *, save: str | None =
         raise OpenAIError("`ignore_eos` cannot be combined with a constrained output (response_format or a "
                           "forced tool_choice ends at end-of-sequence)", param="ignore_eos")
     parse = tools is not None and tools.choice != "none"
-    return Plan(req, model, prompts, max_tokens, constraint, parse, save)
+    return Plan(req, model, prompts, max_tokens, constraint, parse, save, images)
 
 
 def _check_harmony(req: GenerationRequest) -> None:
@@ -116,10 +121,16 @@ def _check_harmony(req: GenerationRequest) -> None:
                           "(GPT-OSS) model yet; use 'auto'", param="tool_choice")
 
 
-def _prompt_tokens(req: GenerationRequest, model: ServedModel) -> tuple[tuple[int, ...], ...]:
+def _prompt_tokens(req: GenerationRequest, model: ServedModel
+                   ) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, bytes], ...]]:
     if req.mode == "chat":
         declared = list(req.tools.declared) if req.tools is not None else None
-        return (tuple(model.render_chat(list(req.messages), declared, reasoning_effort=req.reasoning_effort)),)
+        if not req.images:
+            return (tuple(model.render_chat(list(req.messages), declared, reasoning_effort=req.reasoning_effort)),), ()
+        if model.harmony:
+            raise OpenAIError("images are not supported on a harmony (GPT-OSS) model", param="messages")
+        tokens, rows = model.render_chat_images(list(req.messages), declared, _prepare(req, model))
+        return (tuple(tokens),), tuple(zip(rows, req.images, strict=True))
     prompts: list[tuple[int, ...]] = []
     for i, prompt in enumerate(req.prompts):
         ids = tuple(model.encode(prompt)) if isinstance(prompt, str) else prompt
@@ -130,7 +141,27 @@ def _prompt_tokens(req: GenerationRequest, model: ServedModel) -> tuple[tuple[in
             raise OpenAIError(f"prompt {i} has token id {bad[0]}, outside the vocabulary [0, {model.vocab_size})",
                               param="prompt")
         prompts.append(ids)
-    return tuple(prompts)
+    return tuple(prompts), ()
+
+
+def _prepare(req: GenerationRequest, model: ServedModel) -> list[Any]:
+    """Each image decoded and prepared on the model's engines (a 400 saying why when one cannot be)."""
+    if model.prepare_image is None:
+        raise OpenAIError(f"model {model.name!r} takes no images (pie runs the vision tower of "
+                          f"{', '.join(image_families())} checkpoints); send text only", param="messages",
+                          code="image_input_not_supported")
+    out = []
+    for i, data in enumerate(req.images):
+        try:
+            out.append(model.prepare_image(data))
+        except (PieError, HostError) as error:
+            raise OpenAIError(f"image {i} of the messages: {error}", param="messages", code="invalid_image") from None
+    rows = sum(len(info.embed_rows) for info in out)
+    if model.max_num_embeds and rows > model.max_num_embeds:
+        raise OpenAIError(f"the messages' {len(out)} image(s) take {rows} embedding rows, over the model's "
+                          f"max_num_embeds = {model.max_num_embeds} (one prefill); send fewer images, or raise "
+                          "max_num_embeds in the model's config", param="messages", code="too_many_images")
+    return out
 
 
 def _max_tokens(req: GenerationRequest, model: ServedModel, prompts: tuple[tuple[int, ...], ...]) -> int:

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pie.errors import ChatTemplateError, ModelNotFoundError, RequestError
 from pie.runtime.tokenizer import TOOL_CALL_TAGS, TOOL_CONVENTION, ModelTokenizer
 from pie.server.api import harmony
+from pie.server.api.images import split_markers
 from pie.server.api.tool_parsers import ToolCall, ToolFormat, detect_format
+
+if TYPE_CHECKING:
+    from pie.engine.vision.info import ImageInfo
 
 _PROBE_TOOL = {"type": "function", "function": {"name": "pie_probe_fn", "description": "probe",
                                                 "parameters": {"type": "object", "properties": {}}}}
@@ -51,8 +56,11 @@ class ServedModel:
     """One model as the HTTP APIs see it. Built once per model and runtime (`served_model`)."""
 
     def __init__(self, name: str, model_dir: Path | None, tokenizer: ModelTokenizer | None,
-                 facts: dict[str, Any]) -> None:
+                 facts: dict[str, Any], prepare_image: Callable[[bytes], ImageInfo] | None = None) -> None:
         self.name = name
+        # Decode + preprocess an image on the model's engines (None: the model takes no images).
+        self.prepare_image = prepare_image
+        self.max_num_embeds = int(facts.get("max_num_embeds") or 0)  # image embedding rows per pass
         self.tokenizer = tokenizer
         self.vocab_size = int(facts.get("vocab_size") or (tokenizer.vocab_size if tokenizer else 0))
         # One request's context lives on one group, within one instance's page limit.
@@ -117,16 +125,41 @@ class ServedModel:
         harmony models only)."""
         if self.harmony:
             return harmony.render(messages, tools, reasoning_effort=reasoning_effort)
+        return self._tok().encode(self._render_text(messages, tools))
+
+    def render_chat_images(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                           images: list[ImageInfo]) -> tuple[list[int], list[int]]:
+        """A conversation whose text marks `images` (`pie.server.api.images`): its tokens, with each image's
+        placeholder tokens where its marker was, and the row of each image's first token."""
         tok = self._tok()
+        tokens: list[int] = []
+        rows: list[int | None] = [None] * len(images)
+        pieces = split_markers(self._render_text(messages, tools))
+        for k, piece in enumerate(pieces):  # an image's text_around joins the text beside it, as HF's processor
+            if isinstance(piece, int) and piece < len(images):
+                before, after = images[piece].text_around
+                pieces[k - 1] = f"{pieces[k - 1]}{before}"  # markers always sit between two text pieces
+                pieces[k + 1] = f"{after}{pieces[k + 1]}"
+        for piece in pieces:
+            if isinstance(piece, str):
+                tokens += tok.encode(piece)
+            elif piece < len(images) and rows[piece] is None:
+                rows[piece] = len(tokens)
+                tokens += images[piece].tokens
+        if any(r is None for r in rows):
+            raise RequestError("the model's chat template dropped an image of the messages (images are taken "
+                               "in user messages only)")
+        return tokens, [int(r) for r in rows if r is not None]
+
+    def _render_text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         template = self._template
         if template is None:
-            return tok.encode(self._plain(self._adapt(messages, tools)))
+            return self._plain(self._adapt(messages, tools))
         native = tools if tools and self._native_tools else None
         try:
-            text = template.render(self._adapt(messages, tools), add_generation_prompt=True, tools=native)
+            return template.render(self._adapt(messages, tools), add_generation_prompt=True, tools=native)
         except ChatTemplateError as error:
             raise RequestError(str(error)) from None
-        return tok.encode(text)
 
     def _adapt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         """The messages in the shapes this template renders (see the module docstring)."""
@@ -219,7 +252,8 @@ def served_model(runtime: object, name: str) -> ServedModel | None:
         tokenizer = None
     info = getattr(model, "info", None)
     model_dir = Path(info.model_dir) if info is not None and getattr(info, "model_dir", None) else None
-    served = per_runtime[name] = ServedModel(name, model_dir, tokenizer, model.describe())
+    served = per_runtime[name] = ServedModel(name, model_dir, tokenizer, model.describe(),
+                                             _image_preparer(runtime, model))
     return served
 
 
@@ -227,6 +261,18 @@ def _model_type(model_dir: Path | None) -> str:
     if model_dir is None or not (model_dir / "config.json").is_file():
         return ""
     return str(json.loads((model_dir / "config.json").read_text()).get("model_type") or "")
+
+
+def _image_preparer(runtime: object, model: object) -> Callable[[bytes], ImageInfo] | None:
+    """`prepare_image` on the model's engines, within [runtime] max_image_pixels; None for text models."""
+    from pie.engine.vision import serves_images
+    from pie.runtime.images import prepare_image
+    from pie.runtime.model_runtime import ModelRuntime
+
+    if not isinstance(model, ModelRuntime) or not serves_images(str(model.info.model_type)):
+        return None
+    max_pixels = int(getattr(getattr(runtime, "limits", None), "max_image_pixels", 0) or 0)
+    return lambda data: prepare_image(model, data, max_pixels)
 
 
 def _max_positions(model_dir: Path | None) -> int:

@@ -1,0 +1,61 @@
+"""Images as model inputs (Pie 0.4's `Image`): prepared by the runtime, placed in a context like tokens.
+
+    image = Image.from_bytes(model, png_bytes)
+    ctx.user(["What is in this picture?", image])      # the chat template's image slot
+    await ctx.append_image(image)                       # or into the KV cache now
+    ctx.buffer_images([image])                          # or into the buffer, like `append`
+    fwd.input_image(image)                              # or inside one forward pass
+
+`from_bytes` decodes and preprocesses the bytes (PNG, JPEG, WebP, GIF) with the
+checkpoint's own processor configuration; the same bytes are prepared once and,
+placed after the same prefix, share their KV. `token_ids` are the placeholder
+tokens the image occupies (`token_count` of them); `position_span` is how many
+positions it advances the sequence by; `grid` is (t, h, w) in patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferlet._host import get_host
+from inferlet.model import Model
+
+
+class Image:
+    __slots__ = ("embed_rows", "grid", "height", "key", "model", "position_span", "positions", "token_ids",
+                 "width")
+
+    def __init__(self, model: Model, info: dict[str, Any]) -> None:
+        self.model = model
+        self.key: str = info["key"]
+        self.token_ids: list[int] = list(info["tokens"])
+        self.embed_rows: list[int] = list(info["embed_rows"])
+        self.grid: tuple[int, int, int] = tuple(info["grid"])
+        self.positions: list[list[int]] | None = info.get("positions")
+        self.position_span: int = int(info["position_span"])
+        self.width: int = int(info["width"])
+        self.height: int = int(info["height"])
+
+    @classmethod
+    def from_bytes(cls, model: Model, data: bytes) -> Image:
+        """Decode and prepare an encoded image for `model`; HostError if it cannot be decoded or is over
+        the instance's limits (images, pixels)."""
+        return cls(model, get_host().image_prepare(model.name, bytes(data)))
+
+    @property
+    def token_count(self) -> int:
+        """Tokens the image occupies, its begin/end delimiters included (Pie counts those apart)."""
+        return len(self.token_ids)
+
+    @property
+    def prefix_tokens(self) -> list[int]:
+        """The delimiter tokens before its first embedding row (Gemma 3: <start_of_image>)."""
+        return self.token_ids[:self.embed_rows[0]] if self.embed_rows else []
+
+    @property
+    def suffix_tokens(self) -> list[int]:
+        """The delimiter tokens after its last embedding row (Gemma 3: <end_of_image>)."""
+        return self.token_ids[self.embed_rows[-1] + 1:] if self.embed_rows else []
+
+    def __repr__(self) -> str:
+        return f"Image({self.key[:12]}, {self.width}x{self.height}, {self.token_count} tokens)"

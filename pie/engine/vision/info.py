@@ -1,0 +1,38 @@
+"""What the runtime learns about an image the engine prepared: plain data, torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image the engine holds, prepared, under `key` (the hex SHA-256 of its encoded bytes).
+
+    tokens: the token ids the image occupies in a prompt (placeholders included); a request places the
+      image by naming the row of `tokens[0]` (`Request.images`).
+    embed_rows: the indices into `tokens` whose rows take the tower's embeddings.
+    grid: (t, h, w) in patches; positions: M-RoPE offsets (3 rows of len(tokens)) or None.
+    bidirectional: the embedding rows attend to each other both ways, so the image must lie whole inside
+      one forward pass (Gemma 3).
+    width, height: of the decoded image, before resizing.
+    text_around: text the family's processor puts before and after the tokens in a prompt (Gemma 3: a
+      blank line each side); chat rendering adds it to the neighbouring text.
+    """
+
+    key: str
+    tokens: list[int]
+    embed_rows: list[int]
+    grid: tuple[int, int, int]
+    positions: list[list[int]] | None
+    bidirectional: bool
+    width: int
+    height: int
+    text_around: tuple[str, str] = ("", "")
+
+    @property
+    def position_span(self) -> int:
+        """How many positions the image advances the prompt by (its token count without M-RoPE)."""
+        if self.positions is None:
+            return len(self.tokens)
+        return max(max(row) for row in self.positions) + 1

@@ -1,0 +1,128 @@
+"""Images over HTTP: the official `openai` client sends a `data:` URL image to a real server on a tiny
+random Gemma 3 and gets the tokens the SDK path gives; bad images are 400s that say why, and the server
+goes on serving. The Anthropic image block takes the same path."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from inferlet_helpers import run_sdk
+from server_support import running_server
+from vision_support import gemma3_checkpoint, png
+
+from inferlet import Context, Image, Model, Sampler, chat
+from pie.engine.config import EngineConfig
+from pie.runtime.runtime import ModelSpec, RuntimeConfig, RuntimeLimits
+from pie.server.api.images import marker
+from pie.server.api.served import served_model
+from pie.server.app import Server
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+MODEL = "gemma3-tiny"
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    ckpt = gemma3_checkpoint(tmp_path_factory.mktemp("gemma3-http"))
+    engine = EngineConfig(model=str(ckpt), device="cpu", max_num_kv_pages=256, kv_page_size=4, max_num_embeds=64,
+                          activation_dtype="float32")
+    config = RuntimeConfig((ModelSpec(MODEL, engine),), RuntimeLimits(max_image_pixels=100 * 100))
+    async with running_server(config) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def client(server: Server) -> openai.AsyncOpenAI:
+    async with openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _messages(url: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+async def _sdk_text(server: Server, data: bytes, max_tokens: int) -> str:
+    """The SDK path: the same rendered prompt, the image appended in its place, greedy generation."""
+    assert server.state is not None
+    runtime = server.state.runtime
+    served = served_model(runtime, MODEL)
+    assert served is not None and served.prepare_image is not None
+    info = served.prepare_image(data)
+    messages = [{"role": "user", "content": "What is this?" + marker(0)}]
+    tokens, rows = served.render_chat_images(messages, None, [info])
+    # As transformers' Gemma 3 processor writes it: a blank line each side of <start_of_image>...<end_of_image>.
+    assert served.decode(tokens[:rows[0]]).endswith("What is this?\n\n")
+    assert served.decode(tokens[rows[0] + len(info.tokens):]).startswith("\n\n")
+
+    async def body() -> str:
+        model = Model.load(MODEL)
+        image = Image.from_bytes(model, data)
+        ctx = Context(model)
+        ctx.append(tokens[:rows[0]]).buffer_images([image]).append(tokens[rows[0] + image.token_count:])
+        out = await ctx.generate(Sampler.argmax(), max_tokens=max_tokens, stop=chat.stop_tokens(model),
+                                 auto_flush=False).collect_tokens()
+        return model.tokenizer().decode(out)
+    return await run_sdk(runtime, body)
+
+
+async def test_data_url_image_gives_the_sdk_tokens(client: openai.AsyncOpenAI, server: Server) -> None:
+    data = png(11)
+    reply = await client.chat.completions.create(model=MODEL, messages=_messages(_data_url(data)),  # type: ignore[arg-type]
+                                                 max_tokens=6, temperature=0)
+    text = reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert text == await _sdk_text(server, data, 6)
+    other = await client.chat.completions.create(model=MODEL, messages=_messages(_data_url(png(12))),  # type: ignore[arg-type]
+                                                 max_tokens=6, temperature=0)
+    assert reply.usage is not None and other.usage is not None
+    assert reply.usage.prompt_tokens == other.usage.prompt_tokens  # the same placeholders, other embeddings
+
+
+async def test_bad_images_are_400s_and_the_server_goes_on(client: openai.AsyncOpenAI) -> None:
+    cases = [("data:image/png;base64,iVBORw0KGgo=", "cannot be decoded"),
+             ("data:image/png;base64,@@not base64@@", "not valid base64"),
+             ("https://example.com/cat.png", "remote image URLs are not fetched"),
+             (_data_url(png(13, (120, 120))), "over the limit of 10000")]
+    for url, why in cases:
+        with pytest.raises(openai.BadRequestError, match=why):
+            await client.chat.completions.create(model=MODEL, messages=_messages(url), max_tokens=2)  # type: ignore[arg-type]
+    many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(png(20 + i))}}
+                                         for i in range(17)]}]  # 17 x 4 rows > max_num_embeds = 64
+    with pytest.raises(openai.BadRequestError, match="68 embedding rows, over the model's max_num_embeds = 64"):
+        await client.chat.completions.create(model=MODEL, messages=many, max_tokens=2)  # type: ignore[arg-type]
+    ok = await client.chat.completions.create(model=MODEL, messages=_messages(_data_url(png(14))), max_tokens=2)  # type: ignore[arg-type]
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_anthropic_image_block(server: Server) -> None:
+    data = png(11)
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(data).decode()}}]}]}
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        reply = await http.post("/v1/messages", json=body)
+        bad = await http.post("/v1/messages", json={**body, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["content"][0]["text"] == await _sdk_text(server, data, 6)
+    assert bad.status_code == 400 and "only base64 image sources" in bad.text
+
+
+async def test_a_text_model_refuses_images(tmp_path: Path) -> None:
+    async with running_server() as text_server, openai.AsyncOpenAI(
+            base_url=text_server.http_url + "/v1", api_key="unused", max_retries=0) as text_client:
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            await text_client.chat.completions.create(model="pie/tiny-random", messages=_messages(_data_url(png(1))),  # type: ignore[arg-type]
+                                                      max_tokens=2)

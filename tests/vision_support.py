@@ -1,0 +1,61 @@
+"""Tiny random image-text checkpoints with their preprocessor configs, and test images (nothing downloaded)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from checkpoints import _COMMON, _SIGLIP, ARCHS, VOCAB
+from PIL import Image
+
+from pie.tiny_model import write_tokenizer_files
+
+# Gemma 3's special ids moved into the tiny vocabulary (the real ones are 255999 / 256000 / 262144).
+GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE = VOCAB - 4, VOCAB - 3, VOCAB - 2
+GEMMA3_IMAGE_TOKENS = 4  # mm_tokens_per_image: the 4x4 patch grid pooled to 2x2
+
+
+def gemma3_config(**text_overrides: Any) -> Any:
+    from transformers import AutoConfig
+
+    text = {**_COMMON, **ARCHS["gemma3_text"], **text_overrides, "model_type": "gemma3_text"}
+    return AutoConfig.for_model("gemma3", text_config=text, vision_config={**_SIGLIP, "image_size": 32},
+                                mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, image_token_index=GEMMA3_IMAGE,
+                                boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI,
+                                tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def gemma3_checkpoint(directory: Path, *, seed: int = 0, **text_overrides: Any) -> Path:
+    """A random Gemma3ForConditionalGeneration (SigLIP tower, projector) with its preprocessor_config.json."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(gemma3_config(**text_overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        # Zero-initialised by transformers: give the projector real values.
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.copy_(torch.randn_like(proj) * 0.2)
+    model.save_pretrained(directory, safe_serialization=True)
+    write_tokenizer_files(directory, VOCAB)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"height": 32, "width": 32}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_pan_and_scan": None}))
+    return directory
+
+
+def png(seed: int, size: tuple[int, int] = (40, 52)) -> bytes:
+    """A random RGB image (width, height) as PNG bytes."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
