@@ -13,7 +13,7 @@ patch merger, linear-GELU-linear into the text model's hidden size.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import ClassVar, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -158,6 +158,8 @@ class _Projector(nn.Module):
 
 class PixtralVisionTower(CheckpointModule):
     """Mistral 3's Pixtral encoder + multimodal projector; names as in the checkpoint."""
+
+    bidirectional: ClassVar[bool] = False  # Mistral 3's text model attends causally over image rows too
 
     prefixes = (
         ("model.vision_tower.", "vision_tower."),  # transformers >= 5
