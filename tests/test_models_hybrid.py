@@ -15,8 +15,6 @@ import torch
 from checkpoints import load_reference, tiny_checkpoint
 
 from pie.engine.hybrid_runner import HybridRunner
-from pie.engine.models.hybrid import hybrid_architecture
-from pie.engine.models.registry import unsupported_reason
 
 ARCHS = ["qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "nemotron_h"]
 TEXT_ARCHS = ["qwen3_5_text", "qwen3_next", "nemotron_h"]  # the distinct mixers and MLPs (the others combine them)
@@ -141,11 +139,3 @@ def test_last_row_logits_only(text_checkpoint: tuple[Path, Any]) -> None:
     assert out[a].shape[0] == out[b].shape[0] == 1
     _close(out[a][0], _hf_logits(ref, PROMPTS[0])[-1])
     _close(out[b][0], _hf_logits(ref, PROMPTS[1])[-1])
-
-
-def test_engine_registry_still_refuses_hybrids() -> None:
-    """Until Engine.forward_batch carries state slots, the engine must not load these (docs/models.md)."""
-    for model_type in ARCHS:
-        assert hybrid_architecture(model_type) is not None
-        reason = unsupported_reason(model_type)
-        assert reason is not None and "state slots" in reason

@@ -109,6 +109,11 @@ class Request:
     token_from: (request j, output k) of the batch run just before this one: the one input token is that
       output's sampled token, filled in by the engine client before the engine sees the request
       (`pie.runtime.engine_client.resolve_chained`); the engine itself never sees it set.
+    state_slot: the sequence's recurrent-state slot on a hybrid model (required there, refused on any
+      other; `EngineInfo.num_state_slots`). The slot holds the state after the sequence's first
+      `kv_len - len(tokens)` tokens and holds the state after all of them once the pass ran; a request
+      whose first new token is at kv slot 0 starts fresh (the engine zeroes the slot). The runtime
+      chooses slots as it chooses pages; two requests of one batch never share one.
     """
 
     tokens: list[int]
@@ -121,6 +126,7 @@ class Request:
     adapter: int | None = None
     seed: int | None = None
     token_from: tuple[int, int] | None = None
+    state_slot: int | None = None
 
 
 @dataclass(slots=True)
@@ -131,7 +137,12 @@ class ForwardBatch:
     swap_in: (host_slot, device_page) pairs copied back (a resumed context);
     page_copies: (src_page, dst_page) pairs copied whole, e.g. the working page of a forked context.
 
-    A batch may carry page operations and no requests.
+    Then the same three for recurrent-state slots (hybrid models only, after the page operations):
+    state_swap_out: (slot, host_slot) pairs; state_swap_in: (host_slot, slot) pairs;
+    state_copies: (src_slot, dst_slot) pairs (fork; a checkpoint of a prefix's state). They run before
+    the forward, so a copy out of a slot the batch also advances sees the state before this batch.
+
+    A batch may carry page or state operations and no requests.
 
     validated: the runtime built it from passes it checked with
     `pie.engine.validate` against this engine's limits, so the engine skips
@@ -144,6 +155,9 @@ class ForwardBatch:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     validated: bool = False
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
+    state_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    state_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -27,7 +27,15 @@ from pie.engine.attention.base import BatchLayout
 from pie.engine.batch import ForwardBatch, Request
 from pie.engine.outputs import OutputPlan, plan_outputs
 from pie.engine.packing import Packed, Packer
-from pie.engine.validate import InvalidValue, Limits, check_attention_mask, check_request, seed64
+from pie.engine.validate import (
+    InvalidValue,
+    Limits,
+    check_attention_mask,
+    check_request,
+    check_state_ops,
+    check_state_slots,
+    seed64,
+)
 from pie.errors import BatchError
 
 __all__ = ["Limits", "PreparedBatch", "check_page_ops", "prepare"]
@@ -42,6 +50,9 @@ class PreparedBatch:
     layout: BatchLayout
     outputs: OutputPlan
     packed: Packed  # "token_rows" ([4, T]: the four arrays above) + the outputs' sections
+    # Hybrid models: each request's state slot, and whether it starts its sequence (kv slot 0: zero the slot).
+    state_slots: list[int] | None = None
+    fresh: list[bool] | None = None
 
 
 def check_page_ops(batch: ForwardBatch, limits: Limits) -> None:
@@ -55,6 +66,11 @@ def check_page_ops(batch: ForwardBatch, limits: Limits) -> None:
     for slot, page in batch.swap_in:
         _check_slot(slot, limits)
         _check_page(page, limits, "swap-in destination")
+    if batch.state_copies or batch.state_swap_out or batch.state_swap_in:
+        try:
+            check_state_ops(batch.state_copies, batch.state_swap_out, batch.state_swap_in, limits)
+        except InvalidValue as e:
+            raise BatchError(str(e)) from None
 
 
 def _check_slot(slot: int, limits: Limits) -> None:
@@ -70,7 +86,8 @@ def _check_page(page: int, limits: Limits, what: str) -> None:
 
 def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> PreparedBatch:
     reqs = batch.requests
-    if batch.page_copies or batch.swap_in or batch.swap_out:
+    if (batch.page_copies or batch.swap_in or batch.swap_out or batch.state_copies or batch.state_swap_out
+            or batch.state_swap_in):
         check_page_ops(batch, limits)
     if not reqs:
         raise BatchError("empty batch: at least one request is needed")
@@ -85,7 +102,13 @@ def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> Prepared
         if not batch.validated:
             for i, r in enumerate(reqs):
                 check_request(i, r, limits, arrays=False)  # the arrays are checked vectorised in _flatten
-        return _flatten(reqs, num_tokens, limits, rng)
+        if limits.num_state_slots or not batch.validated:  # a dense model's validated batch names no slot
+            check_state_slots(reqs, limits)
+        prep = _flatten(reqs, num_tokens, limits, rng)
+        if limits.num_state_slots:
+            prep.state_slots = [int(r.state_slot) for r in reqs]  # type: ignore[arg-type]  # checked above
+            prep.fresh = (prep.layout.kv_lens == np.diff(prep.layout.qo_indptr)).tolist()
+        return prep
     except InvalidValue as e:
         raise BatchError(str(e)) from None
     except (ValueError, TypeError, OverflowError, IndexError) as e:
