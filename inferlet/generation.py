@@ -217,7 +217,8 @@ class Generator:
         return (RUNAHEAD and self._speculator is None and self._system_drafter is None and not self._step_probes
                 and self._sampler.draws == 1 and all(isinstance(c, StaticMask) for c in self._constraints)
                 and self._history is None  # penalties count each step's history: the SDK sends it
-                and hasattr(self._ctx._host, "ctx_generate_start"))
+                and hasattr(self._ctx._host, "ctx_generate_start")
+                and self._ctx.model.run_ahead())  # off for hybrid (recurrent-state) models
 
     def _start_stream(self, pending: list[int], mask: list[int] | None) -> _Stream:
         ctx = self._ctx

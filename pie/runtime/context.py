@@ -35,7 +35,15 @@ function of (tokens, positions) alone, so they get no content key and are never
 shared, and a context holding masked/adapter KV cannot be recomputed (it is
 only suspended by swapping to host).
 
-The contexts of one page pool live in a `ContextSpace` (`context_space.py`).
+Hybrid models (a `ContextSpace` with `states`): a context also holds a
+recurrent-state slot (`state_slot`, `pie.runtime.state_slots`) whose state is
+that after its first `computed_len` tokens. A state cannot be cut back, so
+whatever cuts the record below `computed_len` (truncate, release, the rollback
+of a pass, a run-ahead stop) sends the context back to `computed_len = 0`: its
+KV and state are recomputed from the record with its next pass (its pages stay
+and are rewritten). Fork copies the slot (queued for the next batch). Prefix
+pages are not attached from the trie (the state after them is not there), and
+a swap-out copies every computed page while the state stays in the slot.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ class Context:
         self.pending = False  # a pass was submitted and has not resolved
         self.in_batch = 0  # id of the last batch being built or in flight that holds it (0: none): pages pinned
         self.closed = False
+        self.state_slot: int | None = None  # hybrid models: the recurrent state after `computed_len` tokens
 
     # -- the logical view -----------------------------------------------------------------------
 
@@ -168,6 +177,9 @@ class Context:
         child.pages, child.computed_len = self.pages.copy(), self.computed_len
         child.priority = self.priority
         self.space.pool.incref(child.pages)
+        if child.state_slot is not None and self.state_slot is not None and self.computed_len:
+            assert self.space.states is not None
+            self.space.states.copy(self.state_slot, child.state_slot)
         return child
 
     def destroy(self) -> None:
@@ -175,6 +187,9 @@ class Context:
             return
         self._drop_pages()
         self._release_swap(0)
+        if self.state_slot is not None:
+            assert self.space.states is not None
+            self.space.states.free(self.state_slot)
         self.closed = True
         del self.space.live[self.id]
 
@@ -200,9 +215,14 @@ class Context:
     def _cut(self, kv_len: int) -> None:
         del self.tokens[kv_len:]
         del self.positions[kv_len:]
+        hybrid = self.state_slot is not None
+        if hybrid and kv_len < self.computed_len:
+            self.computed_len = 0  # the state holds tokens past the cut: recompute it from the record
         self.computed_len = min(self.computed_len, kv_len)
         ps = self.space.page_size
         self.dirty = {j for j in self.dirty if j * ps < kv_len}
+        if hybrid and self.swapped and kv_len < self.swapped_len:
+            self._release_swap(0)  # swapped out past the cut: the slot's state is too, recompute instead
         if self.swapped:
             self.swapped_len = min(self.swapped_len, kv_len)
             self._release_swap(max(0, -(-self.swapped_len // ps) - self.swap_first))
@@ -217,7 +237,7 @@ class Context:
         first full page that missed (None when no full, shareable page was left)."""
         ps, pool, trie = self.space.page_size, self.space.pool, self.space.trie
         start = self.computed_len
-        if start % ps:
+        if start % ps or self.state_slot is not None:  # a hybrid's cached KV lacks the state after it
             return Attached(0, None)
         j = start // ps
         parent = self._key_before(j)
@@ -298,7 +318,7 @@ class Context:
         ps, trie, pool = self.space.page_size, self.space.trie, self.space.pool
         num_computed = min(len(self.pages), -(-self.computed_len // ps))
         first = 0
-        if self.recomputable:
+        if self.recomputable and self.state_slot is None:  # a hybrid's slot holds the state after every page
             while first < num_computed and trie.holds(self.pages[first]) and pool.refcount(self.pages[first]) > 1:
                 first += 1
         return first, num_computed - first

@@ -375,6 +375,8 @@ class Scheduler:
         elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
         batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in)
+        if self.space.states is not None:  # hybrid models: forks' state copies, before this batch's forward
+            batch.state_copies = self.space.states.drain()
         batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
         return batch, chunks
 
@@ -563,7 +565,7 @@ class Scheduler:
                        last_page_len=last_len, outputs=outputs,
                        attention_mask=job.attention_mask if masked else None,
                        logit_mask=job.logit_mask if outputs else None,
-                       adapter=job.adapter if a >= job.start else None, seed=job.seed)
+                       adapter=job.adapter if a >= job.start else None, seed=job.seed, state_slot=ctx.state_slot)
 
     # -- running it and handing results back ----------------------------------------------------
 
@@ -649,10 +651,10 @@ class Scheduler:
                 ctx.in_batch = 0
 
     async def _fire_singly(self, batch: ForwardBatch, chunks: list[Chunk]) -> list[list[OutputValue] | BaseException]:
-        if batch.page_copies or batch.swap_out or batch.swap_in:
+        if batch.page_copies or batch.swap_out or batch.swap_in or batch.state_copies:
             try:
                 await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in,
-                                                       validated=batch.validated))
+                                                       validated=batch.validated, state_copies=batch.state_copies))
             except Exception as error:  # a runtime bug: the runtime chose these pages and slots
                 log.error("engine failed on a batch's page operations: %r", error)
                 return [HostError(f"the engine failed on this batch's page operations: {error}")] * len(batch.requests)
