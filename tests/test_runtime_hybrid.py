@@ -8,6 +8,7 @@ pool all equal recomputation; every page and every state slot comes back.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ async def _runtime(directory: Path, **engine: Any) -> Runtime:
 async def _close(rt: Runtime) -> None:
     space = rt.model().groups[0].space
     assert pages_in_use(rt) == 0 or rt.model().snapshots
-    assert space.states is not None and space.states.num_held == len(space.live)
+    assert space.states is not None and space.states.num_held == len(space.live) + space.states.num_checkpoints
     rt.check_integrity()
     await rt.shutdown(0)
 
@@ -153,11 +154,11 @@ async def test_terminating_mid_generation_returns_every_page_and_state_slot(chec
         assert space.states is not None
         process = await rt.launch("best-of-n", '{"prompt": "Say something.", "n": 3, "max_tokens": 400, '
                                   '"temperature": 1.0, "seed": 1}', username="alice")
-        while space.states.num_held < 3:  # the forks exist: one slot each
+        while space.states.num_held - space.states.num_checkpoints < 3:  # the forks exist: one slot each
             await asyncio.sleep(0.01)
         await process.terminate("stopped by the test")
         assert [e.kind async for e in process.events()][-1] != "return"
-        assert space.states.num_held == 0 and pages_in_use(rt) == 0
+        assert space.states.num_held == space.states.num_checkpoints and pages_in_use(rt) == 0
     finally:
         await _close(rt)
 
@@ -178,3 +179,87 @@ def test_state_slots_queue_copies_against_the_states_before_the_batch() -> None:
         slots.allocate()
     assert {a, b, d, e} == {0, 1, 2, 3}
     slots.check_integrity()
+
+
+def test_prefix_checkpoints_take_free_slots_and_are_evicted_least_recently_used_first() -> None:
+    from pie.runtime.state_slots import StateSlots
+
+    slots = StateSlots(4)
+    ctx = slots.allocate()
+    for key in ("p1", "p2", "p3"):
+        slots.checkpoint(key, ctx)
+    assert slots.num_checkpoints == 3 and slots.num_free == 0
+    assert slots.lookup("p1") is not None  # p1 is now the most recently used
+    slots.checkpoint("p4", ctx)  # no free slot: the oldest checkpoint (p2) makes room
+    assert not slots.has_checkpoint("p2") and slots.has_checkpoint("p1")
+    other = slots.allocate()  # a context's slot comes before any checkpoint: p3 goes
+    assert not slots.has_checkpoint("p3") and other not in (slots.lookup("p1"), slots.lookup("p4"))
+    copies = dict((dst, src) for src, dst in slots.drain())
+    assert other not in copies and all(src == ctx for src in copies.values())  # p3's copy went with it
+    slots.check_integrity()
+
+
+async def test_standard_inferlets_run_on_a_hybrid_model(checkpoint: tuple[Path, Any]) -> None:
+    """chat, best-of-n, beam-search, speculative-decoding, constrained-json and modular-cache on Qwen 3.5, each
+    checked against greedy text-completion or its own property (forks copy states; rejected drafts truncate)."""
+    directory, _ = checkpoint
+    rt = await _runtime(directory)
+    try:
+        system = "You are a helpful assistant."
+        greedy = await result(rt, "text-completion", {"prompt": "Say something.", "max_tokens": 8, "system": system})
+        best = await result(rt, "best-of-n", {"prompt": "Say something.", "n": 3, "max_tokens": 8, "temperature": 0})
+        assert set(best["candidates"]) == {greedy}  # three forks of one prefill decode like one context
+        spec = await result(rt, "speculative-decoding", {"prompt": "Say something.", "max_tokens": 8})
+        assert spec["text"] == greedy  # drafts rejected by truncate: recomputed, not corrupted
+        beams = await result(rt, "beam-search", {"prompt": "Once upon a time", "beam_width": 3, "max_tokens": 6})
+        assert beams
+        schema = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}},
+                  "additionalProperties": False}
+        value = await result(rt, "constrained-json", {"prompt": "a number", "schema": json.dumps(schema),
+                                                      "temperature": 1.0, "seed": 1, "max_tokens": 60})
+        assert isinstance(value["n"], int)
+        modules = ["You answer from documents.", "Doc one: the sky is blue."]
+        first = await result(rt, "modular-cache", {"modules": modules, "prompt": "Color?", "max_tokens": 6})
+        second = await result(rt, "modular-cache", {"modules": modules, "prompt": "Color?", "max_tokens": 6})
+        assert second["reused_modules"] == 2 and second["text"] == first["text"]
+        process = await rt.launch("chat", json.dumps({"max_tokens": 6}), username="alice")
+        for message in ("hello", "and then?", "/exit"):
+            process.send_message(message)
+        events = [e async for e in process.events()]
+        assert events[-1].kind == "return", events[-1].value
+    finally:
+        await _close(rt)
+
+
+async def test_a_shared_prefix_resumes_from_its_state_checkpoint(checkpoint: tuple[Path, Any]) -> None:
+    """A 1,000-token prefix is computed once: the second prompt attaches its 992 tokens of full pages (16-token
+    pages) and copies the state checkpoint at page 62's end, and decodes exactly as a cold run."""
+    directory, ref = checkpoint
+    rt = await start_runtime(directory, activation_dtype="float32", kv_page_size=16, max_num_state_slots=8,
+                             max_num_kv_pages=256)
+    try:
+        prefix = [(7 * i + 3) % 500 + 5 for i in range(1000)]
+        stats = rt.model().groups[0].scheduler.stats
+
+        async def generate(tail: list[int]) -> tuple[list[int], int, int]:
+            before, cached = stats.tokens_processed, stats.cached_tokens
+
+            async def body() -> list[int]:
+                ctx = Context(Model.load(""))
+                ctx.append([*prefix, *tail])
+                try:
+                    return await _generate(ctx, 4)
+                finally:
+                    ctx.release()
+            tokens = await run_sdk(rt, body)
+            return tokens, stats.tokens_processed - before, stats.cached_tokens - cached
+
+        first, first_computed, first_cached = await generate([11, 12, 13])
+        assert (first_computed, first_cached) == (1003 + 3, 0)  # the prompt, then one row per later step
+        assert rt.model().groups[0].space.states.num_checkpoints >= 1  # type: ignore[union-attr]
+        second, second_computed, second_cached = await generate([21, 22, 23, 24, 25])
+        assert second_cached == 992 and second_computed == 1005 - 992 + 3
+        assert first == _greedy(ref, [*prefix, 11, 12, 13], 4)
+        assert second == _greedy(ref, [*prefix, 21, 22, 23, 24, 25], 4)
+    finally:
+        await _close(rt)

@@ -41,9 +41,11 @@ that after its first `computed_len` tokens. A state cannot be cut back, so
 whatever cuts the record below `computed_len` (truncate, release, the rollback
 of a pass, a run-ahead stop) sends the context back to `computed_len = 0`: its
 KV and state are recomputed from the record with its next pass (its pages stay
-and are rewritten). Fork copies the slot (queued for the next batch). Prefix
-pages are not attached from the trie (the state after them is not there), and
-a swap-out copies every computed page while the state stays in the slot.
+and are rewritten). Fork copies the slot (queued for the next batch). A prefill
+chunk that ends at a page boundary leaves a prefix checkpoint of its state
+(`StateSlots.checkpoint`); prefix pages are attached from the trie only up to
+the deepest page with a checkpoint, whose state is then copied into the slot.
+A swap-out copies every computed page while the state stays in the slot.
 """
 
 from __future__ import annotations
@@ -237,12 +239,14 @@ class Context:
         first full page that missed (None when no full, shareable page was left)."""
         ps, pool, trie = self.space.page_size, self.space.pool, self.space.trie
         start = self.computed_len
-        if start % ps or self.state_slot is not None:  # a hybrid's cached KV lacks the state after it
+        if start % ps:
             return Attached(0, None)
         j = start // ps
         parent = self._key_before(j)
         end = min(limit, self.restore_limit())  # swapped pages come back by swap-in, not from the trie
         missed = None
+        if self.state_slot is not None:  # a hybrid resumes only where a state checkpoint is: stop there
+            end = min(end, self._checkpointed_end(j, parent, end))
         while parent is not None and (j + 1) * ps <= end:
             key = self.keys[j] if j < self.num_committed else (
                 None if j in self.dirty else self._content_key(parent, j))
@@ -260,7 +264,31 @@ class Context:
                 self.pages.append(page)
             parent, j = key, j + 1
         self.computed_len = j * ps
+        if self.state_slot is not None:
+            if j * ps > start:  # the state after the attached pages, copied in before this context's next forward
+                states = self.space.states
+                assert states is not None and parent is not None
+                ckpt = states.lookup(parent)
+                assert ckpt is not None, "attached up to a page without a state checkpoint"
+                states.copy(ckpt, self.state_slot)
+            missed = None  # no waiting for a pass computing the next page: its state would not be kept
         return Attached(self.computed_len - start, missed)
+
+    def _checkpointed_end(self, j: int, parent: PageKey | None, end: int) -> int:
+        """The end of the deepest page from `j` on, within `end`, that the trie holds (with every page before it)
+        and that has a state checkpoint; `j * page_size` when none has."""
+        ps, trie, states = self.space.page_size, self.space.trie, self.space.states
+        assert states is not None
+        best = j * ps
+        while parent is not None and (j + 1) * ps <= end:
+            key = self.keys[j] if j < self.num_committed else (
+                None if j in self.dirty else self._content_key(parent, j))
+            if key is None or trie.lookup(key) is None:
+                break
+            parent, j = key, j + 1
+            if states.has_checkpoint(key):
+                best = j * ps
+        return best
 
     def pages_needed(self, start: int, end: int) -> int:
         """Fresh pages a write of slots [start, end) takes: new tail pages plus copy-on-write copies."""
@@ -297,6 +325,11 @@ class Context:
         self.computed_len = end
         ps = self.space.page_size
         self._register(old // ps, min(end // ps, self.num_committed))
+        if self.state_slot is not None and end - old > 1 and end % ps == 0:  # a prefill chunk ended on a page
+            key = self._key_before(end // ps)
+            if key is not None:
+                assert self.space.states is not None
+                self.space.states.checkpoint(key, self.state_slot)
 
     def suspend(self) -> int:
         """Drop every page (their content stays cached when the trie holds it); returns pages released.

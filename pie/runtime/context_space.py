@@ -56,8 +56,9 @@ class ContextSpace:
             self.states.check_integrity()
             slots = [c.state_slot for c in self.live.values()]
             assert None not in slots and len(set(slots)) == len(slots), f"state slots of live contexts: {slots}"
-            assert self.states.num_held == len(slots), (
-                f"{self.states.num_held} state slots are held, live contexts hold {len(slots)} (leaked)")
+            assert self.states.num_held == len(slots) + self.states.num_checkpoints, (
+                f"{self.states.num_held} state slots are held, live contexts hold {len(slots)} and "
+                f"{self.states.num_checkpoints} are prefix checkpoints (leaked)")
         if self.host is None:
             assert not slot_holders, "contexts hold host slots but the space has no host pool"
             return

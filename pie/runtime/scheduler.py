@@ -407,6 +407,12 @@ class Scheduler:
             if not restore:  # a swapped-out context stops before its swapped pages
                 limit = min(limit, ctx.restore_limit())
             end = min(limit, start + budget)
+            if self.space.states is not None and end - start > 1:
+                # A hybrid's prefill chunk ends on a page boundary when one is inside it (the rest goes next),
+                # so the state there exists and becomes a prefix checkpoint (`Context.mark_computed`).
+                boundary = end - end % self.space.page_size
+                if start < boundary < end:
+                    end = boundary
         need = self._make_room(job, start, end, ops)  # with a restore: its pages plus the chunk's
         if need is None:
             return None

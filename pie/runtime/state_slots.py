@@ -18,10 +18,24 @@ that is itself the destination of a queued copy reads that copy's source
 instead (a fork of a fork), and freeing a slot forgets the copies queued into
 it (its next holder starts fresh or queues its own copy).
 
-Invariant (`check_integrity`): free + held == total, no slot both.
+Prefix checkpoints: a slot may also hold the state after a committed-page
+boundary of some prompt, keyed by that page's content key (the key chains every
+token and position before it, so the state is a function of it). The scheduler
+ends hybrid prefill chunks at page boundaries so those states exist; the
+context that computed one queues a copy of its slot into a checkpoint slot
+(`checkpoint`), and a later prompt whose pages match the trie up to a
+checkpointed page attaches those pages and copies the checkpoint into its own
+slot (`Context.attach_cached`). Checkpoints take only slots no context holds,
+and are evicted least recently used first when a new context needs a slot or
+a newer checkpoint needs room; they cost no memory beyond the engine's pool,
+which is allocated whole at start.
+
+Invariant (`check_integrity`): free + held == total, no slot both; held = contexts' slots + checkpoints.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from inferlet._host import HostError
 
@@ -33,6 +47,11 @@ class StateSlots:
         self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: low slots first
         self._held = [False] * num_slots
         self._copies: dict[int, int] = {}  # dst -> src, in the states as they are before the next batch
+        self._checkpoints: OrderedDict[object, int] = OrderedDict()  # page key -> slot, least recently used first
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self._checkpoints)
 
     @property
     def num_free(self) -> int:
@@ -46,7 +65,10 @@ class StateSlots:
         return self._held[slot]
 
     def allocate(self) -> int:
-        """A free slot, now held; a HostError with the numbers and the fix when all are held."""
+        """A free slot, now held (evicting the oldest prefix checkpoint when none is free); a HostError with the
+        numbers and the fix when contexts hold them all."""
+        if not self._free and self._checkpoints:
+            self.free(self._checkpoints.popitem(last=False)[1])
         if not self._free:
             raise HostError(f"all {self.num_slots} recurrent-state slots of this hybrid model are held by live "
                             "contexts (one each, forks and snapshots included); destroy contexts or delete "
@@ -66,6 +88,30 @@ class StateSlots:
         assert self._held[src] and self._held[dst] and src != dst, (src, dst)
         self._copies[dst] = self._copies.get(src, src)
 
+    def checkpoint(self, key: object, src: int) -> None:
+        """Keep a copy of `src` (the state after the page keyed `key`) in a slot nobody holds: a free one, else
+        the oldest checkpoint's. Nothing when the key has one already or every slot is a context's."""
+        if key in self._checkpoints:
+            self._checkpoints.move_to_end(key)
+            return
+        if not self._free:
+            if not self._checkpoints:
+                return
+            self.free(self._checkpoints.popitem(last=False)[1])
+        slot = self.allocate()
+        self._checkpoints[key] = slot
+        self.copy(src, slot)
+
+    def has_checkpoint(self, key: object) -> bool:
+        return key in self._checkpoints
+
+    def lookup(self, key: object) -> int | None:
+        """The checkpoint slot of `key` (now the most recently used), or None."""
+        slot = self._checkpoints.get(key)
+        if slot is not None:
+            self._checkpoints.move_to_end(key)
+        return slot
+
     def drain(self) -> list[tuple[int, int]]:
         """The queued copies as (src, dst) pairs, for the batch being built; the queue is then empty."""
         if not self._copies:
@@ -81,3 +127,5 @@ class StateSlots:
             assert (s in free) != self._held[s], f"state slot {s}: held={self._held[s]}, free={s in free}"
         for dst in self._copies:
             assert self._held[dst], f"a copy is queued into state slot {dst}, which nobody holds"
+        ckpt = list(self._checkpoints.values())
+        assert len(set(ckpt)) == len(ckpt) and all(self._held[s] for s in ckpt), f"checkpoint slots {ckpt}"
