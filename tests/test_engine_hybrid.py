@@ -223,3 +223,12 @@ def test_tensor_parallelism_is_refused_naming_the_limit(arch: str) -> None:
     spec = cls.decoder_spec(config_for(arch))
     with pytest.raises(ConfigError, match=r"tensor_parallel_size = 2 is not supported .*recurrent"):
         cls.check_tensor_parallel(spec, TPGroup(rank=0, size=2))
+
+
+def test_a_hybrid_config_without_recurrent_layers_runs_on_kv_alone(tmp_path: Path) -> None:
+    directory = tiny_checkpoint(tmp_path, "qwen3_5_text", layer_types=["full_attention"] * 4)
+    engine = make_engine(directory, activation_dtype="float32")
+    assert engine.info.num_state_slots == 0 and engine.states is None
+    ref = load_reference(directory)
+    out = engine.forward_batch(ForwardBatch([SeqPager(engine).request(0, PROMPTS[1], _rows(3))]))
+    _close(np.stack([logits_of(v) for v in out.outputs[0]]), _hf_logits(ref, PROMPTS[1]))  # type: ignore[arg-type]

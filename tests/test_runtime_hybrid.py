@@ -263,3 +263,25 @@ async def test_a_shared_prefix_resumes_from_its_state_checkpoint(checkpoint: tup
         assert second == _greedy(ref, [*prefix, 21, 22, 23, 24, 25], 4)
     finally:
         await _close(rt)
+
+
+async def test_the_server_serves_a_hybrid_model_over_http(checkpoint: tuple[Path, Any]) -> None:
+    """What `pie serve` runs: the OpenAI-compatible API on the hybrid checkpoint (server-rendered chat,
+    the openai-compat inferlet's step loop)."""
+    import httpx
+    from server_support import running_server
+
+    from pie.engine.config import EngineConfig
+    from pie.runtime.runtime import ModelSpec, RuntimeConfig, RuntimeLimits
+
+    directory, _ = checkpoint
+    engine = EngineConfig(model=str(directory), device="cpu", activation_dtype="float32", max_num_kv_pages=128,
+                          max_num_state_slots=8)
+    async with running_server(RuntimeConfig((ModelSpec("qwen3.5-tiny", engine),), RuntimeLimits())) as server:
+        body = {"model": "qwen3.5-tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+                "temperature": 0, "n": 2}
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=120) as client:
+            reply = (await client.post("/v1/chat/completions", json=body)).json()
+        choices = reply["choices"]
+        assert len(choices) == 2 and choices[0]["message"] == choices[1]["message"]  # n forks of one prefill
+        assert 0 < reply["usage"]["completion_tokens"] <= 12

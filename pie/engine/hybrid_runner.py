@@ -43,7 +43,7 @@ class HybridRunner:
         self.backend = create_backend("torch_ref", AttentionShape(s.num_heads, s.num_kv_heads, s.head_dim,
                                                                   page_size, dtype, device),
                                       model.attention_layer_specs())
-        self.states = StatePool(model.state_shape(dtype), num_slots, device)
+        self.states = StatePool(model.spec.state_shape(dtype), num_slots, device)
         self._free_pages = list(range(num_pages - 1, -1, -1))
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._seqs: dict[int, _Sequence] = {}

@@ -240,8 +240,10 @@ class HybridCausalLM(CausalLM):
         """One spec per full-attention layer: the attention backend's (and the KV pool's) layers."""
         return [AttentionLayerSpec(scale=self.spec.head_dim ** -0.5) for _ in range(self.spec.num_kv_layers)]
 
-    def state_shape(self, conv_dtype: torch.dtype) -> StateShape:
-        return self.spec.state_shape(conv_dtype)
+    def state_shape(self, conv_dtype: torch.dtype) -> StateShape | None:
+        """None when no layer is recurrent (a config of full-attention layers only runs on KV alone)."""
+        shape = self.spec.state_shape(conv_dtype)
+        return shape if shape.num_layers else None
 
     def supports_cuda_graphs(self) -> bool:
         """False: a decode group's slots are read through index tensors built per batch, not a static buffer."""
