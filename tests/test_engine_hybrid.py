@@ -179,6 +179,7 @@ def test_slots_are_checked(checkpoints: dict[str, tuple[Path, Any]]) -> None:
         ([req(0, state_slot=8)], r"request 0: state slot 8 is out of range: the pool has slots 0..7"),
         ([req(0, state_slot=3), req(1, state_slot=3)], "request 1: state slot 3 is also named by request 0"),
         ([req(0, masked=True, state_slot=1)], "request 0: a custom attention mask cannot"),
+        ([req(0, state_slot=1, adapter=0)], "request 0: LoRA adapters are not supported on hybrid models"),
     ]
     for reqs, match in cases:
         for validated in (False, True):

@@ -244,6 +244,10 @@ def check_state_slots(reqs: Sequence[Request], limits: Limits) -> None:
             raise InvalidValue(f"request {i}: a custom attention mask cannot apply to a hybrid model: its "
                                "recurrent layers fold every token into the state in order, so no token can be "
                                "masked out of it")
+        if r.adapter is not None:
+            raise InvalidValue(f"request {i}: LoRA adapters are not supported on hybrid models: a context cut "
+                               "back (truncate, a rollback) is recomputed from its token record, and adapter KV "
+                               "and state cannot be; run the base model")
 
 
 def check_state_ops(copies: Sequence[tuple[int, int]], swap_out: Sequence[tuple[int, int]],
