@@ -236,7 +236,8 @@ class Generator:
                 and self._zo_seed is None  # streams run the adapter unperturbed: zo steps go pass by pass
                 and self._sampler.draws == 1 and all(isinstance(c, StaticMask) for c in self._constraints)
                 and self._history is None  # penalties count each step's history: the SDK sends it
-                and hasattr(self._ctx._host, "ctx_generate_start"))
+                and hasattr(self._ctx._host, "ctx_generate_start")
+                and self._ctx.model.run_ahead())  # off for hybrid (recurrent-state) models
 
     def _start_stream(self, pending: list[int], mask: list[int] | None) -> _Stream:
         ctx = self._ctx

@@ -55,6 +55,10 @@ class Model:
         """Whether argmax generation drafts with the runtime's n-gram speculator by default."""
         return bool(self._info.get("system_speculation", False))
 
+    def run_ahead(self) -> bool:
+        """Whether the runtime runs token loops ahead by itself (run-ahead streams); off for hybrid models."""
+        return bool(self._info.get("run_ahead", True))
+
     def eos_tokens(self) -> list[int]:
         return list(self._info.get("stop_tokens") or get_host().stop_tokens(self.name))
 

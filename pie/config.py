@@ -74,6 +74,9 @@ class ModelOptions:
     cpu_mem_budget_in_gb: float = option(0.0, "pinned host pool for KV swap in GiB; 0 disables", min=0.0)
     swap_pool_size: int = option(0, "pinned host KV pages for swap-out; 0 disables", min=0)
     runtime_quant: str = option("", "runtime quantization: '' (off) or 'fp8'", choices=("", "fp8"))
+    max_num_state_slots: int = option(0, "hybrid models: recurrent-state slots; 0 = 2 x max_batch_size, at most "
+                                         "half the memory budget", min=0)
+    state_swap_pool_size: int = option(0, "hybrid models: host slots for suspended states; 0 disables", min=0)
     adapter_path: str = option("", "folder of LoRA adapters; '' = $PIE_HOME/adapters")
     venv: str = option("", "per-model interpreter: a venv folder (dev driver)", model_only=True)
     python: str = option("", "per-model interpreter: a python executable (dev driver)", model_only=True)

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from pie.cli.catalog import DeviceMemory, inspect_checkpoint
+from pie.cli.catalog import DeviceMemory, gib, inspect_checkpoint
 from pie.cli.driver_env import resolve_python
 from pie.cli.main import app
 from pie.config import ModelOptions
@@ -108,7 +108,8 @@ def test_model_list_marks_what_runs_here_and_why_not(home: Path, cache: Path) ->
     assert lines["pie/tiny-random"].startswith("✓") and "qwen3 (Qwen3ForCausalLM), built in" in lines["pie/tiny-random"]
     assert not (home / "models").exists()  # listing writes nothing
     assert lines["acme/tiny-qwen3"].startswith("✓") and "F32" in lines["acme/tiny-qwen3"]
-    assert lines["acme/next"].startswith("○") and "model_type 'qwen3_next' is not supported" in lines["acme/next"]
+    # A hybrid (transformers' Qwen3-Next defaults): runnable, with its recurrent state per sequence.
+    assert lines["acme/next"].startswith("✓") and "recurrent state per sequence" in lines["acme/next"]
     assert "not supported by this engine (no implementation)" in lines["acme/strange"]
     assert lines["acme/huge"].startswith("○") and "needs about 4915.2 GiB on " in lines["acme/huge"]  # 2^40 x 4 B x 1.2
     assert lines["acme/tokenizer-only"].startswith("○") and "no config.json" in lines["acme/tokenizer-only"]
@@ -123,8 +124,16 @@ def test_model_info(home: Path, cache: Path, tiny_dir: Path) -> None:
     assert fields["path"].strip().endswith(f"snapshots/{commit_of('acme/tiny-qwen3')}")
     params = sum(a.size for a in load_file(str(tiny_dir / "model.safetensors")).values())
     assert fields["parameters"].strip().startswith(f"{params:,} (")
-    why = cli("model", "info", "acme/next", "--cache-dir", str(cache))
-    assert "supported:    no: model_type 'qwen3_next' is not supported: its hybrid layers" in why.output
+    hybrid = dict(line.split(":", 1) for line in cli("model", "info", "acme/next", "--cache-dir", str(cache))
+                  .output.splitlines())
+    assert hybrid["supported"].strip() == "yes"
+    # 36 Gated DeltaNet layers x (32 heads x 128 x 128 float32 state + 8192 conv channels x 3 inputs), the conv
+    # window in the activation dtype (float32 on a CPU, the checkpoint's bf16 on a GPU).
+    state = {36 * (32 * 128 * 128 * 4 + 8192 * 3 * conv) for conv in (4, 2)}
+    assert any(hybrid["state"].strip() == f"{gib(b)} per sequence ({b:,} bytes of recurrent state, whatever its "
+               "length; on top of its KV pages)" for b in state), hybrid["state"]
+    why = cli("model", "info", "acme/strange", "--cache-dir", str(cache))
+    assert "supported:    no: model_type 'strange_lm' is not supported" in why.output
     assert cli("model", "info", str(tiny_dir)).exit_code == 0  # a checkpoint folder
     assert "supported:    yes" in cli("model", "info", "pie/tiny-random").output
     missing = cli("model", "info", "acme/missing", "--cache-dir", str(cache))
@@ -181,11 +190,11 @@ def test_doctor_fails_on_what_stops_serving(home: Path, config: str, expected: s
 def test_doctor_fails_on_an_unsupported_configured_model(home: Path, tmp_path: Path) -> None:
     model = tmp_path / "next"
     model.mkdir()
-    (model / "config.json").write_text('{"model_type": "qwen3_next"}')
+    (model / "config.json").write_text('{"model_type": "strange_lm"}')
     (model / "model.safetensors").write_bytes(header_only_safetensors({"w": ("BF16", [2, 2])}))
     write_config(home, f'[[model]]\nhf_repo = "{model}"\n')
     result = cli("doctor")
-    assert result.exit_code == 1 and f"fail  model {model}: model_type 'qwen3_next'" in result.output
+    assert result.exit_code == 1 and f"fail  model {model}: model_type 'strange_lm'" in result.output
 
 
 # -- pie driver ----------------------------------------------------------------------------------------

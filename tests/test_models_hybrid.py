@@ -1,7 +1,8 @@
 """Hybrid families (Qwen 3.5 + MoE, Qwen3-Next, Nemotron-H) through HybridRunner vs transformers (tiny, float32).
 
-The full-attention layers run on the paged KV cache (page sizes 1 and 16), the Gated DeltaNet / Mamba-2 layers on
-the state pool: prefill logits, 32 greedy steps of two sequences decoded together (the recurrent path), chunked
+The model alone, without an Engine (prefill logits of every type through `Engine.forward_batch` are in
+test_engine_hybrid.py). The full-attention layers run on the paged KV cache, the Gated DeltaNet / Mamba-2 layers on
+the state pool: 32 greedy steps of two sequences decoded together (the recurrent path), chunked
 prefill resuming from the slot, a mixed prefill + decode batch, and fork (state copy) then continue.
 """
 
@@ -15,8 +16,6 @@ import torch
 from checkpoints import load_reference, tiny_checkpoint
 
 from pie.engine.hybrid_runner import HybridRunner
-from pie.engine.models.hybrid import hybrid_architecture
-from pie.engine.models.registry import unsupported_reason
 
 ARCHS = ["qwen3_5_text", "qwen3_5", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe", "nemotron_h"]
 TEXT_ARCHS = ["qwen3_5_text", "qwen3_next", "nemotron_h"]  # the distinct mixers and MLPs (the others combine them)
@@ -54,17 +53,6 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 def _hf_logits(model: Any, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
-
-
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_prefill_logits_match_transformers(checkpoint: tuple[Path, Any], page_size: int) -> None:
-    directory, ref = checkpoint
-    runner = _runner(directory, page_size)
-    seqs = [runner.new_sequence() for _ in PROMPTS]
-    out = runner.forward(dict(zip(seqs, PROMPTS, strict=True)))  # three prompts in one batch
-    for s, prompt in zip(seqs, PROMPTS, strict=True):
-        _close(out[s], _hf_logits(ref, prompt))
-    runner.states.check_integrity()
 
 
 @pytest.mark.parametrize("checkpoint", TEXT_ARCHS, indirect=True)
@@ -141,11 +129,3 @@ def test_last_row_logits_only(text_checkpoint: tuple[Path, Any]) -> None:
     assert out[a].shape[0] == out[b].shape[0] == 1
     _close(out[a][0], _hf_logits(ref, PROMPTS[0])[-1])
     _close(out[b][0], _hf_logits(ref, PROMPTS[1])[-1])
-
-
-def test_engine_registry_still_refuses_hybrids() -> None:
-    """Until Engine.forward_batch carries state slots, the engine must not load these (docs/models.md)."""
-    for model_type in ARCHS:
-        assert hybrid_architecture(model_type) is not None
-        reason = unsupported_reason(model_type)
-        assert reason is not None and "state slots" in reason

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
-from checkpoints import VOCAB, config_for, tiny_checkpoint
+from checkpoints import VOCAB, tiny_checkpoint
 from engine_helpers import all_row_logits, make_engine, random_prompts, rel_err
 
 from pie.engine.models.registry import (
@@ -16,7 +15,6 @@ from pie.engine.models.registry import (
     supported_model_types,
     unsupported_reason,
 )
-from pie.errors import UnsupportedModelError
 
 SEED_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "gemma2", "gemma3_text", "gemma3",
                  "gemma4_text", "gemma4", "mistral3", "olmo3", "gpt_oss", "gptoss", "qwen3_moe"]
@@ -30,17 +28,11 @@ def test_every_seed_family_is_supported() -> None:
         assert get_architecture(model_type).__name__
 
 
-def test_qwen3_5_is_refused_with_the_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A real Qwen 3.5 config (hybrid Gated DeltaNet layers) fails at load with the why, as `pie model` shows it."""
-    assert "qwen3_5" in known_unsupported_model_types()
-    reason = unsupported_reason("qwen3_5")
-    assert reason is not None and "Gated DeltaNet" in reason and "paged KV cache" in reason
-    cfg = config_for("qwen3_5_text", linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
-                     linear_value_head_dim=16, head_dim=16)
-    assert "linear_attention" in cfg.layer_types  # the recurrent layers the reason talks about
-    cfg.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="Gated DeltaNet"):
-        make_engine(tmp_path)
+def test_hybrid_families_are_served() -> None:
+    """Qwen 3.5 / Qwen3-Next / Nemotron-H run on the state pool (tests/test_engine_hybrid.py); none is refused."""
+    for model_type in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "nemotron_h"):
+        assert unsupported_reason(model_type) is None
+        assert model_type not in known_unsupported_model_types()
 
 
 def test_unknown_model_type_lists_the_supported_ones() -> None:

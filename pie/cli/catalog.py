@@ -47,6 +47,9 @@ class ModelFacts:
     problem_kind: str = ""  # "files" (not a usable checkpoint), "architecture", "memory" (an estimate)
     modalities: tuple[str, ...] = ("text",)  # the inputs pie serves for it
     unserved: tuple[str, ...] = ()  # inputs the checkpoint has towers for that pie does not run
+    # Hybrid models (Qwen 3.5, Qwen3-Next, Nemotron-H): one sequence's recurrent state, whatever its length,
+    # on top of its KV pages (the engine's state pool holds one slot per live sequence); 0 for dense models.
+    state_bytes_per_sequence: int = 0
 
     @property
     def runnable(self) -> bool:
@@ -97,7 +100,9 @@ def inspect_checkpoint(name: str, path: Path, memory: DeviceMemory, weight_dtype
              ("memory", _memory_problem(estimate, memory)))
     kind, reason = next(((k, p) for k, p in kinds if p is not None), ("", None))
     served, unserved = modalities(model_type, config)
-    return ModelFacts(name, path, model_type, architecture, params, stored, estimate, reason, kind, served, unserved)
+    state = _state_bytes(path, memory.device, stored, weight_dtype) if kind in ("", "memory") else 0
+    return ModelFacts(name, path, model_type, architecture, params, stored, estimate, reason, kind, served, unserved,
+                      state)
 
 
 def modalities(model_type: str | None, config: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -107,6 +112,30 @@ def modalities(model_type: str | None, config: dict[str, object]) -> tuple[tuple
     has = [m for m, key in (("image", "vision_config"), ("audio", "audio_config")) if config.get(key)]
     served = ("text", "image") if model_type and serves_images(model_type) and "image" in has else ("text",)
     return served, tuple(m for m in has if m not in served)
+
+
+def _state_bytes(path: Path, device: str, stored: str, weight_dtype: str) -> int:
+    """A hybrid family's recurrent state per sequence (the engine's `StateShape.bytes_per_slot`), 0 for the rest.
+
+    The conv window is held in the activation dtype (float32 on a CPU, the checkpoint's on a GPU), the
+    recurrent state in float32. Read through transformers' config class, as the engine reads it.
+    """
+    from transformers import AutoConfig
+
+    from pie.engine.models.registry import get_architecture
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path))
+        spec = get_architecture(str(hf_config.model_type)).decoder_spec(hf_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0  # the architecture check has said what is wrong, or the family keeps no state
+    state_shape = getattr(spec, "state_shape", None)
+    if state_shape is None:
+        return 0
+    import torch
+
+    wide = device == "cpu" or weight_dtype == "float32" or stored == "F32"
+    return int(state_shape(torch.float32 if wide else torch.bfloat16).bytes_per_slot)
 
 
 def _weights(path: Path) -> tuple[int, Counter[str], str | None]:

@@ -47,6 +47,8 @@ def _row(facts: ModelFacts, width: int) -> str:
     if facts.path is None:
         return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), built in, generated on first use"
     size = f"{human_count(facts.num_params)} params, {facts.checkpoint_dtype}, ~{gib(facts.estimated_bytes)}"
+    if facts.state_bytes_per_sequence:
+        size += f" + {gib(facts.state_bytes_per_sequence)} recurrent state per sequence"
     return f"✓ {facts.name:<{width}}  {facts.model_type} ({facts.architecture}), {size}, {_modalities(facts)}"
 
 
@@ -120,5 +122,8 @@ def _print_info(facts: ModelFacts, memory: DeviceMemory) -> None:
         "supported": "yes" if facts.problem is None else f"no: {facts.problem}",
         "inputs": _modalities(facts),
     }
+    if facts.state_bytes_per_sequence:  # a hybrid: each live sequence also holds a state slot
+        lines["state"] = (f"{gib(facts.state_bytes_per_sequence)} per sequence ({facts.state_bytes_per_sequence:,} "
+                          "bytes of recurrent state, whatever its length; on top of its KV pages)")
     for key, value in lines.items():
         typer.echo(f"{key + ':':<14}{value}")

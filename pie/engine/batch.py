@@ -114,6 +114,11 @@ class Request:
     images: (image key, row of the image's first token in `tokens`) of each image the engine prepared
       (`Engine.prepare_image`) whose rows fall in this request; the row is negative when the image began in
       an earlier pass. Its embedding rows take the vision tower's output instead of token embeddings.
+    state_slot: the sequence's recurrent-state slot on a hybrid model (required there, refused on any
+      other; `EngineInfo.num_state_slots`). The slot holds the state after the sequence's first
+      `kv_len - len(tokens)` tokens and holds the state after all of them once the pass ran; a request
+      whose first new token is at kv slot 0 starts fresh (the engine zeroes the slot). The runtime
+      chooses slots as it chooses pages; two requests of one batch never share one.
     """
 
     tokens: list[int]
@@ -127,6 +132,7 @@ class Request:
     seed: int | None = None
     zo_seed: int | None = None
     images: list[tuple[str, int]] | None = None
+    state_slot: int | None = None
 
 
 @dataclass(slots=True)
@@ -180,7 +186,12 @@ class ForwardBatch:
     swap_in: (host_slot, device_page) pairs copied back (a resumed context);
     page_copies: (src_page, dst_page) pairs copied whole, e.g. the working page of a forked context.
 
-    A batch may carry page operations and no requests.
+    Then the same three for recurrent-state slots (hybrid models only, after the page operations):
+    state_swap_out: (slot, host_slot) pairs; state_swap_in: (host_slot, slot) pairs;
+    state_copies: (src_slot, dst_slot) pairs (fork; a checkpoint of a prefix's state). They run before
+    the forward, so a copy out of a slot the batch also advances sees the state before this batch.
+
+    A batch may carry page or state operations and no requests.
 
     validated: the runtime built it from passes it checked with
     `pie.engine.validate` against this engine's limits, so the engine skips
@@ -194,6 +205,9 @@ class ForwardBatch:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     validated: bool = False
     steps: StepRows | None = None  # decode steps in arrays, after `requests` (see StepRows)
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
+    state_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    state_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -29,7 +29,15 @@ from pie.engine.attention.base import BatchLayout
 from pie.engine.batch import ForwardBatch, OutputSpec, Request, StepRows
 from pie.engine.outputs import OutputPlan, plan_outputs
 from pie.engine.packing import Packed, Packer
-from pie.engine.validate import InvalidValue, Limits, check_attention_mask, check_request, seed64
+from pie.engine.validate import (
+    InvalidValue,
+    Limits,
+    check_attention_mask,
+    check_request,
+    check_state_ops,
+    check_state_slots,
+    seed64,
+)
 from pie.errors import BatchError
 
 __all__ = ["Limits", "PreparedBatch", "check_page_ops", "prepare"]
@@ -44,6 +52,9 @@ class PreparedBatch:
     layout: BatchLayout
     outputs: OutputPlan
     packed: Packed  # "token_rows" ([4, T]: the four arrays above) + the outputs' sections
+    # Hybrid models: each request's state slot, and whether it starts its sequence (kv slot 0: zero the slot).
+    state_slots: list[int] | None = None
+    fresh: list[bool] | None = None
 
 
 def check_page_ops(batch: ForwardBatch, limits: Limits) -> None:
@@ -57,6 +68,11 @@ def check_page_ops(batch: ForwardBatch, limits: Limits) -> None:
     for slot, page in batch.swap_in:
         _check_slot(slot, limits)
         _check_page(page, limits, "swap-in destination")
+    if batch.state_copies or batch.state_swap_out or batch.state_swap_in:
+        try:
+            check_state_ops(batch.state_copies, batch.state_swap_out, batch.state_swap_in, limits)
+        except InvalidValue as e:
+            raise BatchError(str(e)) from None
 
 
 def _check_slot(slot: int, limits: Limits) -> None:
@@ -72,7 +88,8 @@ def _check_page(page: int, limits: Limits, what: str) -> None:
 
 def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> PreparedBatch:
     reqs, steps = batch.requests, batch.steps
-    if batch.page_copies or batch.swap_in or batch.swap_out:
+    if (batch.page_copies or batch.swap_in or batch.swap_out or batch.state_copies or batch.state_swap_out
+            or batch.state_swap_in):
         check_page_ops(batch, limits)
     num_rows = len(reqs) + (len(steps) if steps is not None else 0)
     if not num_rows:
@@ -91,10 +108,18 @@ def prepare(batch: ForwardBatch, limits: Limits, rng: random.Random) -> Prepared
         if steps is not None:
             if steps.token_from is not None:
                 raise InvalidValue("decode steps chained to another batch reached the engine unresolved")
+            if limits.num_state_slots:
+                raise InvalidValue("decode steps in arrays name no state slot; a hybrid model takes requests")
             if not batch.validated:
                 for i, sampler in enumerate(steps.samplers):
                     check_request(i, Request([0], [0], [0], 1, [OutputSpec(0, sampler)]), limits, arrays=False)
-        return _flatten(reqs, num_tokens, limits, rng, steps)
+        if limits.num_state_slots or not batch.validated:  # a dense model's validated batch names no slot
+            check_state_slots(reqs, limits)
+        prep = _flatten(reqs, num_tokens, limits, rng, steps)
+        if limits.num_state_slots:
+            prep.state_slots = [int(r.state_slot) for r in reqs]  # type: ignore[arg-type]  # checked above
+            prep.fresh = (prep.layout.kv_lens == np.diff(prep.layout.qo_indptr)).tolist()
+        return prep
     except InvalidValue as e:
         raise BatchError(str(e)) from None
     except (ValueError, TypeError, OverflowError, IndexError) as e:

@@ -47,6 +47,10 @@ class EngineConfig:
     tp_devices: tuple[str, ...] = ()
     # Prepared images and, separately, their vision-tower outputs, each kept by content hash within this budget.
     image_cache_mb: int = 512
+    # Hybrid models: recurrent-state slots (one per live sequence, fork and checkpoint); 0 = 2 x max_batch_size,
+    # at most half the memory budget. Their bytes come out of the budget before the KV pages.
+    max_num_state_slots: int = 0
+    state_swap_pool_size: int = 0  # host slots for suspended sequences' states; 0 disables
 
     def __post_init__(self) -> None:
         _check_choice("activation_dtype", self.activation_dtype, DTYPES)
@@ -61,6 +65,8 @@ class EngineConfig:
             raise ConfigError(
                 f"gpu_mem_utilization must be in (0, 1], got {self.gpu_mem_utilization}"
             )
+        if self.max_num_state_slots < 0 or self.state_swap_pool_size < 0:
+            raise ConfigError("max_num_state_slots and state_swap_pool_size must be >= 0 (0 = automatic / off)")
         if self.swap_pool_size < 0 or self.cpu_mem_budget_in_gb < 0:
             raise ConfigError("swap_pool_size and cpu_mem_budget_in_gb must be >= 0 (0 disables KV swap)")
         if self.tensor_parallel_size < 1:

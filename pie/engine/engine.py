@@ -55,6 +55,7 @@ from pie.engine.models.registry import get_architecture
 from pie.engine.outputs import compute_outputs, decode_outputs, decode_steps
 from pie.engine.packing import Results, Sections
 from pie.engine.parallel import SINGLE, TPGroup
+from pie.engine.state_pool import RECURRENT_EXTRAS, RecurrentBatch, StatePool, StateShape, StateSwapPool
 from pie.engine.transfer import Staging
 from pie.engine.vision.encoder import PlacedEmbeds, VisionEncoder
 from pie.engine.vision.info import ImageInfo
@@ -92,7 +93,9 @@ class Engine:
         self.adapters = AdapterTable(self.model, config.max_num_adapters, config.max_adapter_rank, self.device,
                                      self.dtype)
         spec = self.model.spec  # this rank's heads: the pool and the backend hold num_local_kv_heads
-        self.kv_shape = KVShape(spec.num_layers, spec.num_local_kv_heads, spec.head_dim, config.kv_page_size,
+        # Hybrids: only the full-attention layers have KV; the recurrent layers' state lives in `self.states`.
+        self.state_shape: StateShape | None = self.model.state_shape(self.dtype)
+        self.kv_shape = KVShape(spec.num_kv_layers, spec.num_local_kv_heads, spec.head_dim, config.kv_page_size,
                                 self.dtype)
         backend_name = resolve_backend_name(config.attention_backend, self.device)
         attn_shape = AttentionShape(spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim,
@@ -103,14 +106,19 @@ class Engine:
         self._rng = random.Random(config.seed)
         self.staging = Staging(self.device)
         self.graphs: GraphRunner | None = None  # captured after the pool exists; the sizing dry run is eager
-        num_pages = self._size_kv_pool()
+        num_slots = self._num_state_slots()
+        num_pages = self._size_kv_pool(num_slots)
         # One page more than the runtime sees: the scratch page that CUDA-graph padding rows write to.
         self.kv = KVCache(self.kv_shape, num_pages + 1, self.device)
+        self.states = StatePool(self.state_shape, num_slots, self.device) if self.state_shape else None
         self.graphs = self._capture_graphs(num_pages) if config.use_cuda_graphs else None
         self.swap = self._swap_pool()
+        self.state_swap = (StateSwapPool(self.state_shape, config.state_swap_pool_size, self.device)
+                           if self.state_shape and config.state_swap_pool_size else None)
         self.limits = Limits(num_pages, config.kv_page_size, spec.vocab_size, config.max_batch_tokens,
                              config.max_batch_size, config.max_dist_size, config.max_num_embeds,
-                             self.swap.num_slots if self.swap else 0)
+                             self.swap.num_slots if self.swap else 0, num_state_slots=num_slots,
+                             num_state_swap_slots=self.state_swap.num_slots if self.state_swap else 0)
         self.info = EngineInfo(
             model_name=config.model, model_dir=str(self.model_dir),
             model_type=str(getattr(hf_config, "model_type", "")), device=str(self.device),
@@ -120,6 +128,9 @@ class Engine:
             max_dist_size=config.max_dist_size, max_num_embeds=config.max_num_embeds,
             kv_bytes_per_page=self.kv_shape.bytes_per_page,
             num_swap_slots=self.swap.num_slots if self.swap else 0, tensor_parallel_size=tp.size,
+            num_state_slots=num_slots,
+            state_bytes_per_slot=self.state_shape.bytes_per_slot if self.state_shape else 0,
+            num_state_swap_slots=self.limits.num_state_swap_slots,
         )
 
     def _load_model(self, hf_config: object, progress: Callable[[int, int], None] | None) -> CausalLM:
@@ -200,41 +211,79 @@ class Engine:
             return f"model_type {model_type!r} reads per-expert token counts on the host in its forward"
         return None
 
-    def _size_kv_pool(self) -> int:
+    def _num_state_slots(self) -> int:
+        """Hybrids: max_num_state_slots, else 2 x max_batch_size capped at half the budget (0 for dense models).
+
+        On CUDA the cap reads free memory now, before the dry run: the slots are decided first, so the dry run
+        can use as many and the pages get what is left.
+        """
+        shape, cfg = self.state_shape, self.config
+        if shape is None:
+            return 0
+        if cfg.max_num_state_slots:
+            return cfg.max_num_state_slots
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * cfg.gpu_mem_utilization)
+        else:
+            budget = int(cfg.cpu_kv_budget_gb * memory.GiB)
+        return min(2 * cfg.max_batch_size, shape.slots_for_budget(budget // 2))
+
+    def _size_kv_pool(self, num_state_slots: int) -> int:
         cfg = self.config
+        state_bytes = num_state_slots * self.state_shape.bytes_per_slot if self.state_shape else 0
         if self.device.type != "cuda":
             budget = int(cfg.cpu_kv_budget_gb * memory.GiB)
-            return memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+            return self._pages_after_states(budget, state_bytes, num_state_slots)
         scratch_pages = math.ceil(cfg.max_batch_tokens / cfg.kv_page_size) + 1
+        # The dry run's widest decode batch names one state slot per row (no more rows than slots exist).
+        scratch_slots = min(cfg.max_batch_size, cfg.max_batch_tokens, num_state_slots)
+        scratch_bytes = scratch_pages * self.kv_shape.bytes_per_page
+        if self.state_shape:
+            scratch_bytes += scratch_slots * self.state_shape.bytes_per_slot
 
-        def dry_run() -> None:  # the scratch pool lives only inside the measured region
-            self._dry_run(KVCache(self.kv_shape, scratch_pages, self.device))
+        def dry_run() -> None:  # the scratch pools live only inside the measured region
+            states = StatePool(self.state_shape, scratch_slots, self.device) if self.state_shape else None
+            self._dry_run(KVCache(self.kv_shape, scratch_pages, self.device), states)
 
-        budget, _ = memory.measure_cuda_budget(self.device, cfg.gpu_mem_utilization, dry_run,
-                                               scratch_pages * self.kv_shape.bytes_per_page)
-        num_pages = memory.num_pages_for(budget, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+        budget, _ = memory.measure_cuda_budget(self.device, cfg.gpu_mem_utilization, dry_run, scratch_bytes)
+        num_pages = self._pages_after_states(budget, state_bytes, num_state_slots)
         return self.tp.min_int(num_pages, self.device)  # a page id must be valid on every rank
 
-    def _dry_run(self, kv: KVCache) -> None:
+    def _pages_after_states(self, budget: int, state_bytes: int, num_state_slots: int) -> int:
+        """The KV pages that fit in `budget` once the state pool's bytes are taken; a ConfigError naming both."""
+        cfg = self.config
+        if state_bytes and budget - state_bytes < self.kv_shape.bytes_per_page:
+            raise ConfigError(f"the recurrent-state pool ({num_state_slots} slots x {state_bytes // num_state_slots} "
+                              f"bytes = {state_bytes / memory.GiB:.3f} GiB) leaves no room for KV pages in the "
+                              f"budget of {max(budget, 0) / memory.GiB:.3f} GiB (one page: "
+                              f"{self.kv_shape.bytes_per_page} bytes); lower max_num_state_slots or raise "
+                              "gpu_mem_utilization (CUDA) / cpu_kv_budget_gb (CPU/MPS)")
+        return memory.num_pages_for(budget - state_bytes, self.kv_shape, cfg.max_num_kv_pages, str(self.device))
+
+    def _dry_run(self, kv: KVCache, states: StatePool | None) -> None:
         """The two largest batches the limits allow: one long prefill, one wide decode."""
         cfg, ps = self.config, self.config.kv_page_size
         n = cfg.max_batch_tokens
+        slot = 0 if states else None
         prefill = Request(tokens=[0] * n, positions=list(range(n)), page_ids=list(range(math.ceil(n / ps))),
-                          last_page_len=(n - 1) % ps + 1, outputs=[OutputSpec(n - 1, Sampler())])
-        width = min(cfg.max_batch_size, cfg.max_batch_tokens)
+                          last_page_len=(n - 1) % ps + 1, outputs=[OutputSpec(n - 1, Sampler())], state_slot=slot)
+        width = min(cfg.max_batch_size, cfg.max_batch_tokens, states.num_slots if states else cfg.max_batch_size)
         decode = [Request(tokens=[0], positions=[0], page_ids=[i % kv.num_pages], last_page_len=1,
-                          outputs=[OutputSpec(0, Sampler("top_p", 1.0, top_p=0.9))]) for i in range(width)]
+                          outputs=[OutputSpec(0, Sampler("top_p", 1.0, top_p=0.9))],
+                          state_slot=i if states else None) for i in range(width)]
         limits = Limits(kv.num_pages, ps, self.model.spec.vocab_size, n, cfg.max_batch_size,
-                        cfg.max_dist_size, cfg.max_num_embeds)
+                        cfg.max_dist_size, cfg.max_num_embeds, num_state_slots=states.num_slots if states else 0)
         for batch in (ForwardBatch([prefill]), ForwardBatch(decode)):
-            self._execute(prepare(batch, limits, self._rng), kv)
+            self._execute(prepare(batch, limits, self._rng), kv, states=states)
 
     @torch.inference_mode()
     def forward_batch(self, batch: ForwardBatch) -> BatchResult:
         t0 = time.perf_counter()
         steps = batch.steps
-        if not batch.requests and steps is None:  # page operations only (swaps, copies)
-            if not (batch.swap_out or batch.swap_in or batch.page_copies):
+        if not batch.requests and steps is None:  # page or state operations only (swaps, copies)
+            if not (batch.swap_out or batch.swap_in or batch.page_copies or batch.state_copies
+                    or batch.state_swap_out or batch.state_swap_in):
                 raise BatchError("empty batch: it has no requests and no page operations")
             check_page_ops(batch, self.limits)
             self._page_ops(batch)
@@ -250,7 +299,7 @@ class Engine:
         embeds = self._place_images(batch, prep)
         self._page_ops(batch)
         t1 = time.perf_counter()
-        outputs, step_tokens = self._execute(prep, self.kv, lora, embeds)
+        outputs, step_tokens = self._execute(prep, self.kv, lora, embeds, self.states)
         t2 = time.perf_counter()
         return BatchResult(outputs, {"prepare_ms": (t1 - t0) * 1e3, "execute_ms": (t2 - t1) * 1e3}, step_tokens)
 
@@ -270,10 +319,18 @@ class Engine:
         if batch.page_copies:
             src, dst = zip(*batch.page_copies, strict=True)
             self.kv.copy_pages(list(src), list(dst))
+        if self.states is not None:  # the slots were range-checked with the batch (check_page_ops)
+            if self.state_swap is not None:
+                self.state_swap.swap_out(self.states, batch.state_swap_out)
+                self.state_swap.swap_in(self.states, batch.state_swap_in)
+            if batch.state_copies:
+                src, dst = zip(*batch.state_copies, strict=True)
+                self.states.copy(list(src), list(dst))
 
     @torch.inference_mode()
     def _execute(self, prep: PreparedBatch, kv: KVCache, lora: LoRABatch | None = None,
-                 embeds: PlacedEmbeds | None = None) -> tuple[list[list[OutputValue]], np.ndarray | None]:
+                 embeds: PlacedEmbeds | None = None,
+                 states: StatePool | None = None) -> tuple[list[list[OutputValue]], np.ndarray | None]:
         """(each request's outputs, the decode step rows' tokens or None)."""
         graphed = self.graphs is not None and kv is self.kv and embeds is None  # image rows run eagerly
         bucket = self.graphs.bucket_for(prep, lora is not None) if graphed and self.graphs else None
@@ -301,6 +358,10 @@ class Engine:
                 fwd.extras[LORA_EXTRAS] = lora
             if embeds is not None:
                 fwd.extras[INPUT_EMBEDS] = (embeds.rows, embeds.values)
+            if states is not None:
+                assert prep.state_slots is not None and prep.fresh is not None
+                fwd.extras[RECURRENT_EXTRAS] = RecurrentBatch(states, prep.layout.qo_indptr.tolist(),
+                                                              prep.state_slots, prep.fresh)
             hidden = self.model(tokens, fwd)
         if results is None:
             results = compute_outputs(self.model, hidden, prep.outputs, inp)
@@ -352,5 +413,11 @@ class Engine:
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         self.kv.copy_pages(src, dst)
+
+    def copy_states(self, src: list[int], dst: list[int]) -> None:
+        """Hybrids: state slot src[i] -> dst[i] (what `ForwardBatch.state_copies` does inside a batch)."""
+        if self.states is None:
+            raise BatchError("copy_states: this model keeps no recurrent state")
+        self.states.copy(src, dst)
 
 

@@ -1,13 +1,11 @@
-"""Run a hybrid (linear + full attention) model on sequences with explicit state slots.
+"""Run a hybrid (linear + full attention) model on sequences with explicit state slots, without an Engine.
 
-A stand-in for `Engine.forward_batch` until the batch contract carries state
-slots (docs/models.md, "Hybrid models: status"): the same pieces the engine
-would use (the model, the paged `KVCache` for the full-attention layers, the
+The model tests' and `bench/hybrid_decode.py`'s harness: the same pieces
+`Engine.forward_batch` uses (the model, the paged `KVCache` for the full-attention layers, the
 `torch_ref` attention backend planned from a `BatchLayout`, the `StatePool`
 read through a `RecurrentBatch`), with the page and slot bookkeeping the
-runtime would do kept here in the simplest form (every sequence owns its
-pages; a fork copies them). Integration moves the bookkeeping to the runtime
-and the rest into the engine unchanged.
+runtime does kept here in the simplest form (every sequence owns its
+pages; a fork copies them).
 """
 
 from __future__ import annotations
@@ -23,7 +21,8 @@ from pie.engine.attention.base import AttentionShape, BatchLayout, create_backen
 from pie.engine.forward_context import ForwardContext
 from pie.engine.kv_cache import KVCache, KVShape
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
-from pie.engine.models.hybrid import HybridCausalLM, hybrid_architecture
+from pie.engine.models.hybrid import HybridCausalLM
+from pie.engine.models.registry import get_architecture
 from pie.engine.state_pool import RECURRENT_EXTRAS, RecurrentBatch, StatePool
 from pie.errors import BatchError
 
@@ -44,7 +43,7 @@ class HybridRunner:
         self.backend = create_backend("torch_ref", AttentionShape(s.num_heads, s.num_kv_heads, s.head_dim,
                                                                   page_size, dtype, device),
                                       model.attention_layer_specs())
-        self.states = StatePool(model.state_shape(dtype), num_slots, device)
+        self.states = StatePool(model.spec.state_shape(dtype), num_slots, device)
         self._free_pages = list(range(num_pages - 1, -1, -1))
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._seqs: dict[int, _Sequence] = {}
@@ -65,7 +64,7 @@ class HybridRunner:
                     num_slots: int = 8) -> HybridRunner:
         """Weights from `model_dir`, or deterministic random ones when it is None (benchmarks)."""
         device = device or torch.device("cpu")
-        model = build_model(hybrid_architecture(hf_config.model_type), hf_config, dtype, device)
+        model = build_model(get_architecture(hf_config.model_type), hf_config, dtype, device)
         assert isinstance(model, HybridCausalLM)
         if model_dir is None:
             init_dummy_weights(model)

@@ -26,3 +26,8 @@ class EngineInfo:
     kv_bytes_per_page: int  # on one rank: under tensor parallelism each rank holds its kv heads' share
     num_swap_slots: int = 0
     tensor_parallel_size: int = 1
+    # Hybrid models: the recurrent-state pool (0 for dense models). A slot holds one sequence's state, whatever
+    # its length (`pie.engine.state_pool`); every Request then names one (`Request.state_slot`).
+    num_state_slots: int = 0
+    state_bytes_per_slot: int = 0
+    num_state_swap_slots: int = 0

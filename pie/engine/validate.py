@@ -51,6 +51,8 @@ class Limits:
     num_swap_slots: int = 0
     max_position: int = MAX_POSITION
     max_draws: int = MAX_DRAWS
+    num_state_slots: int = 0  # a hybrid model's recurrent-state pool; 0: the model keeps no state
+    num_state_swap_slots: int = 0
 
 
 def seed64(seed: int) -> int:
@@ -215,3 +217,62 @@ def _check_values(r: Request, limits: Limits) -> None:
         raise InvalidValue(f"seed {r.seed!r} is not an integer")
     if r.zo_seed is not None and (r.adapter is None or not isinstance(r.zo_seed, int | np.integer)):
         raise InvalidValue(f"zo_seed {r.zo_seed!r} needs an integer seed and an adapter (it perturbs the adapter)")
+
+
+def check_state_slots(reqs: Sequence[Request], limits: Limits) -> None:
+    """The requests' state slots as one batch: each present exactly on a hybrid model, in range, and no slot
+    named twice (two sequences advancing one state would each see the other's tokens). The message starts
+    with "request i: "."""
+    hybrid = limits.num_state_slots > 0
+    seen: dict[int, int] = {}
+    for i, r in enumerate(reqs):
+        slot = r.state_slot
+        if slot is None:
+            if hybrid:
+                raise InvalidValue(f"request {i}: this hybrid model keeps a recurrent state per sequence; the "
+                                   f"request must name its state slot (0..{limits.num_state_slots - 1})")
+            continue
+        if not hybrid:
+            raise InvalidValue(f"request {i}: state_slot = {slot} given, but this model keeps no recurrent state "
+                               "(only hybrid models have state slots); leave it None")
+        if not isinstance(slot, int | np.integer) or not 0 <= slot < limits.num_state_slots:
+            raise InvalidValue(f"request {i}: state slot {slot!r} is out of range: the pool has slots "
+                               f"0..{limits.num_state_slots - 1}")
+        if slot in seen:
+            raise InvalidValue(f"request {i}: state slot {slot} is also named by request {seen[slot]}; each "
+                               "sequence of a batch needs its own slot (copy the slot to fork)")
+        seen[int(slot)] = i
+        if r.attention_mask is not None:
+            raise InvalidValue(f"request {i}: a custom attention mask cannot apply to a hybrid model: its "
+                               "recurrent layers fold every token into the state in order, so no token can be "
+                               "masked out of it")
+        if r.adapter is not None:
+            raise InvalidValue(f"request {i}: LoRA adapters are not supported on hybrid models: a context cut "
+                               "back (truncate, a rollback) is recomputed from its token record, and adapter KV "
+                               "and state cannot be; run the base model")
+
+
+def check_state_ops(copies: Sequence[tuple[int, int]], swap_out: Sequence[tuple[int, int]],
+                    swap_in: Sequence[tuple[int, int]], limits: Limits) -> None:
+    """A batch's state copies and swaps: device slots and host slots in range."""
+    def device(slot: int, what: str) -> None:
+        if not 0 <= slot < limits.num_state_slots:
+            pool = (f"slots 0..{limits.num_state_slots - 1}" if limits.num_state_slots
+                    else "no slots (the model keeps no recurrent state)")
+            raise InvalidValue(f"{what} state slot {slot} is out of range: the pool has {pool}")
+
+    def host(slot: int, what: str) -> None:
+        if not 0 <= slot < limits.num_state_swap_slots:
+            raise InvalidValue(f"{what} host state slot {slot} is out of range: the host state pool has "
+                               f"{limits.num_state_swap_slots} slots (set state_swap_pool_size to enable or "
+                               "enlarge it)")
+
+    for src, dst in copies:
+        device(src, "state copy source")
+        device(dst, "state copy destination")
+    for slot, host_slot in swap_out:
+        device(slot, "state swap-out source")
+        host(host_slot, "state swap-out destination")
+    for host_slot, slot in swap_in:
+        host(host_slot, "state swap-in source")
+        device(slot, "state swap-in destination")

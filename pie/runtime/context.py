@@ -35,7 +35,17 @@ function of (tokens, positions) alone, so they get no content key and are never
 shared, and a context holding masked/adapter KV cannot be recomputed (it is
 only suspended by swapping to host).
 
-The contexts of one page pool live in a `ContextSpace` (`context_space.py`).
+Hybrid models (a `ContextSpace` with `states`): a context also holds a
+recurrent-state slot (`state_slot`, `pie.runtime.state_slots`) whose state is
+that after its first `computed_len` tokens. A state cannot be cut back, so
+whatever cuts the record below `computed_len` (truncate, release, the rollback
+of a pass, a run-ahead stop) sends the context back to `computed_len = 0`: its
+KV and state are recomputed from the record with its next pass (its pages stay
+and are rewritten). Fork copies the slot (queued for the next batch). A prefill
+chunk that ends at a page boundary leaves a prefix checkpoint of its state
+(`StateSlots.checkpoint`); prefix pages are attached from the trie only up to
+the deepest page with a checkpoint, whose state is then copied into the slot.
+A swap-out copies every computed page while the state stays in the slot.
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ class Context:
         self.in_batch = 0  # id of the last batch being built or in flight that holds it (0: none): pages pinned
         self.closed = False
         self.images: list[ImagePlacement] = []  # by slot: the images in the record (pie.runtime.images)
+        self.state_slot: int | None = None  # hybrid models: the recurrent state after `computed_len` tokens
 
     # -- the logical view -----------------------------------------------------------------------
 
@@ -171,6 +182,9 @@ class Context:
         child.priority = self.priority
         child.images = self.images.copy()
         self.space.pool.incref(child.pages)
+        if child.state_slot is not None and self.state_slot is not None and self.computed_len:
+            assert self.space.states is not None
+            self.space.states.copy(self.state_slot, child.state_slot)
         return child
 
     def destroy(self) -> None:
@@ -178,6 +192,9 @@ class Context:
             return
         self._drop_pages()
         self._release_swap(0)
+        if self.state_slot is not None:
+            assert self.space.states is not None
+            self.space.states.free(self.state_slot)
         self.closed = True
         del self.space.live[self.id]
 
@@ -208,9 +225,14 @@ class Context:
         del self.positions[kv_len:]
         if self.images and self.images[-1].slot >= kv_len:
             self.images = [p for p in self.images if p.slot < kv_len]
+        hybrid = self.state_slot is not None
+        if hybrid and kv_len < self.computed_len:
+            self.computed_len = 0  # the state holds tokens past the cut: recompute it from the record
         self.computed_len = min(self.computed_len, kv_len)
         ps = self.space.page_size
         self.dirty = {j for j in self.dirty if j * ps < kv_len}
+        if hybrid and self.swapped and kv_len < self.swapped_len:
+            self._release_swap(0)  # swapped out past the cut: the slot's state is too, recompute instead
         if self.swapped:
             self.swapped_len = min(self.swapped_len, kv_len)
             self._release_swap(max(0, -(-self.swapped_len // ps) - self.swap_first))
@@ -231,6 +253,8 @@ class Context:
         parent = self._key_before(j)
         end = min(limit, self.restore_limit())  # swapped pages come back by swap-in, not from the trie
         missed = None
+        if self.state_slot is not None:  # a hybrid resumes only where a state checkpoint is: stop there
+            end = min(end, self._checkpointed_end(j, parent, end))
         while parent is not None and (j + 1) * ps <= end:
             key = self.keys[j] if j < self.num_committed else (
                 None if j in self.dirty else self._content_key(parent, j))
@@ -248,7 +272,31 @@ class Context:
                 self.pages.append(page)
             parent, j = key, j + 1
         self.computed_len = j * ps
+        if self.state_slot is not None:
+            if j * ps > start:  # the state after the attached pages, copied in before this context's next forward
+                states = self.space.states
+                assert states is not None and parent is not None
+                ckpt = states.lookup(parent)
+                assert ckpt is not None, "attached up to a page without a state checkpoint"
+                states.copy(ckpt, self.state_slot)
+            missed = None  # no waiting for a pass computing the next page: its state would not be kept
         return Attached(self.computed_len - start, missed)
+
+    def _checkpointed_end(self, j: int, parent: PageKey | None, end: int) -> int:
+        """The end of the deepest page from `j` on, within `end`, that the trie holds (with every page before it)
+        and that has a state checkpoint; `j * page_size` when none has."""
+        ps, trie, states = self.space.page_size, self.space.trie, self.space.states
+        assert states is not None
+        best = j * ps
+        while parent is not None and (j + 1) * ps <= end:
+            key = self.keys[j] if j < self.num_committed else (
+                None if j in self.dirty else self._content_key(parent, j))
+            if key is None or trie.lookup(key) is None:
+                break
+            parent, j = key, j + 1
+            if states.has_checkpoint(key):
+                best = j * ps
+        return best
 
     def pages_needed(self, start: int, end: int) -> int:
         """Fresh pages a write of slots [start, end) takes: new tail pages plus copy-on-write copies."""
@@ -285,6 +333,11 @@ class Context:
         self.computed_len = end
         ps = self.space.page_size
         self._register(old // ps, min(end // ps, self.num_committed))
+        if self.state_slot is not None and end - old > 1 and end % ps == 0:  # a prefill chunk ended on a page
+            key = self._key_before(end // ps)
+            if key is not None:
+                assert self.space.states is not None
+                self.space.states.checkpoint(key, self.state_slot)
 
     def suspend(self) -> int:
         """Drop every page (their content stays cached when the trie holds it); returns pages released.
@@ -306,7 +359,7 @@ class Context:
         ps, trie, pool = self.space.page_size, self.space.trie, self.space.pool
         num_computed = min(len(self.pages), -(-self.computed_len // ps))
         first = 0
-        if self.recomputable:
+        if self.recomputable and self.state_slot is None:  # a hybrid's slot holds the state after every page
             while first < num_computed and trie.holds(self.pages[first]) and pool.refcount(self.pages[first]) > 1:
                 first += 1
         return first, num_computed - first

@@ -278,6 +278,10 @@ class InstanceHost:
         m, c, g = self._idle(ctx)
         if c.pending:
             raise HostError("this context already has a forward pass pending; await it before generating")
+        if c.state_slot is not None:
+            raise HostError("run-ahead streams are off for hybrid models (model_info run_ahead = False): stopping "
+                            "one cuts the context back, which its recurrent state cannot undo; generate step by "
+                            "step (ctx_forward)")
         tokens = spec.get("tokens") or []
         if not isinstance(tokens, list) or not tokens:
             raise HostError("ctx_generate_start needs the buffered tokens to start from (at least one)")

@@ -35,6 +35,7 @@ from pie.runtime.prefix_trie import PrefixTrie
 from pie.runtime.quotas import page_share
 from pie.runtime.scheduler import Scheduler
 from pie.runtime.snapshots import SnapshotStore
+from pie.runtime.state_slots import StateSlots
 
 if TYPE_CHECKING:
     from pie.runtime.runtime import RuntimeLimits
@@ -56,6 +57,9 @@ class EngineGroup:
         self.pool = PagePool(info.num_pages)
         self.trie = PrefixTrie(self.pool)
         self.space = ContextSpace(self.pool, self.trie, info.page_size)
+        num_state_slots = int(getattr(info, "num_state_slots", 0))  # a hybrid model: one per context
+        if num_state_slots:
+            self.space.states = StateSlots(num_state_slots)
         self.scheduler = Scheduler(engine, self.space, max_batch_tokens=info.max_batch_tokens,
                                    max_batch_size=info.max_batch_size,
                                    page_wait_timeout_s=limits.page_wait_timeout_s,
@@ -161,6 +165,10 @@ class ModelRuntime:
             "max_batch_tokens": self.max_batch_tokens, "max_dist_size": self.max_dist_size,
             "max_num_embeds": self.max_num_embeds, "system_speculation": False,
             "max_pages_per_instance": self.max_pages_per_instance,
+            # Hybrid models: no run-ahead streams (a stream's stop cuts the record back, which a recurrent state
+            # cannot undo without recomputing the whole context); the SDK then runs its step-by-step loop.
+            "run_ahead": not getattr(self.info, "num_state_slots", 0),
+            "state_bytes_per_context": int(getattr(self.info, "state_bytes_per_slot", 0)),
         }
 
     def status(self) -> ModelStatus:

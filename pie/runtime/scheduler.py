@@ -380,6 +380,8 @@ class Scheduler:
         elif not ops.swap_out:  # victims swapped out for a chunk that still did not fit: copy them now
             return None
         batch = ForwardBatch(requests, ops.copies, ops.swap_out, ops.swap_in, steps=steps)
+        if self.space.states is not None:  # hybrid models: forks' state copies, before this batch's forward
+            batch.state_copies = self.space.states.drain()
         batch.validated = True  # every pass was checked on the host (pie.runtime.forward_pass)
         return batch, chunks, lane[1:] if lane is not None else None
 
@@ -414,6 +416,12 @@ class Scheduler:
                 end = ctx.chunk_end(start, end)
                 if end - start > tokens_left:
                     return None
+            if self.space.states is not None and end - start > 1:
+                # A hybrid's prefill chunk ends on a page boundary when one is inside it (the rest goes next),
+                # so the state there exists and becomes a prefix checkpoint (`Context.mark_computed`).
+                boundary = end - end % self.space.page_size
+                if start < boundary < end:
+                    end = boundary
         need = self._make_room(job, start, end, ops)  # with a restore: its pages plus the chunk's
         if need is None:
             return None
@@ -492,7 +500,8 @@ class Scheduler:
                        logit_mask=job.logit_mask if outputs else None,
                        adapter=job.adapter if a >= job.start else None, seed=job.seed,
                        zo_seed=job.zo_seed if a >= job.start else None,
-                       images=ctx.images_in(a, b) if ctx.images else None)
+                       images=ctx.images_in(a, b) if ctx.images else None,
+                       state_slot=ctx.state_slot)
 
     # -- running it and handing results back ----------------------------------------------------
 
@@ -583,10 +592,10 @@ class Scheduler:
         batch = flight.batch
         steps = batch.steps
         num_steps = len(steps) if steps is not None else 0
-        if batch.page_copies or batch.swap_out or batch.swap_in:
+        if batch.page_copies or batch.swap_out or batch.swap_in or batch.state_copies:
             try:
                 await self.engine.forward(ForwardBatch([], batch.page_copies, batch.swap_out, batch.swap_in,
-                                                       validated=batch.validated))
+                                                       validated=batch.validated, state_copies=batch.state_copies))
             except Exception as error:  # a runtime bug: the runtime chose these pages and slots
                 log.error("engine failed on a batch's page operations: %r", error)
                 failed = HostError(f"the engine failed on this batch's page operations: {error}")

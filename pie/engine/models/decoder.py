@@ -50,6 +50,7 @@ from pie.engine.layers.sharded import (
     vocab_embedding,
 )
 from pie.engine.parallel import SINGLE, TPGroup
+from pie.engine.state_pool import StateShape
 from pie.engine.tensor_source import TensorSource
 from pie.errors import ConfigError
 
@@ -101,6 +102,11 @@ class DecoderSpec:
     def kv_replicas(self) -> int:
         """Ranks holding each kv head: 1 when tp divides num_kv_heads, tp / num_kv_heads when tp exceeds it."""
         return max(1, self.tp.size // self.num_kv_heads)
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers with a KV cache: all of them here; hybrids count their full-attention layers only."""
+        return self.num_layers
 
     @property
     def num_local_kv_heads(self) -> int:
@@ -365,6 +371,10 @@ class CausalLM(nn.Module):
     def supports_cuda_graphs(self) -> bool:
         """False when forward syncs with the host (MoE expert token counts), which graph capture forbids."""
         return True
+
+    def state_shape(self, conv_dtype: torch.dtype) -> StateShape | None:
+        """The per-sequence recurrent state of a hybrid family (`pie.engine.state_pool`); None: KV only."""
+        return None
 
     def attention_layer_specs(self) -> list[AttentionLayerSpec]:
         s = self.spec

@@ -17,16 +17,15 @@ Shared here, per HF's modules (names mirror HF for loading):
   out_proj; decay g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b);
 - (1 + w) RMSNorms around the blocks (Gemma style, computed in float32).
 
-These families are not in the engine's registry yet: `Engine.forward_batch`
-does not carry state slots (docs/models.md, "Hybrid models: status").
-`hybrid_architecture(model_type)` gives the class to `HybridRunner`.
+The engine gives each request's slot (`Request.state_slot`) to the batch's
+`RecurrentBatch`; the families register like every other (`@register`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,6 @@ from pie.engine.layers.rotary import apply_rotary
 from pie.engine.layers.sharded import column_linear, row_linear
 from pie.engine.models.decoder import CausalLM, DecoderSpec, Rope
 from pie.engine.state_pool import RECURRENT_EXTRAS, RecurrentBatch, StateShape
-from pie.errors import UnsupportedModelError
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -230,7 +228,8 @@ class HybridCausalLM(CausalLM):
     }
     # HF's multi-token-prediction head ships in the checkpoints; pie does not run it.
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = (*CausalLM.ignored_checkpoint_keys, r"^mtp\.")
-    tp_refusal = "its Gated DeltaNet layers have no tensor-parallel variant yet"
+    tp_refusal = ("its recurrent layers (Gated DeltaNet / Mamba-2: in_proj, conv channels and state heads) are not "
+                  "split over ranks, and the state pool holds every head on one device")
     spec: HybridSpec
 
     @classmethod
@@ -241,31 +240,11 @@ class HybridCausalLM(CausalLM):
         """One spec per full-attention layer: the attention backend's (and the KV pool's) layers."""
         return [AttentionLayerSpec(scale=self.spec.head_dim ** -0.5) for _ in range(self.spec.num_kv_layers)]
 
-    def state_shape(self, conv_dtype: torch.dtype) -> StateShape:
-        return self.spec.state_shape(conv_dtype)
+    def state_shape(self, conv_dtype: torch.dtype) -> StateShape | None:
+        """None when no layer is recurrent (a config of full-attention layers only runs on KV alone)."""
+        shape = self.spec.state_shape(conv_dtype)
+        return shape if shape.num_layers else None
 
-
-_H = TypeVar("_H", bound=type[HybridCausalLM])
-_HYBRID: dict[str, type[HybridCausalLM]] = {}
-
-
-def register_hybrid(*model_types: str) -> Callable[[_H], _H]:
-    """Register a hybrid family for `HybridRunner` (the engine's registry still refuses these types)."""
-
-    def deco(cls: _H) -> _H:
-        for mt in model_types:
-            assert mt not in _HYBRID, f"hybrid model_type {mt} registered twice"
-            _HYBRID[mt] = cls
-        return cls
-
-    return deco
-
-
-def hybrid_architecture(model_type: str) -> type[HybridCausalLM]:
-    from pie.engine.models.registry import supported_model_types
-
-    supported_model_types()  # imports every family module, so theirs are registered
-    if model_type not in _HYBRID:
-        raise UnsupportedModelError(f"model_type {model_type!r} is not a hybrid family; hybrid: "
-                                    f"{', '.join(sorted(_HYBRID))}")
-    return _HYBRID[model_type]
+    def supports_cuda_graphs(self) -> bool:
+        """False: a decode group's slots are read through index tensors built per batch, not a static buffer."""
+        return False

@@ -35,8 +35,8 @@ from pie.engine.models.hybrid import (
     DepthwiseConvWeight,
     HybridCausalLM,
     HybridSpec,
-    register_hybrid,
 )
+from pie.engine.models.registry import register
 from pie.engine.state_pool import RECURRENT_EXTRAS, RecurrentBatch, StateShape
 from pie.errors import UnsupportedModelError
 
@@ -155,7 +155,7 @@ class NemotronHBlock(nn.Module):
 _NAMES = (("backbone.", "model."), ("model.embeddings.", "model.embed_tokens."), ("model.norm_f.", "model.norm."))
 
 
-@register_hybrid("nemotron_h")
+@register("nemotron_h")
 class NemotronHForCausalLM(HybridCausalLM):
     layer_cls = NemotronHBlock
     # q/k/v fuse; the MLP's up_proj is not half of a gate_up pair here.

@@ -8,15 +8,16 @@ the three M-RoPE axes, which makes HF's interleaved M-RoPE plain partial RoPE.
 
 from __future__ import annotations
 
-from pie.engine.models.hybrid import HybridCausalLM, register_hybrid
+from pie.engine.models.hybrid import HybridCausalLM
 from pie.engine.models.multimodal import TextPartOf
+from pie.engine.models.registry import register
 
 
-@register_hybrid("qwen3_5_text")
+@register("qwen3_5_text")
 class Qwen3_5TextForCausalLM(HybridCausalLM):
     pass
 
 
-@register_hybrid("qwen3_5")
+@register("qwen3_5")
 class Qwen3_5ForConditionalGeneration(TextPartOf, Qwen3_5TextForCausalLM):
     pass

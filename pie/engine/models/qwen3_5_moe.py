@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from pie.engine.models.decoder import DecoderSpec
-from pie.engine.models.hybrid import register_hybrid
 from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.qwen3_next import Qwen3NextForCausalLM, Qwen3NextSpec
+from pie.engine.models.registry import register
 
 
-@register_hybrid("qwen3_5_moe_text")
+@register("qwen3_5_moe_text")
 class Qwen3_5MoeTextForCausalLM(Qwen3NextForCausalLM):
     @classmethod
     def decoder_spec(cls, c: Any) -> DecoderSpec:
@@ -26,6 +26,6 @@ class Qwen3_5MoeTextForCausalLM(Qwen3NextForCausalLM):
             shared_expert_intermediate_size=c.shared_expert_intermediate_size, norm_topk_prob=True, dense_layers=())
 
 
-@register_hybrid("qwen3_5_moe")
+@register("qwen3_5_moe")
 class Qwen3_5MoeForConditionalGeneration(TextPartOf, Qwen3_5MoeTextForCausalLM):
     pass

@@ -24,7 +24,8 @@ from pie.engine.layers.lora import LoRABatch
 from pie.engine.layers.mlp import GatedMLP
 from pie.engine.layers.moe import TopKMoE, load_expert_weight
 from pie.engine.models.decoder import DecoderSpec
-from pie.engine.models.hybrid import GatedDeltaNet, HybridCausalLM, HybridLayer, HybridSpec, register_hybrid
+from pie.engine.models.hybrid import GatedDeltaNet, HybridCausalLM, HybridLayer, HybridSpec
+from pie.engine.models.registry import register
 from pie.engine.tensor_source import TensorSource
 
 
@@ -63,7 +64,7 @@ class Qwen3NextLayer(HybridLayer):
 _GROUPED: dict[str, tuple[int, ...]] = {"in_proj_qkvz": (0, 1), "in_proj_ba": (2, 3)}
 
 
-@register_hybrid("qwen3_next")
+@register("qwen3_next")
 class Qwen3NextForCausalLM(HybridCausalLM):
     layer_cls = Qwen3NextLayer
     expert_pieces: ClassVar[dict[str, str]] = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}

@@ -24,30 +24,8 @@ _C = TypeVar("_C", bound="type[CausalLM]")
 _ARCHITECTURES: dict[str, type[CausalLM]] = {}
 _NOT_MODEL_MODULES = {"registry", "decoder"}
 
-_GATED_DELTANET = (
-    "its hybrid layers are mostly Gated DeltaNet linear attention, which carries a per-sequence recurrent "
-    "state (a causal-conv window plus a [heads, key_dim, value_dim] delta-rule state) from token to token; "
-    "the engine's batches address only the paged KV cache, not per-sequence state slots yet (the layers and "
-    "the state pool exist, the engine integration does not: docs/models.md, 'Hybrid models: status'), so "
-    "these checkpoints cannot be served yet"
-)
-
-_MAMBA2 = (
-    "its Mamba-2 layers carry a per-sequence recurrent state (a causal-conv window plus a [heads, head_dim, "
-    "state_size] SSM state) from token to token; the engine's batches address only the paged KV cache, not "
-    "per-sequence state slots yet (the layers and the state pool exist, the engine integration does not: "
-    "docs/models.md, 'Hybrid models: status'), so these checkpoints cannot be served yet"
-)
-
 # Known Hugging Face model types this engine cannot run, and why.
-_UNSUPPORTED: dict[str, str] = {
-    "qwen3_5": _GATED_DELTANET,
-    "qwen3_5_text": _GATED_DELTANET,
-    "qwen3_5_moe": _GATED_DELTANET,
-    "qwen3_5_moe_text": _GATED_DELTANET,
-    "qwen3_next": _GATED_DELTANET,
-    "nemotron_h": _MAMBA2,
-}
+_UNSUPPORTED: dict[str, str] = {}
 
 
 def register(*model_types: str) -> Callable[[_C], _C]:

@@ -13,7 +13,7 @@ patch merger, linear-GELU-linear into the text model's hidden size.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
