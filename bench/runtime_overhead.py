@@ -11,7 +11,9 @@ decode step is one engine batch of N rows. Engines (`--engine`):
   is the whole generation (the streams' starts, first passes, stops and the instances' ends included)
   divided by the steps; `wall_ms_per_step` its wall time.
 - `sleep:MS`: takes MS per batch in a thread without the GIL, like a device. The bound is N tokens per
-  MS (every step full, no host time visible); `tok_s` / `bound_tok_s` is how much of it the runtime keeps.
+  MS (every step full, no host time visible); `of_bound` is how much of it the runtime keeps over the
+  whole run (the streams' starts and the instances' ends, when the device has nothing to do, included),
+  `steady_of_bound` while every stream decodes.
 - `real`: the small model (hidden 512, 8 layers) on `--device`; the same batches replayed straight on
   `Engine.forward_batch` give the baseline, the difference is the runtime's share.
 
@@ -56,6 +58,7 @@ class Row:
     step_us: float  # wall time per decode step through the runtime
     cpu_us: float  # this process's CPU time per decode step, the whole run
     steady_us: float  # of a step while all N streams decode (CPU)
+    steady_wall_us: float  # the same, wall time
     in_engine_us: float  # of which: the engine calls
     direct_us: float  # real engine only: the same batches on Engine.forward_batch, no runtime
     batches_per_step: float
@@ -76,19 +79,19 @@ async def generate(prompt: list[int], steps: int, ready: list[int], go: asyncio.
     return await ctx.generate(Sampler.argmax(), max_tokens=steps, stop=[], auto_flush=False).collect_tokens()
 
 
-async def measure(runtime: Runtime, count: int, steps: int,
-                  keep: bool = False) -> tuple[float, float, float, float, float, list[ForwardBatch]]:
-    """Seconds per decode step (wall, CPU, CPU while all streams decode), of which in the engine, batches
-    per step, and the batches fired."""
+async def measure(runtime: Runtime, count: int, steps: int, keep: bool = False
+                  ) -> tuple[float, float, tuple[float, float], float, float, list[ForwardBatch]]:
+    """Seconds per decode step (wall, CPU, (CPU, wall) while all streams decode), of which in the engine,
+    batches per step, and the batches fired."""
     fired: list[ForwardBatch] = []
     in_engine = [0.0]
     phase = {"decode": False}
-    full: list[float] = []  # process time at each landing of a batch holding every stream's step
+    full: list[tuple[float, float]] = []  # (process, wall) time at each landing of a batch holding every stream
 
     def on_batch(batch: ForwardBatch, _result: object, seconds: float) -> None:
         if phase["decode"]:
             if batch.num_tokens == count:
-                full.append(time.process_time())
+                full.append((time.process_time(), time.perf_counter()))
             if keep:  # the replay runs them later: a copy as the engine saw it (chained tokens filled in)
                 batch = ForwardBatch(batch.requests + (batch.steps.requests() if batch.steps is not None else []),
                                      batch.page_copies, batch.swap_out, batch.swap_in)
@@ -121,7 +124,9 @@ async def measure(runtime: Runtime, count: int, steps: int,
     phase["decode"] = False
     assert all(f.kind == "return" for f in finals), finals[0]
     runtime.check_integrity()
-    steady = (full[-1] - full[0]) / (len(full) - 1) if len(full) > 1 else cpu / steps
+    n = len(full) - 1
+    steady = ((full[-1][0] - full[0][0]) / n, (full[-1][1] - full[0][1]) / n) if n > 0 else (cpu / steps,
+                                                                                           elapsed / steps)
     return elapsed / steps, cpu / steps, steady, in_engine[0] / steps, len(fired) / steps, fired
 
 
@@ -171,9 +176,9 @@ async def run(args: argparse.Namespace) -> list[Row]:
                     runtime, count, args.steps, keep=engine is not None)
                 direct = replay(engine, batches, args.steps) if engine is not None else 0.0
                 runs.append((per_step, cpu, steady, in_engine, direct, per_step_batches))
-            best = min(runs, key=lambda r: r[2] if args.engine == "null" else r[0])  # load only ever adds time
-            rows.append(Row(count, best[0] * 1e6, best[1] * 1e6, best[2] * 1e6, best[3] * 1e6, best[4] * 1e6,
-                            best[5]))
+            best = min(runs, key=lambda r: r[2][0] if args.engine == "null" else r[0])  # load only ever adds time
+            rows.append(Row(count, best[0] * 1e6, best[1] * 1e6, best[2][0] * 1e6, best[2][1] * 1e6, best[3] * 1e6,
+                            best[4] * 1e6, best[5]))
             report(args, rows[-1])
         await runtime.shutdown(0)
         await client.close()
@@ -190,8 +195,10 @@ def report(args: argparse.Namespace, r: Row) -> None:
     elif args.engine.startswith("sleep:"):
         ms = float(args.engine[6:])
         bound = r.count / (ms / 1e3)
+        steady = r.count / (r.steady_wall_us / 1e6)
         print(f"RESULT engine={args.engine} inferlets={r.count} tok_s={tok_s:.0f} bound_tok_s={bound:.0f} "
-              f"of_bound={tok_s / bound:.3f} runahead={int(not args.no_runahead)}", flush=True)
+              f"of_bound={tok_s / bound:.3f} steady_tok_s={steady:.0f} steady_of_bound={steady / bound:.3f} "
+              f"runahead={int(not args.no_runahead)}", flush=True)
     else:
         print(f"RESULT engine=real inferlets={r.count} step_ms={r.step_us / 1e3:.3f} "
               f"host_ms_per_step={r.host_us / 1e3:.3f} direct_ms_per_step={r.direct_us / 1e3:.3f} "
