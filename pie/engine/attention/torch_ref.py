@@ -1,9 +1,11 @@
 """Pure-PyTorch paged attention: gathers each request's pages and attends densely.
 
 Runs anywhere torch does (CPU, MPS, CUDA) and is the reference the fast
-backends are tested against. Decode rows (one query, causal) are batched into
-one padded gather + one attention call per layer; prefill rows and rows with
-custom masks are attended per request.
+backends are tested against, and the CPU path. Decode rows (one query, causal)
+are batched: sorted by kv length and cut into a few groups of similar length,
+each one padded gather + one attention call per layer (one group padded to the
+longest sequence gathers and attends up to twice the kv a mixed-length batch
+holds); prefill rows and rows with custom masks are attended per request.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class TorchRefBackend(AttentionBackend):
         if layout.has_custom_mask:
             is_decode &= np.array([m is None for m in layout.custom_masks])
         decode = np.flatnonzero(is_decode)
-        if decode.size:
-            self._groups.append(self._decode_group(layout, decode))
+        for reqs in _length_groups(layout.kv_page_indptr[decode + 1] - layout.kv_page_indptr[decode], decode):
+            self._groups.append(self._decode_group(layout, reqs))
         for r in np.flatnonzero(~is_decode).tolist():
             self._groups.append(self._request_group(layout, r))
 
@@ -108,6 +110,29 @@ class TorchRefBackend(AttentionBackend):
                 qg = q[g.rows][:, :, None]  # [n, heads, 1, head_dim]
                 out[g.rows] = attend(qg, k, v, g.masks[spec.window_left], spec, sinks)[:, :, 0]
         return out
+
+
+# A decode group is cut where the next (longer) sequence has more than this many times the group's
+# shortest page count, once the group holds at least MIN_GROUP rows: padding stays under ~1.5x the real
+# kv, and a batch of mixed lengths makes a handful of groups (each costs two gathers and one attention
+# call per layer).
+GROUP_SPREAD = 1.5
+MIN_GROUP = 16
+
+
+def _length_groups(pages: np.ndarray, reqs: np.ndarray) -> list[np.ndarray]:
+    """`reqs` (decode requests with `pages` pages each) sorted by page count and cut into groups."""
+    if not reqs.size:
+        return []
+    order = np.argsort(pages, kind="stable")
+    pages, reqs = pages[order], reqs[order]
+    groups, start = [], 0
+    for i in range(1, len(reqs)):
+        if i - start >= MIN_GROUP and pages[i] > GROUP_SPREAD * max(int(pages[start]), 1):
+            groups.append(reqs[start:i])
+            start = i
+    groups.append(reqs[start:])
+    return groups
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
