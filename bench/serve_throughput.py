@@ -220,13 +220,23 @@ async def workload_mode(args: argparse.Namespace, model: str) -> None:
         del client, runtime
         rt, direct = total / wall, total / direct_s
         ttft, tpot = latency(stamps)
-        rows: list[tuple[str, float]] = [(f"pie through the runtime ({args.num_seqs} inferlets)", rt),
-                                         (f"pie engine direct (<= {args.max_running} in flight)", direct)]
+        print(f"\nserve throughput: preset {args.preset}, {args.device}, {args.dtype}, {args.num_seqs} sequences, "
+              f"prompt {args.in_range[0]}-{args.in_range[1]}, output {args.out_range[0]}-{args.out_range[1]} tokens "
+              f"({total} output tokens), greedy")
+        print(f"{'system':<44}{'output tok/s':>13}{'pie runtime / it':>18}")
+        rows: list[tuple[str, float]] = []
+
+        def row(name: str, tok_s: float) -> None:
+            rows.append((name, tok_s))
+            print(f"{name:<44}{tok_s:>13.0f}{rt / tok_s:>18.2f}   (load {os.getloadavg()[0]:.1f})", flush=True)
+
+        row(f"pie through the runtime ({args.num_seqs} inferlets)", rt)
+        row(f"pie engine direct (<= {args.max_running} in flight)", direct)
         vllm: dict[str, Any] | str | None = None
         if args.peer == "vllm":
             vllm = run_vllm(args.vllm_python, model_dir, args.dtype, prompts, out_lens, max(args.num_seqs, 256))
             if isinstance(vllm, dict):
-                rows.append((f"vLLM {vllm['vllm']} LLM.generate", total / vllm["seconds"]))
+                row(f"vLLM {vllm['vllm']} LLM.generate", total / vllm["seconds"])
         hf = 0.0
         if args.hf_batch > 0:
             import torch
@@ -237,13 +247,7 @@ async def workload_mode(args: argparse.Namespace, model: str) -> None:
             model_hf.to(device)
             run_transformers(model_hf, [p[:16] for p in prompts[:4]], [4] * 4, args.hf_batch, device)
             hf = total / run_transformers(model_hf, prompts, out_lens, args.hf_batch, device)
-            rows.append((f"transformers generate (b={args.hf_batch})", hf))
-    print(f"\nserve throughput: preset {args.preset}, {args.device}, {args.dtype}, {args.num_seqs} sequences, prompt "
-          f"{args.in_range[0]}-{args.in_range[1]}, output {args.out_range[0]}-{args.out_range[1]} tokens "
-          f"({total} output tokens), greedy, load {os.getloadavg()[0]:.2f}")
-    print(f"{'system':<44}{'output tok/s':>13}{'pie runtime / it':>18}")
-    for name, tok_s in rows:
-        print(f"{name:<44}{tok_s:>13.0f}{rt / tok_s:>18.2f}")
+            row(f"transformers generate (b={args.hf_batch})", hf)
     print(f"pie runtime: TTFT p50 {pct(ttft, 0.5):.0f} ms p99 {pct(ttft, 0.99):.0f} ms, "
           f"TPOT p50 {pct(tpot, 0.5):.1f} ms p99 {pct(tpot, 0.99):.1f} ms")
     print(f"RESULT preset={args.preset} seqs={args.num_seqs} tok_s={rt:.0f} direct_tok_s={direct:.0f} "
