@@ -3,14 +3,16 @@
 Runs under vLLM's own interpreter (a separate virtual environment; vLLM is never installed beside pie), so it
 imports nothing from pie. The workload comes as JSON, the result goes back as JSON:
 
-    ~/vllm-venv/bin/python bench/vllm_peer.py WORKLOAD.json RESULT.json
+    ~/vllm-venv/bin/python bench/vllm_peer.py WORKLOAD.json
 
 WORKLOAD: {"model": dir, "dtype": "float32", "prompts": [[token ids]], "out_lens": [int], "max_num_seqs": int}
-RESULT:   {"seconds": float, "output_tokens": int, "tokens": [[generated ids]], "vllm": version}
 
-Prompts go in as token ids with `skip_tokenizer_init` (the benchmark checkpoints have no tokenizer), greedy,
-`ignore_eos` with `min_tokens` = `max_tokens` = each sequence's output length, so every system generates
-exactly the same number of tokens. One short warm-up generate runs first and is not timed.
+It loads the model, runs one short untimed warm-up generate, prints `VLLM_PEER {"ready": version}`, then runs the whole
+workload once for every line `go` on stdin and prints `VLLM_PEER {"seconds": float, "output_tokens": int}` after each;
+`quit` (or the end of stdin) ends it. So the caller can alternate vLLM's rounds with its own on a shared
+host, where load changes between minutes. Prompts go in as token ids with `skip_tokenizer_init` (the
+benchmark checkpoints have no tokenizer), greedy, `ignore_eos` with `min_tokens` = `max_tokens` = each
+sequence's output length, so every system generates exactly the same number of tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+TAG = "VLLM_PEER"  # marks this script's lines among vLLM's own log lines on stdout
 
 
 def main() -> None:
@@ -36,15 +40,17 @@ def main() -> None:
                  use_tqdm=False)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     sampling = [params(n) for n in spec["out_lens"]]
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, sampling, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    for got, want in zip(tokens, spec["out_lens"], strict=True):
-        if len(got) != want:
-            raise SystemExit(f"vLLM generated {len(got)} tokens for a sequence asked for {want}")
-    Path(sys.argv[2]).write_text(json.dumps({"seconds": seconds, "output_tokens": sum(map(len, tokens)),
-                                             "tokens": tokens, "vllm": vllm.__version__}))
+    print(TAG, json.dumps({"ready": vllm.__version__}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        lens = [len(o.outputs[0].token_ids) for o in outs]
+        if lens != spec["out_lens"]:
+            raise SystemExit("vLLM generated other output lengths than asked for")
+        print(TAG, json.dumps({"seconds": seconds, "output_tokens": sum(lens)}), flush=True)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core: the guard keeps the child from re-running main
