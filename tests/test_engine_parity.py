@@ -143,7 +143,7 @@ def test_decode_rows_of_mixed_lengths_match_each_row_alone(checkpoint_dir) -> No
     from pie.engine.attention.torch_ref import MIN_GROUP, _length_groups
 
     pages = np.array([1, 9, 2, 2, 7, 1, 3])
-    groups = _length_groups(pages, np.arange(7) + 10)
+    groups = _length_groups(pages, np.ones(7, np.int64), np.arange(7) + 10, MIN_GROUP)
     assert sorted(np.concatenate(groups).tolist()) == list(range(10, 17)) and len(groups) == 1  # < MIN_GROUP rows
     engine = make_engine(checkpoint_dir("qwen3"))
     n = MIN_GROUP + 4
