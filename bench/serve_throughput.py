@@ -14,7 +14,7 @@ pie through the runtime (N inferlets), the engine directly (at most `--max-runni
 `LLM.generate` (`--peer vllm`) and transformers `generate` in batches of `--hf-batch`, on one checkpoint
 written to a temporary directory (random weights, safetensors + config.json) and the same prompt token ids
 and output lengths (greedy, no early stop). vLLM loads once and the systems take turns for `--repeats`
-rounds (pie through the runtime, the engine, vLLM; the best round of each is reported), so a change of load
+rounds (pie through the runtime, the engine, vLLM, transformers; the best round of each is reported), so a change of load
 on a shared host hits them alike. The `cpu-peer` preset is the workload of the peers' reference
 figures (docs/performance.md): the small Qwen3-shaped model (hidden 512, 8 layers, vocab 32000), float32,
 128 sequences, prompts and outputs of 16-128 tokens.
@@ -258,6 +258,16 @@ async def workload_mode(args: argparse.Namespace, model: str) -> None:
 
         names = (f"pie through the runtime ({args.num_seqs} inferlets)",
                  f"pie engine direct (<= {args.max_running} in flight)")
+        hf_name = f"transformers generate (b={args.hf_batch})"
+        model_hf: Any = None
+        if args.hf_batch > 0:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            device = torch.device(args.device)
+            model_hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+            model_hf.to(device)
+            run_transformers(model_hf, [p[:16] for p in prompts[:4]], [4] * 4, args.hf_batch, device)
         for r in range(args.repeats):
             wall, round_stamps = await through_runtime(runtime, prompts, out_lens)
             assert sum(len(s) for s in round_stamps) == total
@@ -267,23 +277,14 @@ async def workload_mode(args: argparse.Namespace, model: str) -> None:
             row(r, names[1], run_pie(client.engine, prompts, out_lens, args.max_running)[0])
             if peer is not None:
                 row(r, f"vLLM {peer.version} LLM.generate", peer.run())
+            if model_hf is not None:
+                row(r, hf_name, run_transformers(model_hf, prompts, out_lens, args.hf_batch, device))
         if peer is not None:
             peer.close()
         await runtime.shutdown(0)
         await client.close()
         del client, runtime
-        hf = 0.0
-        if args.hf_batch > 0:
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            model_hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
-            device = torch.device(args.device)
-            model_hf.to(device)
-            run_transformers(model_hf, [p[:16] for p in prompts[:4]], [4] * 4, args.hf_batch, device)
-            hf_name = f"transformers generate (b={args.hf_batch})"
-            row(0, hf_name, run_transformers(model_hf, prompts, out_lens, args.hf_batch, device))
-            hf = best[hf_name]
+        hf = best.get(hf_name, 0.0)
     rt, direct = best[names[0]], best[names[1]]
     ttft, tpot = latency(stamps)
     print(f"\nbest round: {'system':<44}{'output tok/s':>13}{'pie runtime / it':>18}")
