@@ -1,9 +1,13 @@
 """Pure-PyTorch paged attention: gathers each request's pages and attends densely.
 
 Runs anywhere torch does (CPU, MPS, CUDA) and is the reference the fast
-backends are tested against. Decode rows (one query, causal) are batched into
-one padded gather + one attention call per layer; prefill rows and rows with
-custom masks are attended per request.
+backends are tested against, and the CPU path. Causal requests are batched:
+decode rows (one query) and prefills apart, each sorted by kv length and cut
+into a few groups of similar length, each group one padded gather + one
+attention call per layer (one group padded to the longest sequence gathers
+and attends up to twice the kv a mixed-length batch holds; a call per prefill
+costs eight small kernels per request per layer). Requests with custom masks
+are attended one by one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class _Group:
     q_slot: np.ndarray  # [n, q_len] kv slot of each query row (for windows)
     kv_valid: np.ndarray  # [n, q_len, kv_slots] bool: causal / custom mask, and padding masked out
     masks: dict[int, torch.Tensor]  # window_left -> [n, 1, q_len, kv_slots] bool on device
+    keep: torch.Tensor | None = None  # padded groups: which of the n * q_len rows are real (None: all)
+    out_rows: torch.Tensor | None = None  # their batch rows
 
 
 class TorchRefBackend(AttentionBackend):
@@ -35,29 +41,45 @@ class TorchRefBackend(AttentionBackend):
 
     def plan(self, layout: BatchLayout) -> None:
         self._groups: list[_Group] = []
-        is_decode = np.diff(layout.qo_indptr) == 1
+        q_lens = np.diff(layout.qo_indptr)
+        plain = np.ones(len(q_lens), bool)
         if layout.has_custom_mask:
-            is_decode &= np.array([m is None for m in layout.custom_masks])
-        decode = np.flatnonzero(is_decode)
-        if decode.size:
-            self._groups.append(self._decode_group(layout, decode))
-        for r in np.flatnonzero(~is_decode).tolist():
+            plain = np.array([m is None for m in layout.custom_masks])
+        pages = np.diff(layout.kv_page_indptr)
+        decode, multi = np.flatnonzero(plain & (q_lens == 1)), np.flatnonzero(plain & (q_lens > 1))
+        for reqs in _length_groups(pages[decode], q_lens[decode], decode, MIN_GROUP):
+            self._groups.append(self._padded_group(layout, reqs))
+        for reqs in _length_groups(pages[multi], q_lens[multi], multi, 1):
+            self._groups.append(self._padded_group(layout, reqs))
+        for r in np.flatnonzero(~plain).tolist():
             self._groups.append(self._request_group(layout, r))
 
     def _pages(self, layout: BatchLayout, r: int) -> np.ndarray:
         return layout.kv_page_indices[layout.kv_page_indptr[r]: layout.kv_page_indptr[r + 1]]
 
-    def _decode_group(self, layout: BatchLayout, reqs: np.ndarray) -> _Group:
+    def _padded_group(self, layout: BatchLayout, reqs: np.ndarray) -> _Group:
+        """Causal requests attended as one [n, heads, q_max, kv_slots] call: queries and pages padded."""
         first = layout.kv_page_indptr[reqs].astype(np.int64)
         counts = layout.kv_page_indptr[reqs + 1] - first
         max_pages = int(counts.max())
         # [n, max_pages] page table in one gather; short lists repeat their last page (gathered, masked out).
         pages = layout.kv_page_indices[first[:, None] + np.minimum(np.arange(max_pages)[None, :], counts[:, None] - 1)]
-        kv_lens = layout.kv_lens[reqs]
-        kv_slots = max_pages * self.shape.page_size
-        valid = np.arange(kv_slots)[None, None, :] < kv_lens[:, None, None]  # [n, 1, kv_slots]
-        rows = torch.as_tensor(layout.qo_indptr[reqs], dtype=torch.long, device=self.shape.device)
-        return self._group(rows, pages, (kv_lens - 1)[:, None], valid)
+        kv_lens = layout.kv_lens[reqs].astype(np.int64)
+        starts = layout.qo_indptr[reqs].astype(np.int64)
+        q_lens = layout.qo_indptr[reqs + 1] - starts
+        q_max = int(q_lens.max())
+        # Short requests repeat their last query row (a valid row, so no all-masked softmax); its output is dropped.
+        j = np.minimum(np.arange(q_max)[None, :], q_lens[:, None] - 1)  # [n, q_max]
+        q_slot = (kv_lens - q_lens)[:, None] + j
+        valid = np.arange(max_pages * self.shape.page_size)[None, None, :] <= q_slot[:, :, None]  # causal, < kv_len
+        dev = self.shape.device
+        rows = torch.from_numpy((starts[:, None] + j).reshape(-1)).to(dev)
+        group = self._group(rows, pages, q_slot, valid)
+        real = (np.arange(q_max)[None, :] < q_lens[:, None]).reshape(-1)
+        if not real.all():
+            keep = torch.from_numpy(np.flatnonzero(real)).to(dev)
+            group.keep, group.out_rows = keep, rows[keep]
+        return group
 
     def _request_group(self, layout: BatchLayout, r: int) -> _Group:
         start, end = int(layout.qo_indptr[r]), int(layout.qo_indptr[r + 1])
@@ -105,9 +127,43 @@ class TorchRefBackend(AttentionBackend):
                 qg = q[g.rows].transpose(0, 1)[None]  # [1, heads, q_len, head_dim]
                 out[g.rows] = attend(qg, k, v, g.masks[spec.window_left], spec, sinks)[0].transpose(0, 1)
             else:
-                qg = q[g.rows][:, :, None]  # [n, heads, 1, head_dim]
-                out[g.rows] = attend(qg, k, v, g.masks[spec.window_left], spec, sinks)[:, :, 0]
+                n, q_len = g.q_slot.shape
+                qg = q[g.rows].view(n, q_len, *q.shape[1:]).transpose(1, 2)  # [n, heads, q_len, head_dim]
+                o = attend(qg, k, v, g.masks[spec.window_left], spec, sinks).transpose(1, 2).reshape(n * q_len,
+                                                                                                 *q.shape[1:])
+                if g.keep is None:
+                    out[g.rows] = o
+                else:
+                    out[g.out_rows] = o[g.keep]
         return out
+
+
+# A group is cut where the next (longer) request has more than this many times the group's shortest page
+# count, or its query count leaves the group's range by that factor, once the group holds at least
+# `min_group` requests (MIN_GROUP for decode rows, 1 for prefills): padding stays under ~1.5x the real work,
+# and a batch of mixed lengths makes a handful of groups (each costs two gathers and one attention call
+# per layer).
+GROUP_SPREAD = 1.5
+MIN_GROUP = 16
+
+
+def _length_groups(pages: np.ndarray, q_lens: np.ndarray, reqs: np.ndarray, min_group: int) -> list[np.ndarray]:
+    """`reqs` (with `pages` pages and `q_lens` queries each) sorted by page count and cut into groups."""
+    if not reqs.size:
+        return []
+    order = np.argsort(pages, kind="stable")
+    pages, q_lens, reqs = pages[order], q_lens[order], reqs[order]
+    groups, start, q_lo, q_hi = [], 0, int(q_lens[0]), int(q_lens[0])
+    for i in range(1, len(reqs)):
+        q = int(q_lens[i])
+        spread = max(q, q_hi) > GROUP_SPREAD * min(q, q_lo) or pages[i] > GROUP_SPREAD * max(int(pages[start]), 1)
+        if i - start >= min_group and spread:
+            groups.append(reqs[start:i])
+            start, q_lo, q_hi = i, q, q
+        else:
+            q_lo, q_hi = min(q_lo, q), max(q_hi, q)
+    groups.append(reqs[start:])
+    return groups
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

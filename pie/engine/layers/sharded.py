@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pie.engine.layers.linear import Linear
+from pie.engine.layers.linear import Linear, dense_linear
 from pie.engine.layers.norm import RMSNorm
 from pie.engine.parallel import TPGroup
 from pie.engine.tensor_source import LoadsSlices, MemoryTensor, TensorSource
@@ -108,7 +108,7 @@ class RowParallelLinear(Linear, LoadsSlices):
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         assert lora is None, "LoRA adapters are refused under tensor parallelism (Engine.load_adapter)"
-        y = F.linear(x, self.weight) if self.qweight is None else self.qweight.matmul(x)  # [T, out] partial
+        y = dense_linear(x, self.weight) if self.qweight is None else self.qweight.matmul(x)  # [T, out] partial
         self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from pie.engine.attention.base import AttentionLayerSpec, BatchLayout
 from pie.engine.forward_context import ForwardContext
+from pie.engine.layers.linear import dense_linear
 from pie.engine.layers.lora import lora_of
 from pie.engine.layers.mlp import GatedMLP
 from pie.engine.layers.norm import RMSNorm
@@ -418,7 +419,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab] (soft-capped where the family does)."""
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        logits = torch.matmul(hidden, weight.t())
+        logits = dense_linear(hidden, weight)
         if self.spec.tp.size > 1:  # each rank holds a vocabulary block (the last one padded)
             logits = self.spec.tp.all_gather_last(logits)[:, :self.spec.vocab_size]
         logits = logits.float()
