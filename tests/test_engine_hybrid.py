@@ -84,7 +84,7 @@ def test_prefill_logits_match_transformers(checkpoints: dict[str, tuple[Path, An
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("arch", ["qwen3_5_text", "nemotron_h"])
+@pytest.mark.parametrize("arch", HYBRIDS)
 def test_greedy_32_steps_two_sequences_match_transformers(checkpoints: dict[str, tuple[Path, Any]], arch: str,
                                                           page_size: int) -> None:
     """Two sequences of different lengths decoded together: identical tokens and every step's logits."""
