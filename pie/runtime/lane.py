@@ -108,7 +108,7 @@ class StreamLane:
             sid = self._sampler_ids[sampler] = len(self._samplers)
             self._samplers.append(sampler)
         self.sampler[m] = sid
-        stop = stream.stop_tokens
+        stop = list(stream.stop_tokens)
         if len(stop) > self.stops.shape[1]:
             self.stops = _widen(self.stops, len(stop), -1)
         self.stops[m] = -1

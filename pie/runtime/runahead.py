@@ -53,8 +53,7 @@ class TokenStream:
         self._job = job
         self._step_outputs = [OutputSpec(0, sampler=sampler)]
         self.sampler = sampler
-        self.stop_tokens = sorted(stop)
-        self._stop = stop
+        self.stop_tokens = stop
         self.max_tokens = max_tokens
         self.depth = max(1, depth)
         self.batch = min(max(1, batch), self.depth)  # tokens per delivery (fewer only at the end)
@@ -86,7 +85,7 @@ class TokenStream:
         assert type(token) is int, "a stream samples one token per step"
         tokens = self.tokens
         tokens.append(token)
-        if token in self._stop or len(tokens) >= self.max_tokens:
+        if token in self.stop_tokens or len(tokens) >= self.max_tokens:
             self.end()
         elif len(tokens) - self.delivered < self.depth:
             self._lane.enter(self)
