@@ -62,6 +62,11 @@ def rgb_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# OpenAI CLIP's pixel statistics: the default mean / std of the Pixtral and Qwen-VL processors.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass(frozen=True)
 class PixelNorm:
     """Resampling filter, rescale factor, mean and std of a `preprocessor_config.json`."""

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from pie.engine.vision.common import (
+    CLIP_MEAN,
+    CLIP_STD,
     CheckpointModule,
     PixelNorm,
     PreparedImage,
@@ -38,8 +40,6 @@ from pie.engine.vision.common import (
 if TYPE_CHECKING:
     from PIL import Image
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Mistral's tekken vocabulary (Pixtral 12B, Mistral Small 3.1/3.2, Ministral 3) has [IMG] = 10,
 # [IMG_BREAK] = 12, [IMG_END] = 13; config.json only carries [IMG] (`image_token_index`). A caller with
 # another vocabulary passes `image_break_token_id` / `image_end_token_id` in the processor config.
@@ -60,7 +60,7 @@ class PixtralImageProcessor:
         else:
             raise ValueError(f"Pixtral preprocessor `size` needs `longest_edge` or `height` and `width`, got {size}")
         self.do_resize = bool(preprocessor_config.get("do_resize", True))
-        self.norm = PixelNorm.from_config(preprocessor_config, _CLIP_MEAN, _CLIP_STD)
+        self.norm = PixelNorm.from_config(preprocessor_config, CLIP_MEAN, CLIP_STD)
         image_id = getattr(hf_config, "image_token_index", None)
         self.image_token_id = int(image_id if image_id is not None else hf_config.image_token_id)
         self.break_token_id = int(preprocessor_config.get("image_break_token_id", _IMG_BREAK_ID))

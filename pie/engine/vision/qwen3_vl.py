@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pie.engine.vision.common import (
+    CLIP_MEAN,
+    CLIP_STD,
     CheckpointModule,
     ImageInputError,
     PixelNorm,
@@ -51,8 +53,6 @@ from pie.engine.vision.common import (
 if TYPE_CHECKING:
     from PIL import Image
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LN_EPS = 1e-6
 _MAX_ASPECT = 200.0  # transformers' smart_resize refuses more elongated images
 
@@ -114,7 +114,7 @@ class Qwen3VLImageProcessor:
         self.min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
         self.max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
         self.do_resize = bool(cfg.get("do_resize", True))
-        self.norm = PixelNorm.from_config(cfg, _CLIP_MEAN, _CLIP_STD)
+        self.norm = PixelNorm.from_config(cfg, CLIP_MEAN, CLIP_STD)
         self.image_token_id = int(hf_config.image_token_id)
         self.start_token_id = int(hf_config.vision_start_token_id)
         self.end_token_id = int(hf_config.vision_end_token_id)
