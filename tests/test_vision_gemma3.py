@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import SeqPager, logits_of, make_engine
-from vision_support import GEMMA3_IMAGE, gemma3_checkpoint, png
+from engine_helpers import SeqPager, make_engine
+from vision_support import GEMMA3_IMAGE, engine_greedy, gemma3_checkpoint, image_prompt, png
 
-from pie.engine.batch import ForwardBatch, OutputSpec, Probe, Request, Sampler
+from pie.engine.batch import ForwardBatch, OutputSpec, Request, Sampler
 from pie.engine.engine import Engine
 from pie.errors import BatchError, InputError
 
@@ -41,36 +41,10 @@ def reference(ckpt: Path) -> Any:
     return load_reference(ckpt)
 
 
-def _prompt(engine: Engine, images: list[bytes], text: list[list[int]]) -> tuple[list[int], list[tuple[str, int]]]:
-    """text[0] image0 text[1] image1 ... text[-1] -> (tokens, Request.images)."""
-    tokens, placed = list(text[0]), []
-    for data, after in zip(images, text[1:], strict=True):
-        info = engine.prepare_image(data)
-        placed.append((info.key, len(tokens)))
-        tokens += info.tokens + after
-    return tokens, placed
-
-
 def _pixels(engine: Engine, placed: list[tuple[str, int]]) -> torch.Tensor:
     assert engine.vision is not None
     entries = [engine.vision.store.get(key) for key, _ in placed]
     return torch.stack([e.image.pixel_values for e in entries if e is not None])
-
-
-def _engine_greedy(engine: Engine, tokens: list[int], images: list[tuple[str, int]],
-                   steps: int) -> tuple[list[int], list[np.ndarray]]:
-    pager = SeqPager(engine)
-    out: list[int] = []
-    logits: list[np.ndarray] = []
-    feed, imgs = tokens, images
-    for _ in range(steps):
-        req = pager.request(0, feed, [OutputSpec(len(feed) - 1, Sampler("argmax")),
-                                      OutputSpec(len(feed) - 1, probe=Probe("logits"))], images=imgs)
-        tok, row = engine.forward_batch(ForwardBatch([req])).outputs[0]
-        out.append(int(tok))  # type: ignore[arg-type]
-        logits.append(logits_of(row))  # type: ignore[arg-type]
-        feed, imgs = [out[-1]], None
-    return out, logits
 
 
 def _hf_greedy(model: Any, tokens: list[int], pixels: torch.Tensor, steps: int) -> tuple[list[int], list[np.ndarray]]:
@@ -116,8 +90,8 @@ def test_processor_pixels_equal_transformers(engine: Engine, ckpt: Path) -> None
 @pytest.mark.parametrize("num_images", [1, 2])
 def test_prefill_and_greedy_equal_transformers(engine: Engine, reference: Any, num_images: int) -> None:
     text = [[5, 17, 33], [40, 41], [7, 8, 9]][: num_images + 1]
-    tokens, placed = _prompt(engine, [png(10 + i) for i in range(num_images)], text)
-    ours, our_logits = _engine_greedy(engine, tokens, placed, 16)
+    tokens, placed = image_prompt(engine, [png(10 + i) for i in range(num_images)], text)
+    ours, our_logits = engine_greedy(engine, tokens, placed, 16)
     theirs, their_logits = _hf_greedy(reference, tokens, _pixels(engine, placed), 16)
     assert ours == theirs
     np.testing.assert_allclose(np.stack(our_logits), np.stack(their_logits), atol=2e-4, rtol=1e-4)
@@ -125,16 +99,16 @@ def test_prefill_and_greedy_equal_transformers(engine: Engine, reference: Any, n
 
 def test_the_image_changes_the_output(engine: Engine) -> None:
     """The embeddings really enter: another image (same tokens) gives other logits."""
-    a, pa = _prompt(engine, [png(20)], [[5, 6], [7]])
-    b, pb = _prompt(engine, [png(21)], [[5, 6], [7]])
+    a, pa = image_prompt(engine, [png(20)], [[5, 6], [7]])
+    b, pb = image_prompt(engine, [png(21)], [[5, 6], [7]])
     assert a == b
-    la = _engine_greedy(engine, a, pa, 1)[1][0]
-    lb = _engine_greedy(engine, b, pb, 1)[1][0]
+    la = engine_greedy(engine, a, pa, 1)[1][0]
+    lb = engine_greedy(engine, b, pb, 1)[1][0]
     assert np.abs(la - lb).max() > 1e-3
 
 
 def test_bad_placements_are_batch_errors(engine: Engine) -> None:
-    tokens, placed = _prompt(engine, [png(30)], [[5, 6], [7]])
+    tokens, placed = image_prompt(engine, [png(30)], [[5, 6], [7]])
     pager = SeqPager(engine)
     key = placed[0][0]
     cases = [
@@ -160,11 +134,11 @@ def test_evicted_pixels_are_prepared_again_from_their_bytes(ckpt: Path) -> None:
     equals a run that never lost it)."""
     small = make_engine(ckpt, max_num_embeds=64, activation_dtype="float32", image_cache_mb=0)
     assert small.vision is not None
-    tokens, placed = _prompt(small, [png(40)], [[5, 6], [7]])
-    before = _engine_greedy(small, tokens, placed, 1)[1][0]
+    tokens, placed = image_prompt(small, [png(40)], [[5, 6], [7]])
+    before = engine_greedy(small, tokens, placed, 1)[1][0]
     small.vision.cache = type(small.vision.cache)(0, small.vision.cache._size)  # no cached embeddings
     small.prepare_image(png(41))  # evicts png(40)'s pixels (budget 0 keeps one entry)
     assert placed[0][0] not in small.vision.store
-    after = _engine_greedy(small, tokens, placed, 1)[1][0]
+    after = engine_greedy(small, tokens, placed, 1)[1][0]
     assert small.vision.stats.reprepared == 1
     np.testing.assert_allclose(after, before, atol=1e-6)

@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import SeqPager, logits_of, make_engine
+from engine_helpers import make_engine
 from test_vision_pixtral import PREPROCESSOR, _config, _spread
-from vision_support import png
+from vision_support import engine_greedy, image_prompt, png
 
-from pie.engine.batch import ForwardBatch, OutputSpec, Probe, Sampler
 from pie.engine.engine import Engine
 from pie.tiny_model import write_tokenizer_files
 
@@ -46,27 +45,6 @@ def reference(ckpt: Path) -> Any:
     return Mistral3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
 
 
-def _greedy_ours(engine: Engine, images: list[bytes], text: list[list[int]],
-                 steps: int) -> tuple[list[int], list[np.ndarray], list[int]]:
-    tokens, placed = list(text[0]), []
-    for data, after in zip(images, text[1:], strict=True):
-        info = engine.prepare_image(data)
-        placed.append((info.key, len(tokens)))
-        tokens += info.tokens + after
-    pager = SeqPager(engine)
-    out: list[int] = []
-    logits: list[np.ndarray] = []
-    feed, imgs = tokens, placed
-    for _ in range(steps):
-        req = pager.request(0, feed, [OutputSpec(len(feed) - 1, Sampler("argmax")),
-                                      OutputSpec(len(feed) - 1, probe=Probe("logits"))], images=imgs)
-        tok, row = engine.forward_batch(ForwardBatch([req])).outputs[0]
-        out.append(int(tok))  # type: ignore[arg-type]
-        logits.append(logits_of(row))  # type: ignore[arg-type]
-        feed, imgs = [out[-1]], None
-    return out, logits, tokens
-
-
 def _greedy_theirs(engine: Engine, model: Any, tokens: list[int], images: list[bytes],
                    steps: int) -> tuple[list[int], list[np.ndarray]]:
     assert engine.vision is not None
@@ -90,13 +68,16 @@ def test_prefill_and_greedy_with_images_equal_transformers(engine: Engine, refer
                                                            sizes: list[tuple[int, int]]) -> None:
     images = [png(50 + i, size) for i, size in enumerate(sizes)]
     text = [[5, 17, 33], [40, 41], [7, 8, 9]][: len(images) + 1]
-    ours, our_logits, tokens = _greedy_ours(engine, images, text, 16)
+    tokens, placed = image_prompt(engine, images, text)
+    ours, our_logits = engine_greedy(engine, tokens, placed, 16)
     theirs, their_logits = _greedy_theirs(engine, reference, tokens, images, 16)
     assert ours == theirs
     np.testing.assert_allclose(np.stack(our_logits), np.stack(their_logits), atol=2e-4, rtol=1e-4)
 
 
 def test_the_image_changes_the_output(engine: Engine) -> None:
-    a = _greedy_ours(engine, [png(60, (30, 22))], [[5, 6], [7]], 1)
-    b = _greedy_ours(engine, [png(61, (30, 22))], [[5, 6], [7]], 1)
-    assert a[2] == b[2] and np.abs(a[1][0] - b[1][0]).max() > 1e-3
+    a, pa = image_prompt(engine, [png(60, (30, 22))], [[5, 6], [7]])
+    b, pb = image_prompt(engine, [png(61, (30, 22))], [[5, 6], [7]])
+    assert a == b
+    la, lb = engine_greedy(engine, a, pa, 1)[1][0], engine_greedy(engine, b, pb, 1)[1][0]
+    assert np.abs(la - lb).max() > 1e-3

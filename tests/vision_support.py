@@ -5,14 +5,19 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from checkpoints import _COMMON, _SIGLIP, ARCHS, VOCAB
+from engine_helpers import SeqPager, logits_of
 from PIL import Image
 
+from pie.engine.batch import ForwardBatch, OutputSpec, Probe, Sampler
 from pie.tiny_model import write_tokenizer_files
+
+if TYPE_CHECKING:
+    from pie.engine.engine import Engine
 
 # Gemma 3's special ids moved into the tiny vocabulary (the real ones are 255999 / 256000 / 262144).
 GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE = VOCAB - 4, VOCAB - 3, VOCAB - 2
@@ -59,3 +64,31 @@ def png(seed: int, size: tuple[int, int] = (40, 52)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def image_prompt(engine: Engine, images: list[bytes],
+                 text: list[list[int]]) -> tuple[list[int], list[tuple[str, int]]]:
+    """text[0] image0 text[1] image1 ... text[-1] -> (tokens, Request.images)."""
+    tokens, placed = list(text[0]), []
+    for data, after in zip(images, text[1:], strict=True):
+        info = engine.prepare_image(data)
+        placed.append((info.key, len(tokens)))
+        tokens += info.tokens + after
+    return tokens, placed
+
+
+def engine_greedy(engine: Engine, tokens: list[int], images: list[tuple[str, int]],
+                  steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """`steps` greedy tokens of one sequence (the prompt with its images first) and each step's logits."""
+    pager = SeqPager(engine)
+    out: list[int] = []
+    logits: list[np.ndarray] = []
+    feed, imgs = tokens, images
+    for _ in range(steps):
+        req = pager.request(0, feed, [OutputSpec(len(feed) - 1, Sampler("argmax")),
+                                      OutputSpec(len(feed) - 1, probe=Probe("logits"))], images=imgs)
+        tok, row = engine.forward_batch(ForwardBatch([req])).outputs[0]
+        out.append(int(tok))  # type: ignore[arg-type]
+        logits.append(logits_of(row))  # type: ignore[arg-type]
+        feed, imgs = [out[-1]], None
+    return out, logits
