@@ -25,26 +25,15 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from timing import median_ms
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def measure(batches: list[int], pages: int, page_size: int, repeats: int, device: str) -> dict[str, dict[str, float]]:
@@ -72,7 +61,7 @@ def _measure_step(b: int, pages: int, repeats: int, device: str, home: Path) -> 
                     last_page_len=ps, outputs=[OutputSpec(0, Sampler("top_p", 0.7, top_p=0.9))], seed=i)
             for i in range(b)]
     batch = ForwardBatch(reqs)
-    return _median_ms(lambda: engine.forward_batch(batch), max(5, repeats // 3))
+    return median_ms(lambda: engine.forward_batch(batch), max(5, repeats // 3), warmup=3)
 
 
 def _measure_batch(b: int, pages: int, page_size: int, repeats: int, device: str) -> dict[str, float]:
@@ -101,15 +90,15 @@ def _measure_batch(b: int, pages: int, page_size: int, repeats: int, device: str
     else:  # the four index rows as one int64 array, as the engine copied them before
         upload = lambda: torch.from_numpy(  # noqa: E731
             np.stack([prep.tokens, prep.positions, prep.write_page, prep.write_offset])).to(dev, non_blocking=True)
-    row = {"prepare_ms": _median_ms(lambda: prepare(batch, limits, rng), repeats),
-           "upload_ms": _median_ms(upload, repeats),
-           "plan_ms": _median_ms(lambda: backend.plan(prep.layout), repeats)}
+    row = {"prepare_ms": median_ms(lambda: prepare(batch, limits, rng), repeats, warmup=3),
+           "upload_ms": median_ms(upload, repeats, warmup=3),
+           "plan_ms": median_ms(lambda: backend.plan(prep.layout), repeats, warmup=3)}
     if "validated" in getattr(ForwardBatch, "__dataclass_fields__", {}):
         checked = ForwardBatch(reqs, validated=True)
-        row["validated_ms"] = _median_ms(lambda: prepare(checked, limits, rng), repeats)
+        row["validated_ms"] = median_ms(lambda: prepare(checked, limits, rng), repeats, warmup=3)
         arrays = ForwardBatch([Request(r.tokens, r.positions, np.asarray(r.page_ids, np.int32), r.last_page_len,
                                        r.outputs, seed=r.seed) for r in reqs], validated=True)
-        row["array_pages_ms"] = _median_ms(lambda: prepare(arrays, limits, rng), repeats)
+        row["array_pages_ms"] = median_ms(lambda: prepare(arrays, limits, rng), repeats, warmup=3)
     return row
 
 

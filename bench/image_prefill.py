@@ -16,25 +16,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from timing import median_ms
 
 
 def _checkpoint(directory: Path) -> Path:
@@ -78,9 +66,9 @@ def main() -> None:
             engine.vision.store = type(engine.vision.store)(engine.vision.store.budget, engine.vision.store._size)
             engine.prepare_image(data)
 
-        prepare_ms = _median_ms(prepare_cold, args.repeats)
+        prepare_ms = median_ms(prepare_cold, args.repeats)
         info = engine.prepare_image(data)
-        cached_prepare_ms = _median_ms(lambda: engine.prepare_image(data), args.repeats)
+        cached_prepare_ms = median_ms(lambda: engine.prepare_image(data), args.repeats)
         tokens = list(range(16)) + info.tokens
         n = len(tokens)
         request = Request(tokens, list(range(n)), list(range(-(-n // 16))), (n - 1) % 16 + 1,
@@ -92,8 +80,8 @@ def main() -> None:
                 engine.vision.cache = type(engine.vision.cache)(engine.vision.cache.budget, engine.vision.cache._size)
             engine.forward_batch(ForwardBatch([request]))
 
-        encoded_ms = _median_ms(lambda: prefill(True), args.repeats)
-        cached_ms = _median_ms(lambda: prefill(False), args.repeats)
+        encoded_ms = median_ms(lambda: prefill(True), args.repeats)
+        cached_ms = median_ms(lambda: prefill(False), args.repeats)
     print(f"{'what':<34}{'ms':>10}")
     print(f"{'prepare (decode + preprocess)':<34}{prepare_ms:>10.2f}")
     print(f"{'prepare, same bytes again':<34}{cached_prepare_ms:>10.3f}")
