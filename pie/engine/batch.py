@@ -231,16 +231,22 @@ class BatchResult:
     steps: np.ndarray | None = None  # int64: the token each row of `ForwardBatch.steps` sampled
 
 
+def expanded(batch: ForwardBatch) -> ForwardBatch:
+    """The batch with its step rows as requests after its own (`StepRows.requests`), for an engine that
+    takes only requests; `fold_steps` gives its result the batch's shape back."""
+    steps = batch.steps
+    if steps is None:
+        return batch
+    return ForwardBatch(batch.requests + steps.requests(), batch.page_copies, batch.swap_out, batch.swap_in,
+                        batch.validated)
+
+
 def run_expanded(forward: Callable[[ForwardBatch], BatchResult], batch: ForwardBatch) -> BatchResult:
     """`forward(batch)` for an engine that takes only requests: the step rows run as requests after the
     batch's own, and their tokens come back in `BatchResult.steps`."""
-    steps = batch.steps
-    if steps is None:
+    if batch.steps is None:
         return forward(batch)
-    n = len(batch.requests)
-    result = forward(ForwardBatch(batch.requests + steps.requests(), batch.page_copies, batch.swap_out,
-                                  batch.swap_in, batch.validated))
-    return fold_steps(result, n)
+    return fold_steps(forward(expanded(batch)), len(batch.requests))
 
 
 def fold_steps(result: BatchResult, num_requests: int) -> BatchResult:

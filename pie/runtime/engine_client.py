@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pie.engine.batch import BatchResult, ForwardBatch, run_expanded
+from pie.engine.batch import BatchResult, ForwardBatch
 
 if TYPE_CHECKING:
     from pie.engine.config import EngineConfig
@@ -70,11 +70,9 @@ class ChainError(RuntimeError):
 class ChainSource:
     """The last batch an engine ran and its outputs: what chained rows of the next batch read."""
 
-    def __init__(self, native_steps: bool = True) -> None:
-        """`native_steps`: the engine takes `ForwardBatch.steps` itself; else they run as requests."""
+    def __init__(self) -> None:
         self.batch: ForwardBatch | None = None
         self.result: BatchResult | None = None
-        self._native = native_steps
 
     def run(self, forward: Callable[[ForwardBatch], BatchResult], batch: ForwardBatch,
             source: ForwardBatch | None) -> BatchResult:
@@ -82,7 +80,7 @@ class ChainSource:
         try:
             if source is not None:
                 resolve_chained(batch, self.result if self.batch is source else None)
-            result = forward(batch) if self._native else run_expanded(forward, batch)
+            result = forward(batch)
         except BaseException:
             self.batch = None
             raise

@@ -67,7 +67,7 @@ import numpy as np
 
 from inferlet._host import HostError
 from pie import telemetry
-from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, fold_steps
+from pie.engine.batch import BatchResult, ForwardBatch, OutputSpec, OutputValue, Request, expanded, fold_steps
 from pie.errors import BatchError, OutOfPagesError
 from pie.runtime.api import EngineClient
 from pie.runtime.context import Context
@@ -122,8 +122,6 @@ class Scheduler:
         self._turns = 0  # event-loop turns seen by `_tick` (did the engine call yield?)
         self._idle_steps = 0
         self.pipeline = bool(getattr(engine, "chains_tokens", False))  # build N+1 while N is in flight
-        # A chaining engine client takes `ForwardBatch.steps` (`ChainSource`); others get them as requests.
-        self._native_steps = self.pipeline
         self._batch_ids = 0
         self._building = 0  # id of the batch being built
         self._flights: list[Flight] = []  # in flight, oldest first (at most two)
@@ -523,12 +521,11 @@ class Scheduler:
                             num_swap_in=len(batch.swap_in), num_page_copies=len(batch.page_copies)):
             if source is not None:
                 return await self.engine.forward_chained(batch, source)  # type: ignore[attr-defined]
-            if batch.steps is None or self._native_steps:
+            # The chaining engine clients (in-process, fake) take `ForwardBatch.steps`; the others (TP
+            # workers) get them as requests.
+            if batch.steps is None or self.pipeline:
                 return await self.engine.forward(batch)
-            n = len(batch.requests)  # an engine client without `ForwardBatch.steps`: they go as requests
-            expanded = ForwardBatch(batch.requests + batch.steps.requests(), batch.page_copies, batch.swap_out,
-                                    batch.swap_in, batch.validated)
-            return fold_steps(await self.engine.forward(expanded), n)
+            return fold_steps(await self.engine.forward(expanded(batch)), len(batch.requests))
 
     async def _land(self, flight: Flight, after: Flight | None) -> None:
         """Wait for a batch and hand its results back (`after`: the batch chained behind it, if any)."""
