@@ -41,11 +41,6 @@ if TYPE_CHECKING:
 
 IN_LANE = -1  # `Context.in_batch` of a lane member's context: always in a batch, as far as others care
 
-_INT_FIELDS = ("gen", "slot", "first", "count", "delivered", "synced", "computed", "max_tokens", "depth",
-               "batch", "flight", "row", "sampler")
-_BOOL_FIELDS = ("live", "exiting", "waiting", "budgeted", "extras")
-
-
 class StreamLane:
     def __init__(self, space: ContextSpace, stats: SchedulerStats) -> None:
         self.space = space
@@ -367,11 +362,11 @@ class StreamLane:
         """Room for more members (doubling); returns a free index."""
         old = len(self._streams)
         new = max(16, 2 * old)
-        for name in _INT_FIELDS + _BOOL_FIELDS:
-            a = getattr(self, name)
-            b = np.zeros(new, a.dtype)
-            b[:old] = a
-            setattr(self, name, b)
+        for name, a in list(vars(self).items()):  # every per-member 1-D array declared in __init__
+            if isinstance(a, np.ndarray) and a.ndim == 1:
+                b = np.zeros(new, a.dtype)
+                b[:old] = a
+                setattr(self, name, b)
         self.stops = _rows(self.stops, new, -1)
         self.pages = _rows(self.pages, new, 0)
         self.ring = _rows(self.ring, new, 0)
