@@ -33,8 +33,10 @@ class SeqPager:
         self.pages: dict[int, list[int]] = {}
         self.kv_len: dict[int, int] = {}
 
-    def request(self, seq: int, tokens: list[int], outputs: list[OutputSpec], **kw: Any) -> Request:
-        """A request appending `tokens` to sequence `seq` (allocating pages as needed)."""
+    def request(self, seq: int, tokens: list[int], outputs: list[OutputSpec], positions: list[int] | None = None,
+                **kw: Any) -> Request:
+        """A request appending `tokens` to sequence `seq` (allocating pages as needed); at the slot indices,
+        unless `positions` are given."""
         start = self.kv_len.get(seq, 0)
         end = start + len(tokens)
         pages = self.pages.setdefault(seq, [])
@@ -43,7 +45,9 @@ class SeqPager:
             pages.append(self.next_page)
             self.next_page += 1
         self.kv_len[seq] = end
-        return Request(tokens=list(tokens), positions=list(range(start, end)), page_ids=list(pages),
+        if positions is None:
+            positions = list(range(start, end))
+        return Request(tokens=list(tokens), positions=list(positions), page_ids=list(pages),
                        last_page_len=(end - 1) % self.page_size + 1, outputs=outputs, **kw)
 
 

@@ -124,7 +124,7 @@ def test_embeddings_and_deepstack_of_two_images_match_get_image_features(
     proc = Qwen3VLImageProcessor(PREPROCESSOR, hf_model.config)
     prepared = [proc.prepare(_image(50, 30, seed=1)), proc.prepare(_image(17, 41, seed=2))]
     assert prepared[0].grid != prepared[1].grid
-    ours = tower.encode(prepared)
+    ours = tower.embed_images(prepared)
     with torch.no_grad():
         ref = hf_model.model.get_image_features(
             pixel_values=torch.cat([p.pixel_values for p in prepared]),
@@ -152,7 +152,7 @@ def test_qwen3_5_tower_without_deepstack_matches_transformers() -> None:
     tower.check_loaded()
     prepared = [Qwen3VLImageProcessor(PREPROCESSOR, config).prepare(_image(w, h, seed=w)) for w, h in
                 [(33, 20), (20, 44)]]
-    ours = tower.encode(prepared)
+    ours = tower.embed_images(prepared)
     with torch.no_grad():
         ref = ref_model(torch.cat([p.pixel_values for p in prepared]),
                         grid_thw=torch.tensor([list(p.grid) for p in prepared])).pooler_output
@@ -172,7 +172,7 @@ def test_prepared_images_reproduce_transformers_multimodal_forward(
         ref = hf_model(input_ids=ids_t, pixel_values=torch.cat([p.pixel_values for p in images]),
                        image_grid_thw=torch.tensor([list(p.grid) for p in images]),
                        mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]])).logits
-        encoded = tower.encode(images)
+        encoded = tower.embed_images(images)
         embeds = hf_model.get_input_embeddings()(ids_t)
         rows, start = [], 0
         for part in parts:

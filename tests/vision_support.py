@@ -77,6 +77,24 @@ def image_prompt(engine: Engine, images: list[bytes],
     return tokens, placed
 
 
+def image_positions_1d(engine: Engine, num_tokens: int, images: list[tuple[str, int]], start: int = 0) -> list[int]:
+    """The 1-D positions of a prompt of `num_tokens` with `images` (key, row) in it: text one apart, an
+    image's tokens at its start + `ImageInfo.position_offsets`, the text after it at start + position_span."""
+    assert engine.vision is not None
+    at = {row: engine.vision.info(key) for key, row in images}
+    out: list[int] = []
+    pos, row = start, 0
+    while row < num_tokens:
+        info = at.get(row)
+        if info is None:
+            out.append(pos)
+            pos, row = pos + 1, row + 1
+        else:
+            out += [pos + o for o in info.position_offsets]
+            pos, row = pos + info.position_span, row + len(info.tokens)
+    return out
+
+
 def engine_greedy(engine: Engine, tokens: list[int], images: list[tuple[str, int]],
                   steps: int) -> tuple[list[int], list[np.ndarray]]:
     """`steps` greedy tokens of one sequence (the prompt with its images first) and each step's logits."""
@@ -84,11 +102,14 @@ def engine_greedy(engine: Engine, tokens: list[int], images: list[tuple[str, int
     out: list[int] = []
     logits: list[np.ndarray] = []
     feed, imgs = tokens, images
+    positions = image_positions_1d(engine, len(tokens), images)
+    slot = 0 if engine.states is not None else None  # a hybrid's recurrent state
     for _ in range(steps):
         req = pager.request(0, feed, [OutputSpec(len(feed) - 1, Sampler("argmax")),
-                                      OutputSpec(len(feed) - 1, probe=Probe("logits"))], images=imgs)
+                                      OutputSpec(len(feed) - 1, probe=Probe("logits"))], positions=positions,
+                            images=imgs, state_slot=slot)
         tok, row = engine.forward_batch(ForwardBatch([req])).outputs[0]
         out.append(int(tok))  # type: ignore[arg-type]
         logits.append(logits_of(row))  # type: ignore[arg-type]
-        feed, imgs = [out[-1]], None
+        feed, imgs, positions = [out[-1]], None, [positions[-1] + 1]
     return out, logits

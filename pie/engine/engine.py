@@ -50,7 +50,7 @@ from pie.engine.layers.lora import EXTRAS_KEY as LORA_EXTRAS
 from pie.engine.layers.lora import LoRABatch
 from pie.engine.layers.quant import QUANT_MODES
 from pie.engine.loader import build_model, checkpoint_files, init_dummy_weights, load_weights
-from pie.engine.models.decoder import INPUT_EMBEDS, CausalLM
+from pie.engine.models.decoder import CausalLM
 from pie.engine.models.registry import get_architecture
 from pie.engine.outputs import compute_outputs, decode_outputs, decode_steps
 from pie.engine.packing import Results, Sections
@@ -309,7 +309,7 @@ class Engine:
         if self.vision is None:
             i = next(i for i, r in enumerate(batch.requests) if r.images)
             raise BatchError(f"request {i}: has images, but model_type {self.info.model_type!r} takes none here")
-        return self.vision.place(batch, prep.layout, self.limits.max_num_embeds)
+        return self.vision.place(batch, prep.layout, prep.positions, self.limits.max_num_embeds)
 
     def _page_ops(self, batch: ForwardBatch) -> None:
         """Swap-outs, then swap-ins, then copies: the order the batch contract documents."""
@@ -357,7 +357,7 @@ class Engine:
             if lora is not None:
                 fwd.extras[LORA_EXTRAS] = lora
             if embeds is not None:
-                fwd.extras[INPUT_EMBEDS] = (embeds.rows, embeds.values)
+                fwd.extras.update(embeds.extras())
             if states is not None:
                 assert prep.state_slots is not None and prep.fresh is not None
                 fwd.extras[RECURRENT_EXTRAS] = RecurrentBatch(states, prep.layout.qo_indptr.tolist(),

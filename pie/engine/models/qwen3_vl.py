@@ -9,11 +9,12 @@ text runs with the plain 1-D positions and the standard RoPE: text-only prompts 
 and neither do the tokens after an image, whose 1-D position is the M-RoPE one (the image advances
 the counter by `PreparedImage.position_span`, not by its token count).
 
-A batch with image tokens carries two extras (`ForwardContext.extras`), both optional:
+A batch with image tokens carries two extras (`ForwardContext.extras`, `pie.engine.models.multimodal`),
+both made by the engine's image path (`VisionEncoder.place`):
 - `MROPE_POSITIONS`: [3, num_tokens] int64, the batch's (t, h, w) positions (text rows: three times
   the 1-D position; image rows: from `PreparedImage.positions`);
 - `DEEPSTACK`: a `DeepstackRows` -- the batch rows of image tokens and, per DeepStack level k, the
-  vision tower's k-th matrix (`Qwen3VLVisionTower.encode`), added to those rows after decoder layer k.
+  vision tower's k-th matrix (`Qwen3VLVisionTower.embed_images`), added to those rows after decoder layer k.
 The vision tower itself is `pie/engine/vision/qwen3_vl.py`; its tensors are skipped here.
 """
 
@@ -21,34 +22,19 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from pie.engine.forward_context import ForwardContext
 from pie.engine.layers.moe import Experts
 from pie.engine.layers.rotary import Rotary, rope_inv_freq
-from pie.engine.models.decoder import DEFAULT_ROPE, DecoderSpec, Rope
-from pie.engine.models.multimodal import TextPartOf
+from pie.engine.models.decoder import DEFAULT_ROPE, DecoderSpec, Rope, place_input_embeds
+from pie.engine.models.multimodal import DEEPSTACK, MROPE_POSITIONS, DeepstackRows, TextPartOf
 from pie.engine.models.qwen3 import Qwen3ForCausalLM
 from pie.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from pie.engine.models.registry import register
 from pie.engine.tensor_source import TensorSource
-
-MROPE_POSITIONS = "mrope_positions"
-DEEPSTACK = "deepstack"
-
-
-@dataclass(frozen=True)
-class DeepstackRows:
-    rows: torch.Tensor  # [n] int64: batch rows of image tokens, in the order of the matrices' rows
-    embeds: tuple[torch.Tensor, ...]  # k-th: [n, hidden], added after decoder layer k
-
-    def __post_init__(self) -> None:
-        assert all(e.shape[0] == self.rows.shape[0] for e in self.embeds), (
-            self.rows.shape, [tuple(e.shape) for e in self.embeds])
-
 
 class MRotary(Rotary):
     """The standard table for 1-D positions, and cos/sin of (t, h, w) positions per interleaved section."""
@@ -74,9 +60,11 @@ class MRotary(Rotary):
 class MRopeDeepstack(TextPartOf):
     """M-RoPE positions and DeepStack additions from `ForwardContext.extras`; mixed in before the text family."""
 
+    default_mrope_section: ClassVar[tuple[int, int, int]] = (24, 20, 20)  # transformers' default when unset
+
     def rope_tables(self, device: torch.device) -> dict[str, Rotary]:
         params = getattr(self.hf_config, "rope_parameters", None) or {}
-        section = list(params.get("mrope_section") or [24, 20, 20])
+        section = list(params.get("mrope_section") or self.default_mrope_section)
         return {DEFAULT_ROPE: MRotary(*rope_inv_freq(self.hf_config, device), section)}
 
     def ropes(self, fwd: ForwardContext, dtype: torch.dtype) -> dict[str, Rope]:
@@ -92,7 +80,7 @@ class MRopeDeepstack(TextPartOf):
         if deep is None:
             return super().forward(input_ids, fwd)
         # CausalLM.forward, plus the DeepStack additions after the first len(deep.embeds) layers
-        x = self.embed(input_ids)
+        x = place_input_embeds(self.embed(input_ids), fwd)
         rope = self.ropes(fwd, x.dtype)[DEFAULT_ROPE]
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, fwd)

@@ -5,6 +5,7 @@
     tower = <F>VisionTower.from_config(hf_config, dtype, device)
     tower.load_tensor(name, tensor)                     # True: the tower took this checkpoint tensor
     embeddings = tower(list_of_prepared)                # [len(embed_rows), text_hidden] per image
+    encoded = encode_images(tower, list_of_prepared)    # ImageEmbeddings: the above, plus DeepStack levels
 
 `VisionTower` gives the loading by name (`checkpoint_name` maps a checkpoint
 tensor onto one of the tower's parameters) and the strict check that every
@@ -15,6 +16,7 @@ parameter was loaded; a family writes its modules, `checkpoint_name` and
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -23,6 +25,29 @@ from torch import nn
 
 from pie.engine.vision.common import PreparedImage
 from pie.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ImageEmbeddings:
+    """What a tower gives for one image: the embeddings of its embedding rows and, for towers with
+    DeepStack (Qwen3-VL), one more matrix per level, added to the same rows after text decoder layer k."""
+
+    embeds: torch.Tensor  # [len(embed_rows), text_hidden]
+    deepstack: tuple[torch.Tensor, ...] = ()  # k-th: [len(embed_rows), text_hidden]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.embeds, *self.deepstack))
+
+
+def encode_images(tower: nn.Module, images: list[PreparedImage]) -> list[ImageEmbeddings]:
+    """Every image's `ImageEmbeddings`: the tower's `embed_images` where it has outputs beyond the
+    embeddings (DeepStack), else its `forward`."""
+    embed = getattr(tower, "embed_images", None)
+    if embed is not None:
+        out: list[ImageEmbeddings] = embed(images)
+        return out
+    return [ImageEmbeddings(e) for e in tower(images)]
 
 
 class ImageProcessor(Protocol):

@@ -2,7 +2,7 @@
 
     vision = VisionEncoder.load(model_dir, hf_config, text_model, dtype, device, ...)
     info = vision.prepare(png_bytes)            # ImageInfo: key (content hash), tokens, embed rows
-    placed = vision.place(batch, prep, limits)  # None, or the rows and embeddings for the forward
+    placed = vision.place(batch, layout, positions, max_num_embeds)  # None, or what the forward adds
 
 A request names the images it holds by (key, row of the image's first token in
 this request's tokens), the row negative when the image began in an earlier
@@ -10,7 +10,10 @@ pass (a chunked prefill). `place` checks each placement against the image's
 tokens, encodes the images whose embeddings are not cached (one tower call per
 batch), and for towers whose images attend both ways (Gemma 3) makes the
 request's mask causal-or-same-image, which is how transformers masks a Gemma 3
-prefill. Every problem is a `BatchError` naming the request, before device work.
+prefill. Images with M-RoPE offsets (Qwen3-VL, Qwen 3.5) must sit at the 1-D
+positions `start + ImageInfo.position_offsets`; the batch's (t, h, w)
+positions are then the 1-D ones with each image row's replaced by start + its
+offsets. Every problem is a `BatchError` naming the request, before device work.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from PIL import Image, UnidentifiedImageError
 
 from pie.engine.attention.base import BatchLayout
 from pie.engine.batch import ForwardBatch
+from pie.engine.models.decoder import INPUT_EMBEDS
+from pie.engine.models.multimodal import DEEPSTACK, MROPE_POSITIONS, DeepstackRows
 from pie.engine.vision import family_classes, serves_images
-from pie.engine.vision.base import VisionTower
+from pie.engine.vision.base import ImageEmbeddings, VisionTower, encode_images
 from pie.engine.vision.common import PreparedImage
 from pie.engine.vision.encode_cache import EncodeStats, LRUBytes
 from pie.engine.vision.info import ImageInfo
@@ -54,6 +59,17 @@ class PlacedEmbeds:
 
     rows: torch.Tensor  # [n] int64 on the device
     values: torch.Tensor  # [n, hidden] in the tower's dtype, on the device
+    deepstack: tuple[torch.Tensor, ...] = ()  # k-th: [n, hidden], added to the rows after decoder layer k
+    mrope: torch.Tensor | None = None  # [3, num_tokens] int64: every row's (t, h, w) positions
+
+    def extras(self) -> dict[str, Any]:
+        """The `ForwardContext.extras` the text model reads them from."""
+        out: dict[str, Any] = {INPUT_EMBEDS: (self.rows, self.values)}
+        if self.deepstack:
+            out[DEEPSTACK] = DeepstackRows(self.rows, self.deepstack)
+        if self.mrope is not None:
+            out[MROPE_POSITIONS] = self.mrope
+        return out
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
@@ -87,7 +103,7 @@ class VisionEncoder:
         # context still holds it is prepared again when a pass needs it, instead of failing the pass.
         self.sources: LRUBytes[tuple[bytes, ImageInfo]] = LRUBytes(store_budget + SOURCE_BYTES,
                                                                    lambda src: len(src[0]))
-        self.cache: LRUBytes[torch.Tensor] = LRUBytes(cache_budget, lambda t: t.numel() * t.element_size())
+        self.cache: LRUBytes[ImageEmbeddings] = LRUBytes(cache_budget, lambda e: e.nbytes)
         self.stats = EncodeStats()
 
     @classmethod
@@ -155,8 +171,12 @@ class VisionEncoder:
 
     def embeddings(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Each key's [len(embed_rows), hidden] embeddings: cached ones reused, the rest in one tower call."""
+        return {key: e.embeds for key, e in self.encoded(keys).items()}
+
+    def encoded(self, keys: list[str]) -> dict[str, ImageEmbeddings]:
+        """Each key's tower outputs (embeddings, DeepStack levels): cached ones reused, the rest in one call."""
         keep = frozenset(keys)
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, ImageEmbeddings] = {}
         todo: list[str] = []
         for key in dict.fromkeys(keys):
             hit = self.cache.get(key)
@@ -168,7 +188,7 @@ class VisionEncoder:
         if todo:
             entries = [self.store.get(k) for k in todo]
             assert all(e is not None for e in entries), "place() checked every key"
-            encoded = self.tower([e.image for e in entries if e is not None])
+            encoded = encode_images(self.tower, [e.image for e in entries if e is not None])
             self.stats.encoder_calls += 1
             self.stats.encoded += len(todo)
             for key, emb in zip(todo, encoded, strict=True):
@@ -176,31 +196,27 @@ class VisionEncoder:
                 self.cache.put(key, emb, keep)
         return out
 
-    def place(self, batch: ForwardBatch, layout: BatchLayout, max_num_embeds: int) -> PlacedEmbeds | None:
-        """Check every request's images, encode what is missing, OR the images' blocks into the masks."""
+    def place(self, batch: ForwardBatch, layout: BatchLayout, positions: np.ndarray,
+              max_num_embeds: int) -> PlacedEmbeds | None:
+        """Check every request's images, encode what is missing, OR the images' blocks into the masks.
+
+        positions: the batch's [T] 1-D positions (`PreparedBatch.positions`), the base of the M-RoPE ones."""
         self._hold(frozenset(key for req in batch.requests if req.images for key, _ in req.images))
         placements: list[tuple[int, int, str, list[int]]] = []  # (flat row of embed row 0, request, key, rows)
         blocks: dict[int, list[tuple[int, int]]] = {}
+        mrope: np.ndarray | None = None  # [3, T], made when an image has M-RoPE offsets
         for r, req in enumerate(batch.requests):
             if not req.images:
                 continue
             q_len, start = len(req.tokens), int(layout.qo_indptr[r])
             count = 0
             for key, row0 in req.images:
-                entry = self.store.get(key)
-                if entry is None:
-                    raise BatchError(f"request {r}: image {key[:16]}... is not held by the engine (never prepared, "
-                                     "or evicted from the image store); prepare it again before the pass")
-                info = entry.info
+                info = self._checked(r, req.tokens, key, row0)
                 lo, hi = max(0, row0), min(q_len, row0 + len(info.tokens))
-                if lo >= hi:
-                    raise BatchError(f"request {r}: image {key[:16]}... at row {row0} covers none of the "
-                                     f"request's {q_len} rows (it has {len(info.tokens)} tokens)")
-                tokens = [int(t) for t in req.tokens[lo:hi]]
-                if tokens != info.tokens[lo - row0:hi - row0]:
-                    raise BatchError(f"request {r}: rows {lo}..{hi - 1} do not hold image {key[:16]}...'s tokens "
-                                     f"(its tokens {lo - row0}..{hi - row0 - 1}); an image's placeholder tokens "
-                                     "must be passed as the image gave them")
+                if info.positions is not None:
+                    if mrope is None:
+                        mrope = np.repeat(positions[None, :], 3, axis=0)
+                    _place_mrope(r, mrope, positions, info, start + row0, start + lo, start + hi)
                 rows = [j for j in info.embed_rows if lo <= row0 + j < hi]
                 if self.bidirectional and rows and row0 + info.embed_rows[-1] >= q_len:
                     raise BatchError(f"request {r}: image {key[:16]}... is split between passes ({len(rows)} of "
@@ -219,23 +235,65 @@ class VisionEncoder:
             return None
         for r, spans in blocks.items():
             _or_blocks(layout, r, spans)
-        embeds = self.embeddings([key for _, _, key, _ in placements])
+        return self._gather(placements, mrope)
+
+    def _checked(self, r: int, req_tokens: list[int], key: str, row0: int) -> ImageInfo:
+        """The info of image `key` placed at row `row0` of request r, whose rows must hold its tokens."""
+        entry = self.store.get(key)
+        if entry is None:
+            raise BatchError(f"request {r}: image {key[:16]}... is not held by the engine (never prepared, "
+                             "or evicted from the image store); prepare it again before the pass")
+        info = entry.info
+        q_len = len(req_tokens)
+        lo, hi = max(0, row0), min(q_len, row0 + len(info.tokens))
+        if lo >= hi:
+            raise BatchError(f"request {r}: image {key[:16]}... at row {row0} covers none of the "
+                             f"request's {q_len} rows (it has {len(info.tokens)} tokens)")
+        tokens = [int(t) for t in req_tokens[lo:hi]]
+        if tokens != info.tokens[lo - row0:hi - row0]:
+            raise BatchError(f"request {r}: rows {lo}..{hi - 1} do not hold image {key[:16]}...'s tokens "
+                             f"(its tokens {lo - row0}..{hi - row0 - 1}); an image's placeholder tokens "
+                             "must be passed as the image gave them")
+        return info
+
+    def _gather(self, placements: list[tuple[int, int, str, list[int]]],
+                mrope: np.ndarray | None) -> PlacedEmbeds:
+        """The placed rows' embeddings (and DeepStack levels) in row order, on the tower's device."""
+        encoded = self.encoded([key for _, _, key, _ in placements])
         flat_rows: list[int] = []
-        values: list[torch.Tensor] = []
+        pieces: list[ImageEmbeddings] = []
         for base, _r, key, rows in placements:
             held = self.store.get(key)
             assert held is not None
             index = {j: k for k, j in enumerate(held.info.embed_rows)}
             flat_rows.extend(base + j for j in rows)
-            first, last = index[rows[0]], index[rows[-1]]
-            values.append(embeds[key][first:last + 1])
+            first, last = index[rows[0]], index[rows[-1]] + 1
+            e = encoded[key]
+            pieces.append(ImageEmbeddings(e.embeds[first:last], tuple(d[first:last] for d in e.deepstack)))
         device = self.tower_device
+        levels = {len(p.deepstack) for p in pieces}
+        assert len(levels) == 1, f"one tower gave images different DeepStack depths: {levels}"
+        deepstack = tuple(torch.cat([p.deepstack[k] for p in pieces]) for k in range(levels.pop()))
         return PlacedEmbeds(torch.tensor(flat_rows, dtype=torch.long).to(device, non_blocking=True),
-                            torch.cat(values, 0))
+                            torch.cat([p.embeds for p in pieces]), deepstack,
+                            None if mrope is None else torch.from_numpy(mrope).to(device, non_blocking=True))
 
     @property
     def tower_device(self) -> torch.device:
         return next(self.tower.parameters()).device
+
+
+def _place_mrope(r: int, mrope: np.ndarray, positions: np.ndarray, info: ImageInfo, base: int, lo: int,
+                 hi: int) -> None:
+    """Flat rows [lo, hi) of an image whose token 0 is at flat row `base`: check that their 1-D positions
+    are start + `position_offsets` for one start, and write start + the (t, h, w) offsets into `mrope`."""
+    offsets = np.asarray(info.positions, dtype=np.int64)[:, lo - base:hi - base]  # [3, hi - lo]
+    starts = positions[lo:hi] - offsets[0]
+    if (starts != starts[0]).any():
+        raise BatchError(f"request {r}: the positions of image {info.key[:16]}...'s rows are not its start plus "
+                         f"its position offsets (they imply starts {sorted(set(starts.tolist()))[:4]}); place an "
+                         "image's tokens at start + Image.position_offsets")
+    mrope[:, lo:hi] = starts[0] + offsets
 
 
 def _or_blocks(layout: BatchLayout, r: int, spans: list[tuple[int, int]]) -> None:

@@ -33,6 +33,21 @@ class ImageInfo:
     @property
     def position_span(self) -> int:
         """How many positions the image advances the prompt by (its token count without M-RoPE)."""
-        if self.positions is None:
-            return len(self.tokens)
-        return max(max(row) for row in self.positions) + 1
+        return image_position_span(self.positions, len(self.tokens))
+
+    @property
+    def position_offsets(self) -> list[int]:
+        """The 1-D position of each token relative to the first's: see `image_position_offsets`."""
+        return image_position_offsets(self.positions, len(self.tokens))
+
+
+def image_position_span(positions: list[list[int]] | None, num_tokens: int) -> int:
+    return num_tokens if positions is None else max(max(row) for row in positions) + 1
+
+
+def image_position_offsets(positions: list[list[int]] | None, num_tokens: int) -> list[int]:
+    """The 1-D positions an image's tokens take, from its first token's: 0, 1, ... without M-RoPE; with it,
+    the temporal row of the (t, h, w) offsets (Qwen3-VL: 0, then 1 for every pad, then span - 1), so the
+    1-D positions never decrease, the last is start + span - 1, and any row gives back the image's start
+    (the engine adds the h and w offsets from there)."""
+    return list(range(num_tokens)) if positions is None else list(positions[0])

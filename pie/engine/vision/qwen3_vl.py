@@ -19,19 +19,19 @@ DeepStack (Qwen3-VL, not Qwen 3.5): after each block listed in `deepstack_visual
 its own (LayerNorm after the concatenation) turns that block's hidden states into one more
 [rows, text_hidden] matrix. The text decoder adds the k-th of them to its hidden states at the
 image's rows after its decoder layer k (k = 0, 1, ...): a hook in the decoder, not an input row, so
-`encode` returns them beside the embeddings (`forward` returns only the embeddings).
+`embed_images` returns them beside the embeddings (`forward` returns only the embeddings).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pie.engine.vision.base import ImageEmbeddings
 from pie.engine.vision.common import (
     CLIP_MEAN,
     CLIP_STD,
@@ -148,12 +148,6 @@ class Qwen3VLImageProcessor:
                              embed_rows=list(range(1, 1 + rows * cols)), positions=image_positions(rows, cols))
 
 
-@dataclass(frozen=True)
-class Qwen3VLImageEmbeddings:
-    embeds: torch.Tensor  # [len(embed_rows), text_hidden]: the rows of the image's pad tokens
-    deepstack: tuple[torch.Tensor, ...]  # k-th: [len(embed_rows), text_hidden], added after decoder layer k
-
-
 class _PatchEmbed(nn.Module):
     def __init__(self, vc: Any) -> None:
         super().__init__()
@@ -216,6 +210,7 @@ class Qwen3VLVisionTower(CheckpointModule):
     """Qwen3-VL's / Qwen 3.5's vision tower and mergers; names as in the checkpoint."""
 
     prefixes = (("model.visual.", "visual."), ("visual.", "visual."))  # transformers >= 5, older
+    bidirectional: ClassVar[bool] = False  # the text model attends causally over image rows
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()
@@ -261,7 +256,7 @@ class Qwen3VLVisionTower(CheckpointModule):
         return x + blk.mlp.linear_fc2(self.act(blk.mlp.linear_fc1(blk.norm2(x))))
 
     @torch.no_grad()
-    def encode(self, images: list[PreparedImage]) -> list[Qwen3VLImageEmbeddings]:
+    def embed_images(self, images: list[PreparedImage]) -> list[ImageEmbeddings]:
         if not images:
             return []
         proj = self.visual.patch_embed.proj
@@ -289,8 +284,8 @@ class Qwen3VLVisionTower(CheckpointModule):
         sizes = [len(img.embed_rows) for img in images]
         assert sum(sizes) == merged.shape[0], (sizes, merged.shape)
         per_layer = [d.split(sizes) for d in deepstack]
-        return [Qwen3VLImageEmbeddings(embeds=e, deepstack=tuple(d[i] for d in per_layer))
+        return [ImageEmbeddings(embeds=e, deepstack=tuple(d[i] for d in per_layer))
                 for i, e in enumerate(merged.split(sizes))]
 
     def forward(self, images: list[PreparedImage]) -> list[torch.Tensor]:
-        return [e.embeds for e in self.encode(images)]
+        return [e.embeds for e in self.embed_images(images)]
