@@ -148,6 +148,13 @@ class Context:
         committed, _, working_tokens = self._host.ctx_state(self._handle)
         return committed * self._page_size + working_tokens
 
+    @property
+    def next_position(self) -> int:
+        """The position of the next token placed in the KV cache: `seq_len`, less the positions images
+        with M-RoPE took fewer than their tokens (Qwen3-VL, Qwen 3.5; `Image.position_span`)."""
+        self._settle()
+        return self._host.ctx_next_position(self._handle)
+
     def buffer(self) -> list[int]:
         return list(self._pending)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from inferlet._host import PassDict, SlotDict
+from inferlet.image import row_positions
 from inferlet.sample import Sampler, probe_kind
 
 if TYPE_CHECKING:
@@ -63,8 +64,9 @@ class Forward:
         self._explicit_images: list[tuple[int, Image]] = []  # (index into _explicit, image)
 
     def start_position(self) -> int:
-        """The position of the first `input` token: the context's seq_len."""
-        return self._ctx.seq_len
+        """The position of the first `input` token: the context's next position (its seq_len, less what
+        M-RoPE images saved)."""
+        return self._ctx.next_position
 
     def page_size(self) -> int:
         return self._ctx.page_size
@@ -82,13 +84,14 @@ class Forward:
 
     def input_image(self, image: Image, anchor: int | None = None) -> Forward:
         """The image's placeholder tokens as inputs, its embeddings in their rows. `anchor`: the position
-        of its first token (default: after the `input` tokens so far, like `input`)."""
+        of its first token (default: after the `input` tokens so far, like `input`); its tokens sit at
+        anchor + `image.position_offsets`."""
         if anchor is None:
             self._images.append((len(self._auto), image))
             self._auto.extend(image.token_ids)
         else:
             self._explicit_images.append((len(self._explicit), image))
-            self._explicit.append((list(image.token_ids), list(range(int(anchor), int(anchor) + image.token_count))))
+            self._explicit.append((list(image.token_ids), [int(anchor) + o for o in image.position_offsets]))
         return self
 
     @property
@@ -146,8 +149,8 @@ class Forward:
             raise ValueError("Forward.execute() with no inputs: add tokens with input(...) or input_at(...)")
         self._check_rows(n)
         ctx._reserve_for(n)
-        start = ctx.seq_len
-        positions = list(range(start, start + len(self._auto)))
+        positions = row_positions(ctx.next_position, len(self._auto),
+                                  ((row, image.position_offsets, image.position_span) for row, image in self._images))
         tokens = list(self._auto)
         images = [[image.key, row] for row, image in self._images]
         first_rows = []

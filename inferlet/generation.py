@@ -477,7 +477,7 @@ class GenStep:
             gen._speculator.rollback(len(self.drafts))
         fwd = ctx.forward().input(self.pending)
         if drafts:
-            start = ctx.seq_len + len(self.pending)
+            start = ctx.next_position + len(self.pending)
             positions = self._draft_positions or list(range(start, start + len(drafts)))
             fwd.input_at(drafts, positions)
         last = len(self.pending) - 1

@@ -11,10 +11,19 @@ checkpoint's own processor configuration; the same bytes are prepared once and,
 placed after the same prefix, share their KV. `token_ids` are the placeholder
 tokens the image occupies (`token_count` of them); `position_span` is how many
 positions it advances the sequence by; `grid` is (t, h, w) in patches.
+
+Positions: an image's tokens sit at its start + `position_offsets` (0, 1, 2, ...
+for most families; Qwen3-VL and Qwen 3.5, whose M-RoPE gives an image
+`position_span` positions for more tokens, put every pad at start + 1 and the
+end token at start + span - 1), and the text after it goes on at start +
+`position_span`. `Forward.input` / `input_image` and the context's
+`next_position` follow this; a pass at other positions still runs, but its
+pages are never shared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from inferlet._host import get_host
@@ -22,8 +31,8 @@ from inferlet.model import Model
 
 
 class Image:
-    __slots__ = ("embed_rows", "grid", "height", "key", "model", "position_span", "positions", "token_ids",
-                 "width")
+    __slots__ = ("embed_rows", "grid", "height", "key", "model", "position_offsets", "position_span", "positions",
+                 "token_ids", "width")
 
     def __init__(self, model: Model, info: dict[str, Any]) -> None:
         self.model = model
@@ -33,6 +42,7 @@ class Image:
         self.grid: tuple[int, int, int] = tuple(info["grid"])
         self.positions: list[list[int]] | None = info.get("positions")
         self.position_span: int = int(info["position_span"])
+        self.position_offsets: list[int] = list(info.get("position_offsets") or range(len(self.token_ids)))
         self.width: int = int(info["width"])
         self.height: int = int(info["height"])
 
@@ -59,3 +69,19 @@ class Image:
 
     def __repr__(self) -> str:
         return f"Image({self.key[:12]}, {self.width}x{self.height}, {self.token_count} tokens)"
+
+
+def row_positions(start: int, num_rows: int, images: Iterable[tuple[int, Sequence[int], int]]) -> list[int]:
+    """The positions of `num_rows` input rows from position `start`: text rows one apart, the rows of each
+    image (row of its first token, its position offsets, its position span; in row order) at the image's
+    start + its offsets, and the rows after it from its start + its span."""
+    out: list[int] = []
+    pos = start
+    row = 0
+    for first, offsets, span in images:
+        out += range(pos, pos + first - row)
+        pos += first - row
+        out += (pos + o for o in offsets)
+        pos, row = pos + span, first + len(offsets)
+    out += range(pos, pos + num_rows - row)
+    return out

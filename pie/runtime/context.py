@@ -30,9 +30,10 @@ A page shared with another context or registered in the prefix trie is never
 written in place: the write that touches it first gets a fresh page, plus a
 page copy in the same batch when the page holds slots before the write
 (copy-on-write). Pages written under a custom attention mask, an adapter or
-positions that are not the slot indices are *dirty*: their KV is not a
-function of (tokens, positions) alone, so they get no content key and are never
-shared, and a context holding masked/adapter KV cannot be recomputed (it is
+positions other than the expected ones (the slot indices, less the positions
+M-RoPE images took fewer than their tokens: `next_position`) are *dirty*: their
+KV is not a function of (tokens, positions) alone, so they get no content key
+and are never shared, and a context holding masked/adapter KV cannot be recomputed (it is
 only suspended by swapping to host).
 
 Hybrid models (a `ContextSpace` with `states`): a context also holds a
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from inferlet._host import HostError
 from pie.errors import OutOfPagesError
-from pie.runtime.images import ImagePlacement, chunk_end, overlapping, page_extra
+from pie.runtime.images import ImagePlacement, chunk_end, expected_positions, overlapping, page_extra, position_shift
 from pie.runtime.prefix_trie import ROOT_KEY, PageKey, page_key
 
 if TYPE_CHECKING:
@@ -98,6 +99,11 @@ class Context:
     @property
     def kv_len(self) -> int:
         return len(self.tokens)
+
+    @property
+    def next_position(self) -> int:
+        """The position of the next token: kv_len, less the positions M-RoPE images took fewer than slots."""
+        return len(self.tokens) - position_shift(self.images) if self.images else len(self.tokens)
 
     @property
     def working_tokens(self) -> int:
@@ -205,11 +211,15 @@ class Context:
         """Record a pass's inputs at slots [kv_len, kv_len + n). custom_kv: a mask or an adapter applies.
         images: those the pass places, at their context slots."""
         start, ps = self.kv_len, self.space.page_size
+        first = self.next_position
         self.images.extend(images)
         self.tokens.extend(tokens)
         self.positions.extend(positions)
-        sequential = positions[0] == start and positions[-1] == start + len(positions) - 1 and (
-            len(positions) < 3 or list(positions) == list(range(start, start + len(positions))))
+        if images:
+            sequential = list(positions) == expected_positions(first, len(positions), images, start)
+        else:
+            sequential = positions[0] == first and positions[-1] == first + len(positions) - 1 and (
+                len(positions) < 3 or list(positions) == list(range(first, first + len(positions))))
         if custom_kv or not sequential:
             self.dirty.update(range(start // ps, (self.kv_len - 1) // ps + 1))
         if custom_kv:

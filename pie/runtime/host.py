@@ -172,6 +172,7 @@ class InstanceHost:
         info = self._images.add(m, data)
         return {"key": info.key, "tokens": list(info.tokens), "embed_rows": list(info.embed_rows),
                 "grid": list(info.grid), "positions": info.positions, "position_span": info.position_span,
+                "position_offsets": info.position_offsets,
                 "width": info.width, "height": info.height}
 
     # -- contexts -------------------------------------------------------------------------------
@@ -228,6 +229,9 @@ class InstanceHost:
 
     def ctx_state(self, ctx: int) -> tuple[int, int, int]:
         return self._idle(ctx)[1].state()
+
+    def ctx_next_position(self, ctx: int) -> int:
+        return self._idle(ctx)[1].next_position
 
     def ctx_page_size(self, ctx: int) -> int:
         return self._ctx(ctx)[0].page_size
@@ -300,8 +304,8 @@ class InstanceHost:
             raise HostError("ctx_generate_start: stop must be a list of token ids")
         base_len, base_pages = c.kv_len, c.num_pages
         self._grow(c, len(tokens))
-        start = c.kv_len
-        pass_spec: PassDict = {"tokens": tokens, "positions": list(range(start, start + len(tokens))),
+        start, first = c.kv_len, c.next_position
+        pass_spec: PassDict = {"tokens": tokens, "positions": list(range(first, first + len(tokens))),
                                "slots": [{"indices": [len(tokens) - 1], "sampler": spec.get("sampler") or {}}],
                                "logit_mask": spec.get("logit_mask"), "adapter": spec.get("adapter"),
                                "seed": spec.get("seed")}

@@ -9,7 +9,11 @@ every page it overlaps includes the image's hash, so the same image at the same
 place after the same prefix shares its KV pages through the prefix trie, and two
 different images with equal placeholder tokens never do. For towers whose image
 rows attend to each other both ways (Gemma 3) a pass's chunks never end inside
-an image's embedding rows (`chunk_end`).
+an image's embedding rows (`chunk_end`). An image with M-RoPE (Qwen3-VL, Qwen
+3.5) takes fewer positions than tokens (`ImageInfo.position_span`), so a
+context's next position is its kv_len less what its images saved
+(`position_shift`), and a pass is at its expected positions when they follow
+`inferlet.image.row_positions`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from inferlet._host import HostError
+from inferlet.image import row_positions
 from pie.errors import PieError
 
 if TYPE_CHECKING:
@@ -32,6 +37,8 @@ class ImagePlacement(NamedTuple):
     length: int  # its tokens
     rows: tuple[int, int]  # slots [a, b) from its first to its last embedding row
     bidirectional: bool  # those rows attend to each other both ways
+    offsets: tuple[int, ...]  # each token's position relative to the first's (`ImageInfo.position_offsets`)
+    span: int  # positions it advances the context by (`ImageInfo.position_span`)
 
     @property
     def block(self) -> tuple[int, int] | None:
@@ -41,7 +48,18 @@ class ImagePlacement(NamedTuple):
 def placement(info: ImageInfo, slot: int) -> ImagePlacement:
     rows = info.embed_rows or [0]
     return ImagePlacement(slot, info.key, len(info.tokens), (slot + rows[0], slot + rows[-1] + 1),
-                          info.bidirectional)
+                          info.bidirectional, tuple(info.position_offsets), info.position_span)
+
+
+def position_shift(images: Sequence[ImagePlacement]) -> int:
+    """How many positions fewer than slots `images` take: kv_len - this is a context's next position."""
+    return sum(p.length - p.span for p in images)
+
+
+def expected_positions(first: int, num_rows: int, images: Sequence[ImagePlacement], kv_start: int) -> list[int]:
+    """The positions a pass of `num_rows` rows at slots [kv_start, ...) takes from position `first` when it
+    follows the images it places (`inferlet.image.row_positions`)."""
+    return row_positions(first, num_rows, ((p.slot - kv_start, p.offsets, p.span) for p in images))
 
 
 def overlapping(images: Sequence[ImagePlacement], start: int, end: int) -> list[ImagePlacement]:

@@ -55,6 +55,7 @@ class StreamLane:
         self.live = np.zeros(0, bool)
         self.gen = np.zeros(0, np.int64)  # bumped when the member leaves: its rows in flight no longer match
         self.slot = np.zeros(0, np.int64)  # slot of its next row
+        self.shift = np.zeros(0, np.int64)  # slot - position of its rows (what M-RoPE images saved: usually 0)
         self.first = np.zeros(0, np.int64)  # slot of the input of the stream's first sampled token
         self.count = np.zeros(0, np.int64)  # tokens sampled (the stream's, from its first pass on)
         self.delivered = np.zeros(0, np.int64)  # of which handed to the inferlet
@@ -86,6 +87,7 @@ class StreamLane:
         count = len(stream.tokens)
         self.live[m] = True
         self.slot[m] = self.computed[m] = len(ctx.tokens)
+        self.shift[m] = len(ctx.tokens) - ctx.next_position
         self.first[m] = stream.first_slot
         self.count[m] = self.synced[m] = count
         self.delivered[m] = stream.delivered
@@ -180,7 +182,7 @@ class StreamLane:
         token_from = np.where(chained, self.row[rows], -1) if chained.any() else None
         ring = self.ring
         tokens = ring[rows, self.count[rows] & (ring.shape[1] - 1)]  # chained rows: replaced by token_from
-        steps = StepRows(tokens, slots.copy(), indptr, page_ids, offsets + 1, self._samplers, self.sampler[rows],
+        steps = StepRows(tokens, slots - self.shift[rows], indptr, page_ids, offsets + 1, self._samplers, self.sampler[rows],
                          token_from=token_from)
         if self.extras[rows].any():
             streams = self._streams
@@ -244,11 +246,12 @@ class StreamLane:
             members, positions, tokens = members[ok], positions[ok], tokens[ok]
             if not len(members):
                 return
+        slots = positions + self.shift[members]
         count = self.count[members] + 1
         self.count[members] = count
         ring = self.ring
         ring[members, count & (ring.shape[1] - 1)] = tokens
-        self.computed[members] = positions + 1
+        self.computed[members] = slots + 1
         latest = self.flight[members] == flight  # no row of it in the batch behind
         self.flight[members[latest]] = 0
         ended = count >= self.max_tokens[members]
@@ -269,10 +272,11 @@ class StreamLane:
                 continue
             stream = self._streams[m]
             assert stream is not None
-            self.slot[m] = min(int(self.slot[m]), p)
+            slot = p + int(self.shift[m])
+            self.slot[m] = min(int(self.slot[m]), slot)
             self._leave(m, sync=True)
-            if not stream.ctx.closed and stream.ctx.kv_len > p:
-                stream.ctx.rollback(p)
+            if not stream.ctx.closed and stream.ctx.kv_len > slot:
+                stream.ctx.rollback(slot)
             stream.end_with(error)
 
     def inputs(self, steps: StepRows, members: np.ndarray, gens: np.ndarray) -> list[bool]:
@@ -330,11 +334,12 @@ class StreamLane:
         start = len(ctx.tokens)
         if end > start:
             new = stream.tokens[start - first:end - first]
+            shift = self.shift.item(m)
             if stream.adapter is None:  # sequential positions, base-model KV: nothing for `append` to mark
                 ctx.tokens += new
-                ctx.positions += range(start, end)
+                ctx.positions += range(start - shift, end - shift)
             else:
-                ctx.append(new, range(start, end), custom_kv=True)
+                ctx.append(new, range(start - shift, end - shift), custom_kv=True)
         ctx.computed_len = self.computed.item(m)
         ctx.last_used = self.space.tick()
 

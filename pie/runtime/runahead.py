@@ -113,11 +113,12 @@ class TokenStream:
             self.end_with(error)
             return
         self.charged += 1
+        position = ctx.next_position
         if job.adapter is None:  # sequential positions, base-model KV: nothing for `append` to mark
             ctx.tokens.append(token)
-            ctx.positions.append(slot)
+            ctx.positions.append(position)
         else:
-            ctx.append((token,), (slot,), custom_kv=True)
+            ctx.append((token,), (position,), custom_kv=True)
         job.reset(slot, slot + 1, self._step_outputs)
         self._scheduler.submit(job)
 
