@@ -88,7 +88,7 @@ def test_three_equal_positions_are_the_1d_rope() -> None:
                     Rotary(inv, scale).cos_sin(pos, torch.float32), strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="mrope_section"):
-        MRotary(inv, scale, [4, 4, 4])
+        MRotary(inv, scale, [4, 4])
 
 
 def _prefill(model: MRopeDeepstack, tokens: list[int], extras: dict[str, Any]) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Qwen3-VL (dense and MoE) and Qwen 3.5 with images through the engine, against transformers.
+"""Qwen3-VL and Qwen 3.5 (dense and MoE each) with images through the engine, against transformers.
 
 Tiny random Qwen3VLForConditionalGeneration / Qwen3VLMoeForConditionalGeneration /
-Qwen3_5ForConditionalGeneration checkpoints (transformers' own config and model classes, a 3-block
+Qwen3_5ForConditionalGeneration / Qwen3_5MoeForConditionalGeneration checkpoints (transformers' own config and model classes, a 3-block
 vision tower with two DeepStack levels on Qwen3-VL, none on Qwen 3.5) in float32: the engine's image
 embeddings, prefill logits and 16 greedy steps with one image and with two images of different
 grids equal transformers' `generate` on the same pixels (its M-RoPE positions from `get_rope_index`,
@@ -28,12 +28,12 @@ from pie.errors import BatchError
 from pie.tiny_model import write_tokenizer_files
 
 VOCAB = 64
-FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"]
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 _ROPE = {"rope_type": "default", "rope_theta": 10_000.0, "mrope_interleaved": True}
 
 
 def qwen_vl_config(family: str) -> Any:
-    from transformers import Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
     text: dict[str, Any] = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12, "vocab_size": VOCAB,
@@ -51,6 +51,10 @@ def qwen_vl_config(family: str) -> Any:
                 linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
                 layer_types=["linear_attention"] * 3 + ["full_attention"],
                 rope_parameters={**_ROPE, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+    if family == "qwen3_5_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                    shared_expert_intermediate_size=24)
+        return Qwen3_5MoeConfig(vision_config=VISION, text_config=text, **ids)
     return Qwen3_5Config(vision_config=VISION, text_config=text, **ids)
 
 
@@ -109,7 +113,7 @@ def test_image_embeddings_equal_transformers(family: tuple[Engine, Any]) -> None
     with torch.no_grad():
         theirs = ref.model.get_image_features(pixel_values=torch.cat([p.pixel_values for p in prepared]),
                                               image_grid_thw=torch.tensor([list(p.grid) for p in prepared]))
-    levels = 0 if ref.config.model_type == "qwen3_5" else 2
+    levels = 0 if ref.config.model_type.startswith("qwen3_5") else 2
     for i, mine in enumerate(ours.values()):
         torch.testing.assert_close(mine.embeds, theirs.pooler_output[i], atol=1e-4, rtol=1e-4)
         assert len(mine.deepstack) == levels

@@ -2,7 +2,8 @@
 
 The linear layers store Qwen 3.5's separate projections (no regrouping), the
 router always renormalises its top-k weights, and no layer is dense.
-`qwen3_5_moe` is the image-text checkpoint, whose text part is run.
+`qwen3_5_moe` is the image-text checkpoint: Qwen 3.5's vision tower and M-RoPE
+(`pie.engine.models.qwen3_5`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pie.engine.models.decoder import DecoderSpec
-from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.qwen3_next import Qwen3NextForCausalLM, Qwen3NextSpec
+from pie.engine.models.qwen3_vl import MRopeDeepstack
 from pie.engine.models.registry import register
 
 
@@ -27,5 +28,5 @@ class Qwen3_5MoeTextForCausalLM(Qwen3NextForCausalLM):
 
 
 @register("qwen3_5_moe")
-class Qwen3_5MoeForConditionalGeneration(TextPartOf, Qwen3_5MoeTextForCausalLM):
-    pass
+class Qwen3_5MoeForConditionalGeneration(MRopeDeepstack, Qwen3_5MoeTextForCausalLM):
+    default_mrope_section = (11, 11, 10)

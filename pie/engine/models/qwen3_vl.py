@@ -42,8 +42,10 @@ class MRotary(Rotary):
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, section: list[int]) -> None:
         super().__init__(inv_freq, attention_scaling)
         n = inv_freq.numel()
-        if sum(section) != n or len(section) != 3:
-            raise ValueError(f"mrope_section {section} must have three parts summing to rotary_dim / 2 = {n}")
+        if len(section) != 3:
+            raise ValueError(f"mrope_section {section} must have three parts (temporal, height, width)")
+        # Sections reaching past the rotary_dim / 2 = n frequencies are cut there, as transformers' slices
+        # cut them (Qwen 3.5's default [11, 11, 10] on a smaller partial rotary).
         axis = torch.zeros(n, dtype=torch.long, device=inv_freq.device)  # which position turns frequency f
         axis[1:3 * section[1]:3] = 1
         axis[2:3 * section[2]:3] = 2

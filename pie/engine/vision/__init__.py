@@ -15,8 +15,8 @@ from typing import Any
 _FAMILIES: dict[str, tuple[str, str]] = {
     "gemma3": ("pie.engine.vision.siglip:Gemma3ImageProcessor", "pie.engine.vision.siglip:Gemma3VisionTower"),
     "mistral3": ("pie.engine.vision.pixtral:PixtralImageProcessor", "pie.engine.vision.pixtral:PixtralVisionTower"),
-    **dict.fromkeys(("qwen3_vl", "qwen3_vl_moe", "qwen3_5"), ("pie.engine.vision.qwen3_vl:Qwen3VLImageProcessor",
-                                                             "pie.engine.vision.qwen3_vl:Qwen3VLVisionTower")),
+    **dict.fromkeys(("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"),
+                    ("pie.engine.vision.qwen3_vl:Qwen3VLImageProcessor", "pie.engine.vision.qwen3_vl:Qwen3VLVisionTower")),
 }
 
 
