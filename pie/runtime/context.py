@@ -56,7 +56,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from inferlet._host import HostError
 from pie.errors import OutOfPagesError
-from pie.runtime.images import ImagePlacement, chunk_end, expected_positions, overlapping, page_extra, position_shift
+from pie.runtime.images import (
+    ImagePlacement,
+    chunk_end,
+    expected_positions,
+    overlapping,
+    page_extra,
+    position_shift,
+)
 from pie.runtime.prefix_trie import ROOT_KEY, PageKey, page_key
 
 if TYPE_CHECKING:

@@ -36,6 +36,7 @@ from pie.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from pie.engine.models.registry import register
 from pie.engine.tensor_source import TensorSource
 
+
 class MRotary(Rotary):
     """The standard table for 1-D positions, and cos/sin of (t, h, w) positions per interleaved section."""
 
