@@ -4,7 +4,8 @@ An image with M-RoPE takes fewer positions than tokens, so the context's next po
 seq_len less what its images saved: the text after an image, the generated tokens (step by step and
 in a run-ahead stream) and a fork's continuation all sit where transformers puts them. The same
 image in two contexts is encoded once and its pages are shared, with logits equal to a cold run; a
-fork after an image continues like a recomputation.
+fork after an image continues like a recomputation; a chunked prefill may end inside an image (its
+rows are causal) and equals an unchunked one.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def reference(ckpt: Path) -> Any:
                                                        attn_implementation="eager").eval()
 
 
-async def _runtime(ckpt: Path, tmp_path: Path) -> Runtime:
-    return await start_runtime(ckpt, limits=WHOLE, pie_home=tmp_path, kv_page_size=4, max_num_embeds=64,
-                               activation_dtype="float32")
+async def _runtime(ckpt: Path, tmp_path: Path, **engine: Any) -> Runtime:
+    return await start_runtime(ckpt, limits=WHOLE, pie_home=tmp_path, **{
+        "kv_page_size": 4, "max_num_embeds": 64, "activation_dtype": "float32", **engine})
 
 
 def _engine(rt: Runtime) -> Any:
@@ -145,3 +146,21 @@ async def test_fork_after_an_image_equals_recompute(ckpt: Path, reference: Any, 
         rt.check_integrity()
     finally:
         await rt.shutdown(0)
+
+
+async def test_a_chunk_may_end_inside_an_image(ckpt: Path, tmp_path: Path) -> None:
+    """max_batch_tokens = 32: the 38-token prompt's first chunk [0, 32) ends inside the image's rows
+    10..35, so the second chunk places it at row -22 (its first rows already computed)."""
+    data = png(6, SIZE)
+    results = []
+    for batch in (64, 32):
+        rt = await _runtime(ckpt, tmp_path / str(batch), max_batch_tokens=batch)
+        try:
+            async def body() -> np.ndarray:
+                model = Model.load()
+                return await _last_logits(Context(model), list(range(5, 15)), Image.from_bytes(model, data), [20, 21])
+            results.append(await run_sdk(rt, body))
+            assert rt.model("tiny").scheduler.stats.batches == (1 if batch == 64 else 2)
+        finally:
+            await rt.shutdown(0)
+    np.testing.assert_allclose(results[1], results[0], atol=1e-5)
