@@ -4,7 +4,10 @@ Mistral 3, Gemma 3 and Gemma 4 ship their text decoder inside a multimodal
 wrapper. `TextPartOf` (mixed in before the text family's class) takes the
 wrapper's `text_config`, maps the wrapper's tensor names onto the text
 model's and skips everything else: the vision tower, the audio tower and the
-multimodal projector are not loaded, so such a model serves text prompts only.
+multimodal projector are not loaded here. The vision towers of the families
+`pie.engine.vision` registers are loaded by the engine's `VisionEncoder` (which
+puts their embeddings in place of the image rows' token embeddings); the others
+serve text prompts only.
 """
 
 from __future__ import annotations
