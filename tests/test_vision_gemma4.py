@@ -17,7 +17,14 @@ from PIL import Image
 from transformers import Gemma4ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-from vision_support import GEMMA4_BOI, GEMMA4_EOI, GEMMA4_IMAGE, GEMMA4_PREPROCESSOR, gemma4_config, gemma4_model
+from vision_support import (
+    GEMMA4_BOI,
+    GEMMA4_EOI,
+    GEMMA4_IMAGE,
+    GEMMA4_PREPROCESSOR,
+    gemma4_config,
+    gemma4_model,
+)
 
 from pie.engine.vision.gemma4 import Gemma4ImageProcessor, Gemma4VisionTower
 

@@ -20,7 +20,14 @@ import pytest
 import torch
 from engine_helpers import SeqPager, logits_of, make_engine
 from PIL import Image
-from vision_support import GEMMA4_IMAGE, GEMMA4_PREPROCESSOR, engine_greedy, gemma4_checkpoint, image_prompt, png
+from vision_support import (
+    GEMMA4_IMAGE,
+    GEMMA4_PREPROCESSOR,
+    engine_greedy,
+    gemma4_checkpoint,
+    image_prompt,
+    png,
+)
 
 from pie.engine.batch import ForwardBatch, OutputSpec, Probe, Sampler
 from pie.engine.engine import Engine

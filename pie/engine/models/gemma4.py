@@ -41,7 +41,14 @@ from pie.engine.layers.lora import lora_of
 from pie.engine.layers.mlp import GatedMLP, act_fn
 from pie.engine.layers.moe import Experts, gated, load_expert_weight, softmax_topk
 from pie.engine.layers.rotary import Rotary, apply_rotary, rope_inv_freq
-from pie.engine.models.decoder import INPUT_EMBEDS, CausalLM, DecoderModel, DecoderSpec, Rope, place_input_embeds
+from pie.engine.models.decoder import (
+    INPUT_EMBEDS,
+    CausalLM,
+    DecoderModel,
+    DecoderSpec,
+    Rope,
+    place_input_embeds,
+)
 from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.registry import register
 from pie.engine.tensor_source import TensorSource
