@@ -66,7 +66,7 @@ GEMMA4_PREPROCESSOR: dict[str, Any] = {  # the keys of a Gemma 4 preprocessor_co
 }
 
 
-def gemma4_config(bidirectional: bool = True) -> Any:
+def gemma4_config(bidirectional: bool = True, **text_overrides: Any) -> Any:
     """Gemma 4 with the text config of the family tests (PLE, KV sharing, window 8, soft-cap) and a 2-layer
     vision tower with clamped linears and standardisation; `bidirectional`: image rows attend both ways on
     the sliding layers (`use_bidirectional_attention = "vision"`, as the larger checkpoints say)."""
@@ -75,7 +75,8 @@ def gemma4_config(bidirectional: bool = True) -> Any:
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 8, "patch_size": 4, "pooling_kernel_size": 2,
               "position_embedding_size": 64, "use_clipped_linears": True, "standardize": True}
-    text = {**_COMMON, **ARCHS["gemma4_text"], "use_bidirectional_attention": "vision" if bidirectional else None}
+    text = {**_COMMON, **ARCHS["gemma4_text"], **text_overrides,
+            "use_bidirectional_attention": "vision" if bidirectional else None}
     return Gemma4Config(vision_config=vision, text_config=text, audio_config=None, image_token_id=GEMMA4_IMAGE,
                         boi_token_id=GEMMA4_BOI, eoi_token_id=GEMMA4_EOI,
                         tie_word_embeddings=text["tie_word_embeddings"])
@@ -101,18 +102,18 @@ def gemma4_spread(model: Any) -> None:
                 b.copy_(torch.rand_like(b) + 0.5)
 
 
-def gemma4_model(bidirectional: bool = True, seed: int = 0) -> Any:
+def gemma4_model(bidirectional: bool = True, seed: int = 0, **text_overrides: Any) -> Any:
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(gemma4_config(bidirectional)).eval()
+    model = Gemma4ForConditionalGeneration(gemma4_config(bidirectional, **text_overrides)).eval()
     gemma4_spread(model)
     return model
 
 
-def gemma4_checkpoint(directory: Path, *, bidirectional: bool = True, seed: int = 0) -> Path:
+def gemma4_checkpoint(directory: Path, *, bidirectional: bool = True, seed: int = 0, **text_overrides: Any) -> Path:
     """A random Gemma4ForConditionalGeneration (vision tower, embedder) with its preprocessor_config.json."""
-    gemma4_model(bidirectional, seed).save_pretrained(directory, safe_serialization=True)
+    gemma4_model(bidirectional, seed, **text_overrides).save_pretrained(directory, safe_serialization=True)
     write_tokenizer_files(directory, VOCAB)
     (directory / "preprocessor_config.json").write_text(json.dumps(GEMMA4_PREPROCESSOR))
     return directory

@@ -98,8 +98,8 @@ class VisionEncoder:
              device: torch.device, dummy: bool, seed: int, budget_mb: int) -> VisionEncoder | None:
         """The family's processor and tower with the checkpoint's vision tensors; None for text-only families."""
         model_type = str(getattr(hf_config, "model_type", ""))
-        if not serves_images(model_type):
-            return None
+        if not serves_images(model_type) or getattr(hf_config, "vision_config", None) is None:
+            return None  # a text-only family, or a checkpoint of an image family written without its tower
         processor_cls, tower_cls = family_classes(model_type)
         path = model_dir / "preprocessor_config.json"
         processor = processor_cls(json.loads(path.read_text()) if path.exists() else {}, hf_config)
