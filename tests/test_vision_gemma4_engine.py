@@ -36,14 +36,14 @@ from pie.errors import BatchError
 SIZES = [(40, 52), (17, 41)]  # (width, height): scaled up to 9 x 7 and 12 x 5 blocks: 63 and 60 soft tokens
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["bidirectional", "causal"])
-def bidirectional(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param)
+# The checkpoint, by its `use_bidirectional_attention` (indirect parametrization of `ckpt`).
+BOTH = pytest.mark.parametrize("ckpt", [True, False], ids=["bidirectional", "causal"], indirect=True)
+BIDIRECTIONAL = pytest.mark.parametrize("ckpt", [True], ids=["bidirectional"], indirect=True)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, bidirectional: bool) -> Path:
-    return gemma4_checkpoint(tmp_path_factory.mktemp("gemma4-vision"), bidirectional=bidirectional)
+def ckpt(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    return gemma4_checkpoint(tmp_path_factory.mktemp("gemma4-vision"), bidirectional=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def _hf_pixels(images: list[bytes]) -> dict[str, torch.Tensor]:
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     kw = {k: v for k, v in GEMMA4_PREPROCESSOR.items() if k != "image_processor_type"}
-    return dict(Gemma4ImageProcessorPil(**kw)(images=[Image.open(io.BytesIO(d)) for d in images],
-                                              return_tensors="pt"))
+    pil: list[Image.Image] = [Image.open(io.BytesIO(d)) for d in images]
+    return dict(Gemma4ImageProcessorPil(**kw)(images=pil, return_tensors="pt"))
 
 
 def _hf_greedy(model: Any, tokens: list[int], images: list[bytes],
@@ -86,9 +86,8 @@ def _prompt(engine: Engine, images: list[bytes]) -> tuple[list[int], list[tuple[
     return image_prompt(engine, images, text)
 
 
-def test_image_embeddings_equal_transformers(engine: Engine, reference: Any, bidirectional: bool) -> None:
-    if not bidirectional:
-        pytest.skip("the tower does not depend on the decoder's mask")
+@BIDIRECTIONAL  # the tower does not depend on the decoder's mask
+def test_image_embeddings_equal_transformers(engine: Engine, reference: Any) -> None:
     images = [png(1, SIZES[0]), png(2, SIZES[1])]
     infos = [engine.prepare_image(d) for d in images]
     assert engine.vision is not None
@@ -103,11 +102,9 @@ def test_image_embeddings_equal_transformers(engine: Engine, reference: Any, bid
     assert float(theirs[0].abs().mean()) > 0.1  # not near zero: the comparison can fail
 
 
-@pytest.mark.parametrize("num_images", [1, 2])
-def test_prefill_and_greedy_equal_transformers(engine: Engine, reference: Any, num_images: int,
-                                               bidirectional: bool) -> None:
-    if not bidirectional and num_images == 2:
-        pytest.skip("one image is enough to show the causal checkpoint causal")
+@pytest.mark.parametrize(("ckpt", "num_images"), [(True, 1), (True, 2), (False, 1)],
+                         ids=["bidirectional-1", "bidirectional-2", "causal-1"], indirect=["ckpt"])
+def test_prefill_and_greedy_equal_transformers(engine: Engine, reference: Any, num_images: int) -> None:
     images = [png(10 + i, size) for i, size in enumerate(SIZES[:num_images])]
     tokens, placed = _prompt(engine, images)
     ours, our_logits = engine_greedy(engine, tokens, placed, 16)
@@ -122,12 +119,13 @@ def _every_row(engine: Engine, tokens: list[int], placed: list[tuple[str, int]])
     return np.stack([logits_of(v) for v in res.outputs[0]])  # type: ignore[arg-type]
 
 
-def test_every_prefill_row_equals_transformers_and_sees_the_mask(engine: Engine, reference: Any,
-                                                                  bidirectional: bool) -> None:
+@BOTH
+def test_every_prefill_row_equals_transformers_and_sees_the_mask(engine: Engine, reference: Any) -> None:
     """Every row's logits, the image rows' included (after the image, the KV-shared layers hide the image
     rows' full-attention outputs from the text rows), equal transformers'; the image block on every layer
     (Gemma 3's rule), or on none, gives other logits, so the comparison sees which layers attend both ways."""
     assert engine.vision is not None
+    bidirectional = engine.vision.bidirectional
     images = [png(10, SIZES[0])]
     tokens, placed = _prompt(engine, images)
     pixels = _hf_pixels(images)
@@ -149,6 +147,7 @@ def test_every_prefill_row_equals_transformers_and_sees_the_mask(engine: Engine,
     assert np.abs(other - theirs).max() > 1e-3
 
 
+@BIDIRECTIONAL
 def test_the_image_changes_the_output(engine: Engine) -> None:
     a, pa = image_prompt(engine, [png(20, SIZES[1])], [[5, 6], [7]])
     b, pb = image_prompt(engine, [png(21, SIZES[1])], [[5, 6], [7]])
@@ -157,8 +156,11 @@ def test_the_image_changes_the_output(engine: Engine) -> None:
     assert np.abs(la - lb).max() > 1e-3
 
 
-def test_an_image_split_between_passes(engine: Engine, bidirectional: bool) -> None:
+@BOTH
+def test_an_image_split_between_passes(engine: Engine) -> None:
     """Refused where the image rows attend both ways; where they do not, two passes equal one."""
+    assert engine.vision is not None
+    bidirectional = engine.vision.bidirectional
     tokens, placed = image_prompt(engine, [png(30, SIZES[1])], [[5, 6], [7]])
     key, split = placed[0][0], 20
     pager = SeqPager(engine)
