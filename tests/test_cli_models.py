@@ -242,15 +242,14 @@ def test_driver_doctor_runs_the_chosen_interpreter(home: Path) -> None:
 
 
 def test_model_list_and_info_say_which_inputs_a_checkpoint_serves(home: Path, tmp_path: Path) -> None:
-    """Gemma 3 image-text: text+image; Gemma 4 (its vision tower not run yet): text, image not run."""
+    """Gemma 3 and Gemma 4 image-text: text+image; Qwen 3.5 (its vision tower not run yet): text, image not run."""
     from checkpoints import tiny_checkpoint
-    from vision_support import gemma3_checkpoint
 
-    gemma = gemma3_checkpoint(tmp_path / "gemma3")
-    gemma4 = tiny_checkpoint(tmp_path / "gemma4", "gemma4")
-    gemma_info = dict(line.split(":", 1) for line in cli("model", "info", str(gemma)).output.splitlines())
-    assert gemma_info["inputs"].strip() == "text+image"
-    gemma4_info = dict(line.split(":", 1) for line in cli("model", "info", str(gemma4)).output.splitlines())
-    assert gemma4_info["inputs"].strip() == "text (image not run)"
+    def inputs(path: Path) -> str:
+        return dict(line.split(":", 1) for line in cli("model", "info", str(path)).output.splitlines())["inputs"]
+
+    assert inputs(tiny_checkpoint(tmp_path / "gemma3", "gemma3")).strip() == "text+image"
+    assert inputs(tiny_checkpoint(tmp_path / "gemma4", "gemma4")).strip() == "text+image"
+    assert inputs(tiny_checkpoint(tmp_path / "qwen3_5", "qwen3_5")).strip() == "text (image not run)"
     tiny = dict(line.split(":", 1) for line in cli("model", "info", "pie/tiny-random").output.splitlines())
     assert tiny["inputs"].strip() == "text"

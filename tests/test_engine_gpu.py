@@ -108,3 +108,30 @@ def test_flashinfer_custom_masks(checkpoint_dir) -> None:  # type: ignore[no-unt
     plain = all_row_logits(fi, [prompt])[0]
     assert rel_err(run(fi, causal), plain) < 1e-2
     assert rel_err(run(fi, windowed), run(tr, windowed)) < 1e-2
+
+
+def test_flashinfer_gemma4_image_masks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Gemma 4's image rows attend both ways on its sliding layers only (`BatchLayout.window_masks`):
+    FlashInfer's masked prefill gives torch_ref's logits on every row, for an image request batched with
+    a causal one."""
+    from vision_support import engine_greedy, gemma4_checkpoint, image_prompt, png
+
+    d = gemma4_checkpoint(tmp_path / "gemma4", hidden_size=256, head_dim=64, global_head_dim=64)
+    fi, tr = _engine(d, max_num_embeds=256), make_engine(
+        d, device="cuda:0", activation_dtype="bfloat16", attention_backend="torch_ref", max_num_kv_pages=2048,
+        max_num_embeds=256)
+    text = random_prompts(1, VOCAB - 8, 30, 30, seed=6)[0]
+
+    def rows(engine):  # type: ignore[no-untyped-def]
+        tokens, placed = image_prompt(engine, [png(1)], [[5, 6, 7, 8, 9, 10, 11, 12, 13], [7, 8, 9]])
+        pager = SeqPager(engine)
+        reqs = [pager.request(0, tokens, [OutputSpec(j, probe=Probe("logits")) for j in range(len(tokens))],
+                              images=placed),
+                pager.request(1, text, [OutputSpec(j, probe=Probe("logits")) for j in range(len(text))])]
+        out = engine.forward_batch(ForwardBatch(reqs)).outputs
+        return [np.stack([logits_of(v) for v in o]) for o in out], engine_greedy(engine, tokens, placed, 4)[0]  # type: ignore[arg-type]
+
+    (fi_image, fi_text), fi_tokens = rows(fi)
+    (tr_image, tr_text), tr_tokens = rows(tr)
+    assert rel_err(fi_image, tr_image) < 1e-2 and rel_err(fi_text, tr_text) < 1e-2
+    assert len(fi_tokens) == len(tr_tokens) == 4

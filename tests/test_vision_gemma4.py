@@ -14,54 +14,28 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+from transformers import Gemma4ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+from vision_support import (
+    GEMMA4_BOI,
+    GEMMA4_EOI,
+    GEMMA4_IMAGE,
+    GEMMA4_PREPROCESSOR,
+    gemma4_config,
+    gemma4_model,
+)
 
 from pie.engine.vision.gemma4 import Gemma4ImageProcessor, Gemma4VisionTower
 
-PATCH, K, SOFT = 4, 2, 70
-IMAGE, BOI, EOI = 60, 61, 62
-PREPROCESSOR: dict[str, Any] = {  # the keys of a Gemma 4 preprocessor_config.json, tiny sizes
-    "do_convert_rgb": True, "do_normalize": False, "do_rescale": True, "do_resize": True,
-    "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "image_processor_type": "Gemma4ImageProcessor",
-    "max_soft_tokens": SOFT, "patch_size": PATCH, "pooling_kernel_size": K, "resample": 3,
-    "rescale_factor": 1 / 255,
-}
-
-
-def _config() -> Gemma4Config:
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 8, "patch_size": PATCH, "pooling_kernel_size": K,
-              "position_embedding_size": 64, "use_clipped_linears": True, "standardize": True}
-    text = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 12, "global_head_dim": 12, "vocab_size": 64,
-            "vocab_size_per_layer_input": 64, "hidden_size_per_layer_input": 8, "sliding_window": 8,
-            "layer_types": ["sliding_attention", "full_attention"], "max_position_embeddings": 512}
-    return Gemma4Config(vision_config=vision, text_config=text, audio_config=None, image_token_id=IMAGE,
-                        boi_token_id=BOI, eoi_token_id=EOI)
+PREPROCESSOR = GEMMA4_PREPROCESSOR
+IMAGE, BOI, EOI = GEMMA4_IMAGE, GEMMA4_BOI, GEMMA4_EOI
+TEXT_HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
 def hf_model() -> Gemma4ForConditionalGeneration:
-    torch.manual_seed(0)
-    model = Gemma4ForConditionalGeneration(_config()).eval()
-    with torch.no_grad():  # unit-gain weights, norms off 1; finite clip bounds that some values pass
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-            elif p.ndim >= 2 and "vision" in name:
-                p.normal_(0.0, (3.0 if "q_proj" in name or "k_proj" in name else 1.0) / p[-1].numel() ** 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith(("input_min", "output_min")):
-                b.fill_(-1.5)
-            elif name.endswith(("input_max", "output_max")):
-                b.fill_(1.5)
-            elif name.endswith("std_bias"):
-                b.copy_(torch.randn_like(b))
-            elif name.endswith("std_scale"):
-                b.copy_(torch.rand_like(b) + 0.5)
-    return model
+    return gemma4_model()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +59,7 @@ def _reference(img: Image.Image) -> dict[str, Any]:
 @pytest.mark.parametrize("size", [(50, 30), (13, 22), (300, 20), (32, 24), (1, 1), (400, 3)])
 def test_pixels_and_tokens_match_gemma4_image_processor(size: tuple[int, int]) -> None:
     img = _image(*size, seed=size[0])
-    prep = Gemma4ImageProcessor(PREPROCESSOR, _config()).prepare(img)
+    prep = Gemma4ImageProcessor(PREPROCESSOR, gemma4_config()).prepare(img)
     ref = _reference(img)
     n_patches = prep.grid[1] * prep.grid[2]
     torch.testing.assert_close(prep.pixel_values, ref["pixel_values"][0, :n_patches], atol=1e-6, rtol=0)
@@ -109,7 +83,7 @@ def test_embeddings_of_two_images_match_get_image_features(
             pixel_values=torch.cat([r["pixel_values"] for r in refs]),
             image_position_ids=torch.cat([r["image_position_ids"] for r in refs])).pooler_output
     for mine, theirs, p in zip(ours, ref, prepared, strict=True):
-        assert mine.shape == (len(p.embed_rows), 48)
+        assert mine.shape == (len(p.embed_rows), TEXT_HIDDEN)
         assert (mine - theirs).abs().max() / theirs.abs().max() < 1e-4
     torch.testing.assert_close(tower(prepared[1:])[0], ours[1], atol=1e-5, rtol=1e-5)
 

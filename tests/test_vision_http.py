@@ -1,6 +1,6 @@
 """Images over HTTP: the official `openai` client sends a `data:` URL image to a real server on a tiny
-random Gemma 3 and gets the tokens the SDK path gives; bad images are 400s that say why, and the server
-goes on serving. The Anthropic image block takes the same path."""
+random Gemma 3 (and Gemma 4) and gets the tokens the SDK path gives; bad images are 400s that say why, and
+the server goes on serving. The Anthropic image block takes the same path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from inferlet_helpers import run_sdk
 from server_support import running_server
-from vision_support import gemma3_checkpoint, png
+from vision_support import gemma3_checkpoint, gemma4_checkpoint, png
 
 from inferlet import Context, Image, Model, Sampler, chat
 from pie.engine.config import EngineConfig
@@ -27,13 +27,16 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "gemma3-tiny"
 
 
+def _config(ckpt: Path, name: str, max_num_embeds: int) -> RuntimeConfig:
+    engine = EngineConfig(model=str(ckpt), device="cpu", max_num_kv_pages=256, kv_page_size=4,
+                          max_num_embeds=max_num_embeds, activation_dtype="float32")
+    return RuntimeConfig((ModelSpec(name, engine),), RuntimeLimits(max_image_pixels=100 * 100))
+
+
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     ckpt = gemma3_checkpoint(tmp_path_factory.mktemp("gemma3-http"))
-    engine = EngineConfig(model=str(ckpt), device="cpu", max_num_kv_pages=256, kv_page_size=4, max_num_embeds=64,
-                          activation_dtype="float32")
-    config = RuntimeConfig((ModelSpec(MODEL, engine),), RuntimeLimits(max_image_pixels=100 * 100))
-    async with running_server(config) as server:
+    async with running_server(_config(ckpt, MODEL, 64)) as server:
         yield server
 
 
@@ -41,6 +44,13 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 async def client(server: Server) -> openai.AsyncOpenAI:
     async with openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0) as client:
         yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def gemma4_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    ckpt = gemma4_checkpoint(tmp_path_factory.mktemp("gemma4-http"))
+    async with running_server(_config(ckpt, "gemma4-tiny", 128)) as server:
+        yield server
 
 
 def _data_url(data: bytes) -> str:
@@ -52,21 +62,24 @@ def _messages(url: str) -> list[dict[str, Any]]:
                                          {"type": "image_url", "image_url": {"url": url}}]}]
 
 
-async def _sdk_text(server: Server, data: bytes, max_tokens: int) -> str:
+async def _sdk_text(server: Server, data: bytes, max_tokens: int, name: str = MODEL) -> str:
     """The SDK path: the same rendered prompt, the image appended in its place, greedy generation."""
     assert server.state is not None
     runtime = server.state.runtime
-    served = served_model(runtime, MODEL)
+    served = served_model(runtime, name)
     assert served is not None and served.prepare_image is not None
     info = served.prepare_image(data)
     messages = [{"role": "user", "content": "What is this?" + marker(0)}]
     tokens, rows = served.render_chat_images(messages, None, [info])
-    # As transformers' Gemma 3 processor writes it: a blank line each side of <start_of_image>...<end_of_image>.
-    assert served.decode(tokens[:rows[0]]).endswith("What is this?\n\n")
-    assert served.decode(tokens[rows[0] + len(info.tokens):]).startswith("\n\n")
+    # As transformers' processor writes it (Gemma 3: a blank line each side of <start_of_image>...<end_of_image>;
+    # Gemma 4: nothing around <boi>...<eoi>).
+    before, after = info.text_around
+    assert (before, after) == (("\n\n", "\n\n") if name == MODEL else ("", ""))
+    assert served.decode(tokens[:rows[0]]).endswith("What is this?" + before)
+    assert served.decode(tokens[rows[0] + len(info.tokens):]).startswith(after)
 
     async def body() -> str:
-        model = Model.load(MODEL)
+        model = Model.load(name)
         image = Image.from_bytes(model, data)
         ctx = Context(model)
         ctx.append(tokens[:rows[0]]).buffer_images([image]).append(tokens[rows[0] + image.token_count:])
@@ -87,6 +100,17 @@ async def test_data_url_image_gives_the_sdk_tokens(client: openai.AsyncOpenAI, s
                                                  max_tokens=6, temperature=0)
     assert reply.usage is not None and other.usage is not None
     assert reply.usage.prompt_tokens == other.usage.prompt_tokens  # the same placeholders, other embeddings
+
+
+async def test_gemma4_data_url_image_gives_the_sdk_tokens(gemma4_server: Server) -> None:
+    data = png(11)
+    async with openai.AsyncOpenAI(base_url=gemma4_server.http_url + "/v1", api_key="unused",
+                                  max_retries=0) as client:
+        reply = await client.chat.completions.create(model="gemma4-tiny", messages=_messages(_data_url(data)),  # type: ignore[arg-type]
+                                                     max_tokens=6, temperature=0)
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage.prompt_tokens > 65  # the image's 65 tokens and the text
+    assert reply.choices[0].message.content == await _sdk_text(gemma4_server, data, 6, "gemma4-tiny")
 
 
 async def test_bad_images_are_400s_and_the_server_goes_on(client: openai.AsyncOpenAI) -> None:

@@ -1,4 +1,5 @@
-"""Images through the runtime and the SDK on a tiny random Gemma 3 (float32, CPU).
+"""Images through the runtime and the SDK on a tiny random Gemma 3 (float32, CPU); the tests of what
+every family must do (encode once and share, fork, chat slots) on a tiny Gemma 4 too.
 
 `Image.from_bytes` prepares an image on the engine; `append_image`, `chat.user`
 with image parts and `Forward.input_image` place it. The same image in two
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from inferlet_helpers import run_sdk, start_runtime
-from vision_support import GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE, gemma3_checkpoint, png
+from vision_support import gemma3_checkpoint, gemma4_checkpoint, png
 
 from inferlet import Context, HostError, Image, Logits, Model, Sampler
 from pie.runtime.runtime import Runtime, RuntimeLimits
@@ -29,8 +30,19 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return gemma3_checkpoint(tmp_path_factory.mktemp("gemma3-rt"))
 
 
+@pytest.fixture(scope="module")
+def gemma4_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gemma4_checkpoint(tmp_path_factory.mktemp("gemma4-rt"))
+
+
+@pytest.fixture(params=["gemma3", "gemma4"])
+def family_ckpt(request: pytest.FixtureRequest) -> Path:
+    """Each image family's checkpoint (Gemma 4: ~65 tokens an image, its rows both ways on sliding layers)."""
+    return Path(request.getfixturevalue("ckpt" if request.param == "gemma3" else "gemma4_ckpt"))
+
+
 async def _runtime(ckpt: Path, tmp_path: Path, limits: RuntimeLimits = WHOLE, **engine: Any) -> Runtime:
-    engine = {"kv_page_size": 4, "max_num_embeds": 64, "activation_dtype": "float32", **engine}
+    engine = {"kv_page_size": 4, "max_num_embeds": 128, "activation_dtype": "float32", **engine}
     return await start_runtime(ckpt, limits=limits, pie_home=tmp_path, **engine)
 
 
@@ -60,32 +72,34 @@ async def _cold(ckpt: Path, tmp_path: Path, data: bytes) -> np.ndarray:
         await rt.shutdown(0)
 
 
-async def test_same_image_encoded_once_and_shared(ckpt: Path, tmp_path: Path) -> None:
+async def test_same_image_encoded_once_and_shared(family_ckpt: Path, tmp_path: Path) -> None:
     data, other = png(1), png(2)
-    cold = await _cold(ckpt, tmp_path, data)
-    rt = await _runtime(ckpt, tmp_path)
+    cold = await _cold(family_ckpt, tmp_path, data)
+    rt = await _runtime(family_ckpt, tmp_path)
     try:
-        async def body() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        async def body() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
             model = Model.load()
             a = await _last_logits(Context(model), [5, 6, 7], Image.from_bytes(model, data), [8, 9])
             b = await _last_logits(Context(model), [5, 6, 7], Image.from_bytes(model, data), [8, 9])
             c = await _last_logits(Context(model), [5, 6, 7], Image.from_bytes(model, other), [8, 9])
-            return a, b, c
+            return a, b, c, Image.from_bytes(model, data).token_count
         stats = rt.model("tiny").scheduler.stats
-        a, b, c = await run_sdk(rt, body)
+        a, b, c, count = await run_sdk(rt, body)
         assert _stats(rt).encoded == 2  # `data` once, `other` once
         np.testing.assert_allclose(a, cold, atol=1e-5)
         np.testing.assert_allclose(b, cold, atol=1e-5)
         assert np.abs(c - a).max() > 1e-3  # same placeholder tokens, other image: other logits
-        # b shared a's two full pages (slots 0..7: text and the image); c only the first (text only).
-        assert stats.cached_tokens == 8 + 4
+        # b shared a's full pages of 4 (Gemma 3: slots 0..7 of 11, text and the image); c only the first (text
+        # and the begin-of-image token).
+        total = 3 + count + 2
+        assert total % 4 and stats.cached_tokens == 4 * (total // 4) + 4
         rt.check_integrity()
     finally:
         await rt.shutdown(0)
 
 
-async def test_fork_after_an_image_equals_recompute(ckpt: Path, tmp_path: Path) -> None:
-    rt = await _runtime(ckpt, tmp_path)
+async def test_fork_after_an_image_equals_recompute(family_ckpt: Path, tmp_path: Path) -> None:
+    rt = await _runtime(family_ckpt, tmp_path)
     try:
         async def body() -> tuple[list[int], list[int], list[int]]:
             model = Model.load()
@@ -128,21 +142,23 @@ async def test_chunked_prefill_never_splits_an_image(ckpt: Path, tmp_path: Path)
     np.testing.assert_allclose(results[1], results[0], atol=1e-5)
 
 
-async def test_chat_user_fills_the_image_slot(ckpt: Path, tmp_path: Path) -> None:
-    rt = await _runtime(ckpt, tmp_path)
+async def test_chat_user_fills_the_image_slot(family_ckpt: Path, tmp_path: Path) -> None:
+    rt = await _runtime(family_ckpt, tmp_path)
     try:
-        async def body() -> tuple[list[int], list[int], int]:
+        async def body() -> tuple[list[int], list[int], list[int]]:
             model = Model.load()
             image = Image.from_bytes(model, png(5))
             ctx = Context(model)
             ctx.user(["look:", image, "what is it?"])
             buffered = ctx.buffer()
             tokens = await ctx.generate(Sampler.argmax(), max_tokens=4, stop=[]).collect_tokens()
-            return buffered, tokens, image.token_count
-        buffered, tokens, count = await run_sdk(rt, body)
-        assert len(tokens) == 4 and count == 6
-        start = buffered.index(GEMMA3_BOI)
-        assert buffered[start:start + count] == [GEMMA3_BOI, *[GEMMA3_IMAGE] * 4, GEMMA3_EOI]
+            return buffered, tokens, image.token_ids
+        buffered, tokens, image_tokens = await run_sdk(rt, body)
+        assert len(tokens) == 4
+        # <boi>, the soft tokens (Gemma 3: 4; Gemma 4: one per pooled block), <eoi>, once in the prompt
+        assert len(image_tokens) == (6 if family_ckpt.name.startswith("gemma3") else 65)
+        start = buffered.index(image_tokens[0])
+        assert buffered[start:start + len(image_tokens)] == image_tokens
         assert _stats(rt).encoded == 1
     finally:
         await rt.shutdown(0)

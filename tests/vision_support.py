@@ -57,6 +57,68 @@ def gemma3_checkpoint(directory: Path, *, seed: int = 0, **text_overrides: Any) 
     return directory
 
 
+# Gemma 4: the same three tiny-vocabulary ids; patches of 4 pixels pooled 2x2, the smallest soft-token budget.
+GEMMA4_BOI, GEMMA4_EOI, GEMMA4_IMAGE = GEMMA3_BOI, GEMMA3_EOI, GEMMA3_IMAGE
+GEMMA4_PREPROCESSOR: dict[str, Any] = {  # the keys of a Gemma 4 preprocessor_config.json, tiny sizes
+    "do_convert_rgb": True, "do_normalize": False, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "image_processor_type": "Gemma4ImageProcessor",
+    "max_soft_tokens": 70, "patch_size": 4, "pooling_kernel_size": 2, "resample": 3, "rescale_factor": 1 / 255,
+}
+
+
+def gemma4_config(bidirectional: bool = True, **text_overrides: Any) -> Any:
+    """Gemma 4 with the text config of the family tests (PLE, KV sharing, window 8, soft-cap) and a 2-layer
+    vision tower with clamped linears and standardisation; `bidirectional`: image rows attend both ways on
+    the sliding layers (`use_bidirectional_attention = "vision"`, as the larger checkpoints say)."""
+    from transformers import Gemma4Config
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "patch_size": 4, "pooling_kernel_size": 2,
+              "position_embedding_size": 64, "use_clipped_linears": True, "standardize": True}
+    text = {**_COMMON, **ARCHS["gemma4_text"], **text_overrides,
+            "use_bidirectional_attention": "vision" if bidirectional else None}
+    return Gemma4Config(vision_config=vision, text_config=text, audio_config=None, image_token_id=GEMMA4_IMAGE,
+                        boi_token_id=GEMMA4_BOI, eoi_token_id=GEMMA4_EOI,
+                        tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def gemma4_spread(model: Any) -> None:
+    """Unit-gain vision weights, norms off 1, finite clip bounds that some values pass, a real
+    standardisation: at transformers' init the attention is near uniform and the clamps never bite."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif p.ndim >= 2 and "vision" in name:
+                p.normal_(0.0, (3.0 if "q_proj" in name or "k_proj" in name else 1.0) / p[-1].numel() ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith(("input_min", "output_min")):
+                b.fill_(-1.5)
+            elif name.endswith(("input_max", "output_max")):
+                b.fill_(1.5)
+            elif name.endswith("std_bias"):
+                b.copy_(torch.randn_like(b))
+            elif name.endswith("std_scale"):
+                b.copy_(torch.rand_like(b) + 0.5)
+
+
+def gemma4_model(bidirectional: bool = True, seed: int = 0, **text_overrides: Any) -> Any:
+    from transformers import Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(gemma4_config(bidirectional, **text_overrides)).eval()
+    gemma4_spread(model)
+    return model
+
+
+def gemma4_checkpoint(directory: Path, *, bidirectional: bool = True, seed: int = 0, **text_overrides: Any) -> Path:
+    """A random Gemma4ForConditionalGeneration (vision tower, embedder) with its preprocessor_config.json."""
+    gemma4_model(bidirectional, seed, **text_overrides).save_pretrained(directory, safe_serialization=True)
+    write_tokenizer_files(directory, VOCAB)
+    (directory / "preprocessor_config.json").write_text(json.dumps(GEMMA4_PREPROCESSOR))
+    return directory
+
+
 def png(seed: int, size: tuple[int, int] = (40, 52)) -> bytes:
     """A random RGB image (width, height) as PNG bytes."""
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ class BatchLayout:
     Request r owns query rows qo_indptr[r]:qo_indptr[r+1] and pages
     kv_page_indices[kv_page_indptr[r]:kv_page_indptr[r+1]]; its kv length after
     the pass is kv_lens[r]. custom_masks[r] is a bool [q_len, kv_len] array or
-    None (causal).
+    None (causal). window_masks[r], where present, replaces custom_masks[r] on the
+    layers with a sliding window (their window is still ANDed on top): Gemma 4's
+    image rows attend both ways on those layers only.
     """
 
     qo_indptr: np.ndarray
@@ -62,6 +64,7 @@ class BatchLayout:
     kv_last_page_len: np.ndarray
     kv_lens: np.ndarray
     custom_masks: list[np.ndarray | None]
+    window_masks: dict[int, np.ndarray] = field(default_factory=dict)
     # kv_page_indices on the device, a view of the step's one upload (CUDA with FlashInfer: the page table
     # reaches the kernels without a copy of its own); None: backends read the host array.
     device_page_indices: torch.Tensor | None = None
@@ -72,7 +75,18 @@ class BatchLayout:
 
     @property
     def has_custom_mask(self) -> bool:
-        return any(m is not None for m in self.custom_masks)
+        return bool(self.window_masks) or any(m is not None for m in self.custom_masks)
+
+    def is_masked(self, r: int) -> bool:
+        """Request r has a mask on some layer (it is attended on the custom-mask path)."""
+        return self.custom_masks[r] is not None or r in self.window_masks
+
+    def mask_of(self, r: int, windowed: bool) -> np.ndarray | None:
+        """Request r's [q_len, kv_len] mask on a layer with (`windowed`) or without a sliding window,
+        before the window; None: causal."""
+        if windowed and r in self.window_masks:
+            return self.window_masks[r]
+        return self.custom_masks[r]
 
     @property
     def is_pure_decode(self) -> bool:

@@ -3,8 +3,10 @@
 Planned once per batch and per layer variant (window, soft-cap, scale): a
 pure-decode batch (one causal query per request) uses the decode wrapper;
 anything else uses the prefill wrapper, causal requests in one planned group
-and custom-mask requests in another. Layers with attention sinks, which these
-wrappers do not take, run on the torch reference path.
+and custom-mask requests in another (each variant planned with the mask of
+its kind of layer, `BatchLayout.mask_of`: Gemma 4's image blocks are on the
+windowed layers only). Layers with attention sinks, which these wrappers do
+not take, run on the torch reference path.
 
 Workspace: one float workspace buffer is shared by every wrapper. That is
 safe because all runs are issued in order on the current stream and a run
@@ -94,8 +96,8 @@ class FlashInferBackend(AttentionBackend):
             self._pinned.planned()
             return
         self._mode = "prefill"
-        masked = [r for r in range(layout.num_requests) if layout.custom_masks[r] is not None]
-        causal = [r for r in range(layout.num_requests) if layout.custom_masks[r] is None]
+        masked = [r for r in range(layout.num_requests) if layout.is_masked(r)]
+        causal = [r for r in range(layout.num_requests) if not layout.is_masked(r)]
         self._groups = []
         if causal:
             self._groups.append(self._plan_group(layout, causal, self._causal, masked=False))
@@ -162,14 +164,17 @@ class FlashInferBackend(AttentionBackend):
         return _PrefillGroup(wrappers, rows)
 
     def _flat_mask(self, layout: BatchLayout, reqs: list[int], window_left: int) -> torch.Tensor:
-        """Row-major [q_len, kv_len] masks of `reqs`, flattened and concatenated; windows ANDed in."""
+        """Row-major [q_len, kv_len] masks of `reqs` on a layer of this window, flattened and concatenated;
+        windows ANDed in. A request masked only on the other kind of layer is causal here."""
         parts = []
         for r in reqs:
-            m = layout.custom_masks[r]
-            assert m is not None
+            m = layout.mask_of(r, windowed=window_left >= 0)
+            kv_len = int(layout.kv_lens[r])
+            q_len = int(layout.qo_indptr[r + 1] - layout.qo_indptr[r])
+            q_slot = np.arange(kv_len - q_len, kv_len)[:, None]
+            if m is None:
+                m = np.arange(kv_len)[None, :] <= q_slot
             if window_left >= 0:
-                kv_len, q_len = m.shape[1], m.shape[0]
-                q_slot = np.arange(kv_len - q_len, kv_len)[:, None]
                 m = m & (np.arange(kv_len)[None, :] >= q_slot - window_left)
             parts.append(m.reshape(-1))
         return torch.from_numpy(np.concatenate(parts)).to(self.shape.device)

@@ -7,7 +7,8 @@ into a few groups of similar length, each group one padded gather + one
 attention call per layer (one group padded to the longest sequence gathers
 and attends up to twice the kv a mixed-length batch holds; a call per prefill
 costs eight small kernels per request per layer). Requests with custom masks
-are attended one by one.
+are attended one by one (with a second mask for the sliding-window layers
+where `BatchLayout.window_masks` gives one).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Group:
     q_slot: np.ndarray  # [n, q_len] kv slot of each query row (for windows)
     kv_valid: np.ndarray  # [n, q_len, kv_slots] bool: causal / custom mask, and padding masked out
     masks: dict[int, torch.Tensor]  # window_left -> [n, 1, q_len, kv_slots] bool on device
+    kv_valid_windowed: np.ndarray | None = None  # as kv_valid, for sliding-window layers where they differ
     keep: torch.Tensor | None = None  # padded groups: which of the n * q_len rows are real (None: all)
     out_rows: torch.Tensor | None = None  # their batch rows
 
@@ -44,7 +46,7 @@ class TorchRefBackend(AttentionBackend):
         q_lens = np.diff(layout.qo_indptr)
         plain = np.ones(len(q_lens), bool)
         if layout.has_custom_mask:
-            plain = np.array([m is None for m in layout.custom_masks])
+            plain = np.array([not layout.is_masked(r) for r in range(layout.num_requests)])
         pages = np.diff(layout.kv_page_indptr)
         decode, multi = np.flatnonzero(plain & (q_lens == 1)), np.flatnonzero(plain & (q_lens > 1))
         for reqs in _length_groups(pages[decode], q_lens[decode], decode, MIN_GROUP):
@@ -87,16 +89,20 @@ class TorchRefBackend(AttentionBackend):
         pages = self._pages(layout, r)
         kv_slots = len(pages) * self.shape.page_size
         q_slot = np.arange(kv_len - q_len, kv_len)
-        custom = layout.custom_masks[r]
-        valid = np.zeros((q_len, kv_slots), bool)
-        valid[:, :kv_len] = custom if custom is not None else np.arange(kv_len)[None, :] <= q_slot[:, None]
-        return self._group(slice(start, end), pages[None], q_slot[None], valid[None])
+
+        def valid(mask: np.ndarray | None) -> np.ndarray:
+            out = np.zeros((1, q_len, kv_slots), bool)
+            out[0, :, :kv_len] = mask if mask is not None else np.arange(kv_len)[None, :] <= q_slot[:, None]
+            return out
+
+        windowed = valid(layout.window_masks[r]) if r in layout.window_masks else None
+        return self._group(slice(start, end), pages[None], q_slot[None], valid(layout.custom_masks[r]), windowed)
 
     def _group(self, rows: torch.Tensor | slice, pages: np.ndarray, q_slot: np.ndarray,
-               valid: np.ndarray) -> _Group:
+               valid: np.ndarray, valid_windowed: np.ndarray | None = None) -> _Group:
         dev = self.shape.device
         group = _Group(rows, torch.from_numpy(pages.reshape(-1).astype(np.int64)).to(dev), pages.shape[0],
-                       pages.shape[1] * self.shape.page_size, q_slot, valid, {})
+                       pages.shape[1] * self.shape.page_size, q_slot, valid, {}, valid_windowed)
         for spec in self.layer_specs:
             if spec.window_left not in group.masks:
                 group.masks[spec.window_left] = self._mask(group, spec.window_left)
@@ -106,8 +112,9 @@ class TorchRefBackend(AttentionBackend):
     def _window(group: _Group, window_left: int) -> np.ndarray:
         if window_left < 0:
             return group.kv_valid
-        kv = np.arange(group.kv_valid.shape[-1])
-        return group.kv_valid & (kv[None, None, :] >= group.q_slot[:, :, None] - window_left)
+        valid = group.kv_valid if group.kv_valid_windowed is None else group.kv_valid_windowed
+        kv = np.arange(valid.shape[-1])
+        return valid & (kv[None, None, :] >= group.q_slot[:, :, None] - window_left)
 
     def _mask(self, group: _Group, window_left: int) -> torch.Tensor:
         mask = np.ascontiguousarray(self._window(group, window_left))

@@ -20,7 +20,8 @@ layers with fewer kv heads or a smaller head_dim are padded into it: kv heads
 repeated (the GQA grouping stays exact), head dims zero-filled in q, k and v
 (dot products and outputs unchanged; the padding is sliced off). Shared
 layers keep (unused) cache pages of their own. Both cost KV memory, not accuracy.
-`gemma4` is the image-audio-text checkpoint: its language model only.
+`gemma4` is the image-audio-text checkpoint: its language model, which takes image
+embeddings at the rows the engine places them (`INPUT_EMBEDS`; their PLE reads the pad token).
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from pie.engine.layers.lora import lora_of
 from pie.engine.layers.mlp import GatedMLP, act_fn
 from pie.engine.layers.moe import Experts, gated, load_expert_weight, softmax_topk
 from pie.engine.layers.rotary import Rotary, apply_rotary, rope_inv_freq
-from pie.engine.models.decoder import CausalLM, DecoderModel, DecoderSpec, Rope
+from pie.engine.models.decoder import (
+    INPUT_EMBEDS,
+    CausalLM,
+    DecoderModel,
+    DecoderSpec,
+    Rope,
+    place_input_embeds,
+)
 from pie.engine.models.multimodal import TextPartOf
 from pie.engine.models.registry import register
 from pie.engine.tensor_source import TensorSource
@@ -247,9 +255,17 @@ class Gemma4ForCausalLM(CausalLM):
         proj = m.per_layer_projection_norm(proj.view(t, s.num_layers, s.ple_dim))
         return (proj + token.view(t, s.num_layers, s.ple_dim)) * (2.0 ** -0.5)
 
+    def ple_ids(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
+        """The ids PLE looks up: rows that take a tower's embeddings read the pad token's, as transformers'
+        Gemma4Model does for its multimodal placeholders (their projection half sees the embeddings)."""
+        placed = fwd.extras.get(INPUT_EMBEDS)
+        if placed is None:
+            return input_ids
+        return input_ids.index_fill(0, placed[0], int(self.hf_config.pad_token_id or 0))
+
     def forward(self, input_ids: torch.Tensor, fwd: ForwardContext) -> torch.Tensor:
-        x = self.embed(input_ids)
-        ple = self.per_layer_inputs(input_ids, x) if self.gspec.ple_dim else None
+        x = place_input_embeds(self.embed(input_ids), fwd)
+        ple = self.per_layer_inputs(self.ple_ids(input_ids, fwd), x) if self.gspec.ple_dim else None
         ropes = self.ropes(fwd, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ropes[self.spec.rope_key(i)], fwd, None if ple is None else ple[:, i])
@@ -258,4 +274,5 @@ class Gemma4ForCausalLM(CausalLM):
 
 @register("gemma4")
 class Gemma4ForConditionalGeneration(TextPartOf, Gemma4ForCausalLM):
-    """Gemma 4 image-audio-text checkpoints; the vision and audio towers and embedders are skipped."""
+    """Gemma 4 image-audio-text checkpoints: the language model (the vision tower is
+    `pie.engine.vision.gemma4`; the audio tower is skipped)."""

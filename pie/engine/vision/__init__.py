@@ -14,6 +14,7 @@ from typing import Any
 # model_type -> (processor, tower)
 _FAMILIES: dict[str, tuple[str, str]] = {
     "gemma3": ("pie.engine.vision.siglip:Gemma3ImageProcessor", "pie.engine.vision.siglip:Gemma3VisionTower"),
+    "gemma4": ("pie.engine.vision.gemma4:Gemma4ImageProcessor", "pie.engine.vision.gemma4:Gemma4VisionTower"),
     "mistral3": ("pie.engine.vision.pixtral:PixtralImageProcessor", "pie.engine.vision.pixtral:PixtralVisionTower"),
     **dict.fromkeys(("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"),
                     ("pie.engine.vision.qwen3_vl:Qwen3VLImageProcessor", "pie.engine.vision.qwen3_vl:Qwen3VLVisionTower")),

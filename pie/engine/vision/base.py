@@ -70,6 +70,9 @@ class VisionTower(nn.Module):
     # The image's embedding rows attend to each other both ways in the text model's prefill (Gemma 3),
     # so an image must lie whole inside one forward pass.
     bidirectional: ClassVar[bool] = False
+    # On which decoder layers they do: "all" (Gemma 3) or "sliding", the sliding-window layers only, causal on
+    # the full-attention ones (Gemma 4). Towers that are not VisionTowers may declare it too (encoder.py).
+    bidirectional_layers: ClassVar[str] = "all"
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()

@@ -8,9 +8,9 @@ A request names the images it holds by (key, row of the image's first token in
 this request's tokens), the row negative when the image began in an earlier
 pass (a chunked prefill). `place` checks each placement against the image's
 tokens, encodes the images whose embeddings are not cached (one tower call per
-batch), and for towers whose images attend both ways (Gemma 3) makes the
-request's mask causal-or-same-image, which is how transformers masks a Gemma 3
-prefill. Images with M-RoPE offsets (Qwen3-VL, Qwen 3.5) must sit at the 1-D
+batch), and for towers whose images attend both ways makes the request's mask
+causal-or-same-image, which is how transformers masks a Gemma 3 prefill (every
+layer) and a Gemma 4 one (its sliding-window layers only: `BatchLayout.window_masks`). Images with M-RoPE offsets (Qwen3-VL, Qwen 3.5) must sit at the 1-D
 positions `start + ImageInfo.position_offsets`; the batch's (t, h, w)
 positions are then the 1-D ones with each image row's replaced by start + its
 offsets. Every problem is a `BatchError` naming the request, before device work.
@@ -97,7 +97,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Imag
 class VisionEncoder:
     def __init__(self, processor: Any, tower: VisionTower, store_budget: int, cache_budget: int) -> None:
         self.processor, self.tower = processor, tower
-        self.bidirectional = type(tower).bidirectional
+        self.bidirectional = bool(tower.bidirectional)
+        # Gemma 4: the image blocks attend both ways on the sliding-window layers only, causally on the rest.
+        self.sliding_only = getattr(tower, "bidirectional_layers", "all") == "sliding"
         self.store: LRUBytes[_Entry] = LRUBytes(store_budget, lambda e: e.image.pixel_values.nbytes)
         # The encoded bytes too (far smaller than the pixels), so an image whose pixels were evicted while a
         # context still holds it is prepared again when a pass needs it, instead of failing the pass.
@@ -111,8 +113,8 @@ class VisionEncoder:
              device: torch.device, dummy: bool, seed: int, budget_mb: int) -> VisionEncoder | None:
         """The family's processor and tower with the checkpoint's vision tensors; None for text-only families."""
         model_type = str(getattr(hf_config, "model_type", ""))
-        if not serves_images(model_type):
-            return None
+        if not serves_images(model_type) or getattr(hf_config, "vision_config", None) is None:
+            return None  # a text-only family, or a checkpoint of an image family written without its tower
         processor_cls, tower_cls = family_classes(model_type)
         path = model_dir / "preprocessor_config.json"
         processor = processor_cls(json.loads(path.read_text()) if path.exists() else {}, hf_config)
@@ -234,7 +236,7 @@ class VisionEncoder:
         if not placements:
             return None
         for r, spans in blocks.items():
-            _or_blocks(layout, r, spans)
+            _or_blocks(layout, r, spans, self.sliding_only)
         return self._gather(placements, mrope)
 
     def _checked(self, r: int, req_tokens: list[int], key: str, row0: int) -> ImageInfo:
@@ -296,11 +298,12 @@ def _place_mrope(r: int, mrope: np.ndarray, positions: np.ndarray, info: ImageIn
     mrope[:, lo:hi] = starts[0] + offsets
 
 
-def _or_blocks(layout: BatchLayout, r: int, spans: list[tuple[int, int]]) -> None:
-    """Request r's mask becomes (its mask or causal) OR (both rows inside the same image's span)."""
+def _or_blocks(layout: BatchLayout, r: int, spans: list[tuple[int, int]], sliding_only: bool) -> None:
+    """Request r's mask becomes (its mask or causal) OR (both rows inside the same image's span), on every
+    layer or (`sliding_only`) on the sliding-window layers alone (`BatchLayout.window_masks`)."""
     q_len = int(layout.qo_indptr[r + 1] - layout.qo_indptr[r])
     kv_len = int(layout.kv_lens[r])
-    mask = layout.custom_masks[r]
+    mask = layout.mask_of(r, windowed=sliding_only)
     if mask is None:
         q_slot = np.arange(kv_len - q_len, kv_len)
         mask = np.arange(kv_len)[None, :] <= q_slot[:, None]
@@ -309,4 +312,7 @@ def _or_blocks(layout: BatchLayout, r: int, spans: list[tuple[int, int]]) -> Non
     offset = kv_len - q_len  # kv slot of row 0
     for a, b in spans:
         mask[a:b, offset + a:offset + b] = True
-    layout.custom_masks[r] = mask
+    if sliding_only:
+        layout.window_masks[r] = mask
+    else:
+        layout.custom_masks[r] = mask

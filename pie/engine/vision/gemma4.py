@@ -12,14 +12,17 @@ of each head with the patch's column and the second half with its row; the k x k
 sqrt(hidden), optionally standardised; then the embedder (RMSNorm without scale, a projection into
 the text hidden size). `use_clipped_linears` checkpoints clamp the inputs and outputs of every linear.
 
-The text decoder attends bidirectionally within an image's tokens on its sliding-window layers
-(transformers' `create_masks_for_vision_model`): that belongs to the decoder, not this module.
+Checkpoints whose text config says `use_bidirectional_attention = "vision"` (transformers'
+`create_masks_for_vision_model`) let an image's soft tokens attend to each other both ways on the
+decoder's sliding-window layers, the window still ANDed on top, and causally on its full-attention
+layers: `bidirectional` and `bidirectional_layers = "sliding"` tell the engine's encoder
+(`vision/encoder.py`), which masks the prefill that way. Others (no such setting) are causal throughout.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -202,11 +205,14 @@ class Gemma4VisionTower(CheckpointModule):
         ("model.embed_vision.", "embed_vision."),
         ("embed_vision.", "embed_vision."),
     )
+    bidirectional_layers: ClassVar[str] = "sliding"
 
     def __init__(self, hf_config: Any) -> None:
         super().__init__()
         vc = hf_config.vision_config
         text = hf_config.get_text_config(decoder=True)
+        # Per checkpoint, unlike the other families' class-level flag.
+        self.bidirectional = getattr(text, "use_bidirectional_attention", None) == "vision"
         self.k = int(vc.pooling_kernel_size)
         self.num_heads, self.num_kv_heads = int(vc.num_attention_heads), int(vc.num_key_value_heads)
         self.head_dim = int(vc.head_dim)
