@@ -204,10 +204,9 @@ async def test_stream_is_refused_calls_while_it_runs_and_stops_exactly(null_rt: 
 
 
 async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> None:
-    """Growing the reservation while the step before is in flight: every step after the second is chained,
+    """Growing the reservation while the step before is in flight: every step after the first is chained,
     including those that open a page (3 of them here), and the tokens are the step-by-step ones. (The
-    first pass is an ordinary pass; the stream enters the lane when it lands, so its first lane step has
-    nothing to chain to.)"""
+    first pass, one buffered token, is the stream's first lane row, which has nothing to chain to.)"""
     scheduler = null_rt.model().scheduler
     before = scheduler.stats.chained_steps
 
@@ -219,7 +218,7 @@ async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> No
 
     tokens = await run_sdk(null_rt, body)
     assert tokens == [null_token(20 + i, VOCAB) for i in range(60)]
-    assert scheduler.stats.chained_steps - before == 58  # slots 22..79: pages opened at 32, 48 and 64
+    assert scheduler.stats.chained_steps - before == 59  # slots 21..79: pages opened at 32, 48 and 64
 
 
 async def test_cancelling_an_instance_mid_stream_returns_every_page(null_rt: Runtime) -> None:

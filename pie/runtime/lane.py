@@ -79,13 +79,35 @@ class StreamLane:
     def enter(self, stream: TokenStream) -> None:
         """A stream whose own pass just landed: its last sampled token is the next input, at the end of
         the context's record, which the landed pass left computed."""
+        tokens = stream.tokens
+        self._admit(stream, len(stream.ctx.tokens), len(tokens), tokens[-1])
+
+    def enter_first(self, stream: TokenStream, start: int, token: int) -> bool:
+        """A new stream whose first pass is one buffered token at slot `start` (recorded already, all KV
+        before it computed): that pass becomes the stream's first row, so it never goes through the
+        scheduler's queue. False (nothing done) if the row needs what only the scheduler does: a shared
+        page to copy, pages to restore or recompute, a context in a batch."""
+        ctx = stream.ctx
+        if ctx.computed_len != start or ctx.swapped or ctx.in_batch:
+            return False
+        k, pages = start // self.page_size, ctx.pages
+        if start % self.page_size:  # the row writes into page k: it must be there, and private
+            if k >= len(pages) or self.space.pool.refcount(pages[k]) > 1 or self.space.trie.holds(pages[k]):
+                return False
+        elif len(pages) < k:  # pages before the one the row opens are missing (dropped by a suspension)
+            return False
+        self._admit(stream, start, 0, token)
+        return True
+
+    def _admit(self, stream: TokenStream, slot: int, count: int, token: int) -> None:
+        """Make the stream a member whose next row is at `slot`, its input `token`, after `count` sampled
+        tokens (all KV before `slot` computed)."""
         ctx = stream.ctx
         m = self._free.pop() if self._free else self._grow_members()
         self._streams[m] = stream
         stream.member = m
-        count = len(stream.tokens)
         self.live[m] = True
-        self.slot[m] = self.computed[m] = len(ctx.tokens)
+        self.slot[m] = self.computed[m] = slot
         self.first[m] = stream.first_slot
         self.count[m] = self.synced[m] = count
         self.delivered[m] = stream.delivered
@@ -103,18 +125,19 @@ class StreamLane:
             sid = self._sampler_ids[sampler] = len(self._samplers)
             self._samplers.append(sampler)
         self.sampler[m] = sid
-        stop = list(stream.stop_tokens)
+        stop = stream.stop_tokens
         if len(stop) > self.stops.shape[1]:
             self.stops = _widen(self.stops, len(stop), -1)
         self.stops[m] = -1
-        self.stops[m, :len(stop)] = stop
+        if stop:
+            self.stops[m, :len(stop)] = list(stop)
         pages = ctx.pages
         if len(pages) + 1 > self.pages.shape[1]:
             self.pages = _widen(self.pages, 2 * len(pages) + 8, 0)
         self.pages[m, :len(pages)] = pages
         if stream.depth + 2 > self.ring.shape[1]:
             self._widen_ring(stream.depth + 2)
-        self.ring[m, count & (self.ring.shape[1] - 1)] = stream.tokens[-1]
+        self.ring[m, count & (self.ring.shape[1] - 1)] = token
         ctx.pending = True
         ctx.in_batch = IN_LANE
         self.size += 1
