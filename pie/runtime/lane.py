@@ -33,6 +33,7 @@ import numpy as np
 
 from inferlet._host import HostError
 from pie.engine.batch import Sampler, StepRows
+from pie.runtime.context import Context
 from pie.runtime.context_space import ContextSpace
 from pie.runtime.jobs import SchedulerStats
 
@@ -219,11 +220,16 @@ class StreamLane:
 
     def _place(self, rows: np.ndarray, slots: np.ndarray, opening: np.ndarray) -> np.ndarray:
         """Pages for the rows that open one and the token budget of budgeted rows, in Python (one row in
-        `page_size`); a row that cannot get them is dropped and its member takes the long way."""
+        `page_size`); a row that cannot get them is dropped and its member takes the long way. When the
+        pool has a page for every opening row, the fresh pages are taken in one call at the end, in the
+        order the row-by-row calls would have taken them."""
         keep = np.ones(len(rows), bool)
         space, streams = self.space, self._streams
         pool, trie, ps = space.pool, space.trie, self.page_size
         budgeted = self.budgeted[rows]
+        batched = pool.can_allocate(int(opening.sum()))  # an upper bound: reserved pages take none
+        takers: list[int] = []  # rows taking a fresh page (batched), and their contexts
+        contexts: list[Context] = []
         for i in np.flatnonzero(opening | budgeted).tolist():
             m = int(rows[i])
             stream = streams[m]
@@ -240,11 +246,11 @@ class StreamLane:
                     if k < len(pages):  # reserved already: usable only if private
                         if pool.refcount(pages[k]) > 1 or trie.holds(pages[k]):
                             raise _LongWay
+                    elif k == len(pages) and batched:
+                        takers.append(i)
+                        contexts.append(ctx)
                     elif k == len(pages) and pool.can_allocate(1):
-                        pages.append(pool.allocate(1)[0])
-                        if k >= self.pages.shape[1]:
-                            self.pages = _widen(self.pages, 2 * k + 8, 0)
-                        self.pages[m, k] = pages[k]
+                        self._give_pages([ctx], [m], [k], pool.allocate(1))
                     else:
                         raise _LongWay  # the pool is short: the scheduler's long way suspends or waits
                 if budgeted[i]:
@@ -255,7 +261,22 @@ class StreamLane:
                 keep[i] = False
                 if self.flight[m] == 0:  # nothing of it in flight: it goes now
                     self._exit(m)
+        if takers:
+            taken = np.array(takers)
+            fresh = pool.allocate(len(takers))
+            fresh.reverse()  # allocate(1) after allocate(1) takes the free list from its end
+            self._give_pages(contexts, rows[taken].tolist(), (slots[taken] // ps).tolist(), fresh)
         return keep
+
+    def _give_pages(self, contexts: list[Context], members: list[int], ks: list[int], pages: list[int]) -> None:
+        """Page ks[i] of contexts[i] (member members[i], which has ks[i] pages) is pages[i], a fresh one; the
+        mirror too (a member that left meanwhile has a stale row, rewritten when it enters again)."""
+        for ctx, page in zip(contexts, pages, strict=True):
+            ctx.pages.append(page)
+        width = max(ks) + 1
+        if width > self.pages.shape[1]:
+            self.pages = _widen(self.pages, 2 * width + 6, 0)
+        self.pages[members, ks] = pages
 
     # -- landing --------------------------------------------------------------------------------
 
