@@ -221,6 +221,69 @@ async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> No
     assert scheduler.stats.chained_steps - before == 59  # slots 21..79: pages opened at 32, 48 and 64
 
 
+async def test_a_one_token_first_pass_is_the_first_lane_row(null_rt: Runtime) -> None:
+    """Streams whose first pass is one buffered token step in the lane from their first token (no
+    ordinary request); a fork whose working page is shared takes the ordinary pass (its page is copied
+    first), and both give the step-by-step tokens."""
+    scheduler = null_rt.model().scheduler
+    seen: list[tuple[int, int, int]] = []  # (requests, step rows, page copies) of each batch
+
+    def on_batch(batch: Any, _result: Any, _s: float) -> None:
+        seen.append((len(batch.requests), len(batch.steps) if batch.steps is not None else 0,
+                     len(batch.page_copies)))
+
+    async def body() -> dict[str, Any]:
+        ctx = Context(Model.load(""))
+        await ctx.append(list(range(20))).flush()
+        ctx.append([5])
+        scheduler.on_batch = on_batch
+        first = await ctx.generate(Sampler.argmax(), max_tokens=6, stop=[], auto_flush=False).collect_tokens()
+        plain = list(seen)
+        seen.clear()
+        fork = ctx.fork()  # shares the working page (slots 16..26), which its next token writes into
+        forked = await fork.generate(Sampler.argmax(), max_tokens=3, stop=[], auto_flush=False).collect_tokens()
+        return {"first": first, "plain": plain, "forked": forked, "fork_batches": list(seen),
+                "parent": state(ctx), "fork": state(fork)}
+
+    r = await run_sdk(null_rt, body)
+    assert r["first"] == [null_token(20 + i, VOCAB) for i in range(6)]
+    assert [rows for reqs, rows, _ in r["plain"]] == [1] * 6 and all(reqs == 0 for reqs, _, _ in r["plain"])
+    assert r["forked"] == [null_token(26 + i, VOCAB) for i in range(3)]
+    assert r["fork_batches"][0] == (1, 0, 1)  # the ordinary pass, after a copy of the shared page
+    assert r["parent"]["tokens"] == list(range(20)) + [5] + r["first"][:5]
+    assert r["fork"]["tokens"] == r["parent"]["tokens"] + [r["first"][5]] + r["forked"][:2]
+
+
+async def test_a_stream_charges_the_token_budget_as_the_step_by_step_loop() -> None:
+    """With a token budget, the first lane row is charged once (the pass's charge moves to the lane): the
+    count after a generation, and after one stopped early, equals the step-by-step loop's."""
+    engine = NullEngine(fake_info(num_pages=512, page_size=PS, vocab_size=VOCAB, max_batch_size=64))
+    spec = ModelSpec("null", EngineConfig(model="pie/tiny-random"))
+    runtime_ = await Runtime.start(RuntimeConfig((spec,), RuntimeLimits(max_tokens_per_instance=100),
+                                                 freeze_gc=False), engines={"null": engine})
+
+    async def body() -> list[Any]:
+        host = get_host()
+        assert isinstance(host, InstanceHost)
+        ctx = Context(Model.load("")).append(list(range(10)))
+        out: list[Any] = [await ctx.generate(Sampler.argmax(), max_tokens=7, stop=[], auto_flush=False)
+                          .collect_tokens(), host.tokens_sampled]
+        gen = ctx.generate(Sampler.argmax(), max_tokens=20, stop=[], auto_flush=False)
+        async for step in gen:
+            await step.execute()
+            if gen.tokens_generated == 3:
+                break
+        out += [ctx.seq_len, host.tokens_sampled]
+        return out
+
+    try:
+        off, on = await both(runtime_, body)
+        assert on == off and off[1] == 7
+        runtime_.check_integrity()
+    finally:
+        await runtime_.shutdown(0)
+
+
 async def test_cancelling_an_instance_mid_stream_returns_every_page(null_rt: Runtime) -> None:
     scheduler = null_rt.model().scheduler
     started = asyncio.Event()
