@@ -250,8 +250,8 @@ async def test_a_one_token_first_pass_is_the_first_lane_row(null_rt: Runtime) ->
     assert [rows for reqs, rows, _ in r["plain"]] == [1] * 6 and all(reqs == 0 for reqs, _, _ in r["plain"])
     assert r["forked"] == [null_token(26 + i, VOCAB) for i in range(3)]
     assert r["fork_batches"][0] == (1, 0, 1)  # the ordinary pass, after a copy of the shared page
-    assert r["parent"]["tokens"] == list(range(20)) + [5] + r["first"][:5]
-    assert r["fork"]["tokens"] == r["parent"]["tokens"] + [r["first"][5]] + r["forked"][:2]
+    assert r["parent"]["tokens"] == [*range(20), 5, *r["first"][:5]]
+    assert r["fork"]["tokens"] == [*r["parent"]["tokens"], r["first"][5], *r["forked"][:2]]
 
 
 async def test_a_stream_charges_the_token_budget_as_the_step_by_step_loop() -> None:
