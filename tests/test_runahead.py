@@ -6,6 +6,7 @@ mid-run returns every page."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +25,7 @@ from pie.engine.config import EngineConfig
 from pie.runtime.fake_engines import NullEngine, fake_info, null_token
 from pie.runtime.host import InstanceHost
 from pie.runtime.instance import Instance
-from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
+from pie.runtime.runtime import GC_YOUNG_THRESHOLD, ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
 from pie.tiny_model import ensure_tiny_model
 
 VOCAB = 1000
@@ -282,6 +283,20 @@ async def test_a_stream_charges_the_token_budget_as_the_step_by_step_loop() -> N
         runtime_.check_integrity()
     finally:
         await runtime_.shutdown(0)
+
+
+async def test_serving_raises_the_young_collection_threshold_until_shutdown() -> None:
+    """With freeze_gc the runtime collects young objects less often while it serves (so full collections
+    over hundreds of streams' objects stay rare) and gives the collector its thresholds back at shutdown."""
+    before = gc.get_threshold()
+    engine = NullEngine(fake_info(num_pages=64, page_size=PS, vocab_size=VOCAB))
+    spec = ModelSpec("null", EngineConfig(model="pie/tiny-random"))
+    runtime_ = await Runtime.start(RuntimeConfig((spec,), RuntimeLimits()), engines={"null": engine})
+    try:
+        assert gc.get_threshold() == (max(GC_YOUNG_THRESHOLD, before[0]), *before[1:])
+    finally:
+        await runtime_.shutdown(0)
+    assert gc.get_threshold() == before
 
 
 async def test_cancelling_an_instance_mid_stream_returns_every_page(null_rt: Runtime) -> None:
