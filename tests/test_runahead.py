@@ -6,6 +6,7 @@ mid-run returns every page."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +25,7 @@ from pie.engine.config import EngineConfig
 from pie.runtime.fake_engines import NullEngine, fake_info, null_token
 from pie.runtime.host import InstanceHost
 from pie.runtime.instance import Instance
-from pie.runtime.runtime import ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
+from pie.runtime.runtime import GC_YOUNG_THRESHOLD, ModelSpec, Runtime, RuntimeConfig, RuntimeLimits
 from pie.tiny_model import ensure_tiny_model
 
 VOCAB = 1000
@@ -204,10 +205,9 @@ async def test_stream_is_refused_calls_while_it_runs_and_stops_exactly(null_rt: 
 
 
 async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> None:
-    """Growing the reservation while the step before is in flight: every step after the second is chained,
+    """Growing the reservation while the step before is in flight: every step after the first is chained,
     including those that open a page (3 of them here), and the tokens are the step-by-step ones. (The
-    first pass is an ordinary pass; the stream enters the lane when it lands, so its first lane step has
-    nothing to chain to.)"""
+    first pass, one buffered token, is the stream's first lane row, which has nothing to chain to.)"""
     scheduler = null_rt.model().scheduler
     before = scheduler.stats.chained_steps
 
@@ -219,7 +219,84 @@ async def test_a_stream_pipelines_across_page_boundaries(null_rt: Runtime) -> No
 
     tokens = await run_sdk(null_rt, body)
     assert tokens == [null_token(20 + i, VOCAB) for i in range(60)]
-    assert scheduler.stats.chained_steps - before == 58  # slots 22..79: pages opened at 32, 48 and 64
+    assert scheduler.stats.chained_steps - before == 59  # slots 21..79: pages opened at 32, 48 and 64
+
+
+async def test_a_one_token_first_pass_is_the_first_lane_row(null_rt: Runtime) -> None:
+    """Streams whose first pass is one buffered token step in the lane from their first token (no
+    ordinary request); a fork whose working page is shared takes the ordinary pass (its page is copied
+    first), and both give the step-by-step tokens."""
+    scheduler = null_rt.model().scheduler
+    seen: list[tuple[int, int, int]] = []  # (requests, step rows, page copies) of each batch
+
+    def on_batch(batch: Any, _result: Any, _s: float) -> None:
+        seen.append((len(batch.requests), len(batch.steps) if batch.steps is not None else 0,
+                     len(batch.page_copies)))
+
+    async def body() -> dict[str, Any]:
+        ctx = Context(Model.load(""))
+        await ctx.append(list(range(20))).flush()
+        ctx.append([5])
+        scheduler.on_batch = on_batch
+        first = await ctx.generate(Sampler.argmax(), max_tokens=6, stop=[], auto_flush=False).collect_tokens()
+        plain = list(seen)
+        seen.clear()
+        fork = ctx.fork()  # shares the working page (slots 16..26), which its next token writes into
+        forked = await fork.generate(Sampler.argmax(), max_tokens=3, stop=[], auto_flush=False).collect_tokens()
+        return {"first": first, "plain": plain, "forked": forked, "fork_batches": list(seen),
+                "parent": state(ctx), "fork": state(fork)}
+
+    r = await run_sdk(null_rt, body)
+    assert r["first"] == [null_token(20 + i, VOCAB) for i in range(6)]
+    assert [rows for reqs, rows, _ in r["plain"]] == [1] * 6 and all(reqs == 0 for reqs, _, _ in r["plain"])
+    assert r["forked"] == [null_token(26 + i, VOCAB) for i in range(3)]
+    assert r["fork_batches"][0] == (1, 0, 1)  # the ordinary pass, after a copy of the shared page
+    assert r["parent"]["tokens"] == [*range(20), 5, *r["first"][:5]]
+    assert r["fork"]["tokens"] == [*r["parent"]["tokens"], r["first"][5], *r["forked"][:2]]
+
+
+async def test_a_stream_charges_the_token_budget_as_the_step_by_step_loop() -> None:
+    """With a token budget, the first lane row is charged once (the pass's charge moves to the lane): the
+    count after a generation, and after one stopped early, equals the step-by-step loop's."""
+    engine = NullEngine(fake_info(num_pages=512, page_size=PS, vocab_size=VOCAB, max_batch_size=64))
+    spec = ModelSpec("null", EngineConfig(model="pie/tiny-random"))
+    runtime_ = await Runtime.start(RuntimeConfig((spec,), RuntimeLimits(max_tokens_per_instance=100),
+                                                 freeze_gc=False), engines={"null": engine})
+
+    async def body() -> list[Any]:
+        host = get_host()
+        assert isinstance(host, InstanceHost)
+        ctx = Context(Model.load("")).append(list(range(10)))
+        out: list[Any] = [await ctx.generate(Sampler.argmax(), max_tokens=7, stop=[], auto_flush=False)
+                          .collect_tokens(), host.tokens_sampled]
+        gen = ctx.generate(Sampler.argmax(), max_tokens=20, stop=[], auto_flush=False)
+        async for step in gen:
+            await step.execute()
+            if gen.tokens_generated == 3:
+                break
+        out += [ctx.seq_len, host.tokens_sampled]
+        return out
+
+    try:
+        off, on = await both(runtime_, body)
+        assert on == off and off[1] == 7
+        runtime_.check_integrity()
+    finally:
+        await runtime_.shutdown(0)
+
+
+async def test_serving_raises_the_young_collection_threshold_until_shutdown() -> None:
+    """With freeze_gc the runtime collects young objects less often while it serves (so full collections
+    over hundreds of streams' objects stay rare) and gives the collector its thresholds back at shutdown."""
+    before = gc.get_threshold()
+    engine = NullEngine(fake_info(num_pages=64, page_size=PS, vocab_size=VOCAB))
+    spec = ModelSpec("null", EngineConfig(model="pie/tiny-random"))
+    runtime_ = await Runtime.start(RuntimeConfig((spec,), RuntimeLimits()), engines={"null": engine})
+    try:
+        assert gc.get_threshold() == (max(GC_YOUNG_THRESHOLD, before[0]), *before[1:])
+    finally:
+        await runtime_.shutdown(0)
+    assert gc.get_threshold() == before
 
 
 async def test_cancelling_an_instance_mid_stream_returns_every_page(null_rt: Runtime) -> None:

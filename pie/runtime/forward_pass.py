@@ -38,10 +38,7 @@ class Outputs(NamedTuple):
 
 
 class PassReader:
-    """Reads one instance's passes; keeps the samplers it has seen (decode loops repeat theirs)."""
-
-    def __init__(self) -> None:
-        self._samplers: dict[tuple[Any, ...], Sampler] = {}
+    """Reads one instance's passes; the samplers it has seen are kept by the model (`ModelRuntime.samplers`)."""
 
     def job(self, m: ModelRuntime, c: Context, spec: PassDict, outputs: Outputs, adapter: int | None = None,
             images: Sequence[ImagePlacement] = ()) -> Job:
@@ -105,7 +102,7 @@ class PassReader:
             if not isinstance(slot, Mapping):
                 raise HostError(f"slot {k} must be a dict with `sampler` + `indices` or `probe` + `index`")
             if "sampler" in slot:
-                sampler = self._sampler(k, slot["sampler"], m.vocab_size)
+                sampler = self._sampler(k, slot["sampler"], m)
                 indices = slot.get("indices") or []
                 if not indices:
                     raise HostError(f"slot {k}: a sampler slot needs at least one row in `indices`")
@@ -122,16 +119,17 @@ class PassReader:
             raise HostError(f"the pass asks for {embeds} embeddings, over max_num_embeds = {m.max_num_embeds}")
         return Outputs(outputs, slot_rows, sampled)
 
-    def _sampler(self, k: int, d: Mapping[str, Any], vocab_size: int) -> Sampler:
+    def _sampler(self, k: int, d: Mapping[str, Any], m: ModelRuntime) -> Sampler:
+        cache = m.samplers
         try:
             key = tuple(d.items())
-            sampler = self._samplers.get(key)
+            sampler = cache.get(key)
         except (TypeError, AttributeError):  # not a flat dict of numbers (a history, a bias): read it each time
-            return _sampler(k, d, vocab_size)
+            return _sampler(k, d, m.vocab_size)
         if sampler is None:
-            if len(self._samplers) >= MAX_CACHED_SAMPLERS:
-                self._samplers.clear()
-            sampler = self._samplers[key] = _sampler(k, d, vocab_size)
+            if len(cache) >= MAX_CACHED_SAMPLERS:
+                cache.clear()
+            sampler = cache[key] = _sampler(k, d, m.vocab_size)
         return sampler
 
 

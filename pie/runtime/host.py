@@ -303,7 +303,7 @@ class InstanceHost:
         if not isinstance(stop, list) or not all(type(t) is int for t in stop):
             raise HostError("ctx_generate_start: stop must be a list of token ids")
         base_len, base_pages = c.kv_len, c.num_pages
-        self._grow(c, len(tokens))
+        self._grow(c, len(tokens), g)
         start, first = c.kv_len, c.next_position
         pass_spec: PassDict = {"tokens": tokens, "positions": list(range(first, first + len(tokens))),
                                "slots": [{"indices": [len(tokens) - 1], "sampler": spec.get("sampler") or {}}],
@@ -319,7 +319,8 @@ class InstanceHost:
         job.future = None  # the stream owns it
         handle = next(self._handles)
         stream = TokenStream(c, g.scheduler, job, sampler, stop=frozenset(stop), max_tokens=max_tokens,
-                             depth=depth, base_len=base_len, base_pages=base_pages, batch=batch, grow=self._grow,
+                             depth=depth, base_len=base_len, base_pages=base_pages, batch=batch,
+                             grow=functools.partial(self._grow, group=g),  # the group: no walk per page
                              charge=self._charge if self.instance.limits.max_tokens else None)
         self._streams[handle] = (ctx, stream)
         self._streaming[ctx] = handle
@@ -482,14 +483,17 @@ class InstanceHost:
             raise HostError(f"no stream {handle} in this instance (stopped already?)")
         return entry[1]
 
-    def _grow(self, c: Context, n: int) -> None:
+    def _grow(self, c: Context, n: int, group: EngineGroup | None = None) -> None:
         """Reserve the pages `n` more slots need, as the SDK's `_reserve_for` does (for streams)."""
         need = -(-(c.kv_len + n) // c.space.page_size) - c.num_pages
-        if need > 0:  # once a page: the walk to find the context's group is no per-step cost
-            group = next(g for _, held, g in self._contexts.values() if held is c)
+        if need > 0:
+            if group is None:
+                group = next(g for _, held, g in self._contexts.values() if held is c)
             self._check_page_limit(need, group)
-            with user_errors():
+            try:  # `user_errors()`, without a context manager per page of every stream
                 c.reserve(need, for_stream=True)  # a chained step grows it while the step before is in flight
+            except PieError as error:
+                raise HostError(str(error)) from None
 
     def _charge(self, n: int) -> None:
         """Count `n` sampled tokens against the token budget (negative: refund discarded steps)."""
@@ -547,6 +551,11 @@ class InstanceHost:
         limits = self.instance.limits
         if more <= 0 or not (limits.max_pages or limits.max_page_share):
             return
+        share = page_share(group.space.pool.num_pages, limits.max_page_share) if limits.max_page_share else 0
+        # Within both limits even with shared pages counted once per context (the common case: one walk).
+        upper = sum(c.num_pages for _, c, _ in self._contexts.values()) + more
+        if (not limits.max_pages or upper <= limits.max_pages) and (not share or upper <= share):
+            return
         if limits.max_pages:
             held = _pages_held((c for _, c, _ in self._contexts.values()), limits.max_pages - more)
             if held + more > limits.max_pages:
@@ -555,7 +564,6 @@ class InstanceHost:
                                 "max_pages_per_instance)")
         if limits.max_page_share:
             total = group.space.pool.num_pages
-            share = page_share(total, limits.max_page_share)
             held = _pages_held((c for _, c, g in self._contexts.values() if g is group), share - more)
             if held + more > share:
                 raise HostError(f"this instance would hold {held + more} of the KV pool's {total} pages, over "

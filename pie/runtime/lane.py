@@ -33,6 +33,7 @@ import numpy as np
 
 from inferlet._host import HostError
 from pie.engine.batch import Sampler, StepRows
+from pie.runtime.context import Context
 from pie.runtime.context_space import ContextSpace
 from pie.runtime.jobs import SchedulerStats
 
@@ -80,13 +81,35 @@ class StreamLane:
     def enter(self, stream: TokenStream) -> None:
         """A stream whose own pass just landed: its last sampled token is the next input, at the end of
         the context's record, which the landed pass left computed."""
+        tokens = stream.tokens
+        self._admit(stream, len(stream.ctx.tokens), len(tokens), tokens[-1])
+
+    def enter_first(self, stream: TokenStream, start: int, token: int) -> bool:
+        """A new stream whose first pass is one buffered token at slot `start` (recorded already, all KV
+        before it computed): that pass becomes the stream's first row, so it never goes through the
+        scheduler's queue. False (nothing done) if the row needs what only the scheduler does: a shared
+        page to copy, pages to restore or recompute, a context in a batch."""
+        ctx = stream.ctx
+        if ctx.computed_len != start or ctx.swapped or ctx.in_batch:
+            return False
+        k, pages = start // self.page_size, ctx.pages
+        if start % self.page_size:  # the row writes into page k: it must be there, and private
+            if k >= len(pages) or self.space.pool.refcount(pages[k]) > 1 or self.space.trie.holds(pages[k]):
+                return False
+        elif len(pages) < k:  # pages before the one the row opens are missing (dropped by a suspension)
+            return False
+        self._admit(stream, start, 0, token)
+        return True
+
+    def _admit(self, stream: TokenStream, slot: int, count: int, token: int) -> None:
+        """Make the stream a member whose next row is at `slot`, its input `token`, after `count` sampled
+        tokens (all KV before `slot` computed)."""
         ctx = stream.ctx
         m = self._free.pop() if self._free else self._grow_members()
         self._streams[m] = stream
         stream.member = m
-        count = len(stream.tokens)
         self.live[m] = True
-        self.slot[m] = self.computed[m] = len(ctx.tokens)
+        self.slot[m] = self.computed[m] = slot
         self.shift[m] = len(ctx.tokens) - ctx.next_position
         self.first[m] = stream.first_slot
         self.count[m] = self.synced[m] = count
@@ -105,18 +128,19 @@ class StreamLane:
             sid = self._sampler_ids[sampler] = len(self._samplers)
             self._samplers.append(sampler)
         self.sampler[m] = sid
-        stop = list(stream.stop_tokens)
+        stop = stream.stop_tokens
         if len(stop) > self.stops.shape[1]:
             self.stops = _widen(self.stops, len(stop), -1)
         self.stops[m] = -1
-        self.stops[m, :len(stop)] = stop
+        if stop:
+            self.stops[m, :len(stop)] = list(stop)
         pages = ctx.pages
         if len(pages) + 1 > self.pages.shape[1]:
             self.pages = _widen(self.pages, 2 * len(pages) + 8, 0)
         self.pages[m, :len(pages)] = pages
         if stream.depth + 2 > self.ring.shape[1]:
             self._widen_ring(stream.depth + 2)
-        self.ring[m, count & (self.ring.shape[1] - 1)] = stream.tokens[-1]
+        self.ring[m, count & (self.ring.shape[1] - 1)] = token
         ctx.pending = True
         ctx.in_batch = IN_LANE
         self.size += 1
@@ -198,11 +222,16 @@ class StreamLane:
 
     def _place(self, rows: np.ndarray, slots: np.ndarray, opening: np.ndarray) -> np.ndarray:
         """Pages for the rows that open one and the token budget of budgeted rows, in Python (one row in
-        `page_size`); a row that cannot get them is dropped and its member takes the long way."""
+        `page_size`); a row that cannot get them is dropped and its member takes the long way. When the
+        pool has a page for every opening row, the fresh pages are taken in one call at the end, in the
+        order the row-by-row calls would have taken them."""
         keep = np.ones(len(rows), bool)
         space, streams = self.space, self._streams
         pool, trie, ps = space.pool, space.trie, self.page_size
         budgeted = self.budgeted[rows]
+        batched = pool.can_allocate(int(opening.sum()))  # an upper bound: reserved pages take none
+        takers: list[int] = []  # rows taking a fresh page (batched), and their contexts
+        contexts: list[Context] = []
         for i in np.flatnonzero(opening | budgeted).tolist():
             m = int(rows[i])
             stream = streams[m]
@@ -219,11 +248,11 @@ class StreamLane:
                     if k < len(pages):  # reserved already: usable only if private
                         if pool.refcount(pages[k]) > 1 or trie.holds(pages[k]):
                             raise _LongWay
+                    elif k == len(pages) and batched:
+                        takers.append(i)
+                        contexts.append(ctx)
                     elif k == len(pages) and pool.can_allocate(1):
-                        pages.append(pool.allocate(1)[0])
-                        if k >= self.pages.shape[1]:
-                            self.pages = _widen(self.pages, 2 * k + 8, 0)
-                        self.pages[m, k] = pages[k]
+                        self._give_pages([ctx], [m], [k], pool.allocate(1))
                     else:
                         raise _LongWay  # the pool is short: the scheduler's long way suspends or waits
                 if budgeted[i]:
@@ -234,7 +263,22 @@ class StreamLane:
                 keep[i] = False
                 if self.flight[m] == 0:  # nothing of it in flight: it goes now
                     self._exit(m)
+        if takers:
+            taken = np.array(takers)
+            fresh = pool.allocate(len(takers))
+            fresh.reverse()  # allocate(1) after allocate(1) takes the free list from its end
+            self._give_pages(contexts, rows[taken].tolist(), (slots[taken] // ps).tolist(), fresh)
         return keep
+
+    def _give_pages(self, contexts: list[Context], members: list[int], ks: list[int], pages: list[int]) -> None:
+        """Page ks[i] of contexts[i] (member members[i], which has ks[i] pages) is pages[i], a fresh one; the
+        mirror too (a member that left meanwhile has a stale row, rewritten when it enters again)."""
+        for ctx, page in zip(contexts, pages, strict=True):
+            ctx.pages.append(page)
+        width = max(ks) + 1
+        if width > self.pages.shape[1]:
+            self.pages = _widen(self.pages, 2 * width + 6, 0)
+        self.pages[members, ks] = pages
 
     # -- landing --------------------------------------------------------------------------------
 

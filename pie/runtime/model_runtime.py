@@ -38,6 +38,7 @@ from pie.runtime.snapshots import SnapshotStore
 from pie.runtime.state_slots import StateSlots
 
 if TYPE_CHECKING:
+    from pie.engine.batch import Sampler
     from pie.runtime.runtime import RuntimeLimits
     from pie.runtime.tokenizer import ModelTokenizer
 
@@ -97,6 +98,9 @@ class ModelRuntime:
         pool = min(g.pool.num_pages for g in self.groups)
         self.max_pages_per_instance: int = min(pool, page_share(pool, limits.max_page_share_per_instance),
                                                limits.max_pages_per_instance or pool)
+        # Samplers read from passes (`pie.runtime.forward_pass.PassReader`), shared by every instance of the
+        # model: decode loops repeat theirs, and a Sampler is immutable.
+        self.samplers: dict[tuple[Any, ...], Sampler] = {}
         self.snapshots = SnapshotStore(name)
         # LoRA adapters by (user, name), on every group's engine (a context on any group may use one).
         self.adapters = AdapterStore([g.engine for g in self.groups], adapter_dir or pie_home() / "adapters",

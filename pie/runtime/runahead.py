@@ -76,7 +76,23 @@ class TokenStream:
         self._ended = False  # no more steps will be produced (stop token, limit, error or stop())
         self._waiter: asyncio.Future[None] | None = None
         job.owner = self
-        scheduler.submit(job)
+        if self._first_in_lane(job):
+            scheduler.notify()
+        else:
+            scheduler.submit(job)
+
+    def _first_in_lane(self, job: Job) -> bool:
+        """Run a first pass of one plain token as the stream's first lane row (no ordinary pass, no
+        Request: streams that start together step together at once); its token was charged as the
+        pass's, and the lane charges rows itself, so the charge moves there."""
+        if job.end - job.start != 1 or job.attention_mask is not None or job.zo_seed is not None:
+            return False
+        if not self._lane.enter_first(self, job.start, self.ctx.tokens[job.start]):
+            return False
+        if self.budgeted:
+            self.charge(-1)
+            self.charged = 0
+        return True
 
     # -- the scheduler's side (JobOwner, for the stream's ordinary passes) ----------------------
 

@@ -147,6 +147,10 @@ class Scheduler:
         self._submissions += 1
         self._wake.set()
 
+    def notify(self) -> None:
+        """Something to run arrived outside the queues (a stream entered the lane): wake the loop."""
+        self._wake.set()
+
     def resubmit(self, job: Job) -> None:
         """`submit` for an owner's job it just got back (`JobOwner.completed`): the context was touched."""
         ctx = job.ctx
