@@ -316,7 +316,6 @@ class Runtime:
         if self._gc_threshold is not None:
             gc.set_threshold(*self._gc_threshold)
             self._gc_threshold = None
-        self._gc_threshold: tuple[int, ...] | None = None  # the collector's thresholds before `start`
 
     def check_integrity(self) -> None:
         for model in self._models.values():
