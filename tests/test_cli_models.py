@@ -242,7 +242,7 @@ def test_driver_doctor_runs_the_chosen_interpreter(home: Path) -> None:
 
 
 def test_model_list_and_info_say_which_inputs_a_checkpoint_serves(home: Path, tmp_path: Path) -> None:
-    """Gemma 3 and Gemma 4 image-text: text+image; Qwen 3.5 (its vision tower not run yet): text, image not run."""
+    """Gemma 3, Gemma 4 and Qwen 3.5 image-text checkpoints: text+image; a text-only one: text."""
     from checkpoints import tiny_checkpoint
 
     def inputs(path: Path) -> str:
@@ -250,6 +250,6 @@ def test_model_list_and_info_say_which_inputs_a_checkpoint_serves(home: Path, tm
 
     assert inputs(tiny_checkpoint(tmp_path / "gemma3", "gemma3")).strip() == "text+image"
     assert inputs(tiny_checkpoint(tmp_path / "gemma4", "gemma4")).strip() == "text+image"
-    assert inputs(tiny_checkpoint(tmp_path / "qwen3_5", "qwen3_5")).strip() == "text (image not run)"
+    assert inputs(tiny_checkpoint(tmp_path / "qwen3_5", "qwen3_5")).strip() == "text+image"
     tiny = dict(line.split(":", 1) for line in cli("model", "info", "pie/tiny-random").output.splitlines())
     assert tiny["inputs"].strip() == "text"
