@@ -18,7 +18,7 @@ import pytest
 import torch
 from inferlet_helpers import run_sdk, start_runtime
 from test_vision_qwen3_vl_engine import _hf_greedy, qwen_vl_checkpoint
-from vision_support import png
+from vision_support import fork_after_image, png
 
 import inferlet.generation
 from inferlet import Context, Image, Logits, Model, Sampler
@@ -121,28 +121,10 @@ async def test_fork_after_an_image_equals_recompute(ckpt: Path, reference: Any, 
     data = png(5, SIZE)
     rt = await _runtime(ckpt, tmp_path)
     try:
-        async def body() -> tuple[list[int], list[int], list[int], list[int]]:
-            model = Model.load()
-            image = Image.from_bytes(model, data)
-            ctx = Context(model)
-            ctx.append([5, 6])
-            await ctx.append_image(image)
-            ctx.append([7, 8])
-            await ctx.flush()
-            fork = ctx.fork()
-            opts = {"max_tokens": 8, "stop": [], "auto_flush": False}
-            ctx.append([9])
-            fork.append([9])
-            a = await ctx.generate(Sampler.argmax(), **opts).collect_tokens()
-            b = await fork.generate(Sampler.argmax(), **opts).collect_tokens()
-            fresh = Context(model)
-            fresh.append([5, 6]).buffer_images([image]).append([7, 8, 9])
-            c = await fresh.generate(Sampler.argmax(), **opts).collect_tokens()
-            return a, b, c, [5, 6, *image.token_ids, 7, 8, 9]
-        a, b, c, prompt = await run_sdk(rt, body)
+        a, b, c, image_tokens = await run_sdk(rt, lambda: fork_after_image(data))
         assert a == b == c and len(a) == 8
         assert _engine(rt).vision.stats.encoded == 1
-        assert a == _hf_greedy(reference, _engine(rt), prompt, [data], 8)[0]
+        assert a == _hf_greedy(reference, _engine(rt), [5, 6, *image_tokens, 7, 8, 9], [data], 8)[0]
         rt.check_integrity()
     finally:
         await rt.shutdown(0)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from inferlet_helpers import run_sdk, start_runtime
-from vision_support import gemma3_checkpoint, gemma4_checkpoint, png
+from vision_support import fork_after_image, gemma3_checkpoint, gemma4_checkpoint, png
 
 from inferlet import Context, HostError, Image, Logits, Model, Sampler
 from pie.runtime.runtime import Runtime, RuntimeLimits
@@ -101,25 +101,7 @@ async def test_same_image_encoded_once_and_shared(family_ckpt: Path, tmp_path: P
 async def test_fork_after_an_image_equals_recompute(family_ckpt: Path, tmp_path: Path) -> None:
     rt = await _runtime(family_ckpt, tmp_path)
     try:
-        async def body() -> tuple[list[int], list[int], list[int]]:
-            model = Model.load()
-            image = Image.from_bytes(model, png(3))
-            ctx = Context(model)
-            ctx.append([5, 6])
-            await ctx.append_image(image)
-            ctx.append([7, 8])
-            await ctx.flush()
-            fork = ctx.fork()
-            opts = {"max_tokens": 8, "stop": [], "auto_flush": False}
-            ctx.append([9])
-            fork.append([9])
-            a = await ctx.generate(Sampler.argmax(), **opts).collect_tokens()
-            b = await fork.generate(Sampler.argmax(), **opts).collect_tokens()
-            fresh = Context(model)
-            fresh.append([5, 6]).buffer_images([image]).append([7, 8, 9])
-            c = await fresh.generate(Sampler.argmax(), **opts).collect_tokens()
-            return a, b, c
-        a, b, c = await run_sdk(rt, body)
+        a, b, c, _ = await run_sdk(rt, lambda: fork_after_image(png(3)))
         assert a == b == c and len(a) == 8
         assert _stats(rt).encoded == 1
     finally:

@@ -119,6 +119,32 @@ def gemma4_checkpoint(directory: Path, *, bidirectional: bool = True, seed: int 
     return directory
 
 
+
+async def fork_after_image(data: bytes, max_tokens: int = 8) -> tuple[list[int], list[int], list[int], list[int]]:
+    """An inferlet body: [5, 6] + image + [7, 8] flushed, then forked; the context, the fork and a fresh
+    context of the same prompt each generate `max_tokens` greedy tokens after [9]. Returns the three token
+    lists and the image's placeholder tokens."""
+    from inferlet import Context, Image, Model
+    from inferlet import Sampler as SdkSampler
+
+    model = Model.load()
+    image = Image.from_bytes(model, data)
+    ctx = Context(model)
+    ctx.append([5, 6])
+    await ctx.append_image(image)
+    ctx.append([7, 8])
+    await ctx.flush()
+    fork = ctx.fork()
+    opts = {"max_tokens": max_tokens, "stop": [], "auto_flush": False}
+    ctx.append([9])
+    fork.append([9])
+    a = await ctx.generate(SdkSampler.argmax(), **opts).collect_tokens()
+    b = await fork.generate(SdkSampler.argmax(), **opts).collect_tokens()
+    fresh = Context(model)
+    fresh.append([5, 6]).buffer_images([image]).append([7, 8, 9])
+    c = await fresh.generate(SdkSampler.argmax(), **opts).collect_tokens()
+    return a, b, c, image.token_ids
+
 def png(seed: int, size: tuple[int, int] = (40, 52)) -> bytes:
     """A random RGB image (width, height) as PNG bytes."""
     rng = np.random.default_rng(seed)
