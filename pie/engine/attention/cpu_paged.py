@@ -2,7 +2,8 @@
 
 torch_ref's decode path gathers every request's pages into a padded dense tensor per layer, then calls
 SDPA; on the CPU the gathers cost about as much as the attention itself. This kernel walks each
-request's page list in place instead: one query row per request, parallel over (request, kv_head),
+request's page list in place instead: one query row per request, parallel over requests (or (request, kv_head) when
+there are few),
 GQA (a kv head's query group shares each K/V row load), one pass with an online softmax per page,
 float32 or bfloat16 storage with float32 accumulation, an optional sliding window. No soft-cap and
 no sinks (those layers stay on the gather path).
@@ -70,89 +71,102 @@ static inline const float* row_f32(const bf16* src, float* tmp, int d) {
     return tmp;
 }
 
-// One (request, kv head): `group` query heads over the request's kv slots [start, kv_len).
+// One request's kv heads [kvh0, kvh0 + nkv): their `nkv * group` query heads (consecutive, from query head
+// kvh0 * group) over the request's kv slots [start, kv_len). Slot-outer, head-inner: a page's K (then V)
+// block is read front to back, which the hardware prefetcher follows (one kv head's rows alone are strided).
 template <typename T>
-static void decode_item(const T* q, const T* kv, T* out, const int32_t* pages, int kv_len, int kvh,
-                        int group, int num_heads, int num_kv_heads, int d, int page_size, float scale,
-                        int window_left, float* qf, float* acc, float* s, float* m, float* l, float* tmp) {
+static void decode_item(const T* q, const T* kv, T* out, const int32_t* pages, int kv_len, int kvh0, int nkv,
+                        int group, int num_kv_heads, int d, int page_size, float scale, int window_left,
+                        float* qf, float* acc, float* s, float* m, float* l, float* tmp) {
     const int64_t row_stride = int64_t(num_kv_heads) * d;  // between slots of one page
     const int64_t page_stride = 2 * int64_t(page_size) * row_stride;  // K and V of one page
-    const int h0 = kvh * group;
-    for (int g = 0; g < group; ++g) {
-        const T* qs = q + int64_t(h0 + g) * d;
-        for (int i = 0; i < d; ++i) qf[g * d + i] = to_f32(qs[i]) * scale;
-        std::fill(acc + g * d, acc + (g + 1) * d, 0.0f);
-        m[g] = -std::numeric_limits<float>::infinity();
-        l[g] = 0.0f;
+    const int nq = nkv * group;  // query heads of this item; x = h * group + g
+    const T* qs = q + int64_t(kvh0) * group * d;
+    for (int x = 0; x < nq; ++x) {
+        for (int i = 0; i < d; ++i) qf[x * d + i] = to_f32(qs[x * d + i]) * scale;
+        std::fill(acc + x * d, acc + (x + 1) * d, 0.0f);
+        m[x] = -std::numeric_limits<float>::infinity();
+        l[x] = 0.0f;
     }
     const int start = window_left >= 0 ? std::max(0, kv_len - 1 - window_left) : 0;
     for (int pi = start / page_size; pi * page_size < kv_len; ++pi) {
         const int t0 = std::max(start, pi * page_size), t1 = std::min(kv_len, (pi + 1) * page_size);
         const int n = t1 - t0;
         const T* k = kv + int64_t(pages[pi]) * page_stride + int64_t(t0 - pi * page_size) * row_stride
-                     + int64_t(kvh) * d;
+                     + int64_t(kvh0) * d;
         const T* v = k + int64_t(page_size) * row_stride;
-        for (int j = 0; j < n; ++j) {  // scores of this page's slots, s[g * page_size + j]
-            const float* kr = row_f32(k + j * row_stride, tmp, d);
-            for (int g = 0; g < group; ++g) {
-                const float* qg = qf + g * d;
-                float dot = 0.0f;
-                #pragma omp simd reduction(+ : dot)
-                for (int i = 0; i < d; ++i) dot += qg[i] * kr[i];
-                s[g * page_size + j] = dot;
+        for (int j = 0; j < n; ++j) {  // scores of this page's slots, s[x * page_size + j]
+            for (int h = 0; h < nkv; ++h) {
+                const float* kr = row_f32(k + j * row_stride + h * d, tmp, d);
+                for (int g = 0; g < group; ++g) {
+                    const int x = h * group + g;
+                    const float* qx = qf + x * d;
+                    float dot = 0.0f;
+                    #pragma omp simd reduction(+ : dot)
+                    for (int i = 0; i < d; ++i) dot += qx[i] * kr[i];
+                    s[x * page_size + j] = dot;
+                }
             }
         }
-        for (int g = 0; g < group; ++g) {  // online softmax: rescale once per page
-            float* sg = s + g * page_size;
-            float mx = m[g];
-            for (int j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
-            const float alpha = std::exp(m[g] - mx);  // exp(-inf) = 0 on the first page
+        for (int x = 0; x < nq; ++x) {  // online softmax: rescale once per page
+            float* sx = s + x * page_size;
+            float mx = m[x];
+            for (int j = 0; j < n; ++j) mx = std::max(mx, sx[j]);
+            const float alpha = std::exp(m[x] - mx);  // exp(-inf) = 0 on the first page
             float sum = 0.0f;
-            for (int j = 0; j < n; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
-            l[g] = l[g] * alpha + sum;
-            m[g] = mx;
-            float* ag = acc + g * d;
+            for (int j = 0; j < n; ++j) { sx[j] = std::exp(sx[j] - mx); sum += sx[j]; }
+            l[x] = l[x] * alpha + sum;
+            m[x] = mx;
+            float* ax = acc + x * d;
             #pragma omp simd
-            for (int i = 0; i < d; ++i) ag[i] *= alpha;
+            for (int i = 0; i < d; ++i) ax[i] *= alpha;
         }
         for (int j = 0; j < n; ++j) {
-            const float* vr = row_f32(v + j * row_stride, tmp, d);
-            for (int g = 0; g < group; ++g) {
-                const float p = s[g * page_size + j];
-                float* ag = acc + g * d;
-                #pragma omp simd
-                for (int i = 0; i < d; ++i) ag[i] += p * vr[i];
+            for (int h = 0; h < nkv; ++h) {
+                const float* vr = row_f32(v + j * row_stride + h * d, tmp, d);
+                for (int g = 0; g < group; ++g) {
+                    const int x = h * group + g;
+                    const float p = s[x * page_size + j];
+                    float* ax = acc + x * d;
+                    #pragma omp simd
+                    for (int i = 0; i < d; ++i) ax[i] += p * vr[i];
+                }
             }
         }
     }
-    for (int g = 0; g < group; ++g) {
-        const float inv = 1.0f / l[g];
-        T* o = out + int64_t(h0 + g) * d;
-        for (int i = 0; i < d; ++i) from_f32(acc[g * d + i] * inv, o + i);
+    T* o = out + int64_t(kvh0) * group * d;
+    for (int x = 0; x < nq; ++x) {
+        const float inv = 1.0f / l[x];
+        for (int i = 0; i < d; ++i) from_f32(acc[x * d + i] * inv, o + x * d + i);
     }
 }
 
+// Work items: (request, block of kv heads). Whole requests where there are enough of them to keep every
+// thread busy; single kv heads otherwise (few long requests).
 template <typename T>
 static void decode(const T* q, const T* kv, T* out, const int32_t* rows, const int32_t* indptr,
                    const int32_t* indices, const int32_t* kv_lens, int num_reqs, int num_heads,
                    int num_kv_heads, int d, int page_size, float scale, int window_left, int num_threads) {
     const int group = num_heads / num_kv_heads;
+    const int nkv = num_reqs >= 4 * num_threads ? num_kv_heads : 1;
+    const int blocks = num_kv_heads / nkv;
     const int64_t q_stride = int64_t(num_heads) * d;
     #pragma omp parallel num_threads(num_threads)
     {
-        std::vector<float> buf(size_t(group) * (2 * d + page_size + 2) + d);
+        const size_t nq = size_t(nkv) * group;
+        std::vector<float> buf(nq * (2 * d + page_size + 2) + d);
         float* qf = buf.data();
-        float* acc = qf + group * d;
-        float* s = acc + group * d;
-        float* m = s + group * page_size;
-        float* l = m + group;
-        float* tmp = l + group;
+        float* acc = qf + nq * d;
+        float* s = acc + nq * d;
+        float* m = s + nq * page_size;
+        float* l = m + nq;
+        float* tmp = l + nq;
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < int64_t(num_reqs) * num_kv_heads; ++item) {
-            const int r = int(item / num_kv_heads), kvh = int(item % num_kv_heads);
+        for (int64_t item = 0; item < int64_t(num_reqs) * blocks; ++item) {
+            const int r = int(item / blocks), kvh0 = int(item % blocks) * nkv;
             const int64_t row = rows[r];
-            decode_item(q + row * q_stride, kv, out + row * q_stride, indices + indptr[r], kv_lens[r], kvh,
-                        group, num_heads, num_kv_heads, d, page_size, scale, window_left, qf, acc, s, m, l, tmp);
+            decode_item(q + row * q_stride, kv, out + row * q_stride, indices + indptr[r], kv_lens[r], kvh0, nkv,
+                        group, num_kv_heads, d, page_size, scale, window_left, qf, acc, s, m, l, tmp);
         }
     }
 }
