@@ -86,7 +86,7 @@ def _run(layout: BatchLayout, specs: list[AttentionLayerSpec], heads: int, kv_he
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 4), (8, 2)])
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dim", [64, 128, 256])  # the kernel's compile-time head dims
 def test_decode_rows_match_dense_attention(dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> None:
     page_size = 16
     kv_lens = [1, page_size - 1, page_size, page_size + 1, 5 * page_size + 3, 300, 2, 64]
@@ -98,10 +98,11 @@ def test_decode_rows_match_dense_attention(dtype: torch.dtype, heads: int, kv_he
 
 @pytest.mark.parametrize("page_size", [1, 5, 32])
 def test_page_sizes_and_window_edges(page_size: int) -> None:
+    """Also a head_dim (80) without a compile-time variant."""
     kv_lens = [1, 2, page_size, 3 * page_size - 1, 50]
     specs = [AttentionLayerSpec(scale=0.125, window_left=w) for w in (-1, 0, 1, page_size, 49, 1000)]
     num_pages = sum(math.ceil(n / page_size) for n in kv_lens) + 3
-    _run(_layout([1] * len(kv_lens), kv_lens, page_size, num_pages, seed=page_size), specs, 4, 2, 64, page_size,
+    _run(_layout([1] * len(kv_lens), kv_lens, page_size, num_pages, seed=page_size), specs, 4, 2, 80, page_size,
          num_pages, torch.float32)
 
 

@@ -74,10 +74,12 @@ static inline const float* row_f32(const bf16* src, float* tmp, int d) {
 // One request's kv heads [kvh0, kvh0 + nkv): their `nkv * group` query heads (consecutive, from query head
 // kvh0 * group) over the request's kv slots [start, kv_len). Slot-outer, head-inner: a page's K (then V)
 // block is read front to back, which the hardware prefetcher follows (one kv head's rows alone are strided).
-template <typename T>
+// D > 0: head_dim known at compile time (the common sizes), so the row loops unroll without remainders.
+template <typename T, int D>
 static void decode_item(const T* q, const T* kv, T* out, const int32_t* pages, int kv_len, int kvh0, int nkv,
-                        int group, int num_kv_heads, int d, int page_size, float scale, int window_left,
+                        int group, int num_kv_heads, int d_rt, int page_size, float scale, int window_left,
                         float* qf, float* acc, float* s, float* m, float* l, float* tmp) {
+    const int d = D > 0 ? D : d_rt;
     const int64_t row_stride = int64_t(num_kv_heads) * d;  // between slots of one page
     const int64_t page_stride = 2 * int64_t(page_size) * row_stride;  // K and V of one page
     const int nq = nkv * group;  // query heads of this item; x = h * group + g
@@ -143,7 +145,7 @@ static void decode_item(const T* q, const T* kv, T* out, const int32_t* pages, i
 
 // Work items: (request, block of kv heads). Whole requests where there are enough of them to keep every
 // thread busy; single kv heads otherwise (few long requests).
-template <typename T>
+template <typename T, int D>
 static void decode(const T* q, const T* kv, T* out, const int32_t* rows, const int32_t* indptr,
                    const int32_t* indices, const int32_t* kv_lens, int num_reqs, int num_heads,
                    int num_kv_heads, int d, int page_size, float scale, int window_left, int num_threads) {
@@ -165,9 +167,25 @@ static void decode(const T* q, const T* kv, T* out, const int32_t* rows, const i
         for (int64_t item = 0; item < int64_t(num_reqs) * blocks; ++item) {
             const int r = int(item / blocks), kvh0 = int(item % blocks) * nkv;
             const int64_t row = rows[r];
-            decode_item(q + row * q_stride, kv, out + row * q_stride, indices + indptr[r], kv_lens[r], kvh0, nkv,
+            decode_item<T, D>(q + row * q_stride, kv, out + row * q_stride, indices + indptr[r], kv_lens[r], kvh0, nkv,
                         group, num_kv_heads, d, page_size, scale, window_left, qf, acc, s, m, l, tmp);
         }
+    }
+}
+
+template <typename T>
+static void dispatch(const void* q, const void* kv, void* out, const int32_t* rows, const int32_t* indptr,
+                     const int32_t* indices, const int32_t* kv_lens, int num_reqs, int num_heads,
+                     int num_kv_heads, int head_dim, int page_size, float scale, int window_left, int num_threads) {
+    auto run = [&](auto fn) {
+        fn((const T*)q, (const T*)kv, (T*)out, rows, indptr, indices, kv_lens, num_reqs, num_heads,
+           num_kv_heads, head_dim, page_size, scale, window_left, num_threads);
+    };
+    switch (head_dim) {
+        case 64: run(decode<T, 64>); break;
+        case 128: run(decode<T, 128>); break;
+        case 256: run(decode<T, 256>); break;
+        default: run(decode<T, 0>);
     }
 }
 
@@ -176,11 +194,11 @@ extern "C" void pie_paged_decode(int dtype, const void* q, const void* kv, void*
                                  int num_reqs, int num_heads, int num_kv_heads, int head_dim, int page_size,
                                  float scale, int window_left, int num_threads) {
     if (dtype == 0)
-        decode((const float*)q, (const float*)kv, (float*)out, rows, indptr, indices, kv_lens, num_reqs,
-               num_heads, num_kv_heads, head_dim, page_size, scale, window_left, num_threads);
+        dispatch<float>(q, kv, out, rows, indptr, indices, kv_lens, num_reqs, num_heads, num_kv_heads, head_dim,
+                        page_size, scale, window_left, num_threads);
     else
-        decode((const bf16*)q, (const bf16*)kv, (bf16*)out, rows, indptr, indices, kv_lens, num_reqs,
-               num_heads, num_kv_heads, head_dim, page_size, scale, window_left, num_threads);
+        dispatch<bf16>(q, kv, out, rows, indptr, indices, kv_lens, num_reqs, num_heads, num_kv_heads, head_dim,
+                       page_size, scale, window_left, num_threads);
 }
 """
 
