@@ -10,7 +10,7 @@ no sinks (those layers stay on the gather path).
 
 Built at first use with the system C++ compiler (`$CXX`, else `c++`) and loaded with ctypes, so no
 torch C++ extension toolchain (ninja, headers) is needed. The .so is cached by a hash of the source,
-flags and compiler in `$TORCH_EXTENSIONS_DIR`, else `$PIE_HOME/cache/torch_extensions`; it is compiled
+flags, compiler and CPU features in `$TORCH_EXTENSIONS_DIR`, else `$PIE_HOME/cache/torch_extensions`; it is compiled
 to a temporary name and renamed, so concurrent processes never load a half-written file. Without a
 compiler, or when the build fails, `load_kernel` logs one warning and returns None: the caller keeps
 the gather path.
@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -279,7 +280,8 @@ def compiler() -> str:
 def ensure_library(directory: Path, cxx: str) -> tuple[Path, bool]:
     """The kernel's .so in `directory` (built now if missing) and whether it was built by this call.
     Raises OSError / subprocess.CalledProcessError when the compiler is missing or fails."""
-    key = hashlib.sha256("\0".join((_SOURCE, cxx, *FLAGS)).encode()).hexdigest()[:16]
+    # The CPU's features too: -march=native code from one host must not load on another sharing the cache.
+    key = hashlib.sha256("\0".join((_SOURCE, cxx, *FLAGS, _cpu_features())).encode()).hexdigest()[:16]
     path = directory / f"pie_paged_decode_{key}.so"
     if path.exists():
         return path, False
@@ -291,6 +293,15 @@ def ensure_library(directory: Path, cxx: str) -> tuple[Path, bool]:
                        timeout=300)
         os.replace(lib, path)  # atomic: another process sees the whole file or none
     return path, True
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (Linux), else the platform's processor name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 _loaded: dict[tuple[Path, str], PagedDecodeKernel | None] = {}
