@@ -7,6 +7,7 @@ weight byte and the batch's KV read once per step).
 
     python bench/decode_speed.py                         # CUDA: full table
     python bench/decode_speed.py --preset small --device cpu --configs eager int8-eager
+    python bench/decode_speed.py --preset small --device cpu --configs eager gather   # CPU paged kernel vs gathers
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     "fp8-weights": {"use_cuda_graphs": True, "weight_dtype": "float8"},
     "fp8-runtime": {"use_cuda_graphs": True, "runtime_quant": "fp8"},
     "int8-eager": {"weight_dtype": "int8"},
+    "gather": {"cpu_paged_attention": False},  # CPU: decode attention by page gathers (the reference path)
 }
 
 

@@ -69,6 +69,8 @@ class ModelOptions:
     use_cuda_graphs: bool = option(False, "run decode steps (forward, logits, sampling) as CUDA graphs; "
                                           "the config a CUDA flavor writes turns it on")
     attention_backend: str = option("auto", "attention kernels", choices=ATTENTION_BACKENDS)
+    cpu_paged_attention: bool = option(True, "CPU decode attention reads the paged KV cache in place (a C++ "
+                                             "kernel built at first use); false: gather pages (reference)")
     cpu_kv_budget_gb: float = option(2.0, "KV pool size in GiB on CPU/MPS (free memory is not measurable there)",
                                      above=0.0)
     cpu_mem_budget_in_gb: float = option(0.0, "pinned host pool for KV swap in GiB; 0 disables", min=0.0)

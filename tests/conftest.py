@@ -29,6 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for key in isolation.HF_OVERRIDES:
         os.environ.pop(key, None)
     os.environ.update(isolation.homes_env(base / "session"))
+    # Built kernels (cpu_paged) once per run, shared by every test, instead of once per test's PIE_HOME.
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(base / "torch_extensions")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

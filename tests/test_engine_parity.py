@@ -138,14 +138,16 @@ def test_sharded_checkpoint_with_index_loads(tmp_path) -> None:  # type: ignore[
     assert rel_err(ours, hf_logits(load_reference(tmp_path), prompt)) < 1e-4
 
 
-def test_decode_rows_of_mixed_lengths_match_each_row_alone(checkpoint_dir) -> None:  # type: ignore[no-untyped-def]
-    """torch_ref cuts a decode batch into groups of similar kv length; every row equals its own decode."""
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_rows_of_mixed_lengths_match_each_row_alone(paged: bool, checkpoint_dir) -> None:  # type: ignore[no-untyped-def]
+    """torch_ref cuts a decode batch into groups of similar kv length (paged=False) or sends it to the CPU
+    paged kernel in one call (paged=True); either way every row equals its own decode."""
     from pie.engine.attention.torch_ref import MIN_GROUP, _length_groups
 
     pages = np.array([1, 9, 2, 2, 7, 1, 3])
     groups = _length_groups(pages, np.ones(7, np.int64), np.arange(7) + 10, MIN_GROUP)
     assert sorted(np.concatenate(groups).tolist()) == list(range(10, 17)) and len(groups) == 1  # < MIN_GROUP rows
-    engine = make_engine(checkpoint_dir("qwen3"))
+    engine = make_engine(checkpoint_dir("qwen3"), cpu_paged_attention=paged)
     n = MIN_GROUP + 4
     prompts = [[(i * 13 + j * 5) % (VOCAB - 1) + 1 for j in range(4 + i * i // 4)] for i in range(n)]  # 4..94 tokens
     pager = SeqPager(engine)
@@ -153,7 +155,10 @@ def test_decode_rows_of_mixed_lengths_match_each_row_alone(checkpoint_dir) -> No
     probe = [OutputSpec(0, probe=Probe("logits"))]
     lens = dict(pager.kv_len)
     together = engine.forward_batch(ForwardBatch([pager.request(i, [7], probe) for i in range(n)])).outputs
-    assert len(engine.backend._groups) >= 2  # type: ignore[attr-defined]
+    if paged:
+        assert engine.backend._decode is not None and not engine.backend._decode_groups  # type: ignore[attr-defined]
+    else:
+        assert len(engine.backend._decode_groups) >= 2  # type: ignore[attr-defined]
     for i in range(n):  # the same pass again, alone: rewrite the same slot
         pager.kv_len[i] = lens[i]
         alone = engine.forward_batch(ForwardBatch([pager.request(i, [7], probe)])).outputs[0]

@@ -31,6 +31,8 @@ class EngineConfig:
     gpu_mem_utilization: float = 0.8
     cpu_kv_budget_gb: float = 2.0  # KV pool size on CPU/MPS, where free memory is not measurable
     attention_backend: str = "auto"
+    # torch_ref on the CPU: decode rows through the paged C++ kernel (cpu_paged); False: gather pages (reference).
+    cpu_paged_attention: bool = True
     use_cuda_graphs: bool = False
     max_num_adapters: int = 32
     max_adapter_rank: int = 8

@@ -100,7 +100,8 @@ class Engine:
         backend_name = resolve_backend_name(config.attention_backend, self.device)
         attn_shape = AttentionShape(spec.num_local_heads, spec.num_local_kv_heads, spec.head_dim,
                                     config.kv_page_size, self.dtype, self.device)
-        self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs())
+        options = {"paged": config.cpu_paged_attention} if backend_name == "torch_ref" else {}
+        self.backend = create_backend(backend_name, attn_shape, self.model.attention_layer_specs(), **options)
         # CUDA with FlashInfer: the page table travels in the step's upload, K/V go in by FlashInfer's append.
         self._cuda_ops = self.device.type == "cuda" and backend_name == "flashinfer"
         self._rng = random.Random(config.seed)

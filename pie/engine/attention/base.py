@@ -148,10 +148,12 @@ def resolve_backend_name(requested: str, device: torch.device) -> str:
     return requested
 
 
-def create_backend(name: str, shape: AttentionShape, layer_specs: list[AttentionLayerSpec]) -> AttentionBackend:
+def create_backend(name: str, shape: AttentionShape, layer_specs: list[AttentionLayerSpec],
+                   **options: object) -> AttentionBackend:
+    """The backend called `name`; `options` go to its constructor (torch_ref: `paged`)."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(_REGISTRY)}")
     module_name, cls_name = _REGISTRY[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    backend: AttentionBackend = cls(shape, layer_specs)
+    backend: AttentionBackend = cls(shape, layer_specs, **options)
     return backend

@@ -9,6 +9,10 @@ and attends up to twice the kv a mixed-length batch holds; a call per prefill
 costs eight small kernels per request per layer). Requests with custom masks
 are attended one by one (with a second mask for the sliding-window layers
 where `BatchLayout.window_masks` gives one).
+
+On the CPU, decode rows of causal requests skip the gathers: `cpu_paged`'s kernel reads their pages in
+place, on every layer without soft-cap or sinks (`paged=False`, or no C++ compiler, keeps the gathers:
+the reference the kernel is tested against).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pie.engine.attention.base import AttentionBackend, AttentionLayerSpec, BatchLayout
+from pie.engine.attention.base import AttentionBackend, AttentionLayerSpec, AttentionShape, BatchLayout
+from pie.engine.attention.cpu_paged import DTYPES, DecodePlan, PagedDecodeKernel, load_kernel
 
 
 @dataclass
@@ -41,16 +46,36 @@ class _Group:
 class TorchRefBackend(AttentionBackend):
     name = "torch_ref"
 
+    def __init__(self, shape: AttentionShape, layer_specs: list[AttentionLayerSpec], paged: bool = True) -> None:
+        super().__init__(shape, layer_specs)
+        # The CPU kernel, where asked for, on a CPU device, for its dtypes, and buildable here.
+        use = paged and shape.device.type == "cpu" and shape.dtype in DTYPES
+        self._kernel: PagedDecodeKernel | None = load_kernel() if use else None
+        # Layers the kernel serves; the others (soft-cap, sinks) gather even on decode rows.
+        self._paged_layers = [self._kernel is not None and s.softcap == 0.0 and not s.sinks for s in layer_specs]
+        self._decode: DecodePlan | None = None
+
+    @property
+    def paged(self) -> bool:
+        """Decode rows go through the CPU paged kernel (on the layers without soft-cap or sinks)."""
+        return self._kernel is not None
+
     def plan(self, layout: BatchLayout) -> None:
         self._groups: list[_Group] = []
+        self._decode_groups: list[_Group] = []  # decode rows' gathers, where the kernel does not serve them
         q_lens = np.diff(layout.qo_indptr)
         plain = np.ones(len(q_lens), bool)
         if layout.has_custom_mask:
             plain = np.array([not layout.is_masked(r) for r in range(layout.num_requests)])
         pages = np.diff(layout.kv_page_indptr)
         decode, multi = np.flatnonzero(plain & (q_lens == 1)), np.flatnonzero(plain & (q_lens > 1))
-        for reqs in _length_groups(pages[decode], q_lens[decode], decode, MIN_GROUP):
-            self._groups.append(self._padded_group(layout, reqs))
+        self._decode = None
+        if self._kernel is not None and decode.size:
+            self._decode = DecodePlan.build(layout.qo_indptr, layout.kv_page_indptr, layout.kv_page_indices,
+                                            layout.kv_lens, decode, self.shape.page_size)
+        if self._decode is None or not all(self._paged_layers):
+            for reqs in _length_groups(pages[decode], q_lens[decode], decode, MIN_GROUP):
+                self._decode_groups.append(self._padded_group(layout, reqs))
         for reqs in _length_groups(pages[multi], q_lens[multi], multi, 1):
             self._groups.append(self._padded_group(layout, reqs))
         for r in np.flatnonzero(~plain).tolist():
@@ -123,9 +148,18 @@ class TorchRefBackend(AttentionBackend):
     def run(self, layer_idx: int, q: torch.Tensor, kv_layer: torch.Tensor,
             sinks: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.layer_specs[layer_idx]
-        out = torch.empty_like(q)
         heads, dim = self.shape.num_kv_heads, self.shape.head_dim
-        for g in self._groups:
+        groups = self._groups
+        if self._decode is not None and self._paged_layers[layer_idx]:
+            assert self._kernel is not None
+            qk = q.to(kv_layer.dtype).contiguous()  # a no-op where the model runs in the cache's dtype
+            out = torch.empty_like(qk)
+            self._kernel(qk, kv_layer, out, self._decode, spec.scale, spec.window_left)
+            out = out.to(q.dtype)
+        else:
+            out = torch.empty_like(q)
+            groups = self._decode_groups + groups
+        for g in groups:
             # Whole-page gathers: index_select of contiguous [page_size, kv_heads, head_dim] blocks
             # yields a contiguous [n, kv_slots, kv_heads, head_dim] without per-slot indexing.
             k = kv_layer[:, 0].index_select(0, g.pages).view(g.num_seqs, g.kv_slots, heads, dim).transpose(1, 2)
