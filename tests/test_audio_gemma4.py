@@ -10,6 +10,7 @@ from transformers' own `Gemma4AudioFeatureExtractor` on the same samples.
 
 from __future__ import annotations
 
+import base64
 import io
 import wave
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_bad_audio_is_an_input_error(engine: Engine) -> None:
                         (png(1), "not a WAV"), (wav(4, 0.005), "too short")]:
         with pytest.raises(InputError, match=match):
             engine.prepare_audio(data)
-    with pytest.raises(InputError, match="over the limit of 0.5 s"):
+    with pytest.raises(InputError, match=r"over the limit of 0\.5 s"):
         engine.prepare_audio(wav(5, 0.8), max_seconds=0.5)
     with pytest.raises(InputError, match="over the limit of 30 s"):
         engine.prepare_audio(wav(5, 31.0))
@@ -248,3 +249,70 @@ async def test_runtime_limits_and_bad_clips_are_host_errors(ckpt: Path, tmp_path
         assert "over the limit of 0.5 s" in errors[0] and "cannot be decoded" in errors[1]
     finally:
         await rt.shutdown(0)
+
+
+# -- over HTTP --
+
+def _audio_messages(data: bytes, fmt: str = "wav") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [
+        {"type": "text", "text": "What is said?"},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}]}]
+
+
+async def _sdk_text(server: Any, name: str, data: bytes, max_tokens: int) -> str:
+    """The SDK path: the same rendered prompt, the clip buffered in its place, greedy generation."""
+    from inferlet import Sampler, chat
+    from pie.server.api.images import marker
+    from pie.server.api.served import served_model
+
+    runtime = server.state.runtime
+    served = served_model(runtime, name)
+    assert served is not None and served.prepare_audio is not None
+    info = served.prepare_audio(data)
+    tokens, rows = served.render_chat_images([{"role": "user", "content": "What is said?" + marker(0)}], None, [info])
+
+    async def body() -> str:
+        model = Model.load(name)
+        clip = Audio.from_bytes(model, data)
+        ctx = Context(model)
+        ctx.append(tokens[:rows[0]]).buffer_images([clip]).append(tokens[rows[0] + clip.token_count:])
+        out = await ctx.generate(Sampler.argmax(), max_tokens=max_tokens, stop=chat.stop_tokens(model),
+                                 auto_flush=False).collect_tokens()
+        return model.tokenizer().decode(out)
+    return str(await run_sdk(runtime, body))
+
+
+async def test_openai_input_audio_gives_the_sdk_tokens(ckpt: Path) -> None:
+    import openai
+    from server_support import running_server
+
+    from pie.engine.config import EngineConfig
+    from pie.runtime.runtime import ModelSpec, RuntimeConfig
+
+    engine = EngineConfig(model=str(ckpt), device="cpu", max_num_kv_pages=256, kv_page_size=4,
+                          max_num_embeds=128, activation_dtype="float32")
+    config = RuntimeConfig((ModelSpec("gemma4-audio", engine),), RuntimeLimits(max_audio_seconds=2.0))
+    data = wav(60, SECONDS[1])
+    async with running_server(config) as server, openai.AsyncOpenAI(
+            base_url=server.http_url + "/v1", api_key="unused", max_retries=0) as client:
+        reply = await client.chat.completions.create(model="gemma4-audio", messages=_audio_messages(data),  # type: ignore[arg-type]
+                                                     max_tokens=6, temperature=0)
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+        assert reply.usage.prompt_tokens > 20  # the clip's 20 tokens and the text
+        assert reply.choices[0].message.content == await _sdk_text(server, "gemma4-audio", data, 6)
+        cases = [(_audio_messages(b"RIFF\x00\x00\x00\x00WAVEnothing"), "audio clip 0 of the messages: the audio "
+                  "cannot be decoded"),
+                 (_audio_messages(data, "mp3"), "pie decodes WAV audio only"),
+                 (_audio_messages(wav(61, 2.5)), "over the limit of 2 s"),
+                 (_audio_messages(png(1)), "not a WAV file")]
+        for messages, why in cases:
+            with pytest.raises(openai.BadRequestError, match=why):
+                await client.chat.completions.create(model="gemma4-audio", messages=messages, max_tokens=2)  # type: ignore[arg-type]
+        again = await client.chat.completions.create(model="gemma4-audio", messages=_audio_messages(data),  # type: ignore[arg-type]
+                                                     max_tokens=6, temperature=0)
+        assert again.choices[0].message.content == reply.choices[0].message.content
+    async with running_server() as text_server, openai.AsyncOpenAI(
+            base_url=text_server.http_url + "/v1", api_key="unused", max_retries=0) as text_client:
+        with pytest.raises(openai.BadRequestError, match="takes no audio"):
+            await text_client.chat.completions.create(model="pie/tiny-random", messages=_audio_messages(data),  # type: ignore[arg-type]
+                                                      max_tokens=2)

@@ -170,8 +170,6 @@ class VisionEncoder:
             return entry.info
         pil = decode_image(data, min(max_pixels or MAX_DECODE_PIXELS, MAX_DECODE_PIXELS))
         image = self.processor.prepare(pil)
-        if not isinstance(image, PreparedImage):
-            raise TypeError(f"{type(self.processor).__name__}.prepare gave {type(image).__name__}")
         positions = image.positions.tolist() if image.positions is not None else None
         info = ImageInfo(key, list(image.tokens), list(image.embed_rows), tuple(image.grid), positions,
                          self.bidirectional, pil.size[0], pil.size[1],
@@ -211,7 +209,8 @@ class VisionEncoder:
             processor = self.processors[MediaKind.AUDIO]
             out: PreparedImage = processor.prepare(decode_wav(data, processor.sampling_rate, processor.max_seconds))
             return out
-        return self.processor.prepare(decode_image(data))  # type: ignore[no-any-return]
+        image: PreparedImage = self.processor.prepare(decode_image(data))
+        return image
 
     def _hold(self, keys: frozenset[str]) -> None:
         """Every key of a batch in the store: evicted pixels (features) are prepared again from their bytes."""

@@ -96,9 +96,9 @@ class Gemma4AudioProcessor:
 
     def features(self, waveform: np.ndarray) -> np.ndarray:
         """[frames, num_mels] float32 log-mel features of a mono float waveform's real frames."""
-        x = np.asarray(waveform, dtype=np.float64 if waveform.dtype == np.float64 else np.float32)
+        x: np.ndarray = np.asarray(waveform, dtype=np.float64 if waveform.dtype == np.float64 else np.float32)
         if self.scale != 1.0:
-            x = x * self.scale
+            x = x * np.float32(self.scale)
         x = np.pad(x, (self.frame_length // 2, 0))
         size, n = self.frame_length + 1, self.num_frames(len(waveform))
         frames = np.lib.stride_tricks.as_strided(x, shape=(n, size), strides=(x.strides[0] * self.hop, x.strides[0]))
