@@ -176,6 +176,19 @@ def test_the_clip_changes_the_output(engine: Engine) -> None:
     assert np.abs(la - lb).max() > 1e-3
 
 
+def test_evicted_features_are_prepared_again_from_the_bytes(ckpt: Path, engine: Engine) -> None:
+    """With no store budget, preparing clip b evicts clip a's features; a pass placing a prepares them
+    again from its kept bytes, with the logits of an engine that kept them."""
+    small = make_engine(ckpt, max_num_embeds=256, activation_dtype="float32", image_cache_mb=0)
+    assert small.vision is not None
+    a, pa = audio_prompt(small, [wav(32, 0.5)], [[5, 6], [7]])
+    audio_prompt(small, [wav(33, 0.5)], [[5, 6], [7]])
+    got = engine_greedy(small, a, pa, 1)[1][0]
+    assert small.vision.stats.reprepared == 1
+    want = engine_greedy(engine, *audio_prompt(engine, [wav(32, 0.5)], [[5, 6], [7]]), 1)[1][0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 # -- through the runtime and the SDK --
 
 WHOLE = RuntimeLimits(max_page_share_per_instance=0.0)

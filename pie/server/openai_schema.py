@@ -117,7 +117,7 @@ def _is_zero(v: Any) -> bool:
 
 # parameter -> (is the value neutral?, why it is refused and what to do)
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "audio": (lambda v: False, "pie serves text only"),
+    "audio": (lambda v: False, "pie generates text only (audio input is an `input_audio` message part)"),
     "modalities": (lambda v: v == ["text"], 'pie serves text only: modalities ["text"]'),
     "functions": (lambda v: False, "the deprecated `functions` are not supported; send `tools`"),
     "function_call": (lambda v: False, "the deprecated `function_call` is not supported; send `tool_choice`"),
