@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import wave
 from pathlib import Path
 from typing import Any
@@ -72,21 +73,27 @@ def test_features_from_wav_bytes_equal_transformers(engine: Engine) -> None:
         assert ours.shape == (int(mask.sum()), 32)
     # 32-bit float and 32-bit PCM WAVs of the same samples give the same features as 16-bit PCM
     samples = wav_samples(clips[0])
-    for make in (_float_wav, _pcm32_wav):
+    for make in (_float_wav, _pcm32_wav, _extensible_pcm16_wav):
         np.testing.assert_allclose(processor.features(decode_wav(make(samples), 16000, 30.0)),
                                    processor.features(samples), atol=1e-5)
     # another rate is resampled to the extractor's: half the samples at 8 kHz, the same duration
     assert len(decode_wav(wav(3, 1.0, rate=8000), 16000, 30.0)) == 16000
 
 
-def _float_wav(samples: np.ndarray) -> bytes:
-    """An IEEE-float WAV (format code 3, which the stdlib `wave` module does not write)."""
-    import struct
-
-    body = samples.astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 16000 * 4, 4, 32)
+def _riff(body: bytes, fmt: bytes) -> bytes:
     return (b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(body)) + b"WAVE" + b"fmt " +
             struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(body)) + body)
+
+
+def _float_wav(samples: np.ndarray) -> bytes:
+    """An IEEE-float WAV (format code 3, which the stdlib `wave` module neither writes nor reads)."""
+    return _riff(samples.astype("<f4").tobytes(), struct.pack("<HHIIHH", 3, 1, 16000, 16000 * 4, 4, 32))
+
+
+def _extensible_pcm16_wav(samples: np.ndarray) -> bytes:
+    """A WAVE_FORMAT_EXTENSIBLE 16-bit PCM WAV (its sub-format GUID starts with the PCM code, 1)."""
+    fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 1, 16000, 16000 * 2, 2, 16, 22, 16, 4) + struct.pack("<H", 1) + bytes(14)
+    return _riff(np.round(samples * 32768.0).astype("<i2").tobytes(), fmt)
 
 
 def _pcm32_wav(samples: np.ndarray) -> bytes:

@@ -34,8 +34,8 @@ def _chunks(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _float_wav(data: bytes) -> tuple[np.ndarray, int, int]:
-    """(samples, channels, rate) of an IEEE-float WAV."""
+def _riff_wav(data: bytes) -> tuple[np.ndarray, int, int]:
+    """(samples, channels, rate) of a WAV that `wave` refuses: IEEE float, or WAVE_FORMAT_EXTENSIBLE."""
     chunks = _chunks(data)
     fmt, body = chunks.get(b"fmt "), chunks.get(b"data")
     if fmt is None or body is None or len(fmt) < 16:
@@ -43,10 +43,13 @@ def _float_wav(data: bytes) -> tuple[np.ndarray, int, int]:
     code, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
     if code == _EXTENSIBLE and len(fmt) >= 26:
         code = struct.unpack("<H", fmt[24:26])[0]
+    width = bits // 8
+    usable = len(body) - len(body) % (max(width, 1) * max(channels, 1))
+    if code == _PCM and width in (1, 2, 3, 4):
+        return _pcm(body[:usable], width), channels, rate
     if code != _FLOAT or bits not in (32, 64):
         raise InputError(f"the WAV's sample format (code {code}, {bits} bits) is not PCM or 32/64-bit float")
     dtype = np.dtype("<f4" if bits == 32 else "<f8")
-    usable = len(body) - len(body) % (dtype.itemsize * max(channels, 1))
     return np.frombuffer(body[:usable], dtype=dtype).astype(np.float32), channels, rate
 
 
@@ -78,7 +81,7 @@ def decode_wav(data: bytes, rate: int, max_seconds: float) -> np.ndarray:
     except wave.Error as e:
         if "unknown format: 3" not in str(e) and "unknown format: 65534" not in str(e):
             raise InputError(f"the audio cannot be decoded as WAV ({len(data)} bytes): {e}") from None
-        samples, channels, src_rate = _float_wav(data)
+        samples, channels, src_rate = _riff_wav(data)
     except (EOFError, struct.error, KeyError, ValueError) as e:
         raise InputError(f"the audio cannot be decoded as WAV ({len(data)} bytes): {type(e).__name__}: {e}") from None
     if channels < 1 or src_rate < 1:

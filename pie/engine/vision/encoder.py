@@ -126,9 +126,9 @@ class VisionEncoder:
         model_type = str(getattr(hf_config, "model_type", ""))
         if not serves_images(model_type) or getattr(hf_config, "vision_config", None) is None:
             return None  # a text-only family, or a checkpoint of an image family written without its tower
-        kinds = [MediaKind.IMAGE] + [MediaKind.AUDIO] * (serves_audio(model_type) and
-                                                         getattr(hf_config, CONFIG_KEYS[MediaKind.AUDIO], None)
-                                                         is not None)
+        kinds = [MediaKind.IMAGE]
+        if serves_audio(model_type) and getattr(hf_config, CONFIG_KEYS[MediaKind.AUDIO], None) is not None:
+            kinds.append(MediaKind.AUDIO)  # a checkpoint written without its audio tower serves images only
         path = model_dir / "preprocessor_config.json"
         preprocessor = json.loads(path.read_text()) if path.exists() else {}
         processors: dict[MediaKind, Any] = {}
@@ -151,7 +151,9 @@ class VisionEncoder:
                     for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                         if text_model.map_checkpoint_name(key) is None:
                             tensor = handle.get_tensor(key)
-                            any(tower.load_tensor(key, tensor) for tower in towers.values())
+                            for tower in towers.values():
+                                if tower.load_tensor(key, tensor):
+                                    break  # each tower takes its own prefixes only
             for tower in towers.values():
                 tower.check_loaded()
         budget = budget_mb * MiB

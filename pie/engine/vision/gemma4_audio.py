@@ -30,7 +30,7 @@ from torch import nn
 
 from pie.engine.vision.base import config_value
 from pie.engine.vision.common import CheckpointModule, PreparedImage, activation, build_on, ceil_div
-from pie.engine.vision.gemma4 import _ClippableLinear, _gemma_rms, _Norm
+from pie.engine.vision.gemma4 import ClippableLinear, NormWeight, gemma_rms
 from pie.errors import InputError
 
 
@@ -153,20 +153,20 @@ class _FeedForward(nn.Module):
     def __init__(self, ac: Any) -> None:
         super().__init__()
         c, h = bool(ac.use_clipped_linears), int(ac.hidden_size)
-        self.ffw_layer_1 = _ClippableLinear(h, 4 * h, c)
-        self.ffw_layer_2 = _ClippableLinear(4 * h, h, c)
-        self.pre_layer_norm = _Norm(h)
-        self.post_layer_norm = _Norm(h)
+        self.ffw_layer_1 = ClippableLinear(h, 4 * h, c)
+        self.ffw_layer_2 = ClippableLinear(4 * h, h, c)
+        self.pre_layer_norm = NormWeight(h)
+        self.post_layer_norm = NormWeight(h)
 
 
 class _Attention(nn.Module):
     def __init__(self, ac: Any) -> None:
         super().__init__()
         c, h = bool(ac.use_clipped_linears), int(ac.hidden_size)
-        self.q_proj = _ClippableLinear(h, h, c)
-        self.k_proj = _ClippableLinear(h, h, c)
-        self.v_proj = _ClippableLinear(h, h, c)
-        self.post = _ClippableLinear(h, h, c)
+        self.q_proj = ClippableLinear(h, h, c)
+        self.k_proj = ClippableLinear(h, h, c)
+        self.v_proj = ClippableLinear(h, h, c)
+        self.post = ClippableLinear(h, h, c)
         self.relative_k_proj = nn.Linear(h, h, bias=False)
         self.per_dim_scale = nn.Parameter(torch.zeros(h // int(ac.num_attention_heads)))
 
@@ -175,11 +175,11 @@ class _LightConv(nn.Module):
     def __init__(self, ac: Any) -> None:
         super().__init__()
         c, h = bool(ac.use_clipped_linears), int(ac.hidden_size)
-        self.linear_start = _ClippableLinear(h, 2 * h, c)
-        self.linear_end = _ClippableLinear(h, h, c)
+        self.linear_start = ClippableLinear(h, 2 * h, c)
+        self.linear_end = ClippableLinear(h, h, c)
         self.depthwise_conv1d = nn.Conv1d(h, h, int(ac.conv_kernel_size), groups=h, bias=False)
-        self.pre_layer_norm = _Norm(h)
-        self.conv_norm = _Norm(h)
+        self.pre_layer_norm = NormWeight(h)
+        self.conv_norm = NormWeight(h)
 
 
 class _Layer(nn.Module):
@@ -189,9 +189,9 @@ class _Layer(nn.Module):
         self.feed_forward2 = _FeedForward(ac)
         self.self_attn = _Attention(ac)
         self.lconv1d = _LightConv(ac)
-        self.norm_pre_attn = _Norm(ac.hidden_size)
-        self.norm_post_attn = _Norm(ac.hidden_size)
-        self.norm_out = _Norm(ac.hidden_size)
+        self.norm_pre_attn = NormWeight(ac.hidden_size)
+        self.norm_post_attn = NormWeight(ac.hidden_size)
+        self.norm_out = NormWeight(ac.hidden_size)
 
 
 class _AudioTower(nn.Module):
@@ -259,9 +259,9 @@ class Gemma4AudioTower(CheckpointModule):
         return sub.input_proj_linear(x.permute(0, 2, 3, 1).reshape(t, -1))
 
     def _feed_forward(self, ff: _FeedForward, x: torch.Tensor) -> torch.Tensor:
-        h = _gemma_rms(self._clamp(x), ff.pre_layer_norm.weight, self.eps)
+        h = gemma_rms(self._clamp(x), ff.pre_layer_norm.weight, self.eps)
         h = ff.ffw_layer_2(self.act(ff.ffw_layer_1(h)))
-        return x + _gemma_rms(self._clamp(h), ff.post_layer_norm.weight, self.eps) * self.residual_weight
+        return x + gemma_rms(self._clamp(h), ff.post_layer_norm.weight, self.eps) * self.residual_weight
 
     def _positions(self, device: torch.device) -> torch.Tensor:
         """The [context // 2 + 1, hidden] sinusoids of relative distances context // 2, ..., 0: sin then cos."""
@@ -303,19 +303,19 @@ class Gemma4AudioTower(CheckpointModule):
         return att.post(out.to(x.dtype))
 
     def _light_conv(self, lc: _LightConv, x: torch.Tensor) -> torch.Tensor:
-        h = F.glu(lc.linear_start(_gemma_rms(x, lc.pre_layer_norm.weight, self.eps)), dim=-1)
+        h = F.glu(lc.linear_start(gemma_rms(x, lc.pre_layer_norm.weight, self.eps)), dim=-1)
         kernel = lc.depthwise_conv1d.weight.shape[-1]
         h = lc.depthwise_conv1d(F.pad(h.T[None], (kernel - 1, 0)))[0].T  # causal: only past frames
-        h = _gemma_rms(self._clamp(h), lc.conv_norm.weight, self.eps)
+        h = gemma_rms(self._clamp(h), lc.conv_norm.weight, self.eps)
         return x + lc.linear_end(self.act(h))
 
     def _layer(self, layer: _Layer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = self._feed_forward(layer.feed_forward1, x)
-        a = self._attention(layer.self_attn, _gemma_rms(self._clamp(x), layer.norm_pre_attn.weight, self.eps), pos)
-        x = x + _gemma_rms(self._clamp(a), layer.norm_post_attn.weight, self.eps)
+        a = self._attention(layer.self_attn, gemma_rms(self._clamp(x), layer.norm_pre_attn.weight, self.eps), pos)
+        x = x + gemma_rms(self._clamp(a), layer.norm_post_attn.weight, self.eps)
         x = self._light_conv(layer.lconv1d, x)
         x = self._feed_forward(layer.feed_forward2, x)
-        return _gemma_rms(self._clamp(x), layer.norm_out.weight, self.eps)
+        return gemma_rms(self._clamp(x), layer.norm_out.weight, self.eps)
 
     def encode(self, feats: torch.Tensor) -> torch.Tensor:
         """One clip's [frames, mels] features -> its [tokens, text_hidden] embeddings."""
@@ -326,7 +326,7 @@ class Gemma4AudioTower(CheckpointModule):
         for layer in layers:
             x = self._layer(layer, x, pos)
         x = self.audio_tower.output_proj(x)
-        return self.embed_audio.embedding_projection(_gemma_rms(x, None, self.eps))
+        return self.embed_audio.embedding_projection(gemma_rms(x, None, self.eps))
 
     @torch.no_grad()
     def forward(self, clips: list[PreparedImage]) -> list[torch.Tensor]:
