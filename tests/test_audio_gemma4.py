@@ -336,3 +336,25 @@ async def test_openai_input_audio_gives_the_sdk_tokens(ckpt: Path) -> None:
         with pytest.raises(openai.BadRequestError, match="takes no audio"):
             await text_client.chat.completions.create(model="pie/tiny-random", messages=_audio_messages(data),  # type: ignore[arg-type]
                                                       max_tokens=2)
+
+
+async def test_an_image_only_gemma4_takes_no_audio(tmp_path: Path) -> None:
+    """A Gemma 4 checkpoint written without its audio tower: no audio preparer for HTTP, a HostError in the
+    SDK, images still served."""
+    from pie.server.api.served import served_model
+
+    rt = await start_runtime(gemma4_checkpoint(tmp_path / "ckpt", audio=False), limits=WHOLE, pie_home=tmp_path,
+                             kv_page_size=4, activation_dtype="float32")
+    try:
+        served = served_model(rt, "tiny")
+        assert served is not None and served.prepare_audio is None and served.prepare_image is not None
+
+        async def body() -> str:
+            try:
+                Audio.from_bytes(Model.load(), wav(70, 0.5))
+            except HostError as e:
+                return str(e)
+            return ""
+        assert "takes no audio" in await run_sdk(rt, body)
+    finally:
+        await rt.shutdown(0)
