@@ -105,11 +105,11 @@ class VisionEncoder:
     def __init__(self, processors: dict[MediaKind, Any], towers: dict[MediaKind, torch.nn.Module],
                  store_budget: int, cache_budget: int) -> None:
         self.processors, self.towers = processors, towers
+        # The image side, which every encoder has; its tower's mask rules apply to images only.
         self.processor, self.tower = processors[MediaKind.IMAGE], towers[MediaKind.IMAGE]
-        tower = self.tower
-        self.bidirectional = bool(tower.bidirectional)
+        self.bidirectional = bool(self.tower.bidirectional)
         # Gemma 4: the image blocks attend both ways on the sliding-window layers only, causally on the rest.
-        self.sliding_only = getattr(tower, "bidirectional_layers", "all") == "sliding"
+        self.sliding_only = getattr(self.tower, "bidirectional_layers", "all") == "sliding"
         self.store: LRUBytes[_Entry] = LRUBytes(store_budget, lambda e: e.image.pixel_values.nbytes)
         # The encoded bytes too (far smaller than the pixels), so an image whose pixels were evicted while a
         # context still holds it is prepared again when a pass needs it, instead of failing the pass.
