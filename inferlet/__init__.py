@@ -19,6 +19,7 @@ from inferlet import brle, chat, mcp, messaging, reasoning, runtime, session, to
 from inferlet._host import HostError
 from inferlet._instance import get_return_value, set_return
 from inferlet.adapter import Adapter
+from inferlet.audio import Audio
 from inferlet.context import Context
 from inferlet.forward import Forward, Output, ProbeHandle, SampleHandle
 from inferlet.generation import Generator, GenStep
@@ -40,7 +41,7 @@ from inferlet.sample import Distribution, Embedding, Entropy, Logits, Logprob, L
 from inferlet.spec import NgramSpeculator, Speculator
 
 __all__ = [
-    "Adapter", "AnyJson", "Constraint", "Context", "Distribution", "Ebnf", "Embedding", "Entropy", "Forward",
+    "Adapter", "AnyJson", "Audio", "Constraint", "Context", "Distribution", "Ebnf", "Embedding", "Entropy", "Forward",
     "GenStep", "Generator", "Grammar", "GrammarConstraint", "GrammarError", "HostError", "Image", "JsonSchema", "Logits",
     "Logprob", "Logprobs", "Matcher", "Model", "NgramSpeculator", "Output", "ProbeHandle", "Regex",
     "SampleHandle", "Sampler", "Schema", "Speculator", "Tokenizer", "brle", "chat", "get_return_value", "mcp",

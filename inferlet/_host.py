@@ -123,6 +123,7 @@ class Host(Protocol):
 
     # -- images: prepared by the model's engines (decoded, preprocessed), placed by key in passes --
     def image_prepare(self, model: str, data: bytes) -> dict[str, Any]: ...  # key, tokens, embed_rows, grid, ...
+    def audio_prepare(self, model: str, data: bytes) -> dict[str, Any]: ...  # key, tokens, embed_rows, seconds
 
     # -- contexts: a chain of KV pages, committed (full, shared) + working (mutable tail) --
     def ctx_create(self, model: str) -> int: ...

@@ -21,7 +21,7 @@ from inferlet._instance import instance_state
 from inferlet.model import Model
 
 if TYPE_CHECKING:
-    from inferlet.image import Image
+    from inferlet.image import Media
 
 
 def system(model: Model, message: str, *, parse_special: bool = False) -> list[int]:
@@ -31,34 +31,34 @@ def system(model: Model, message: str, *, parse_special: bool = False) -> list[i
 class Tokens(list[int]):
     """A turn's tokens with the images placed in it: (index of the image's first token, image)."""
 
-    images: list[tuple[int, Image]]
+    images: list[tuple[int, Media]]
 
-    def __init__(self, tokens: list[int], images: list[tuple[int, Image]]) -> None:
+    def __init__(self, tokens: list[int], images: list[tuple[int, Media]]) -> None:
         super().__init__(tokens)
         self.images = images
 
 
-def user(model: Model, message: str | list[str | Image], *, parse_special: bool = False) -> list[int]:
-    """A user turn; `message` may be a list of text parts and `Image`s, which fill the template's image
-    slots (the result is then `Tokens`, carrying the images' places)."""
+def user(model: Model, message: str | list[str | Media], *, parse_special: bool = False) -> list[int]:
+    """A user turn; `message` may be a list of text parts, `Image`s and `Audio` clips, which take their
+    places in it (the result is then `Tokens`, carrying the images' places)."""
     if isinstance(message, str):
         return get_host().chat_tokens(model.name, "user", message, parse_special)
     return parts(model, "user", message, parse_special=parse_special)
 
 
-def parts(model: Model, role: str, message: list[str | Image], *, parse_special: bool = False) -> Tokens:
-    from inferlet.image import Image
+def parts(model: Model, role: str, message: list[str | Media], *, parse_special: bool = False) -> Tokens:
+    from inferlet.image import Media
 
     plain: list[Any] = []
-    images: list[Image] = []
+    images: list[Media] = []
     for part in message:
-        if isinstance(part, Image):
+        if isinstance(part, Media):
             images.append(part)
-            plain.append({"image": part.key})
+            plain.append({part.part_name: part.key})
         elif isinstance(part, str):
             plain.append(part)
         else:
-            raise TypeError(f"a message part is a str or an Image, got {type(part).__name__}")
+            raise TypeError(f"a message part is a str, an Image or an Audio, got {type(part).__name__}")
     out = get_host().chat_parts(model.name, role, plain, parse_special)
     rows = [int(row) for _, row in out["images"]]
     return Tokens(list(out["tokens"]), list(zip(rows, images, strict=True)))

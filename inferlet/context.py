@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from inferlet.adapter import Adapter
+    from inferlet.audio import Audio
     from inferlet.generation import Generator
     from inferlet.grammar import Constraint, Schema
-    from inferlet.image import Image
+    from inferlet.image import Image, Media
     from inferlet.sample import Sampler
     from inferlet.spec import Speculator
 
@@ -56,7 +57,7 @@ class Context:
         self._released = False
         self._bid = 0.0
         self._stream: Generator | None = None  # a generator whose runtime stream owns this context
-        self._images: list[tuple[int, Image]] = []  # images in the buffer: (index of the first token, image)
+        self._images: list[tuple[int, Media]] = []  # images in the buffer: (index of the first token, image)
 
     def _settle(self) -> None:
         """Stop a run-ahead stream on this context before anything reads or changes it: the context is
@@ -66,7 +67,7 @@ class Context:
 
     @classmethod
     def _wrap(cls, model: Model, handle: int, pending: list[int] | None = None,
-              images: list[tuple[int, Image]] | None = None) -> Context:
+              images: list[tuple[int, Media]] | None = None) -> Context:
         obj = cls.__new__(cls)
         obj._setup(get_host(), model, handle, list(pending or []), fresh=False)
         obj._images = list(images or [])
@@ -170,8 +171,8 @@ class Context:
         self._fresh = False
         return self._extend(chat.system(self._model, message, parse_special=parse_special))
 
-    def user(self, message: str | list[str | Image], *, parse_special: bool = False) -> Context:
-        """A user turn; a list of text parts and `Image`s fills the chat template's image slots."""
+    def user(self, message: str | list[str | Media], *, parse_special: bool = False) -> Context:
+        """A user turn; a list of text parts, `Image`s and `Audio` clips places them in the turn."""
         return self._turn(chat.user(self._model, message, parse_special=parse_special))
 
     def assistant(self, message: str, *, parse_special: bool = False) -> Context:
@@ -192,12 +193,18 @@ class Context:
         delimiters included) run in one pass, the image's embeddings in their rows."""
         await self.append_images([image])
 
-    async def append_images(self, images: Iterable[Image]) -> None:
+    async def append_audio(self, audio: Audio) -> None:
+        """The clip into the KV cache, as `append_image` puts an image: the buffer and the clip's tokens
+        (`<boa>`, its audio tokens, `<eoa>`) in one pass, the audio tower's embeddings in their rows."""
+        await self.append_images([audio])
+
+    async def append_images(self, images: Iterable[Media]) -> None:
         self.buffer_images(images)
         await self.flush()
 
-    def buffer_images(self, images: Iterable[Image]) -> Context:
-        """The images' tokens into the buffer only, like `append` (they run with the next pass)."""
+    def buffer_images(self, images: Iterable[Media]) -> Context:
+        """The images' (or audio clips') tokens into the buffer only, like `append` (they run with the next
+        pass)."""
         self._fresh = False
         for image in images:
             self._images.append((len(self._pending), image))

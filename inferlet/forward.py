@@ -24,8 +24,9 @@ from inferlet.sample import Sampler, probe_kind
 
 if TYPE_CHECKING:
     from inferlet.adapter import Adapter
+    from inferlet.audio import Audio
     from inferlet.context import Context
-    from inferlet.image import Image
+    from inferlet.image import Media
 
 ZO_SEED_MOD = 1 << 64  # zo seeds are taken mod 2**64 (the engine's generator seed; msgpack carries them)
 
@@ -60,8 +61,8 @@ class Forward:
         self._adapter: Adapter | None = None
         self._seed: int | None = None
         self._zo_seed: int | None = None
-        self._images: list[tuple[int, Image]] = []  # (row among the `input` tokens, image)
-        self._explicit_images: list[tuple[int, Image]] = []  # (index into _explicit, image)
+        self._images: list[tuple[int, Media]] = []  # (row among the `input` tokens, image)
+        self._explicit_images: list[tuple[int, Media]] = []  # (index into _explicit, image)
 
     def start_position(self) -> int:
         """The position of the first `input` token: the context's next position (its seq_len, less what
@@ -82,7 +83,7 @@ class Forward:
         self._explicit.append(([int(t) for t in tokens], [int(p) for p in positions]))
         return self
 
-    def input_image(self, image: Image, anchor: int | None = None) -> Forward:
+    def input_image(self, image: Media, anchor: int | None = None) -> Forward:
         """The image's placeholder tokens as inputs, its embeddings in their rows. `anchor`: the position
         of its first token (default: after the `input` tokens so far, like `input`); its tokens sit at
         anchor + `image.position_offsets`."""
@@ -93,6 +94,11 @@ class Forward:
             self._explicit_images.append((len(self._explicit), image))
             self._explicit.append((list(image.token_ids), [int(anchor) + o for o in image.position_offsets]))
         return self
+
+    def input_audio(self, audio: Audio, anchor: int | None = None) -> Forward:
+        """The clip's placeholder tokens as inputs, the audio tower's embeddings in their rows (as
+        `input_image`)."""
+        return self.input_image(audio, anchor)
 
     @property
     def num_inputs(self) -> int:

@@ -30,27 +30,22 @@ from inferlet._host import get_host
 from inferlet.model import Model
 
 
-class Image:
-    __slots__ = ("embed_rows", "grid", "height", "key", "model", "position_offsets", "position_span", "positions",
-                 "token_ids", "width")
+class Media:
+    """What a context places alike for images and audio clips (`inferlet.audio.Audio`): a content key,
+    placeholder tokens, the rows of them that take the tower's embeddings, and their positions."""
+
+    __slots__ = ("embed_rows", "key", "model", "position_offsets", "position_span", "token_ids")
 
     def __init__(self, model: Model, info: dict[str, Any]) -> None:
         self.model = model
         self.key: str = info["key"]
         self.token_ids: list[int] = list(info["tokens"])
         self.embed_rows: list[int] = list(info["embed_rows"])
-        self.grid: tuple[int, int, int] = tuple(info["grid"])
-        self.positions: list[list[int]] | None = info.get("positions")
         self.position_span: int = int(info["position_span"])
         self.position_offsets: list[int] = list(info.get("position_offsets") or range(len(self.token_ids)))
-        self.width: int = int(info["width"])
-        self.height: int = int(info["height"])
 
-    @classmethod
-    def from_bytes(cls, model: Model, data: bytes) -> Image:
-        """Decode and prepare an encoded image for `model`; HostError if it cannot be decoded or is over
-        the instance's limits (images, pixels)."""
-        return cls(model, get_host().image_prepare(model.name, bytes(data)))
+    # The chat part that names it (`Host.chat_parts`).
+    part_name = "image"
 
     @property
     def token_count(self) -> int:
@@ -66,6 +61,23 @@ class Image:
     def suffix_tokens(self) -> list[int]:
         """The delimiter tokens after its last embedding row (Gemma 3: <end_of_image>)."""
         return self.token_ids[self.embed_rows[-1] + 1:] if self.embed_rows else []
+
+
+class Image(Media):
+    __slots__ = ("grid", "height", "positions", "width")
+
+    def __init__(self, model: Model, info: dict[str, Any]) -> None:
+        super().__init__(model, info)
+        self.grid: tuple[int, int, int] = tuple(info["grid"])
+        self.positions: list[list[int]] | None = info.get("positions")
+        self.width: int = int(info["width"])
+        self.height: int = int(info["height"])
+
+    @classmethod
+    def from_bytes(cls, model: Model, data: bytes) -> Image:
+        """Decode and prepare an encoded image for `model`; HostError if it cannot be decoded or is over
+        the instance's limits (images, pixels)."""
+        return cls(model, get_host().image_prepare(model.name, bytes(data)))
 
     def __repr__(self) -> str:
         return f"Image({self.key[:12]}, {self.width}x{self.height}, {self.token_count} tokens)"

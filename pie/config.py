@@ -189,6 +189,8 @@ class RuntimeConfig:
     max_finished_processes: int = option(1024, "finished inferlets kept for late attach", min=0)
     max_images_per_instance: int = option(256, "images one inferlet may prepare", min=0)
     max_image_pixels: int = option(16 * 1024 * 1024, "width x height of one decoded image", min=0)
+    max_audio_seconds: float = option(30.0, "seconds of one decoded audio clip (the model's own limit, Gemma "
+                                      "4's 30 s, still applies)", min=0.0)
     inferlet_paths: tuple[Path, ...] = option((), "extra folders searched for inferlets after "
                                               "the standard ones and $PIE_HOME/inferlets")
     sandbox: SandboxPolicy | None = None  # isolated mode's policy (the [sandbox] table); None when trusted

@@ -242,14 +242,17 @@ def test_driver_doctor_runs_the_chosen_interpreter(home: Path) -> None:
 
 
 def test_model_list_and_info_say_which_inputs_a_checkpoint_serves(home: Path, tmp_path: Path) -> None:
-    """Gemma 3, Gemma 4 and Qwen 3.5 image-text checkpoints: text+image; a text-only one: text."""
+    """Gemma 3, Gemma 4 and Qwen 3.5 image-text checkpoints: text+image; a Gemma 4 with an audio tower:
+    text+image+audio; a text-only one: text."""
     from checkpoints import tiny_checkpoint
+    from vision_support import gemma4_checkpoint
 
     def inputs(path: Path) -> str:
         return dict(line.split(":", 1) for line in cli("model", "info", str(path)).output.splitlines())["inputs"]
 
     assert inputs(tiny_checkpoint(tmp_path / "gemma3", "gemma3")).strip() == "text+image"
     assert inputs(tiny_checkpoint(tmp_path / "gemma4", "gemma4")).strip() == "text+image"
+    assert inputs(gemma4_checkpoint(tmp_path / "gemma4-audio", audio=True)).strip() == "text+image+audio"
     assert inputs(tiny_checkpoint(tmp_path / "qwen3_5", "qwen3_5")).strip() == "text+image"
     tiny = dict(line.split(":", 1) for line in cli("model", "info", "pie/tiny-random").output.splitlines())
     assert tiny["inputs"].strip() == "text"

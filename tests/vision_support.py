@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import wave
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,10 +67,26 @@ GEMMA4_PREPROCESSOR: dict[str, Any] = {  # the keys of a Gemma 4 preprocessor_co
 }
 
 
-def gemma4_config(bidirectional: bool = True, **text_overrides: Any) -> Any:
+# Gemma 4 audio: three more tiny-vocabulary ids; 32 mel bins (the first subsampling conv's channels).
+GEMMA4_BOA, GEMMA4_EOA, GEMMA4_AUDIO = VOCAB - 7, VOCAB - 6, VOCAB - 5
+GEMMA4_AUDIO_CONFIG: dict[str, Any] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "subsampling_conv_channels": [32, 8],
+    "conv_kernel_size": 5, "attention_chunk_size": 12, "attention_context_left": 13, "attention_context_right": 0,
+    "output_proj_dims": 48, "use_clipped_linears": True,
+}
+GEMMA4_FEATURES: dict[str, Any] = {  # the feature extractor's keys of a Gemma 4 preprocessor_config.json
+    "feature_extractor_type": "Gemma4AudioFeatureExtractor", "feature_size": 32, "sampling_rate": 16000,
+    "frame_length_ms": 20.0, "hop_length_ms": 10.0, "min_frequency": 0.0, "max_frequency": 8000.0,
+    "mel_floor": 0.001, "padding_value": 0.0, "return_attention_mask": True, "dither": 0.0,
+    "input_scale_factor": 1.0, "preemphasis": 0.0,
+}
+
+
+def gemma4_config(bidirectional: bool = True, audio: bool = False, **text_overrides: Any) -> Any:
     """Gemma 4 with the text config of the family tests (PLE, KV sharing, window 8, soft-cap) and a 2-layer
     vision tower with clamped linears and standardisation; `bidirectional`: image rows attend both ways on
-    the sliding layers (`use_bidirectional_attention = "vision"`, as the larger checkpoints say)."""
+    the sliding layers (`use_bidirectional_attention = "vision"`, as the larger checkpoints say); `audio`: a
+    2-layer conformer audio tower too."""
     from transformers import Gemma4Config
 
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -77,19 +94,20 @@ def gemma4_config(bidirectional: bool = True, **text_overrides: Any) -> Any:
               "position_embedding_size": 64, "use_clipped_linears": True, "standardize": True}
     text = {**_COMMON, **ARCHS["gemma4_text"], **text_overrides,
             "use_bidirectional_attention": "vision" if bidirectional else None}
-    return Gemma4Config(vision_config=vision, text_config=text, audio_config=None, image_token_id=GEMMA4_IMAGE,
-                        boi_token_id=GEMMA4_BOI, eoi_token_id=GEMMA4_EOI,
+    return Gemma4Config(vision_config=vision, text_config=text, audio_config=GEMMA4_AUDIO_CONFIG if audio else None,
+                        image_token_id=GEMMA4_IMAGE, boi_token_id=GEMMA4_BOI, eoi_token_id=GEMMA4_EOI,
+                        audio_token_id=GEMMA4_AUDIO, boa_token_id=GEMMA4_BOA, eoa_token_index=GEMMA4_EOA,
                         tie_word_embeddings=text["tie_word_embeddings"])
 
 
 def gemma4_spread(model: Any) -> None:
-    """Unit-gain vision weights, norms off 1, finite clip bounds that some values pass, a real
+    """Unit-gain vision and audio weights, norms off 1, finite clip bounds that some values pass, a real
     standardisation: at transformers' init the attention is near uniform and the clamps never bite."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
-            elif p.ndim >= 2 and "vision" in name:
+            elif p.ndim >= 2 and ("vision" in name or "audio" in name):
                 p.normal_(0.0, (3.0 if "q_proj" in name or "k_proj" in name else 1.0) / p[-1].numel() ** 0.5)
         for name, b in model.named_buffers():
             if name.endswith(("input_min", "output_min")):
@@ -102,20 +120,24 @@ def gemma4_spread(model: Any) -> None:
                 b.copy_(torch.rand_like(b) + 0.5)
 
 
-def gemma4_model(bidirectional: bool = True, seed: int = 0, **text_overrides: Any) -> Any:
+def gemma4_model(bidirectional: bool = True, seed: int = 0, audio: bool = False, **text_overrides: Any) -> Any:
     from transformers import Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(gemma4_config(bidirectional, **text_overrides)).eval()
+    model = Gemma4ForConditionalGeneration(gemma4_config(bidirectional, audio, **text_overrides)).eval()
     gemma4_spread(model)
     return model
 
 
-def gemma4_checkpoint(directory: Path, *, bidirectional: bool = True, seed: int = 0, **text_overrides: Any) -> Path:
-    """A random Gemma4ForConditionalGeneration (vision tower, embedder) with its preprocessor_config.json."""
-    gemma4_model(bidirectional, seed, **text_overrides).save_pretrained(directory, safe_serialization=True)
+def gemma4_checkpoint(directory: Path, *, bidirectional: bool = True, seed: int = 0, audio: bool = False,
+                      **text_overrides: Any) -> Path:
+    """A random Gemma4ForConditionalGeneration (vision tower, embedder; `audio`: the audio tower and its
+    embedder too) with its preprocessor_config.json."""
+    model = gemma4_model(bidirectional, seed, audio, **text_overrides)
+    model.save_pretrained(directory, safe_serialization=True)
     write_tokenizer_files(directory, VOCAB)
-    (directory / "preprocessor_config.json").write_text(json.dumps(GEMMA4_PREPROCESSOR))
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps({**GEMMA4_PREPROCESSOR, **(GEMMA4_FEATURES if audio else {})}))
     return directory
 
 
@@ -201,3 +223,48 @@ def engine_greedy(engine: Engine, tokens: list[int], images: list[tuple[str, int
         logits.append(logits_of(row))  # type: ignore[arg-type]
         feed, imgs, positions = [out[-1]], None, [positions[-1] + 1]
     return out, logits
+
+
+def wav(seed: int, seconds: float, *, rate: int = 16000, channels: int = 1, width: int = 2) -> bytes:
+    """A random PCM WAV (a chirp plus noise) of `width`-byte samples."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * rate)
+    t = np.arange(n) / rate
+    mono = 0.4 * np.sin(2 * np.pi * (200 + 300 * seed) * t * (1 + t)) + 0.1 * rng.standard_normal(n)
+    samples = np.stack([mono * (0.5 + 0.5 * c) for c in range(channels)], axis=1)
+    scale = float(1 << (8 * width - 1)) - 1
+    pcm = np.clip(samples * scale, -scale, scale).astype({2: "<i2", 4: "<i4"}[width])
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def wav_samples(data: bytes) -> np.ndarray:
+    """A 16-bit PCM WAV's samples as a mono float waveform, as a user would hand them to transformers."""
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getsampwidth() == 2
+        raw = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
+    return (raw.astype(np.float32) / 32768.0).mean(axis=1)
+
+
+def hf_audio_features(clips: list[bytes]) -> dict[str, torch.Tensor]:
+    """transformers' `Gemma4AudioFeatureExtractor` on the clips' samples: input_features, input_features_mask."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    kw = {k: v for k, v in GEMMA4_FEATURES.items() if k != "feature_extractor_type"}
+    return dict(Gemma4AudioFeatureExtractor(**kw)([wav_samples(c) for c in clips], return_tensors="pt"))
+
+
+def audio_prompt(engine: Engine, clips: list[bytes],
+                 text: list[list[int]]) -> tuple[list[int], list[tuple[str, int]]]:
+    """text[0] clip0 text[1] clip1 ... text[-1] -> (tokens, Request.images)."""
+    tokens, placed = list(text[0]), []
+    for data, after in zip(clips, text[1:], strict=True):
+        info = engine.prepare_audio(data)
+        placed.append((info.key, len(tokens)))
+        tokens += info.tokens + after
+    return tokens, placed

@@ -9,9 +9,10 @@ The server validates a request and renders its prompt to token ids
      "stop": [str], "stop_token_ids": [int], "ignore_eos": bool, "min_tokens": int,
      "logprobs": int | null, "constraint": null | {"json_schema": {...}} | {"lark": str},
      "render_special": bool, "stream": bool, "save": str | null, "prompt_logprobs": int | null,
-     "tokens": bool, "text": bool, "images": [[row, base64], ...]}
+     "tokens": bool, "text": bool, "images": [[row, base64, "image" | "audio"], ...]}
 
-`images` are the first prompt's images: each one's placeholder tokens start at `row` of the prompt.
+`images` are the first prompt's images and audio clips: each one's placeholder tokens start at `row` of
+the prompt.
 
 With `stream` it first sends `{"started": true}`, then one message per generation step.
 
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from inferlet import (
+    Audio,
     Context,
     Distribution,
     Ebnf,
@@ -128,7 +130,8 @@ async def main(input: dict) -> str:
     model = Model.load(input.get("model", ""))
     n = int(input.get("n", 1))
     prompts = [list(p) for p in input["prompts"]]
-    images = [(int(row), base64.b64decode(data)) for row, data in input.get("images") or []]
+    images = [(int(item[0]), base64.b64decode(item[1]), str(item[2]) if len(item) > 2 else "image")
+              for item in input.get("images") or []]
     groups = await asyncio.gather(*(run_prompt(model, input, tokens, p * n, n, images if p == 0 else [])
                                     for p, tokens in enumerate(prompts)))
     choices = [c for group in groups for c in group]
@@ -136,7 +139,7 @@ async def main(input: dict) -> str:
 
 
 async def run_prompt(model: Model, input: dict, tokens: list[int], first: int, n: int,
-                     images: list[tuple[int, bytes]]) -> list[Choice]:
+                     images: list[tuple[int, bytes, str]]) -> list[Choice]:
     base = Context(model)
     top = input.get("prompt_logprobs")
     if top is None:
@@ -234,11 +237,13 @@ async def generate(ctx: Context, input: dict, index: int, seed: int | None) -> C
     return choice
 
 
-def fill(ctx: Context, model: Model, tokens: list[int], images: list[tuple[int, bytes]]) -> None:
-    """The prompt's tokens into the buffer, each image (row of its first token, bytes) in its place."""
+def fill(ctx: Context, model: Model, tokens: list[int], images: list[tuple[int, bytes, str]]) -> None:
+    """The prompt's tokens into the buffer, each image or audio clip (row of its first token, bytes, kind)
+    in its place."""
     at = 0
-    for row, data in sorted(images, key=lambda image: image[0]):
-        image = Image.from_bytes(model, data)  # prepared by the server already: found by its content hash
+    for row, data, kind in sorted(images, key=lambda image: image[0]):
+        # prepared by the server already: found by its content hash
+        image = Audio.from_bytes(model, data) if kind == "audio" else Image.from_bytes(model, data)
         ctx.append(tokens[at:row]).buffer_images([image])
         at = row + image.token_count
     ctx.append(tokens[at:])

@@ -107,10 +107,12 @@ def inspect_checkpoint(name: str, path: Path, memory: DeviceMemory, weight_dtype
 
 def modalities(model_type: str | None, config: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(inputs pie serves, inputs the checkpoint has a tower for that pie does not run) from config.json."""
-    from pie.engine.vision import serves_images
+    from pie.engine.vision import serves_audio, serves_images
 
     has = [m for m, key in (("image", "vision_config"), ("audio", "audio_config")) if config.get(key)]
-    served = ("text", "image") if model_type and serves_images(model_type) and "image" in has else ("text",)
+    served: tuple[str, ...] = ("text", "image") if model_type and serves_images(model_type) and "image" in has else ("text",)
+    if "image" in served and "audio" in has and serves_audio(str(model_type)):
+        served += ("audio",)  # the engine runs an audio tower beside a vision one (`VisionEncoder.load`)
     return served, tuple(m for m in has if m not in served)
 
 

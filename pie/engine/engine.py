@@ -163,6 +163,15 @@ class Engine:
                                         f"{', or tensor_parallel_size > 1' if self.tp.size > 1 else ''})")
         return self.vision.prepare(data, max_pixels)
 
+    def prepare_audio(self, data: bytes, max_seconds: float = 0.0) -> ImageInfo:
+        """Decode (WAV) and featurise an audio clip for `Request.images` (which places clips as it places
+        images); InputError for bad bytes or a clip over `max_seconds` (0 = the model's own limit)."""
+        if self.vision is None or not self.vision.serves_audio:
+            raise UnsupportedModelError(f"model_type {self.info.model_type!r} takes no audio here (pie runs the "
+                                        "audio tower of Gemma 4 checkpoints with an audio_config"
+                                        f"{'; not under tensor_parallel_size > 1' if self.tp.size > 1 else ''})")
+        return self.vision.prepare_audio(data, max_seconds)
+
     def _swap_pool(self) -> SwapPool | None:
         """The host pool for suspended contexts: swap_pool_size pages, or cpu_mem_budget_in_gb of them."""
         cfg = self.config

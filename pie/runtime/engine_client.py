@@ -160,6 +160,10 @@ class InProcessEngine:
         """`Engine.prepare_image` on the engine thread (it shares the image store with the batches)."""
         return self._call_sync(self.engine.prepare_image, data, max_pixels)
 
+    def prepare_audio(self, data: bytes, max_seconds: float) -> Any:
+        """`Engine.prepare_audio` on the engine thread (clips share the image store)."""
+        return self._call_sync(self.engine.prepare_audio, data, max_seconds)
+
     def load_adapter(self, path: str, slot: int | None) -> int:
         return self._call_sync(self.engine.load_adapter, path, slot)
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import pie
 from inferlet._host import HostError, PassDict, StreamDict
+from pie.engine.vision.info import MediaKind
 from pie.errors import PieError
 from pie.mcp_link import INTERNAL_ERROR, McpCallError
 from pie.runtime.context import Context
@@ -82,7 +83,7 @@ class InstanceHost:
         self._forks = TokenBucket(limits.forks_per_s, limits.fork_burst)
         self._streams: dict[int, tuple[int, TokenStream]] = {}  # stream handle -> (context handle, stream)
         self._streaming: dict[int, int] = {}  # context handle -> its stream's handle
-        self._images = InstanceImages(limits.max_images, limits.max_image_pixels)
+        self._images = InstanceImages(limits.max_images, limits.max_image_pixels, limits.max_audio_seconds)
 
     def close(self) -> None:
         """Free every context (and so every page) and subscription of the instance."""
@@ -146,14 +147,14 @@ class InstanceHost:
     def chat_parts(self, model: str, role: str, parts: list[Any], parse_special: bool = False) -> dict[str, Any]:
         m = self._model(model)
         if not isinstance(parts, list):
-            raise HostError("chat_parts takes a list of parts: strings and {'image': key}")
+            raise HostError("chat_parts takes a list of parts: strings, {'image': key} and {'audio': key}")
         keys: list[str] = []
         plain: list[str | list[int]] = []
         for part in parts:
             if isinstance(part, str):
                 plain.append(part)
-            elif isinstance(part, dict) and "image" in part:
-                info = self._images.get(part["image"])
+            elif isinstance(part, dict) and ("image" in part or "audio" in part):
+                info = self._images.get(part.get("image", part.get("audio")))
                 keys.append(info.key)
                 before, after = info.text_around  # joins the text beside it, as the family's processor writes
                 if before:
@@ -162,7 +163,7 @@ class InstanceHost:
                 if after:
                     plain.append(after)
             else:
-                raise HostError(f"a chat part is a string or {{'image': key}}, got {part!r}")
+                raise HostError(f"a chat part is a string, {{'image': key}} or {{'audio': key}}, got {part!r}")
         with user_errors():
             tokens, starts = m.tokenizer.chat_parts(role, plain, bool(parse_special))
         return {"tokens": tokens, "images": [[k, row] for k, row in zip(keys, starts, strict=True)]}
@@ -174,6 +175,12 @@ class InstanceHost:
                 "grid": list(info.grid), "positions": info.positions, "position_span": info.position_span,
                 "position_offsets": info.position_offsets,
                 "width": info.width, "height": info.height}
+
+    def audio_prepare(self, model: str, data: bytes) -> dict[str, Any]:
+        info = self._images.add(self._model(model), data, MediaKind.AUDIO)
+        return {"key": info.key, "tokens": list(info.tokens), "embed_rows": list(info.embed_rows),
+                "position_span": info.position_span, "position_offsets": info.position_offsets,
+                "seconds": info.seconds}
 
     # -- contexts -------------------------------------------------------------------------------
 

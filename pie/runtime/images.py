@@ -14,6 +14,10 @@ an image's embedding rows (`chunk_end`). An image with M-RoPE (Qwen3-VL, Qwen
 context's next position is its kv_len less what its images saved
 (`position_shift`), and a pass is at its expected positions when they follow
 `inferlet.image.row_positions`.
+
+Audio clips (`MediaKind.AUDIO`, Gemma 4) are the same kind of thing here: an `ImageInfo` whose embedding
+rows take the audio tower's outputs, placed, keyed and shared exactly as images are; `prepare_media`
+picks the engine's preparer by kind and `InstanceImages` counts clips with the images.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from inferlet._host import HostError
 from inferlet.image import row_positions
+from pie.engine.vision.info import MediaKind
 from pie.errors import PieError
 
 if TYPE_CHECKING:
@@ -83,15 +88,21 @@ def chunk_end(images: Sequence[ImagePlacement], start: int, end: int) -> int:
 
 
 def prepare_image(model: ModelRuntime, data: bytes, max_pixels: int) -> ImageInfo:
-    """Prepare `data` on every engine group of `model` (a context's group must hold its images)."""
+    return prepare_media(model, data, MediaKind.IMAGE, max_pixels)
+
+
+def prepare_media(model: ModelRuntime, data: bytes, kind: MediaKind, limit: float) -> ImageInfo:
+    """Prepare `data` (an image within `limit` pixels, or an audio clip within `limit` seconds) on every
+    engine group of `model` (a context's group must hold its images and clips)."""
     info: ImageInfo | None = None
     for group in model.groups:
-        prepare = getattr(group.engine, "prepare_image", None)
+        prepare = getattr(group.engine, f"prepare_{kind.value}", None)
         if prepare is None:
-            raise HostError(f"model {model.name!r} takes no images here: its engine ({type(group.engine).__name__}) "
-                            "has no vision tower (tensor-parallel workers do not run one yet)")
+            raise HostError(f"model {model.name!r} takes no {kind.value} here: its engine "
+                            f"({type(group.engine).__name__}) has no {kind.value} tower (tensor-parallel workers "
+                            "do not run one yet)")
         try:
-            info = prepare(data, max_pixels)
+            info = prepare(data, limit)
         except PieError as e:
             raise HostError(str(e)) from None
     assert info is not None
@@ -99,32 +110,42 @@ def prepare_image(model: ModelRuntime, data: bytes, max_pixels: int) -> ImageInf
 
 
 class InstanceImages:
-    """The images one instance prepared (only those it may place), within its count and pixel limits."""
+    """The images and audio clips one instance prepared (only those it may place), within its count limit
+    and the pixel / seconds limit of one."""
 
-    def __init__(self, max_images: int, max_pixels: int) -> None:
-        self.max_images, self.max_pixels = max_images, max_pixels
+    def __init__(self, max_images: int, max_pixels: int, max_audio_seconds: float = 0.0) -> None:
+        self.max_images = max_images
+        self.limits = {MediaKind.IMAGE: float(max_pixels), MediaKind.AUDIO: float(max_audio_seconds)}
         self._held: dict[str, ImageInfo] = {}
 
-    def add(self, model: ModelRuntime, data: Any) -> ImageInfo:
+    @property
+    def max_pixels(self) -> int:
+        return int(self.limits[MediaKind.IMAGE])
+
+    def add(self, model: ModelRuntime, data: Any, kind: MediaKind = MediaKind.IMAGE) -> ImageInfo:
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise HostError(f"an image must be bytes (PNG, JPEG, WebP, GIF), got {type(data).__name__}")
+            what = "an image must be bytes (PNG, JPEG, WebP, GIF)" if kind is MediaKind.IMAGE else \
+                "an audio clip must be bytes (WAV)"
+            raise HostError(f"{what}, got {type(data).__name__}")
         held = self._held.get(hashlib.sha256(data).hexdigest())
-        if held is not None:  # the same bytes again: the same image, counted once
+        if held is not None and held.kind is kind:  # the same bytes again: the same image, counted once
             return held
         if self.max_images and len(self._held) >= self.max_images:
-            raise HostError(f"this instance prepared {len(self._held)} images, its limit ([runtime] "
-                            "max_images_per_instance); reuse prepared images, or raise the limit")
-        info = prepare_image(model, bytes(data), self.max_pixels)
+            raise HostError(f"this instance prepared {len(self._held)} images and audio clips, its limit "
+                            "([runtime] max_images_per_instance); reuse prepared ones, or raise the limit")
+        limit = self.limits[kind]
+        info = prepare_media(model, bytes(data), kind, int(limit) if kind is MediaKind.IMAGE else limit)
         if len(info.tokens) > model.max_batch_tokens:
-            raise HostError(f"the image takes {len(info.tokens)} tokens, over max_batch_tokens = "
-                            f"{model.max_batch_tokens} (an image is computed in one pass); raise max_batch_tokens")
+            raise HostError(f"the {kind.value} takes {len(info.tokens)} tokens, over max_batch_tokens = "
+                            f"{model.max_batch_tokens} (it is computed in one pass); raise max_batch_tokens")
         self._held[info.key] = info
         return info
 
     def get(self, key: Any) -> ImageInfo:
         info = self._held.get(key) if isinstance(key, str) else None
         if info is None:
-            raise HostError(f"image {key!r} was not prepared by this instance; make it with Image.from_bytes")
+            raise HostError(f"image or audio clip {key!r} was not prepared by this instance; make it with "
+                            "Image.from_bytes or Audio.from_bytes")
         return info
 
 

@@ -55,6 +55,7 @@ class InstanceLimits:
     max_inbox_bytes: int = 0  # client messages and files sent and not yet received
     max_images: int = 0  # images prepared (max_images_per_instance)
     max_image_pixels: int = 0  # width x height of one image (max_image_pixels)
+    max_audio_seconds: float = 0.0  # one audio clip (max_audio_seconds)
 
 
 class Instance:

@@ -75,6 +75,7 @@ class RuntimeLimits:
     max_concurrent_processes: int = 0  # instances running at once; launches past it wait for a slot
     max_images_per_instance: int = 256  # images one instance may prepare
     max_image_pixels: int = 16 * MIB  # width x height of one image (decoded)
+    max_audio_seconds: float = 30.0  # one audio clip (decoded)
 
     def for_instance(self, token_budget: int | None) -> InstanceLimits:
         tokens = self.max_tokens_per_instance
@@ -86,7 +87,7 @@ class RuntimeLimits:
                               max_wall_time_s=self.max_wall_time_s, max_buffered_events=self.max_buffered_events,
                               max_buffered_event_bytes=self.max_buffered_event_bytes,
                               max_inbox_bytes=self.max_inbox_bytes, max_images=self.max_images_per_instance,
-                              max_image_pixels=self.max_image_pixels)
+                              max_image_pixels=self.max_image_pixels, max_audio_seconds=self.max_audio_seconds)
 
 
 @dataclass(frozen=True, init=False)

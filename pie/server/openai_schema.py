@@ -94,7 +94,7 @@ class GenerationRequest:
     prompts: tuple[str | tuple[int, ...], ...] = ()  # completion: text or token ids, one choice group each
     echo: bool = False
     reasoning_effort: str | None = None  # harmony (GPT-OSS) models only: low, medium or high
-    images: tuple[bytes, ...] = ()  # chat: image i is marked in the messages' text (`pie.server.api.images`)
+    images: tuple[bytes, ...] = ()  # chat: image (or `AudioClip`) i is marked in the messages' text (`pie.server.api.images`)
 
 
 # -- the parameter tables ---------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def _is_zero(v: Any) -> bool:
 
 # parameter -> (is the value neutral?, why it is refused and what to do)
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "audio": (lambda v: False, "pie serves text only"),
+    "audio": (lambda v: False, "pie generates text only (audio input is an `input_audio` message part)"),
     "modalities": (lambda v: v == ["text"], 'pie serves text only: modalities ["text"]'),
     "functions": (lambda v: False, "the deprecated `functions` are not supported; send `tools`"),
     "function_call": (lambda v: False, "the deprecated `function_call` is not supported; send `tool_choice`"),
@@ -220,9 +220,9 @@ def _message(message: Any, index: int, images: list[bytes] | None = None) -> dic
 
 
 def _text_content(content: Any, param: str, images: list[bytes] | None = None) -> str:
-    """The message's text; with `images` (user messages), `image_url` parts are taken into it and marked
-    in the text (`pie.server.api.images`)."""
-    from pie.server.api.images import MAX_IMAGES, check_text, data_url_bytes, marker
+    """The message's text; with `images` (user messages), `image_url` and `input_audio` parts are taken
+    into it and marked in the text (`pie.server.api.images`)."""
+    from pie.server.api.images import MAX_IMAGES, audio_part, check_text, data_url_bytes, marker
 
     if isinstance(content, str):
         return check_text(content, param) if images is not None else content
@@ -239,9 +239,15 @@ def _text_content(content: Any, param: str, images: list[bytes] | None = None) -
                     raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
                 images.append(data_url_bytes(url, f"{where}.image_url.url"))
                 texts.append(marker(len(images) - 1))
+            elif images is not None and isinstance(part, dict) and part.get("type") == "input_audio":
+                if len(images) >= MAX_IMAGES:
+                    raise OpenAIError(f"{where}: more than {MAX_IMAGES} images and audio clips in one request",
+                                      param=where)
+                images.append(audio_part(part.get("input_audio"), f"{where}.input_audio"))
+                texts.append(marker(len(images) - 1))
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                allowed = "text and image_url parts" if images is not None else "text parts"
+                allowed = "text, image_url and input_audio parts" if images is not None else "text parts"
                 raise OpenAIError(f"{where} is a {kind!r} part: only {allowed} are supported here",
                                   param=where)
         return "".join(texts)

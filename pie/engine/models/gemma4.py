@@ -20,7 +20,7 @@ layers with fewer kv heads or a smaller head_dim are padded into it: kv heads
 repeated (the GQA grouping stays exact), head dims zero-filled in q, k and v
 (dot products and outputs unchanged; the padding is sliced off). Shared
 layers keep (unused) cache pages of their own. Both cost KV memory, not accuracy.
-`gemma4` is the image-audio-text checkpoint: its language model, which takes image
+`gemma4` is the image-audio-text checkpoint: its language model, which takes image and audio
 embeddings at the rows the engine places them (`INPUT_EMBEDS`; their PLE reads the pad token).
 """
 
@@ -275,4 +275,4 @@ class Gemma4ForCausalLM(CausalLM):
 @register("gemma4")
 class Gemma4ForConditionalGeneration(TextPartOf, Gemma4ForCausalLM):
     """Gemma 4 image-audio-text checkpoints: the language model (the vision tower is
-    `pie.engine.vision.gemma4`; the audio tower is skipped)."""
+    `pie.engine.vision.gemma4`, the audio tower `pie.engine.vision.gemma4_audio`)."""

@@ -1,7 +1,8 @@
-"""The engine's image side: prepare images, encode them on demand, place their embeddings in a batch.
+"""The engine's media side: prepare images and audio clips, encode them on demand, place their embeddings.
 
     vision = VisionEncoder.load(model_dir, hf_config, text_model, dtype, device, ...)
     info = vision.prepare(png_bytes)            # ImageInfo: key (content hash), tokens, embed rows
+    clip = vision.prepare_audio(wav_bytes)      # the same for an audio clip (kind AUDIO), where a tower runs it
     placed = vision.place(batch, layout, positions, max_num_embeds)  # None, or what the forward adds
 
 A request names the images it holds by (key, row of the image's first token in
@@ -14,6 +15,11 @@ layer) and a Gemma 4 one (its sliding-window layers only: `BatchLayout.window_ma
 positions `start + ImageInfo.position_offsets`; the batch's (t, h, w)
 positions are then the 1-D ones with each image row's replaced by start + its
 offsets. Every problem is a `BatchError` naming the request, before device work.
+
+Each `MediaKind` has its processor and tower (`towers`); a prepared clip is an `ImageInfo` of kind AUDIO
+whose `PreparedImage` holds its log-mel features, so clips ride the same store, cache, requests and
+placement as images, and a batch's missing embeddings take one tower call per kind. Audio rows never
+attend both ways (only images of a `bidirectional` tower do).
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ from pie.engine.attention.base import BatchLayout
 from pie.engine.batch import ForwardBatch
 from pie.engine.models.decoder import INPUT_EMBEDS
 from pie.engine.models.multimodal import DEEPSTACK, MROPE_POSITIONS, DeepstackRows
-from pie.engine.vision import family_classes, serves_images
-from pie.engine.vision.base import ImageEmbeddings, VisionTower, encode_images
+from pie.engine.vision import CONFIG_KEYS, family_classes, serves_audio, serves_images
+from pie.engine.vision.audio import decode_wav
+from pie.engine.vision.base import ImageEmbeddings, encode_images
 from pie.engine.vision.common import PreparedImage
 from pie.engine.vision.encode_cache import EncodeStats, LRUBytes
-from pie.engine.vision.info import ImageInfo
+from pie.engine.vision.info import ImageInfo, MediaKind
 from pie.errors import BatchError, InputError
 
 MiB = 1 << 20
@@ -95,11 +102,14 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Imag
 
 
 class VisionEncoder:
-    def __init__(self, processor: Any, tower: VisionTower, store_budget: int, cache_budget: int) -> None:
-        self.processor, self.tower = processor, tower
-        self.bidirectional = bool(tower.bidirectional)
+    def __init__(self, processors: dict[MediaKind, Any], towers: dict[MediaKind, torch.nn.Module],
+                 store_budget: int, cache_budget: int) -> None:
+        self.processors, self.towers = processors, towers
+        # The image side, which every encoder has; its tower's mask rules apply to images only.
+        self.processor, self.tower = processors[MediaKind.IMAGE], towers[MediaKind.IMAGE]
+        self.bidirectional = bool(self.tower.bidirectional)
         # Gemma 4: the image blocks attend both ways on the sliding-window layers only, causally on the rest.
-        self.sliding_only = getattr(tower, "bidirectional_layers", "all") == "sliding"
+        self.sliding_only = getattr(self.tower, "bidirectional_layers", "all") == "sliding"
         self.store: LRUBytes[_Entry] = LRUBytes(store_budget, lambda e: e.image.pixel_values.nbytes)
         # The encoded bytes too (far smaller than the pixels), so an image whose pixels were evicted while a
         # context still holds it is prepared again when a pass needs it, instead of failing the pass.
@@ -111,19 +121,28 @@ class VisionEncoder:
     @classmethod
     def load(cls, model_dir: Path, hf_config: Any, text_model: Any, files: list[Path], dtype: torch.dtype,
              device: torch.device, dummy: bool, seed: int, budget_mb: int) -> VisionEncoder | None:
-        """The family's processor and tower with the checkpoint's vision tensors; None for text-only families."""
+        """The family's processors and towers (images; audio where the family's audio tower runs and the
+        checkpoint has one) with the checkpoint's tensors; None for text-only families."""
         model_type = str(getattr(hf_config, "model_type", ""))
         if not serves_images(model_type) or getattr(hf_config, "vision_config", None) is None:
             return None  # a text-only family, or a checkpoint of an image family written without its tower
-        processor_cls, tower_cls = family_classes(model_type)
+        kinds = [MediaKind.IMAGE]
+        if serves_audio(model_type) and getattr(hf_config, CONFIG_KEYS[MediaKind.AUDIO], None) is not None:
+            kinds.append(MediaKind.AUDIO)  # a checkpoint written without its audio tower serves images only
         path = model_dir / "preprocessor_config.json"
-        processor = processor_cls(json.loads(path.read_text()) if path.exists() else {}, hf_config)
-        tower = tower_cls.from_config(hf_config, dtype, device)
+        preprocessor = json.loads(path.read_text()) if path.exists() else {}
+        processors: dict[MediaKind, Any] = {}
+        towers: dict[MediaKind, Any] = {}
+        for kind in kinds:
+            processor_cls, tower_cls = family_classes(model_type, kind)
+            processors[kind] = processor_cls(preprocessor, hf_config)
+            towers[kind] = tower_cls.from_config(hf_config, dtype, device)
         if dummy:
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                for p in tower.parameters():
-                    p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+                for tower in towers.values():
+                    for p in tower.parameters():
+                        p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
         else:
             from safetensors import safe_open
 
@@ -131,10 +150,14 @@ class VisionEncoder:
                 with safe_open(str(f), framework="pt") as handle:
                     for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                         if text_model.map_checkpoint_name(key) is None:
-                            tower.load_tensor(key, handle.get_tensor(key))
-            tower.check_loaded()
+                            tensor = handle.get_tensor(key)
+                            for tower in towers.values():
+                                if tower.load_tensor(key, tensor):
+                                    break  # each tower takes its own prefixes only
+            for tower in towers.values():
+                tower.check_loaded()
         budget = budget_mb * MiB
-        return cls(processor, tower, store_budget=budget, cache_budget=budget)
+        return cls(processors, towers, store_budget=budget, cache_budget=budget)
 
     # -- images in --
 
@@ -142,7 +165,7 @@ class VisionEncoder:
         """Decode and prepare `data`, keep it under its content hash; the same bytes are prepared once."""
         key = hashlib.sha256(data).hexdigest()
         entry = self.store.get(key)
-        if entry is not None:
+        if entry is not None and entry.info.kind is MediaKind.IMAGE:
             if max_pixels and entry.info.width * entry.info.height > max_pixels:
                 raise InputError(f"the image is {entry.info.width}x{entry.info.height} = "
                                  f"{entry.info.width * entry.info.height} pixels, over the limit of {max_pixels}")
@@ -157,12 +180,46 @@ class VisionEncoder:
         self.sources.put(key, (data, info))
         return info
 
+    @property
+    def serves_audio(self) -> bool:
+        return MediaKind.AUDIO in self.towers
+
+    def prepare_audio(self, data: bytes, max_seconds: float = 0.0) -> ImageInfo:
+        """Decode (WAV) and featurise a clip, keep it under its content hash; the same bytes are prepared
+        once. InputError for bytes that are no WAV, or a clip over `max_seconds` (0: the extractor's own
+        limit, Gemma 4's 30 s) or too short for one frame."""
+        processor = self.processors.get(MediaKind.AUDIO)
+        if processor is None:
+            raise InputError("this model takes no audio (its checkpoint has no audio tower pie runs)")
+        limit = min(max_seconds or processor.max_seconds, processor.max_seconds)
+        key = hashlib.sha256(data).hexdigest()
+        entry = self.store.get(key)
+        if entry is not None and entry.info.kind is MediaKind.AUDIO:
+            if entry.info.seconds > limit:
+                raise InputError(f"the audio is {entry.info.seconds:.2f} s long, over the limit of {limit:g} s")
+            return entry.info
+        waveform = decode_wav(data, processor.sampling_rate, limit)
+        clip = processor.prepare(waveform)
+        info = ImageInfo(key, list(clip.tokens), list(clip.embed_rows), tuple(clip.grid), None, False, 0, 0,
+                         kind=MediaKind.AUDIO, seconds=len(waveform) / processor.sampling_rate)
+        self.store.put(key, _Entry(clip, info))
+        self.sources.put(key, (data, info))
+        return info
+
+    def _reprepare(self, data: bytes, info: ImageInfo) -> PreparedImage:
+        if info.kind is MediaKind.AUDIO:
+            processor = self.processors[MediaKind.AUDIO]
+            out: PreparedImage = processor.prepare(decode_wav(data, processor.sampling_rate, processor.max_seconds))
+            return out
+        image: PreparedImage = self.processor.prepare(decode_image(data))
+        return image
+
     def _hold(self, keys: frozenset[str]) -> None:
-        """Every key of a batch in the store: evicted pixels are prepared again from their bytes."""
+        """Every key of a batch in the store: evicted pixels (features) are prepared again from their bytes."""
         for key in keys:
             if key not in self.store and (source := self.sources.get(key)) is not None:
                 data, info = source
-                self.store.put(key, _Entry(self.processor.prepare(decode_image(data)), info), keep=keys)
+                self.store.put(key, _Entry(self._reprepare(data, info), info), keep=keys)
                 self.stats.reprepared += 1
 
     def info(self, key: str) -> ImageInfo | None:
@@ -187,13 +244,16 @@ class VisionEncoder:
                 self.stats.cache_hits += 1
             else:
                 todo.append(key)
-        if todo:
-            entries = [self.store.get(k) for k in todo]
-            assert all(e is not None for e in entries), "place() checked every key"
-            encoded = encode_images(self.tower, [e.image for e in entries if e is not None])
+        entries = {k: self.store.get(k) for k in todo}
+        assert all(e is not None for e in entries.values()), "place() checked every key"
+        for kind, tower in self.towers.items():  # one tower call per kind that has work
+            keys_of = [k for k, e in entries.items() if e is not None and e.info.kind is kind]
+            if not keys_of:
+                continue
+            encoded = encode_images(tower, [e.image for k in keys_of if (e := entries[k]) is not None])
             self.stats.encoder_calls += 1
-            self.stats.encoded += len(todo)
-            for key, emb in zip(todo, encoded, strict=True):
+            self.stats.encoded += len(keys_of)
+            for key, emb in zip(keys_of, encoded, strict=True):
                 out[key] = emb
                 self.cache.put(key, emb, keep)
         return out
@@ -220,7 +280,8 @@ class VisionEncoder:
                         mrope = np.repeat(positions[None, :], 3, axis=0)
                     _place_mrope(r, mrope, positions, info, start + row0, start + lo, start + hi)
                 rows = [j for j in info.embed_rows if lo <= row0 + j < hi]
-                if self.bidirectional and rows and row0 + info.embed_rows[-1] >= q_len:
+                both_ways = self.bidirectional and info.kind is MediaKind.IMAGE
+                if both_ways and rows and row0 + info.embed_rows[-1] >= q_len:
                     raise BatchError(f"request {r}: image {key[:16]}... is split between passes ({len(rows)} of "
                                      f"its {len(info.embed_rows)} embedding rows here); this model attends both "
                                      "ways within an image, so its tokens must be in one pass")
@@ -228,7 +289,7 @@ class VisionEncoder:
                     continue
                 count += len(rows)
                 placements.append((start + row0, r, key, rows))
-                if self.bidirectional:
+                if both_ways:
                     blocks.setdefault(r, []).append((row0 + rows[0], row0 + rows[-1] + 1))
             if count > max_num_embeds:
                 raise BatchError(f"request {r}: {count} image embedding rows, over max_num_embeds = "

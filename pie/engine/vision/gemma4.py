@@ -102,20 +102,22 @@ class Gemma4ImageProcessor:
                              embed_rows=list(range(1, n + 1)), positions=None)
 
 
-def _gemma_rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def gemma_rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma 4's RMSNorm: in float32, times the weight itself (not 1 + weight), cast back."""
     x32 = x.float()
     out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     return (out * weight.float() if weight is not None else out).type_as(x)
 
 
-class _Norm(nn.Module):
+class NormWeight(nn.Module):
+    """The weight of a Gemma 4 RMSNorm (applied by `gemma_rms`), named as the checkpoint names it."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
 
-class _ClippableLinear(nn.Module):
+class ClippableLinear(nn.Module):
     """A bias-free linear whose input and output are clamped to checkpoint bounds when `clipped`."""
 
     def __init__(self, n_in: int, n_out: int, clipped: bool) -> None:
@@ -139,21 +141,21 @@ class _Attention(nn.Module):
     def __init__(self, vc: Any) -> None:
         super().__init__()
         c, d = bool(vc.use_clipped_linears), int(vc.head_dim)
-        self.q_proj = _ClippableLinear(vc.hidden_size, vc.num_attention_heads * d, c)
-        self.k_proj = _ClippableLinear(vc.hidden_size, vc.num_key_value_heads * d, c)
-        self.v_proj = _ClippableLinear(vc.hidden_size, vc.num_key_value_heads * d, c)
-        self.o_proj = _ClippableLinear(vc.num_attention_heads * d, vc.hidden_size, c)
-        self.q_norm = _Norm(d)
-        self.k_norm = _Norm(d)
+        self.q_proj = ClippableLinear(vc.hidden_size, vc.num_attention_heads * d, c)
+        self.k_proj = ClippableLinear(vc.hidden_size, vc.num_key_value_heads * d, c)
+        self.v_proj = ClippableLinear(vc.hidden_size, vc.num_key_value_heads * d, c)
+        self.o_proj = ClippableLinear(vc.num_attention_heads * d, vc.hidden_size, c)
+        self.q_norm = NormWeight(d)
+        self.k_norm = NormWeight(d)
 
 
 class _MLP(nn.Module):
     def __init__(self, vc: Any) -> None:
         super().__init__()
         c = bool(vc.use_clipped_linears)
-        self.gate_proj = _ClippableLinear(vc.hidden_size, vc.intermediate_size, c)
-        self.up_proj = _ClippableLinear(vc.hidden_size, vc.intermediate_size, c)
-        self.down_proj = _ClippableLinear(vc.intermediate_size, vc.hidden_size, c)
+        self.gate_proj = ClippableLinear(vc.hidden_size, vc.intermediate_size, c)
+        self.up_proj = ClippableLinear(vc.hidden_size, vc.intermediate_size, c)
+        self.down_proj = ClippableLinear(vc.intermediate_size, vc.hidden_size, c)
 
 
 class _Layer(nn.Module):
@@ -161,10 +163,10 @@ class _Layer(nn.Module):
         super().__init__()
         self.self_attn = _Attention(vc)
         self.mlp = _MLP(vc)
-        self.input_layernorm = _Norm(vc.hidden_size)
-        self.post_attention_layernorm = _Norm(vc.hidden_size)
-        self.pre_feedforward_layernorm = _Norm(vc.hidden_size)
-        self.post_feedforward_layernorm = _Norm(vc.hidden_size)
+        self.input_layernorm = NormWeight(vc.hidden_size)
+        self.post_attention_layernorm = NormWeight(vc.hidden_size)
+        self.pre_feedforward_layernorm = NormWeight(vc.hidden_size)
+        self.post_feedforward_layernorm = NormWeight(vc.hidden_size)
 
 
 class _PatchEmbedder(nn.Module):
@@ -239,17 +241,17 @@ class Gemma4VisionTower(CheckpointModule):
     def _layer(self, layer: _Layer, x: torch.Tensor, cols: tuple[torch.Tensor, torch.Tensor],
                rows: tuple[torch.Tensor, torch.Tensor], lengths: list[int]) -> torch.Tensor:
         n, att, d = x.shape[0], layer.self_attn, self.head_dim
-        h = _gemma_rms(x, layer.input_layernorm.weight, self.eps)
-        q = _gemma_rms(att.q_proj(h).view(n, self.num_heads, d), att.q_norm.weight, self.eps)
-        k = _gemma_rms(att.k_proj(h).view(n, self.num_kv_heads, d), att.k_norm.weight, self.eps)
-        v = _gemma_rms(att.v_proj(h).view(n, self.num_kv_heads, d), None, self.eps)
+        h = gemma_rms(x, layer.input_layernorm.weight, self.eps)
+        q = gemma_rms(att.q_proj(h).view(n, self.num_heads, d), att.q_norm.weight, self.eps)
+        k = gemma_rms(att.k_proj(h).view(n, self.num_kv_heads, d), att.k_norm.weight, self.eps)
+        v = gemma_rms(att.v_proj(h).view(n, self.num_kv_heads, d), None, self.eps)
         q, k = self._rope(q, cols, rows), self._rope(k, cols, rows)
         a = att.o_proj(segment_attention(q, k, v, lengths, scale=1.0))
-        x = x + _gemma_rms(a, layer.post_attention_layernorm.weight, self.eps)
-        h = _gemma_rms(x, layer.pre_feedforward_layernorm.weight, self.eps)
+        x = x + gemma_rms(a, layer.post_attention_layernorm.weight, self.eps)
+        h = gemma_rms(x, layer.pre_feedforward_layernorm.weight, self.eps)
         m = layer.mlp
         f = m.down_proj(self.act(m.gate_proj(h)) * m.up_proj(h))
-        return x + _gemma_rms(f, layer.post_feedforward_layernorm.weight, self.eps)
+        return x + gemma_rms(f, layer.post_feedforward_layernorm.weight, self.eps)
 
     @staticmethod
     def _angles(pos: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +291,7 @@ class Gemma4VisionTower(CheckpointModule):
                             for part, img in zip(x.split(lengths), images, strict=True)])
         if self.standardize:
             pooled = (pooled - self.vision_tower.std_bias.float()) * self.vision_tower.std_scale.float()
-        soft = _gemma_rms(pooled.to(x.dtype), None, self.eps)
+        soft = gemma_rms(pooled.to(x.dtype), None, self.eps)
         out = self.embed_vision.embedding_projection(soft)
         sizes = [len(img.embed_rows) for img in images]
         assert sum(sizes) == out.shape[0], (sizes, out.shape)

@@ -1,23 +1,34 @@
-"""What the runtime learns about an image the engine prepared: plain data, torch-free."""
+"""What the runtime learns about an image or audio clip the engine prepared: plain data, torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class MediaKind(StrEnum):
+    """What a prepared input is: each kind has its own processor and tower (`vision/encoder.py`); both
+    enter prompts the same way, as placeholder tokens whose embedding rows take the tower's outputs."""
+
+    IMAGE = "image"
+    AUDIO = "audio"
 
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """An image the engine holds, prepared, under `key` (the hex SHA-256 of its encoded bytes).
+    """An image (or, `kind` audio, a clip) the engine holds, prepared, under `key` (the hex SHA-256 of its
+    encoded bytes).
 
     tokens: the token ids the image occupies in a prompt (placeholders included); a request places the
-      image by naming the row of `tokens[0]` (`Request.images`).
+      image by naming the row of `tokens[0]` (`Request.images`, which places audio clips too).
     embed_rows: the indices into `tokens` whose rows take the tower's embeddings.
     grid: (t, h, w) in patches; positions: M-RoPE offsets (3 rows of len(tokens)) or None.
     bidirectional: the embedding rows attend to each other both ways, so the image must lie whole inside
       one forward pass (Gemma 3).
-    width, height: of the decoded image, before resizing.
+    width, height: of the decoded image, before resizing (0 for audio).
     text_around: text the family's processor puts before and after the tokens in a prompt (Gemma 3: a
       blank line each side); chat rendering adds it to the neighbouring text.
+    kind: image or audio; seconds: an audio clip's duration (0 for images).
     """
 
     key: str
@@ -29,6 +40,8 @@ class ImageInfo:
     width: int
     height: int
     text_around: tuple[str, str] = ("", "")
+    kind: MediaKind = MediaKind.IMAGE
+    seconds: float = 0.0
 
     @property
     def position_span(self) -> int:

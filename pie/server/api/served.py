@@ -56,10 +56,12 @@ class ServedModel:
     """One model as the HTTP APIs see it. Built once per model and runtime (`served_model`)."""
 
     def __init__(self, name: str, model_dir: Path | None, tokenizer: ModelTokenizer | None,
-                 facts: dict[str, Any], prepare_image: Callable[[bytes], ImageInfo] | None = None) -> None:
+                 facts: dict[str, Any], prepare_image: Callable[[bytes], ImageInfo] | None = None,
+                 prepare_audio: Callable[[bytes], ImageInfo] | None = None) -> None:
         self.name = name
         # Decode + preprocess an image on the model's engines (None: the model takes no images).
         self.prepare_image = prepare_image
+        self.prepare_audio = prepare_audio  # the same for a WAV clip (None: the model takes no audio)
         self.max_num_embeds = int(facts.get("max_num_embeds") or 0)  # image embedding rows per pass
         self.tokenizer = tokenizer
         self.vocab_size = int(facts.get("vocab_size") or (tokenizer.vocab_size if tokenizer else 0))
@@ -253,7 +255,7 @@ def served_model(runtime: object, name: str) -> ServedModel | None:
     info = getattr(model, "info", None)
     model_dir = Path(info.model_dir) if info is not None and getattr(info, "model_dir", None) else None
     served = per_runtime[name] = ServedModel(name, model_dir, tokenizer, model.describe(),
-                                             _image_preparer(runtime, model))
+                                             _image_preparer(runtime, model), _audio_preparer(runtime, model))
     return served
 
 
@@ -273,6 +275,23 @@ def _image_preparer(runtime: object, model: object) -> Callable[[bytes], ImageIn
         return None
     max_pixels = int(getattr(getattr(runtime, "limits", None), "max_image_pixels", 0) or 0)
     return lambda data: prepare_image(model, data, max_pixels)
+
+
+def _audio_preparer(runtime: object, model: object) -> Callable[[bytes], ImageInfo] | None:
+    """`prepare_audio` on the model's engines, within [runtime] max_audio_seconds; None for models without
+    an audio tower pie runs."""
+    from pie.engine.vision import serves_audio
+    from pie.engine.vision.info import MediaKind
+    from pie.runtime.images import prepare_media
+    from pie.runtime.model_runtime import ModelRuntime
+
+    if not isinstance(model, ModelRuntime) or not serves_audio(str(model.info.model_type)):
+        return None
+    config = Path(model.info.model_dir) / "config.json"
+    if not config.is_file() or not json.loads(config.read_text()).get("audio_config"):
+        return None  # a checkpoint of an audio family written without its audio tower
+    seconds = float(getattr(getattr(runtime, "limits", None), "max_audio_seconds", 0.0) or 0.0)
+    return lambda data: prepare_media(model, data, MediaKind.AUDIO, seconds)
 
 
 def _max_positions(model_dir: Path | None) -> int:
