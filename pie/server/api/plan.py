@@ -130,7 +130,7 @@ def _prompt_tokens(req: GenerationRequest, model: ServedModel
         if model.harmony:
             raise OpenAIError("images are not supported on a harmony (GPT-OSS) model", param="messages")
         tokens, rows = model.render_chat_images(list(req.messages), declared, _prepare(req, model))
-        return (tuple(tokens),), tuple(zip(rows, req.images, strict=True))
+        return (tuple(tokens),), tuple(zip(rows, (part.data for part in req.images), strict=True))
     prompts: list[tuple[int, ...]] = []
     for i, prompt in enumerate(req.prompts):
         ids = tuple(model.encode(prompt)) if isinstance(prompt, str) else prompt
@@ -147,15 +147,16 @@ def _prompt_tokens(req: GenerationRequest, model: ServedModel
 def _prepare(req: GenerationRequest, model: ServedModel) -> list[Any]:
     """Each image decoded and prepared on the model's engines (a 400 saying why when one cannot be)."""
     if model.prepare_image is None:
-        raise OpenAIError(f"model {model.name!r} takes no images (pie runs the vision tower of "
-                          f"{', '.join(image_families())} checkpoints); send text only", param="messages",
-                          code="image_input_not_supported")
+        where = req.images[0].param
+        raise OpenAIError(f"{where}: model {model.name!r} serves text only and takes no images (pie runs the "
+                          f"vision tower of {', '.join(image_families())} checkpoints); send text only",
+                          param=where, code="image_input_not_supported")
     out = []
-    for i, data in enumerate(req.images):
+    for part in req.images:
         try:
-            out.append(model.prepare_image(data))
+            out.append(model.prepare_image(part.data))
         except (PieError, HostError) as error:
-            raise OpenAIError(f"image {i} of the messages: {error}", param="messages", code="invalid_image") from None
+            raise OpenAIError(f"{part.param}: {error}", param=part.param, code="invalid_image") from None
     rows = sum(len(info.embed_rows) for info in out)
     if model.max_num_embeds and rows > model.max_num_embeds:
         raise OpenAIError(f"the messages' {len(out)} image(s) take {rows} embedding rows, over the model's "
