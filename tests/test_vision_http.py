@@ -247,3 +247,24 @@ async def test_anthropic_url_source_and_count_tokens(server: Server, image_host:
     assert texts[0] == texts[1] == await _sdk_text(server, data, 6)
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1]
     assert counts[0][0] > text_only.input_tokens + 4  # the image's placeholder tokens are counted
+
+
+async def test_responses_input_image_gives_the_chat_tokens(client: openai.AsyncOpenAI, image_host: str) -> None:
+    chat_reply = await client.chat.completions.create(model=MODEL, messages=_messages(_data_url(png(11))),  # type: ignore[arg-type]
+                                                      max_tokens=6, temperature=0)
+    for url in (_data_url(png(11)), f"{image_host}/img/11.png"):
+        reply = await client.responses.create(model=MODEL, max_output_tokens=6, temperature=0, store=False, input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                         {"type": "input_image", "image_url": url, "detail": "auto"}]}])
+        assert reply.output_text == chat_reply.choices[0].message.content
+        assert reply.usage is not None and chat_reply.usage is not None
+        assert reply.usage.input_tokens == chat_reply.usage.prompt_tokens
+    bad = [({"type": "input_image", "file_id": "file-abc", "detail": "auto"}, r"input\[0\]\.content\[0\]\.file_id: pie has no Files API"),
+           ({"type": "input_image", "image_url": f"{image_host}/private/11.png", "detail": "auto"},
+            r"input\[0\]\.content\[0\]\.image_url: .*allowed_image_urls")]
+    for part, why in bad:
+        with pytest.raises(openai.BadRequestError, match=why):
+            await client.responses.create(model=MODEL, max_output_tokens=2, store=False,
+                                          input=[{"role": "user", "content": [part]}])  # type: ignore[list-item]
+    ok = await client.responses.create(model=MODEL, max_output_tokens=2, store=False, input="Hi")
+    assert ok.status == "completed" or ok.status == "incomplete"
