@@ -268,3 +268,26 @@ async def test_responses_input_image_gives_the_chat_tokens(client: openai.AsyncO
                                           input=[{"role": "user", "content": [part]}])  # type: ignore[list-item]
     ok = await client.responses.create(model=MODEL, max_output_tokens=2, store=False, input="Hi")
     assert ok.status == "completed" or ok.status == "incomplete"
+
+
+async def test_gemini_inline_and_file_data(client: openai.AsyncOpenAI, server: Server, image_host: str) -> None:
+    chat_reply = await client.chat.completions.create(model=MODEL, messages=_messages(_data_url(png(11))),  # type: ignore[arg-type]
+                                                      max_tokens=6, temperature=0)
+    images = [{"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png(11)).decode()}},
+              {"fileData": {"mimeType": "image/png", "fileUri": f"{image_host}/img/11.png"}}]
+    config = {"maxOutputTokens": 6, "temperature": 0}
+    path = f"/v1beta/models/{MODEL}"
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        for image in images:
+            body = {"contents": [{"role": "user", "parts": [{"text": "What is this?"}, image]}]}
+            reply = await http.post(f"{path}:generateContent", json={**body, "generationConfig": config})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["candidates"][0]["content"]["parts"][0]["text"] == chat_reply.choices[0].message.content
+            count = await http.post(f"{path}:countTokens", json=body)
+            assert chat_reply.usage is not None and count.json()["totalTokens"] == chat_reply.usage.prompt_tokens
+        refused = await http.post(f"{path}:generateContent", json={"contents": [{"role": "user", "parts": [
+            {"fileData": {"fileUri": f"{image_host}/private/11.png"}}]}]})
+        assert refused.status_code == 400 and "contents[0].parts[0].fileData.fileUri" in refused.text
+        ok = await http.post(f"{path}:generateContent", json={"contents": [{"parts": [{"text": "Hi"}]}],
+                                                       "generationConfig": {"maxOutputTokens": 2}})
+        assert ok.status_code == 200
