@@ -151,6 +151,16 @@ class ServerConfig:
                                                 min=0.0)
     api_keys: tuple[str, ...] = option((), "HTTP API keys: key, sha256:<hex>, or name=key (also PIE_API_KEY)")
     metrics_public: bool = option(False, "serve /metrics without an API key when api_keys are set")
+    allowed_image_urls: tuple[str, ...] = option((), "URL prefixes (e.g. https://images.example.com/) request "
+                                                 "images may be fetched from; empty = remote URLs refused")
+    max_image_bytes: int = option(20 * 1024 * 1024, "largest encoded image of an HTTP request", min=1)
+    image_fetch_timeout_s: float = option(10.0, "seconds fetching one remote request image may take", above=0.0)
+
+    def __post_init__(self) -> None:
+        from pie.server.options import check_image_url_prefix
+
+        for prefix in self.allowed_image_urls:
+            check_image_url_prefix(prefix)
 
 
 @dataclass(frozen=True)

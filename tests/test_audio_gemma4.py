@@ -320,8 +320,8 @@ async def test_openai_input_audio_gives_the_sdk_tokens(ckpt: Path) -> None:
         assert reply.usage is not None and reply.usage.completion_tokens > 0
         assert reply.usage.prompt_tokens > 20  # the clip's 20 tokens and the text
         assert reply.choices[0].message.content == await _sdk_text(server, "gemma4-audio", data, 6)
-        cases = [(_audio_messages(b"RIFF\x00\x00\x00\x00WAVEnothing"), "audio clip 0 of the messages: the audio "
-                  "cannot be decoded"),
+        cases = [(_audio_messages(b"RIFF\x00\x00\x00\x00WAVEnothing"), r"messages\[0\]\.content\[1\]\.input_audio: the "
+                  "audio cannot be decoded"),
                  (_audio_messages(data, "mp3"), "pie decodes WAV audio only"),
                  (_audio_messages(wav(61, 2.5)), "over the limit of 2 s"),
                  (_audio_messages(png(1)), "not a WAV file")]

@@ -277,6 +277,11 @@ def test_isolation_builds_the_sandbox_policy() -> None:
     ('[runtime]\nisolation = "isolated"\n[sandbox]\nmemory_mb = 100', "[sandbox] memory_mb = 100 is too small"),
     ("model = 3", "model must be a [[model]] table or a list of them"),
     ("telemetry = 3", "telemetry is an integer, not a table"),
+    ('[server]\nallowed_image_urls = ["https://images.example.com"]',
+     "[server] allowed_image_urls entry 'https://images.example.com' is not an http(s) URL prefix ending its host"),
+    ('[server]\nallowed_image_urls = ["ftp://x/"]', "write e.g. \"https://images.example.com/\""),
+    ("[server]\nmax_image_bytes = 0", "server.max_image_bytes = 0 is below the minimum 1"),
+    ("[server]\nimage_fetch_timeout_s = 0", "server.image_fetch_timeout_s = 0.0 must be greater than 0.0"),
 ])
 def test_refusals_name_the_file_the_key_and_the_fix(text: str, expected: str) -> None:
     message = refusal(text)

@@ -131,8 +131,9 @@ async def test_forced_function_call_then_response(client: httpx.AsyncClient) -> 
     ({"contents": FRANCE, "generationConfig": {"responseMimeType": "text/x.enum"}},
      "generationConfig.responseMimeType"),
     ({"contents": FRANCE, "generationConfig": {"temperature": 3}}, "temperature"),
+    # an empty inline image: refused at parsing, naming its data
     ({"contents": [{"role": "user", "parts": [{"inlineData": {"mimeType": "image/png", "data": ""}}]}]},
-     "contents[0].parts[0].inlineData"),
+     "contents[0].parts[0].inlineData.data"),
     ({"contents": FRANCE, "tools": [{"googleSearch": {}}]}, "tools[0].googleSearch"),
 ])
 async def test_unsupported_fields_are_400s_naming_them(client: httpx.AsyncClient, body: dict[str, Any],

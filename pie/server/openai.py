@@ -22,6 +22,7 @@ from pie.errors import RequestError
 from pie.server.api import auth, generation
 from pie.server.api.auth import ARRIVED_KEY
 from pie.server.api.generation import ChoiceResult, Delta, GenerationFailed, LogprobEntry, Outcome
+from pie.server.api.images import fetch_images
 from pie.server.api.output import OutputSplitter, Split
 from pie.server.api.plan import Plan, build_plan
 from pie.server.api.served import ServedModel, served_model
@@ -98,6 +99,7 @@ async def prepare(request: web.Request, parse: Parser, **plan_options: Any) -> t
     username = auth.user_of(request)
     req = parse(await json_body(request))
     served = served_of(state, req.model)
+    req = await fetch_images(req, served, state.options)
     return build_plan(req, served, **plan_options), username
 
 

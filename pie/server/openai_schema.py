@@ -14,12 +14,15 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 
 from pie.errors import RequestError
 from pie.server.api.tool_parsers import Function
+
+if TYPE_CHECKING:
+    from pie.server.api.images import MediaPart
 
 MAX_TOKENS_DEFAULT = 256  # when the client gives none: this, or what is left of the context if less
 MAX_STOP_SEQUENCES = 16
@@ -94,7 +97,7 @@ class GenerationRequest:
     prompts: tuple[str | tuple[int, ...], ...] = ()  # completion: text or token ids, one choice group each
     echo: bool = False
     reasoning_effort: str | None = None  # harmony (GPT-OSS) models only: low, medium or high
-    images: tuple[bytes, ...] = ()  # chat: image (or `AudioClip`) i is marked in the messages' text (`pie.server.api.images`)
+    images: tuple[MediaPart, ...] = ()  # chat: part i (an image or audio clip) is marked in the messages' text (`pie.server.api.images`)
 
 
 # -- the parameter tables ---------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("`messages` must be a non-empty array of {role, content}", param="messages")
-    images: list[bytes] = []
+    images: list[MediaPart] = []
     normalised = tuple(_message(m, i, images) for i, m in enumerate(messages))
     tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
     logprobs = _bool(body.get("logprobs") or False, "logprobs")
@@ -186,7 +189,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_EFFORTS = ("low", "medium", "high")
 
 
-def _message(message: Any, index: int, images: list[bytes] | None = None) -> dict[str, Any]:
+def _message(message: Any, index: int, images: list[MediaPart] | None = None) -> dict[str, Any]:
     """{role, content} (+ tool_calls for assistants, tool_call_id for tool results); developer -> system."""
     param = f"messages[{index}]"
     if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -219,10 +222,10 @@ def _message(message: Any, index: int, images: list[bytes] | None = None) -> dic
     return out
 
 
-def _text_content(content: Any, param: str, images: list[bytes] | None = None) -> str:
+def _text_content(content: Any, param: str, images: list[MediaPart] | None = None) -> str:
     """The message's text; with `images` (user messages), `image_url` and `input_audio` parts are taken
     into it and marked in the text (`pie.server.api.images`)."""
-    from pie.server.api.images import MAX_IMAGES, audio_part, check_text, data_url_bytes, marker
+    from pie.server.api.images import MAX_IMAGES, audio_part, check_text, image_url_part, marker
 
     if isinstance(content, str):
         return check_text(content, param) if images is not None else content
@@ -237,7 +240,7 @@ def _text_content(content: Any, param: str, images: list[bytes] | None = None) -
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if len(images) >= MAX_IMAGES:
                     raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
-                images.append(data_url_bytes(url, f"{where}.image_url.url"))
+                images.append(image_url_part(url, f"{where}.image_url.url"))
                 texts.append(marker(len(images) - 1))
             elif images is not None and isinstance(part, dict) and part.get("type") == "input_audio":
                 if len(images) >= MAX_IMAGES:

@@ -12,6 +12,18 @@ MIB = 1024 * 1024
 CONNECTION_KEYS = ("max_connections", "idle_timeout_s", "auth_timeout_s", "header_timeout_s", "auth_attempts_burst",
                    "auth_attempts_per_s", "auth_address_failures_burst", "auth_address_failures_per_s")
 
+IMAGE_KEYS = ("allowed_image_urls", "max_image_bytes", "image_fetch_timeout_s")
+
+
+def check_image_url_prefix(prefix: str) -> None:
+    """An allowed_image_urls entry must name a scheme and a whole host, so a prefix cannot match another host
+    (`https://a.com` would match `https://a.com.evil.net/`)."""
+    scheme, sep, rest = prefix.partition("://")
+    host = rest.split("/", 1)[0]
+    if scheme not in ("http", "https") or not sep or not host or "/" not in rest or "@" in host:
+        raise ConfigError(f"allowed_image_urls entry {prefix!r} is not an http(s) URL prefix ending its host with "
+                          "'/'; write e.g. \"https://images.example.com/\"")
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -37,6 +49,9 @@ class ServerOptions:
     mcp_call_timeout_s: float = 30.0  # a relayed MCP call the client does not answer in time fails
     api_keys: tuple[str, ...] = ()  # HTTP API keys (pie.server.api.auth); PIE_API_KEY adds one
     metrics_public: bool = False  # /metrics without a key when keys are set
+    allowed_image_urls: tuple[str, ...] = ()  # URL prefixes remote request images may come from; () = none
+    max_image_bytes: int = 20 * MIB  # one encoded image of a request (data: URL, base64 or fetched)
+    image_fetch_timeout_s: float = 10.0  # fetching one remote image, redirects included
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -48,12 +63,14 @@ class ServerOptions:
                      "auth_address_failures_per_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; use a number >= 0")
-        for name in ("auth_timeout_s", "header_timeout_s"):
+        for name in ("auth_timeout_s", "header_timeout_s", "image_fetch_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; use a number of seconds > 0")
-        for name in ("max_connections", "auth_attempts_burst", "auth_address_failures_burst"):
+        for name in ("max_connections", "auth_attempts_burst", "auth_address_failures_burst", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is {getattr(self, name)}; use 1 or more")
+        for prefix in self.allowed_image_urls:
+            check_image_url_prefix(prefix)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> ServerOptions:
@@ -65,7 +82,7 @@ class ServerOptions:
             if hasattr(config, name):
                 values[name] = getattr(config, name)
         for name in ("max_frame_bytes", "max_upload_bytes", "shutdown_timeout_s", "detach_timeout_s",
-                     *CONNECTION_KEYS, "api_keys", "metrics_public"):
+                     *CONNECTION_KEYS, "api_keys", "metrics_public", *IMAGE_KEYS):
             source = server if server is not None and hasattr(server, name) else config
             if hasattr(source, name):
                 values[name] = getattr(source, name)

@@ -21,7 +21,15 @@ from pie.errors import RequestError
 from pie.server.api import auth, generation
 from pie.server.api.errors import error_body
 from pie.server.api.generation import ChoiceResult, Delta, GenerationFailed, Outcome
-from pie.server.api.images import MAX_IMAGES, check_text, decode_base64, marker
+from pie.server.api.images import (
+    MAX_IMAGES,
+    MediaPart,
+    check_text,
+    decode_base64,
+    fetch_images,
+    image_url_part,
+    marker,
+)
 from pie.server.api.output import OutputSplitter, Split
 from pie.server.api.plan import Plan, build_plan
 from pie.server.openai import finish_timer, json_body, served_of, start_timer
@@ -63,22 +71,29 @@ def parse_messages(body: Any, *, counting: bool = False) -> GenerationRequest:
                                    "stop": body.get("stop_sequences") or None, "stream": body.get("stream"),
                                    "max_tokens": None if counting else body.get("max_tokens")}
     tools, choice, parallel = _tools(body.get("tools"), body.get("tool_choice"))
-    images: list[bytes] = []
+    images: list[MediaPart] = []
     return GenerationRequest(mode="chat", messages=tuple(_conversation(body, images)),
                              tools=parse_tools(tools, choice, parallel), images=tuple(images),
                              **common(openai_body, tokens_keys=("max_tokens",)))
 
 
-def _image(block: dict[str, Any], where: str, images: list[bytes]) -> str:
-    """An image block ({"type": "image", "source": {"type": "base64", "media_type", "data"}}) -> its marker."""
+def _image(block: dict[str, Any], where: str, images: list[MediaPart]) -> str:
+    """An image block (source {"type": "base64", "media_type", "data"} or {"type": "url", "url"}) -> its marker."""
     source = block.get("source")
-    if not isinstance(source, dict) or source.get("type") != "base64":
-        kind = source.get("type") if isinstance(source, dict) else None
-        raise OpenAIError(f"{where}.source: only base64 image sources are taken (got {kind!r}); pie fetches no "
-                          "URLs", param=f"{where}.source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict) or kind not in ("base64", "url"):
+        raise OpenAIError(f"{where}.source: only base64 and url image sources are taken (got {kind!r})",
+                          param=f"{where}.source")
     if len(images) >= MAX_IMAGES:
         raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
-    images.append(decode_base64(source.get("data"), f"{where}.source.data"))
+    if kind == "url":
+        url = source.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise OpenAIError(f"{where}.source.url must be an http(s) URL", param=f"{where}.source.url")
+        images.append(image_url_part(url, f"{where}.source.url"))
+    else:
+        param = f"{where}.source.data"
+        images.append(MediaPart(param, decode_base64(source.get("data"), param)))
     return marker(len(images) - 1)
 
 
@@ -107,7 +122,7 @@ def _tools(tools: Any, choice: Any) -> tuple[Any, Any, Any]:
     return converted, mapped, parallel
 
 
-def _conversation(body: dict[str, Any], images: list[bytes]) -> list[dict[str, Any]]:
+def _conversation(body: dict[str, Any], images: list[MediaPart]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
@@ -173,14 +188,10 @@ async def count_tokens(request: web.Request) -> web.Response:
         auth.user_of(request)
         req = parse_messages(await json_body(request), counting=True)
         served = served_of(state, req.model)
-        declared = list(req.tools.declared) if req.tools is not None else None
-        try:
-            tokens = served.render_chat(list(req.messages), declared)
-        except RequestError as error:
-            raise OpenAIError(str(error), param="messages") from None
+        plan = build_plan(await fetch_images(req, served, state.options), served)  # images counted as placed
     except OpenAIError as error:
         return _error(request, error)
-    return web.json_response({"input_tokens": len(tokens)})
+    return web.json_response({"input_tokens": plan.prompt_tokens})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -188,7 +199,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     try:
         username = auth.user_of(request)
         req = parse_messages(await json_body(request))
-        plan = build_plan(req, served_of(state, req.model))
+        served = served_of(state, req.model)
+        plan = build_plan(await fetch_images(req, served, state.options), served)
         process = await generation.launch(state, plan, username)
     except OpenAIError as error:
         return _error(request, error)

@@ -26,6 +26,15 @@ from pie.errors import RequestError
 from pie.server.api import auth, generation
 from pie.server.api.errors import error_body
 from pie.server.api.generation import ChoiceResult, Delta, GenerationFailed, Outcome
+from pie.server.api.images import (
+    MAX_IMAGES,
+    MediaPart,
+    check_text,
+    decode_base64,
+    fetch_images,
+    image_url_part,
+    marker,
+)
 from pie.server.api.output import OutputSplitter, Split
 from pie.server.api.plan import Plan, build_plan
 from pie.server.api.served import served_model
@@ -76,7 +85,9 @@ def parse_generate(body: Any, model: str, *, stream: bool, counting: bool = Fals
     if counting:
         openai_body["max_tokens"] = None
     tools, choice = _tools(body.get("tools"), body.get("toolConfig"))
-    return GenerationRequest(mode="chat", messages=tuple(_conversation(body)), tools=parse_tools(tools, choice, None),
+    images: list[MediaPart] = []
+    return GenerationRequest(mode="chat", messages=tuple(_conversation(body, images)),
+                             tools=parse_tools(tools, choice, None), images=tuple(images),
                              json_schema=_response_schema(config), **common(openai_body, tokens_keys=("max_tokens",)))
 
 
@@ -87,7 +98,29 @@ def _refuse_unknown(value: dict[str, Any], known: frozenset[str], where: str) ->
                               f"pie does not support `{where}{key}`", param=f"{where}{key}")
 
 
-def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _image(part: dict[str, Any], where: str, images: list[MediaPart]) -> str:
+    """An `inlineData` {mimeType, data} or `fileData` {fileUri} part (allow-listed URLs) -> its marker."""
+    if len(images) >= MAX_IMAGES:
+        raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
+    if "inlineData" in part:
+        inline = part["inlineData"]
+        param = f"{where}.inlineData.data"
+        mime = inline.get("mimeType") if isinstance(inline, dict) else None
+        if not isinstance(mime, str) or not mime.startswith("image/"):
+            raise OpenAIError(f"{where}.inlineData.mimeType is {mime!r}; pie takes image/* inline data",
+                              param=f"{where}.inlineData.mimeType")
+        images.append(MediaPart(param, decode_base64(inline.get("data"), param)))
+    else:
+        file = part["fileData"]
+        uri = file.get("fileUri") if isinstance(file, dict) else None
+        param = f"{where}.fileData.fileUri"
+        if not isinstance(uri, str) or not uri.startswith(("http://", "https://")):
+            raise OpenAIError(f"{param} must be an http(s) URL (pie has no Files API)", param=param)
+        images.append(image_url_part(uri, param))
+    return marker(len(images) - 1)
+
+
+def _conversation(body: dict[str, Any], images: list[MediaPart]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     system = body.get("systemInstruction")
     if system is not None:
@@ -115,7 +148,9 @@ def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
                 raise OpenAIError(f"{here} must be an object", param=here)
             if "text" in part:
                 if not part.get("thought"):  # earlier reasoning is not part of the prompt
-                    texts.append(str(part["text"]))
+                    texts.append(check_text(str(part["text"]), f"{here}.text") if role == "user" else str(part["text"]))
+            elif ("inlineData" in part or "fileData" in part) and role == "user":
+                texts.append(_image(part, here, images))
             elif "functionCall" in part and role == "model":
                 call = part["functionCall"]
                 name = str(call.get("name", ""))
@@ -129,7 +164,7 @@ def _conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 kind = next(iter(part), "empty")
                 raise OpenAIError(f"{here}: a {kind!r} part is not supported on a {role} turn (pie serves text: "
-                                  "text, functionCall, functionResponse)", param=f"{here}.{kind}")
+                                  "text, inlineData and fileData images, functionCall, functionResponse)", param=f"{here}.{kind}")
         if role == "model":
             message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
             if calls:
@@ -296,14 +331,10 @@ async def _count(request: web.Request, model: str) -> web.Response:
             body = {k: v for k, v in body["generateContentRequest"].items() if k != "model"}
         req = parse_generate(body, model, stream=False, counting=True)
         served = served_of(request.app[STATE], model)
-        declared = list(req.tools.declared) if req.tools is not None else None
-        try:
-            tokens = served.render_chat(list(req.messages), declared)
-        except RequestError as error:
-            raise OpenAIError(str(error), param="contents") from None
+        plan = build_plan(await fetch_images(req, served, request.app[STATE].options), served)  # images counted
     except OpenAIError as error:
         return _error(request, error)
-    return web.json_response({"totalTokens": len(tokens)})
+    return web.json_response({"totalTokens": plan.prompt_tokens})
 
 
 async def _generate(request: web.Request, model: str, *, stream: bool) -> web.StreamResponse:
@@ -311,7 +342,8 @@ async def _generate(request: web.Request, model: str, *, stream: bool) -> web.St
     try:
         username = auth.user_of(request)
         req = parse_generate(await json_body(request), model, stream=stream)
-        plan = build_plan(req, served_of(state, model))
+        served = served_of(state, model)
+        plan = build_plan(await fetch_images(req, served, state.options), served)
         process = await generation.launch(state, plan, username)
     except OpenAIError as error:
         return _error(request, error)

@@ -13,7 +13,7 @@ from inferlet._host import HostError
 from pie.engine.vision import audio_families, image_families
 from pie.errors import PieError, RequestError
 from pie.server.api.harmony import HarmonyUnavailable, stop_tokens
-from pie.server.api.images import AudioClip
+from pie.server.api.images import MediaPart
 from pie.server.api.served import ServedModel
 from pie.server.openai_schema import MAX_TOKENS_DEFAULT, GenerationRequest, OpenAIError
 
@@ -27,13 +27,12 @@ class Plan:
     constraint: dict[str, Any] | None
     parse_tools: bool  # read tool calls back out of the text
     save: str | None = None
-    images: tuple[tuple[int, bytes], ...] = ()  # (row of the first token in prompt 0, encoded image or AudioClip)
+    images: tuple[tuple[int, MediaPart], ...] = ()  # (row of the first token in prompt 0, the image or clip)
 
     def inferlet_input(self) -> str:
         req = self.request
         return json.dumps({
-            "images": [[row, base64.b64encode(data).decode(), "audio" if isinstance(data, AudioClip) else "image"]
-                       for row, data in self.images],
+            "images": [[row, base64.b64encode(part.data).decode(), part.kind] for row, part in self.images],
             "model": req.model, "prompts": [list(p) for p in self.prompts], "n": req.n,
             "max_tokens": self.max_tokens,
             "sampler": {"temperature": req.sampling.temperature, "top_p": req.sampling.top_p,
@@ -124,7 +123,7 @@ def _check_harmony(req: GenerationRequest) -> None:
 
 
 def _prompt_tokens(req: GenerationRequest, model: ServedModel
-                   ) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, bytes], ...]]:
+                   ) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, MediaPart], ...]]:
     if req.mode == "chat":
         declared = list(req.tools.declared) if req.tools is not None else None
         if not req.images:
@@ -147,27 +146,27 @@ def _prompt_tokens(req: GenerationRequest, model: ServedModel
 
 
 def _prepare(req: GenerationRequest, model: ServedModel) -> list[Any]:
-    """Each image (audio clip) decoded and prepared on the model's engines (a 400 saying why when one
-    cannot be)."""
-    if model.prepare_image is None and any(not isinstance(d, AudioClip) for d in req.images):
-        raise OpenAIError(f"model {model.name!r} takes no images (pie runs the vision tower of "
-                          f"{', '.join(image_families())} checkpoints); send text only", param="messages",
-                          code="image_input_not_supported")
-    if model.prepare_audio is None and any(isinstance(d, AudioClip) for d in req.images):
-        raise OpenAIError(f"model {model.name!r} takes no audio (pie runs the audio tower of "
+    """Each image and audio clip decoded and prepared on the model's engines (a 400 naming the part and
+    saying why when one cannot be)."""
+    image = next((part for part in req.images if part.kind == "image"), None)
+    audio = next((part for part in req.images if part.kind == "audio"), None)
+    if model.prepare_image is None and image is not None:
+        raise OpenAIError(f"{image.param}: model {model.name!r} serves text only and takes no images (pie runs the "
+                          f"vision tower of {', '.join(image_families())} checkpoints); send text only",
+                          param=image.param, code="image_input_not_supported")
+    if model.prepare_audio is None and audio is not None:
+        raise OpenAIError(f"{audio.param}: model {model.name!r} takes no audio (pie runs the audio tower of "
                           f"{', '.join(audio_families())} checkpoints with an audio_config); send no input_audio "
-                          "parts", param="messages", code="audio_input_not_supported")
+                          "parts", param=audio.param, code="audio_input_not_supported")
     out = []
-    for i, data in enumerate(req.images):
-        audio = isinstance(data, AudioClip)
-        prepare = model.prepare_audio if audio else model.prepare_image
+    for part in req.images:
+        prepare = model.prepare_audio if part.kind == "audio" else model.prepare_image
         assert prepare is not None
         try:
-            out.append(prepare(data))
+            out.append(prepare(part.data))
         except (PieError, HostError) as error:
-            what = "audio clip" if audio else "image"
-            raise OpenAIError(f"{what} {i} of the messages: {error}", param="messages",
-                              code="invalid_audio" if audio else "invalid_image") from None
+            raise OpenAIError(f"{part.param}: {error}", param=part.param,
+                              code="invalid_audio" if part.kind == "audio" else "invalid_image") from None
     rows = sum(len(info.embed_rows) for info in out)
     if model.max_num_embeds and rows > model.max_num_embeds:
         raise OpenAIError(f"the messages' {len(out)} image(s) take {rows} embedding rows, over the model's "

@@ -27,6 +27,15 @@ from aiohttp import web
 from pie.errors import PieError, RequestError
 from pie.server.api import auth, generation
 from pie.server.api.generation import Delta, GenerationFailed, Outcome
+from pie.server.api.images import (
+    MAX_IMAGES,
+    MediaPart,
+    check_text,
+    fetch_images,
+    image_url_part,
+    marker,
+    split_markers,
+)
 from pie.server.api.output import OutputSplitter, Split
 from pie.server.api.plan import Plan, build_plan
 from pie.server.openai import finish_timer, json_body, served_of, start_timer
@@ -120,12 +129,16 @@ def parse_response_request(body: Any, history: list[dict[str, Any]]) -> Generati
     if body.get("truncation") not in (None, "disabled"):
         raise OpenAIError("`truncation` 'auto' is not supported: a too-long conversation is a 400",
                           param="truncation")
+    if any(split_markers(str(m.get("content") or ""))[1:] for m in history):
+        raise OpenAIError("`previous_response_id` names a response whose input had images; pie keeps no images "
+                          "between responses: send the whole conversation as `input`", param="previous_response_id")
     messages = list(history)
     if body.get("instructions"):
         if not isinstance(body["instructions"], str):
             raise OpenAIError("`instructions` must be a string", param="instructions")
         messages.insert(0, {"role": "system", "content": body["instructions"]})
-    messages += _input_items(body.get("input"))
+    images: list[MediaPart] = []
+    messages += _input_items(body.get("input"), images)
     text = body.get("text") or {}
     if not isinstance(text, dict) or set(text) - {"format", "verbosity"}:
         raise OpenAIError("`text` takes {format: {type: text | json_object | json_schema}}", param="text")
@@ -154,11 +167,12 @@ def parse_response_request(body: Any, history: list[dict[str, Any]]) -> Generati
     return GenerationRequest(mode="chat", messages=tuple(messages), tools=parse_tools(tools, choice,
                                                                                        body.get("parallel_tool_calls")),
                              json_schema=parse_response_format(fmt) if fmt is not None else None,
+                             images=tuple(images),
                              **{**common(openai_body, tokens_keys=("max_tokens",)),
                                 "max_tokens_param": "max_output_tokens"})
 
 
-def _input_items(value: Any) -> list[dict[str, Any]]:
+def _input_items(value: Any, images: list[MediaPart]) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -172,7 +186,8 @@ def _input_items(value: Any) -> list[dict[str, Any]]:
             if role not in ("user", "assistant", "system", "developer"):
                 raise OpenAIError(f"{where}.role must be user, assistant, system or developer", param=f"{where}.role")
             out.append({"role": "system" if role == "developer" else role,
-                        "content": _content(item.get("content"), f"{where}.content")})
+                        "content": _content(item.get("content"), f"{where}.content",
+                                            images if role == "user" else None)})
         elif kind == "function_call":
             call = {"id": str(item.get("call_id", "")), "type": "function",
                     "function": {"name": str(item.get("name", "")), "arguments": str(item.get("arguments", "{}"))}}
@@ -192,18 +207,36 @@ def _input_items(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _content(content: Any, where: str) -> str:
+def _content(content: Any, where: str, images: list[MediaPart] | None = None) -> str:
+    """A message's text; with `images` (user messages), `input_image` parts are taken and marked in it."""
     if isinstance(content, str):
-        return content
+        return check_text(content, where) if images is not None else content
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-                kind = part.get("type") if isinstance(part, dict) else None
-                raise OpenAIError(f"{where}[{j}] is a {kind!r} part: only text is supported", param=f"{where}[{j}]")
-            parts.append(str(part.get("text", "")))
+            here = f"{where}[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(part, dict) and kind in ("input_text", "output_text", "text"):
+                text = str(part.get("text", ""))
+                parts.append(check_text(text, here) if images is not None else text)
+            elif isinstance(part, dict) and kind == "input_image" and images is not None:
+                parts.append(_image(part, here, images))
+            else:
+                allowed = "input_text and input_image parts" if images is not None else "text"
+                raise OpenAIError(f"{here} is a {kind!r} part: only {allowed} are supported", param=here)
         return "".join(parts)
     raise OpenAIError(f"{where} must be a string or text parts", param=where)
+
+
+def _image(part: dict[str, Any], where: str, images: list[MediaPart]) -> str:
+    """An `input_image` part ({image_url: data: or http(s) URL}) -> its marker; file_id images are refused."""
+    if part.get("file_id") is not None:
+        raise OpenAIError(f"{where}.file_id: pie has no Files API; send the image as image_url (a data: URL or an "
+                          "allowed http(s) URL)", param=f"{where}.file_id")
+    if len(images) >= MAX_IMAGES:
+        raise OpenAIError(f"{where}: more than {MAX_IMAGES} images in one request", param=where)
+    images.append(image_url_part(part.get("image_url"), f"{where}.image_url"))
+    return marker(len(images) - 1)
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -239,6 +272,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         req = parse_response_request(body, history)
         store = body.get("store", True) is not False
         served = served_of(state, req.model)
+        req = await fetch_images(req, served, state.options)
         plan = build_plan(req, served, save=f"pie-{rid}" if store else None)
         process = await generation.launch(state, plan, user)
     except OpenAIError as error:
